@@ -1,0 +1,33 @@
+# One set-up-and-test command (`make test`) and one main job (`make run`).
+# torch is pinned and installed before everything else so that pip never resolves a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: install test lint run slow clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+slow: install
+	$(PY) -m pytest -q -m slow
+
+run: install
+	$(PY) -m esper_gym.train
+
+clean:
+	rm -rf $(VENV) outputs multirun wandb

@@ -1,0 +1,1 @@
+"""Policies for esper-gym: they see only observations and action masks."""

@@ -1,0 +1,3 @@
+"""esper-gym: Gymnasium environments for morphogenetic training."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Blueprints to kernels: templates, generator, torch.export compiler, store and cache."""
