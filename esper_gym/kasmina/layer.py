@@ -1,0 +1,412 @@
+"""KasminaLayer: a host layer with seed slots that can grow kernels while the host trains.
+
+Forward of a layer with host `f` and slots i with kernels `k_i`:
+
+    h   = f(x)
+    out = h + sum_i delta_i
+    delta_i = Fit(k_i(h.detach()))        TRAINING    (value exactly 0; see below)
+            = alpha_i * k_i(h)            BLENDING / PROBATION / FOSSILIZED
+            = 0                           any other state (kernel not run)
+
+TRAINING isolates the host: the forward value is exactly `h` and the host's gradients are exactly
+those of the host alone, because the kernel reads a detached `h` and `Fit` outputs zeros. In the
+backward pass `Fit` turns the task-loss gradient g = dL/d(out) into a least-squares target for
+the kernel, the pseudo-residual r = -eta * B * g (B: batch size, so that r is the per-sample
+gradient of a batch-mean loss): the kernel is fit to what the host misses, as in gradient
+boosting. For an MSE head with eta = 0.5, r is exactly the residual y - h. The plain
+straight-through form (out = h + s - s.detach()) has no such fixed point: the kernel keeps
+stepping along -g and its loss diverges once it overshoots, which a test here shows.
+
+With no running seed and telemetry off, forward is a single call of the host: no loop over
+slots, no reduction, no device sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from esper_gym.kasmina.lifecycle import (
+    ADVANCE_TO,
+    CULLABLE,
+    RUNNING,
+    SeedState,
+    check_transition,
+)
+from esper_gym.kasmina.recovery import CircuitBreaker, FaultRecord, guarded_call
+from esper_gym.kasmina.telemetry import HealthSignal, SlotSignal, activation_stats
+
+BLEND_SCHEDULES = ("linear", "cosine")
+
+
+class _Fit(torch.autograd.Function):
+    """Value 0; backward gives the kernel output s the gradient of
+    (1/B) * sum_i 0.5 * ||s_i - r_i||^2 with r_i = -eta * B * g_i, i.e. s/B + eta * g."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, eta: float, sink: list) -> torch.Tensor:
+        ctx.save_for_backward(s)
+        ctx.eta, ctx.sink = eta, sink
+        return torch.zeros_like(s)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (s,) = ctx.saved_tensors
+        batch = s.shape[0]
+        residual = s + ctx.eta * batch * g
+        # The fit loss, kept as a tensor (no sync) for telemetry and tests.
+        ctx.sink[:] = [0.5 * residual.detach().pow(2).sum() / batch]
+        return residual / batch, None, None
+
+
+@dataclass(frozen=True)
+class SeedConfig:
+    """How seeds of a layer behave. Step counts are host optimizer steps."""
+
+    blend_steps: int = 100
+    blend_schedule: str = "linear"
+    embargo_steps: int = 100
+    max_faults: int = 3
+    lr: float = 1e-3
+    fit_step: float = 0.5  # eta of the TRAINING target r = -eta * B * dL/dh
+    latency_budget_ms: float | None = None  # None: no "slow" fault
+
+    def __post_init__(self) -> None:
+        if self.blend_schedule not in BLEND_SCHEDULES:
+            raise ValueError(
+                f"blend_schedule={self.blend_schedule!r}; allowed: {', '.join(BLEND_SCHEDULES)}"
+            )
+        for name in ("blend_steps", "embargo_steps", "max_faults"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.fit_step > 0:
+            raise ValueError(f"fit_step must be > 0, got {self.fit_step}")
+
+
+def blend_alpha(t: int, steps: int, schedule: str) -> float:
+    """Alpha after `t` of `steps` blending steps: linear or cosine ramp from 0 to 1."""
+    frac = min(max(t / steps, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * frac))
+    return frac
+
+
+@dataclass
+class SeedSlot:
+    index: int
+    state: SeedState = SeedState.DORMANT
+    blueprint: str = ""
+    kernel_sha: str = ""
+    params: int = 0
+    alpha: float = 0.0
+    age: int = 0
+    blend_t: int = 0
+    embargo_left: int = 0
+    contribution: float = 0.0
+    calls: int = 0  # successful kernel calls, so a test (or a user) can see the kernel ran
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    optimizer: torch.optim.Optimizer | None = None
+    alpha_override: float | None = None  # set by `seed_override` while measuring contribution
+    fit_loss: list = field(default_factory=list)  # [tensor] of the last TRAINING backward
+
+
+def host_kind(host: nn.Module) -> str:
+    if isinstance(host, nn.Linear):
+        return "linear"
+    if isinstance(host, nn.Conv2d):
+        return "conv"
+    raise ValueError(f"KasminaLayer wraps nn.Linear or nn.Conv2d, got {type(host).__name__}")
+
+
+class KasminaLayer(nn.Module):
+    """A host layer (Linear or Conv2d) with `num_slots` seed slots.
+
+    Args:
+        host: the wrapped layer; its parameters stay the host's.
+        num_slots: seed slots on this layer's output.
+        name: used in telemetry, faults and the observation graph.
+        config: seed behaviour (blend ramp, embargo, breaker, seed learning rate).
+
+    Events (state changes and faults) accumulate in `events` and `faults` until the owner drains
+    them with `drain()`; nothing is dropped.
+    """
+
+    def __init__(
+        self,
+        host: nn.Module,
+        num_slots: int = 2,
+        name: str = "",
+        config: SeedConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if num_slots < 0:
+            raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+        self.kind = host_kind(host)
+        self.host = host
+        self.name = name
+        self.config = config or SeedConfig()
+        self.slots = [
+            SeedSlot(i, breaker=CircuitBreaker(self.config.max_faults)) for i in range(num_slots)
+        ]
+        self.kernels = nn.ModuleDict()
+        self.out_shape: tuple[int, ...] | None = None  # set by the first forward
+        self.record = False  # the trainer turns this on for the one batch telemetry reads
+        self.step_count = 0
+        self.events: list[dict] = []
+        self.faults: list[FaultRecord] = []
+        self._running: tuple[SeedSlot, ...] = ()
+        self._stats: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
+        self._latency_s = 0.0
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._running and not self.record:
+            return self.host(x)
+        if self.record:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+        h = self.host(x)
+        if self.out_shape is None:
+            self.out_shape = tuple(h.shape[1:])
+        out = h
+        for slot in self._running:
+            delta = self._seed_delta(slot, h)
+            if delta is not None:
+                out = out + delta
+        if self.record:
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)
+            self._latency_s = time.perf_counter() - start
+            self._stats = activation_stats(out)
+        return out
+
+    def _seed_delta(self, slot: SeedSlot, h: torch.Tensor) -> torch.Tensor | None:
+        training = slot.state == SeedState.TRAINING and slot.alpha_override is None
+        if training:
+            if not torch.is_grad_enabled():
+                return None  # value would be exactly zero; skip the work in eval
+            x = h.detach()
+        else:
+            alpha = slot.alpha if slot.alpha_override is None else slot.alpha_override
+            if alpha == 0.0:
+                return None
+            x = h if slot.alpha_override is None else h.detach()
+        budget = self.config.latency_budget_ms
+        out, fault, msg = guarded_call(
+            self.kernels[str(slot.index)], x, None if budget is None else budget / 1e3
+        )
+        if fault is not None:
+            self._fault(slot, fault, msg)
+        if out is None:
+            return None
+        slot.calls += 1
+        if training:
+            return _Fit.apply(out, self.config.fit_step, slot.fit_loss)
+        return alpha * out
+
+    # ---------------------------------------------------------------- lifecycle
+    def _set_state(self, slot: SeedSlot, new: SeedState, reason: str = "") -> None:
+        check_transition(slot.state, new)
+        self.events.append(
+            {
+                "step": self.step_count,
+                "layer": self.name,
+                "slot": slot.index,
+                "blueprint": slot.blueprint,
+                "from": slot.state.name,
+                "to": new.name,
+                "reason": reason,
+            }
+        )
+        slot.state = new
+        self._running = tuple(s for s in self.slots if s.state in RUNNING)
+
+    def _slot(self, index: int) -> SeedSlot:
+        if not 0 <= index < len(self.slots):
+            raise IndexError(
+                f"slot {index} out of range: layer {self.name!r} has {len(self.slots)}"
+            )
+        return self.slots[index]
+
+    def germinate(
+        self, index: int, kernel: nn.Module, blueprint: str = "", kernel_sha: str = ""
+    ) -> None:
+        """Load `kernel` into a DORMANT slot (state GERMINATED: loaded, not yet run)."""
+        slot = self._slot(index)
+        check_transition(slot.state, SeedState.GERMINATED)
+        device = next(self.host.parameters()).device
+        kernel = kernel.to(device)
+        self.kernels[str(index)] = kernel
+        slot.blueprint, slot.kernel_sha = blueprint, kernel_sha
+        slot.params = sum(p.numel() for p in kernel.parameters())
+        slot.alpha, slot.age, slot.blend_t, slot.contribution, slot.calls = 0.0, 0, 0, 0.0, 0
+        slot.breaker = CircuitBreaker(self.config.max_faults)
+        params = [p for p in kernel.parameters() if p.requires_grad]
+        slot.optimizer = torch.optim.Adam(params, lr=self.config.lr) if params else None
+        self._set_state(slot, SeedState.GERMINATED, "germinate")
+
+    def advance(self, index: int) -> SeedState:
+        """Move a seed one stage on (GERMINATED->TRAINING->BLENDING, PROBATION->FOSSILIZED)."""
+        slot = self._slot(index)
+        if slot.state not in ADVANCE_TO:
+            allowed = ", ".join(s.name for s in ADVANCE_TO)
+            raise ValueError(
+                f"cannot advance slot {index} of {self.name!r} in state {slot.state.name};"
+                f" advance is allowed from {allowed}"
+            )
+        new = ADVANCE_TO[slot.state]
+        if new == SeedState.FOSSILIZED:
+            slot.alpha = 1.0
+        self._set_state(slot, new, "advance")
+        return new
+
+    def cull(self, index: int, reason: str = "cull") -> None:
+        """Drop a seed's kernel; the slot is embargoed, then dormant again."""
+        slot = self._slot(index)
+        self._set_state(slot, SeedState.CULLED, reason)
+        del self.kernels[str(index)]
+        slot.optimizer = None
+        slot.alpha, slot.params, slot.contribution = 0.0, 0, 0.0
+
+    def can_cull(self, index: int) -> bool:
+        return self._slot(index).state in CULLABLE
+
+    def _fault(self, slot: SeedSlot, kind: str, message: str) -> None:
+        self.faults.append(
+            FaultRecord(self.name, slot.index, slot.blueprint, kind, message, self.step_count)
+        )
+        if slot.breaker.record() and slot.state in RUNNING | CULLABLE:
+            self.cull(slot.index, reason=f"circuit breaker: {slot.breaker.faults} faults")
+
+    # ------------------------------------------------------------------- stepping
+    def step_seeds(self) -> None:
+        """Call once after each host optimizer step: train seeds, ramp alphas, count embargoes."""
+        self.step_count += 1
+        for slot in self.slots:
+            state = slot.state
+            if state in RUNNING and slot.optimizer is not None:
+                self._step_optimizer(slot)
+                if slot.state != state:
+                    continue  # a non-finite gradient tripped the breaker: embargo starts next step
+            if state in CULLABLE or state == SeedState.FOSSILIZED:
+                slot.age += 1
+            if state == SeedState.BLENDING:
+                slot.blend_t += 1
+                slot.alpha = blend_alpha(
+                    slot.blend_t, self.config.blend_steps, self.config.blend_schedule
+                )
+                if slot.blend_t >= self.config.blend_steps:
+                    slot.alpha = 1.0
+                    self._set_state(slot, SeedState.PROBATION, "blend complete")
+            elif state == SeedState.CULLED:
+                slot.embargo_left = self.config.embargo_steps
+                self._set_state(slot, SeedState.EMBARGOED, "embargo")
+            elif state == SeedState.EMBARGOED:
+                slot.embargo_left -= 1
+                if slot.embargo_left <= 0:
+                    slot.blueprint, slot.kernel_sha, slot.age = "", "", 0
+                    self._set_state(slot, SeedState.DORMANT, "embargo over")
+
+    def _step_optimizer(self, slot: SeedSlot) -> None:
+        grads = [p.grad for g in slot.optimizer.param_groups for p in g["params"]]
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return
+        # One sync per running seed per step: a NaN gradient must not reach the weights.
+        if not bool(torch.isfinite(torch.stack([g.abs().sum() for g in grads])).all()):
+            slot.optimizer.zero_grad(set_to_none=True)
+            self._fault(slot, "nonfinite_grad", "kernel gradient contains NaN or Inf")
+            return
+        slot.optimizer.step()
+        slot.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ telemetry
+    def capture_grad(self) -> None:
+        """After backward on the recorded batch: keep the host's gradient norm (no sync)."""
+        grads = [p.grad for p in self.host.parameters() if p.grad is not None]
+        if grads:
+            self._grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
+
+    @contextlib.contextmanager
+    def seed_override(self, index: int, alpha: float) -> Iterator[None]:
+        """Evaluate with slot `index` forced to `alpha` (used to measure its contribution)."""
+        slot = self._slot(index)
+        slot.alpha_override = alpha
+        if slot not in self._running and str(index) in self.kernels:
+            self._running = (*self._running, slot)
+        try:
+            yield
+        finally:
+            slot.alpha_override = None
+            # Recomputed, not restored: the breaker may have culled the seed meanwhile.
+            self._running = tuple(s for s in self.slots if s.state in RUNNING)
+
+    def param_count(self) -> int:
+        host = sum(p.numel() for p in self.host.parameters())
+        return host + sum(s.params for s in self.slots)
+
+    def fan(self) -> tuple[int, int]:
+        h = self.host
+        if self.kind == "linear":
+            return h.in_features, h.out_features
+        return h.in_channels, h.out_channels
+
+    def health(self) -> HealthSignal:
+        """The layer's HealthSignal from the last recorded pass (one sync, here)."""
+        stats = self._stats.tolist() if self._stats is not None else [0.0, 0.0, 0.0]
+        grad = float(self._grad_norm) if self._grad_norm is not None else 0.0
+        with torch.no_grad():
+            weight = float(torch.linalg.vector_norm(self.host.weight))
+        fan_in, fan_out = self.fan()
+        return HealthSignal(
+            layer=self.name,
+            kind=self.kind,
+            fan_in=fan_in,
+            fan_out=fan_out,
+            act_mean=stats[0],
+            act_var=stats[1],
+            dead_ratio=stats[2],
+            grad_norm=grad,
+            weight_norm=weight,
+            latency_ms=self._latency_s * 1e3,
+            params=self.param_count(),
+            slots=[
+                SlotSignal(
+                    state=int(s.state),
+                    alpha=s.alpha,
+                    age=s.age,
+                    faults=s.breaker.faults,
+                    contribution=s.contribution,
+                    params=s.params,
+                    blueprint=s.blueprint,
+                )
+                for s in self.slots
+            ],
+        )
+
+    def drain(self) -> tuple[list[dict], list[FaultRecord]]:
+        """Hand over and forget the events and faults gathered since the last drain."""
+        events, faults = self.events, self.faults
+        self.events, self.faults = [], []
+        return events, faults
+
+    def extra_repr(self) -> str:
+        states = ",".join(s.state.name for s in self.slots)
+        return f"name={self.name!r}, slots=[{states}]"
+
+
+def kasmina_layers(model: nn.Module) -> list[KasminaLayer]:
+    """The KasminaLayers of `model` in registration (data-flow) order."""
+    return [m for m in model.modules() if isinstance(m, KasminaLayer)]

@@ -1,0 +1,72 @@
+"""Error recovery for kernel calls: detect a fault, fall back to the host path, count, trip.
+
+A kernel call faults when it raises, returns a tensor of the wrong shape, returns NaN/Inf, or
+takes longer than its latency budget. The caller then uses the host path for that call (the
+training run goes on) and the fault is kept as a `FaultRecord`. A `CircuitBreaker` per seed
+trips after `max_faults` faults and the layer culls the seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FAULT_KINDS = ("exception", "shape", "nonfinite", "nonfinite_grad", "slow")
+
+
+@dataclass(frozen=True)
+class FaultRecord:
+    layer: str
+    slot: int
+    blueprint: str
+    kind: str  # one of FAULT_KINDS
+    message: str
+    step: int  # the layer's optimizer-step counter when it happened
+
+
+@dataclass
+class CircuitBreaker:
+    """Counts faults of one seed; `tripped` once `max_faults` have been seen."""
+
+    max_faults: int = 3
+    faults: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_faults < 1:
+            raise ValueError(f"max_faults must be >= 1, got {self.max_faults}")
+
+    def record(self) -> bool:
+        self.faults += 1
+        return self.tripped
+
+    @property
+    def tripped(self) -> bool:
+        return self.faults >= self.max_faults
+
+
+def guarded_call(
+    kernel: nn.Module, x: torch.Tensor, latency_budget_s: float | None
+) -> tuple[torch.Tensor | None, str | None, str]:
+    """Run `kernel(x)`; return (output or None, fault kind or None, message).
+
+    A slow call still returns its (valid) output: it was paid for already, and the breaker
+    decides whether the seed stays.
+    """
+    start = time.perf_counter()
+    try:
+        out = kernel(x)
+    except Exception as exc:
+        return None, "exception", f"{type(exc).__name__}: {exc}"[:500]
+    elapsed = time.perf_counter() - start
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return None, "shape", f"expected output shape {tuple(x.shape)}, got {got}"
+    # One reduction and one sync per running seed; a dormant layer never gets here.
+    if not bool(torch.isfinite(out.detach()).all()):
+        return None, "nonfinite", "kernel output contains NaN or Inf"
+    if latency_budget_s is not None and elapsed > latency_budget_s:
+        return out, "slow", f"kernel took {elapsed * 1e3:.1f} ms > {latency_budget_s * 1e3:.1f} ms"
+    return out, None, ""
