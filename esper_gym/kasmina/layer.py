@@ -167,6 +167,13 @@ class KasminaLayer(nn.Module):
         self._grad_norm: torch.Tensor | None = None
         self._latency_s = 0.0
 
+    def train(self, mode: bool = True) -> KasminaLayer:
+        # Kernels loaded from torch.export artifacts refuse .train()/.eval(): their train/eval
+        # behaviour was fixed when they were exported, so the mode switch stops at the host.
+        self.training = mode
+        self.host.train(mode)
+        return self
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._running and not self.record:
@@ -269,6 +276,17 @@ class KasminaLayer(nn.Module):
             slot.alpha = 1.0
         self._set_state(slot, new, "advance")
         return new
+
+    def graft(self, index: int, kernel: nn.Module, blueprint: str = "", kernel_sha: str = ""):
+        """Germinate straight to FOSSILIZED along the legal path, skipping the training and the
+        ramp: builds a host that has all its growth from the start (a ceiling baseline)."""
+        self.germinate(index, kernel, blueprint, kernel_sha)
+        self.advance(index)
+        self.advance(index)
+        slot = self.slots[index]
+        slot.blend_t, slot.alpha = self.config.blend_steps, 1.0
+        self._set_state(slot, SeedState.PROBATION, "graft")
+        self.advance(index)
 
     def cull(self, index: int, reason: str = "cull") -> None:
         """Drop a seed's kernel; the slot is embargoed, then dormant again."""

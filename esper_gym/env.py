@@ -1,0 +1,424 @@
+"""MorphogeneticEnv: a real training run behind the Gymnasium contract."""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT, Action, ActionLayout
+from esper_gym.data import Dataset, load_dataset
+from esper_gym.hosts import build_host, edge_numels, host_macs, kernel_macs
+from esper_gym.kasmina import ADVANCE_TO, CULLABLE, RUNNING, SeedState, kasmina_layers
+from esper_gym.kernels import BlueprintGenerator, KernelCache, KernelStore, load_or_compile
+from esper_gym.observation import (
+    GraphSpec,
+    build_observation,
+    node_features,
+    observation_space,
+)
+from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome
+from esper_gym.tasks import Task, get_task
+from esper_gym.trainer import HostTrainer
+
+LIVE = frozenset({*CULLABLE, SeedState.FOSSILIZED})
+
+
+def default_kernel_dir() -> pathlib.Path:
+    """`$ESPER_KERNEL_DIR`, else `~/.cache/esper_gym/kernels`."""
+    env = os.environ.get("ESPER_KERNEL_DIR")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "esper_gym" / "kernels"
+
+
+class MorphogeneticEnv(gym.Env):
+    """Steer the growth of a network while it trains.
+
+    ## Description
+    An episode is one real training run of a small host network (`Task.host`) on a real
+    dataset (`Task.dataset`). The host's Linear/Conv2d layers are KasminaLayers with
+    `seed_slots` seed slots each. Every step the env applies the agent's decision, trains the
+    host for `decision_interval` optimizer steps, evaluates it on a fixed validation subset, and
+    returns the model graph. Kernels are built from blueprints, compiled with `torch.export`,
+    kept in a content-addressed store (`kernel_dir`) and loaded through an LRU cache; a
+    faulting kernel falls back to the host path and its circuit breaker culls it.
+
+    ## Action space
+    `Discrete(A)`, A = 1 + max_nodes * seed_slots * (len(blueprints) + 2) (layout in
+    `esper_gym.actions`):
+
+    | action                       | valid when the slot is           | effect                        |
+    |------------------------------|----------------------------------|-------------------------------|
+    | 0 WAIT                       | always                           | nothing                       |
+    | GERMINATE(layer, slot, bp)   | DORMANT and bp fits the slot     | compile/load kernel, GERMINATED |
+    | ADVANCE(layer, slot)         | GERMINATED, TRAINING, PROBATION  | next stage (BLENDING -> PROBATION is automatic) |
+    | CULL(layer, slot)            | GERMINATED..PROBATION            | drop kernel, EMBARGOED, DORMANT later |
+
+    `obs["action_mask"]` and `env.action_masks()` say which actions are valid. A masked action
+    is not executed: it runs as WAIT, costs the invalid-action penalty and sets
+    `info["invalid_action"] = True`.
+
+    ## Observation space
+    `Dict` of fixed shapes (see `esper_gym.observation` for every feature):
+    `nodes (max_nodes, F)`, `edges (max_nodes-1, 2)`, `edge_attr (max_nodes-1, 2)`,
+    `node_mask (max_nodes,)`, `globals (10,)`, `action_mask (A,)`. Nodes are the host's
+    KasminaLayers with their health signals (activation mean/variance, dead units, gradient
+    and weight norms, added parameters) and per-slot seed state (state, alpha, age, faults,
+    measured contribution). `esper_gym.observation.to_pyg(obs)` gives a PyG batch.
+
+    ## Rewards
+    Weighted sum of accuracy gain, parameter and latency rent, loss spikes, kernel faults,
+    invalid actions, interventions and divergence (`esper_gym.reward`); each component is in
+    `info["reward_components"]`. Weights: `reward_weights=RewardWeights(...)` or a dict; or
+    replace the whole computation with `reward_fn` (any callable taking a `StepOutcome` and
+    returning `(reward, components)`).
+
+    ## Starting state
+    A freshly initialised host (every slot DORMANT), evaluated once before any training.
+    `reset(options={"grow": "residual_mlp"})` (a name or a preference list) instead starts with
+    every slot FOSSILIZED with the first blueprint that fits it: the ceiling host.
+
+    ## Episode end
+    Terminated when the training budget (`max_epochs` over the training split) is spent, or
+    when the host's loss becomes NaN/Inf (`info["diverged"] = True`, divergence penalty).
+    Truncated only by the `TimeLimit` of the registration (`max_episode_steps`).
+
+    ## Arguments
+    `gym.make("Esper/Spirals-v0", **kwargs)`: `task` (a registered name or a `Task`), any
+    `Task` field (e.g. `seed_slots=2, max_epochs=5, decision_interval=10, device="cuda"`),
+    `reward_weights`, `reward_fn`, `kernel_dir` (default `$ESPER_KERNEL_DIR` or
+    `~/.cache/esper_gym/kernels`), `render_mode="ansi"`.
+
+    ## Reproducibility
+    `reset(seed=s)` draws the host init, the data order and every other draw from
+    `self.np_random` (torch generators seeded from it; the global torch RNG is left as it
+    was), so the same seed and actions give the same observations, rewards and infos. Only
+    `info["wall_s"]` (seconds the step took) is wall-clock.
+
+    ## Version history
+    * v0: initial release.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        task: str | Task = "spirals",
+        reward_weights: RewardWeights | dict | None = None,
+        reward_fn=None,
+        kernel_dir: str | os.PathLike | None = None,
+        render_mode: str | None = None,
+        **task_overrides: Any,
+    ) -> None:
+        self.task = get_task(task, **task_overrides)
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode={render_mode!r}; allowed: None, 'ansi'")
+        self.render_mode = render_mode
+        if isinstance(reward_weights, dict):
+            reward_weights = RewardWeights(**reward_weights)
+        self.reward_fn = reward_fn or RewardComputer(reward_weights)
+        self.kernel_dir = pathlib.Path(kernel_dir) if kernel_dir else default_kernel_dir()
+        self.generator = BlueprintGenerator(self.task.blueprints)
+        self.layout = ActionLayout(
+            self.task.max_nodes, self.task.seed_slots, len(self.task.blueprints)
+        )
+        self.spec_graph = GraphSpec(self.task.max_nodes, self.task.seed_slots)
+        self.action_space = spaces.Discrete(self.layout.size)
+        self.observation_space = observation_space(self.spec_graph, self.layout.size)
+        self._data: Dataset | None = None
+        self._store: KernelStore | None = None
+        self._cache: KernelCache | None = None
+        self.model: torch.nn.Module | None = None
+        self.trainer: HostTrainer | None = None
+        self._mask = np.zeros(self.layout.size, np.int8)
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def data(self) -> Dataset:
+        if self._data is None:  # lazily, so that vector-env workers load their own copy
+            kwargs = dict(self.task.dataset_kwargs)
+            self._data = load_dataset(self.task.dataset, data_dir=self.task.data_dir, **kwargs)
+        return self._data
+
+    @property
+    def store(self) -> KernelStore:
+        if self._store is None:
+            self._store = KernelStore(self.kernel_dir)
+            self._cache = KernelCache(self._store)
+        return self._store
+
+    @property
+    def cache(self) -> KernelCache:
+        _ = self.store
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        # Store and cache hold a database handle and loaded programs: reopened on demand.
+        state = self.__dict__.copy()
+        state["_store"] = state["_cache"] = None
+        return state
+
+    # --------------------------------------------------------------------- reset
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        data = self.data
+        torch_seed = int(self.np_random.integers(0, 2**62))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch_seed)
+            self.model = build_host(
+                self.task.host,
+                data.input_shape,
+                data.num_classes,
+                self.task.seed_slots,
+                self.task.seed_config(),
+                **dict(self.task.host_kwargs),
+            ).to(self.task.device)
+        self.layers = kasmina_layers(self.model)
+        if len(self.layers) > self.task.max_nodes:
+            raise ValueError(
+                f"host has {len(self.layers)} growable layers; raise max_nodes "
+                f"(now {self.task.max_nodes})"
+            )
+        order = torch.Generator().manual_seed(torch_seed + 1)
+        self.trainer = HostTrainer(self.model, data, self.task, order)
+        self.host_params = sum(p.numel() for p in self.model.parameters())
+        self.host_macs = host_macs(self.model)
+        self.budget = self.task.budget_steps(len(data.x_train))
+        self.episode_steps = self.budget // self.task.decision_interval
+        if options and options.get("grow"):
+            self._grow_all(options["grow"])
+        self._observe_untrained()
+        self.val_acc, self.val_loss = self.trainer.evaluate()
+        self.train_loss = self.val_loss
+        self.best_acc, self.plateau, self.acc_delta = self.val_acc, 0, 0.0
+        self.faults_total, self.steps = 0, 0
+        self._update_mask()
+        return self._observation(), self._info(events=[], faults=[], invalid=False, action=None)
+
+    def _grow_all(self, preference) -> None:
+        """Start with every slot FOSSILIZED, holding the first blueprint of `preference` that
+        fits it: the host with all the capacity growth could add, trained from step 0 (the
+        ceiling of the task tables)."""
+        names = (preference,) if isinstance(preference, str) else tuple(preference)
+        unknown = [n for n in names if n not in self.task.blueprints]
+        if unknown:
+            raise ValueError(
+                f"grow={unknown}: not in this task's blueprints {self.task.blueprints}"
+            )
+        for layer in self.layers:
+            name = next(
+                (
+                    n
+                    for n in names
+                    if self.generator.fits(layer.out_shape, n, self.task.param_budget)
+                ),
+                None,
+            )
+            if name is None:
+                continue
+            for slot in layer.slots:
+                blueprint = self.generator.propose(layer.out_shape, name, self.task.param_budget)
+                kernel, meta = load_or_compile(
+                    blueprint, layer.out_shape, self.store, self.cache, device=self.task.device
+                )
+                layer.graft(slot.index, kernel, name, meta.sha256)
+
+    def _observe_untrained(self) -> None:
+        """Telemetry of the initial obs: one recorded forward/backward, no optimizer step."""
+        x, y = (
+            self.trainer.x_val[: self.task.batch_size],
+            self.trainer.y_val[: self.task.batch_size],
+        )
+        for layer in self.layers:
+            layer.record = True
+        loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        for layer in self.layers:
+            layer.capture_grad()
+            layer.record = False
+        self.model.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------------------- step
+    def step(self, action):
+        if self.trainer is None:
+            raise RuntimeError("call reset() before step()")
+        if not self.action_space.contains(action):
+            raise ValueError(f"action {action!r} is not in {self.action_space}")
+        index = int(action)
+        invalid = not bool(self._mask[index])
+        decision = Action(WAIT) if invalid else self.layout.decode(index)
+        setup_faults = self._apply(decision)
+
+        stats = self.trainer.run_interval()
+        self.steps += 1
+        events, faults = [], list(setup_faults)
+        for layer in self.layers:
+            e, f = layer.drain()
+            events += e
+            faults += f
+        self.faults_total += len(faults)
+        before = self.val_acc
+        if stats.diverged:
+            self.val_loss = float("nan")
+        else:
+            self.val_acc, self.val_loss = self.trainer.evaluate()
+            self.trainer.measure_contributions(self.val_acc)
+        self.train_loss = stats.mean_loss
+        self.acc_delta = self.val_acc - before
+        if self.val_acc > self.best_acc:
+            self.best_acc, self.plateau = self.val_acc, 0
+        else:
+            self.plateau += 1
+        outcome = StepOutcome(
+            val_acc_before=before,
+            val_acc=self.val_acc,
+            param_ratio=self._added_params() / self.host_params,
+            macs_ratio=self._added_macs() / self.host_macs,
+            loss_spikes=stats.loss_spikes,
+            faults=len(faults),
+            invalid_action=invalid,
+            intervened=decision.kind != WAIT,
+            diverged=stats.diverged,
+            episode_steps=self.episode_steps,
+        )
+        reward, components = self.reward_fn(outcome)
+        terminated = stats.diverged or self.trainer.steps_done >= self.budget
+        self._update_mask()
+        info = self._info(events, faults, invalid, decision, components, stats)
+        if terminated and not stats.diverged:
+            info["test_acc"], _ = self.trainer.evaluate(self.data.x_test, self.data.y_test)
+        return self._observation(), float(reward), bool(terminated), False, info
+
+    def _apply(self, action: Action) -> list:
+        """Execute a valid decision; a kernel that cannot be built is a fault, not a crash."""
+        if action.kind == WAIT:
+            return []
+        layer = self.layers[action.layer]
+        if action.kind == ADVANCE:
+            layer.advance(action.slot)
+        elif action.kind == CULL:
+            layer.cull(action.slot, reason="agent")
+        elif action.kind == GERMINATE:
+            name = self.task.blueprints[action.blueprint]
+            try:
+                blueprint = self.generator.propose(layer.out_shape, name, self.task.param_budget)
+                kernel, meta = load_or_compile(
+                    blueprint, layer.out_shape, self.store, self.cache, device=self.task.device
+                )
+            except Exception as exc:  # a broken artifact or compiler must not end the run
+                from esper_gym.kasmina.recovery import FaultRecord
+
+                return [
+                    FaultRecord(
+                        layer.name,
+                        action.slot,
+                        name,
+                        "load",
+                        f"{type(exc).__name__}: {exc}"[:500],
+                        layer.step_count,
+                    )
+                ]
+            layer.germinate(action.slot, kernel, name, meta.sha256)
+        return []
+
+    # -------------------------------------------------------------- observation
+    def _added_params(self) -> int:
+        return sum(s.params for layer in self.layers for s in layer.slots)
+
+    def _added_macs(self) -> int:
+        return sum(
+            kernel_macs(s.params, layer.out_shape) for layer in self.layers for s in layer.slots
+        )
+
+    def _update_mask(self) -> None:
+        mask = np.zeros(self.layout.size, np.int8)
+        mask[0] = 1
+        n_bp = len(self.task.blueprints)
+        for n, layer in enumerate(self.layers):
+            for s, slot in enumerate(layer.slots):
+                base = self.layout.encode(Action(GERMINATE, n, s, 0))
+                if slot.state == SeedState.DORMANT:
+                    for b, name in enumerate(self.task.blueprints):
+                        mask[base + b] = self.generator.fits(
+                            layer.out_shape, name, self.task.param_budget
+                        )
+                mask[base + n_bp] = slot.state in ADVANCE_TO
+                mask[base + n_bp + 1] = slot.state in CULLABLE
+        self._mask = mask
+
+    def action_masks(self) -> np.ndarray:
+        """Boolean mask of valid actions (the sb3-contrib MaskablePPO protocol)."""
+        return self._mask.astype(bool)
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        signals = [layer.health() for layer in self.layers]
+        nodes = node_features(signals, self.budget, self.task.max_faults)
+        slots_total = len(self.layers) * self.task.seed_slots
+        live = sum(s.state in LIVE for layer in self.layers for s in layer.slots)
+        globals_ = [
+            self.trainer.steps_done / self.budget,
+            self.val_acc,
+            math.log1p(_finite_or(self.val_loss, 1e3)),
+            math.log1p(_finite_or(self.train_loss, 1e3)),
+            self.acc_delta * 10.0,
+            self.best_acc,
+            self.plateau / 10.0,
+            self._added_params() / self.host_params,
+            live / slots_total,
+            math.log1p(self.faults_total),
+        ]
+        obs = build_observation(
+            self.spec_graph, nodes, edge_numels(self.model), globals_, self._mask
+        )
+        return obs
+
+    def _info(self, events, faults, invalid, action, components=None, stats=None) -> dict:
+        return {
+            "step": self.steps,
+            "optimizer_steps": self.trainer.steps_done,
+            "val_acc": self.val_acc,
+            "val_loss": self.val_loss,
+            "train_loss": self.train_loss,
+            "loss_spikes": stats.loss_spikes if stats else 0,
+            "params": self.host_params + self._added_params(),
+            "params_added": self._added_params(),
+            "seeds_live": sum(s.state in RUNNING for layer in self.layers for s in layer.slots),
+            "action": action.describe(self.task.blueprints) if action else "reset",
+            "invalid_action": invalid,
+            "events": events,
+            "faults": len(faults),
+            "fault_kinds": [f.kind for f in faults],
+            "faults_total": self.faults_total,
+            "reward_components": components or {},
+            "diverged": bool(stats.diverged) if stats else False,
+            "divergence": (
+                f"host loss became NaN/Inf within optimizer steps "
+                f"{self.trainer.steps_done - stats.steps}..{self.trainer.steps_done}"
+                if stats and stats.diverged
+                else ""
+            ),
+        }
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or self.trainer is None:
+            return None
+        lines = [
+            f"step {self.steps}  opt-steps {self.trainer.steps_done}/{self.budget}  "
+            f"val_acc {self.val_acc:.4f}  params {self.host_params}+{self._added_params()}"
+        ]
+        for layer in self.layers:
+            slots = "  ".join(
+                f"[{s.state.name.lower()} {s.blueprint or '-'} a={s.alpha:.2f} c={s.contribution:+.3f}]"
+                for s in layer.slots
+            )
+            lines.append(f"  {layer.name:>6} {tuple(layer.out_shape)!s:>14}  {slots}")
+        return "\n".join(lines)
+
+
+def _finite_or(value: float, fallback: float) -> float:
+    return value if math.isfinite(value) else fallback

@@ -1,0 +1,197 @@
+"""The model graph as a fixed-shape Dict observation, and its conversion to a PyG batch.
+
+Nodes are the host's KasminaLayers in data-flow order (padded to `max_nodes`); an edge joins
+each layer to the next one. Every feature is computed from the live training run.
+
+| key         | shape               | dtype   | content                                            |
+|-------------|---------------------|---------|----------------------------------------------------|
+| nodes       | (max_nodes, F)      | float32 | NODE_FEATURES, then SLOT_FEATURES for each slot   |
+| edges       | (max_nodes - 1, 2)  | int64   | (source, target) node indices; padding is (0, 0)  |
+| edge_attr   | (max_nodes - 1, 2)  | float32 | [1 for a real edge / 0 for padding, log1p(numel)/10 of the tensor] |
+| node_mask   | (max_nodes,)        | int8    | 1 for a real layer                                 |
+| globals     | (G,)                | float32 | GLOBAL_FEATURES                                    |
+| action_mask | (A,)                | int8    | 1 where the action is valid now (see actions.py)   |
+
+F = len(NODE_FEATURES) + slots * len(SLOT_FEATURES). Wall-clock measurements are not part of
+the observation so that a seeded episode is exactly reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from esper_gym.kasmina.lifecycle import SeedState
+from esper_gym.kasmina.telemetry import HealthSignal
+
+NODE_FEATURES = (
+    "is_linear",
+    "is_conv",
+    "depth",  # position in the graph, 0 (first) .. 1 (last)
+    "log_fan_in",
+    "log_fan_out",
+    "act_mean",
+    "log_act_var",
+    "dead_ratio",
+    "log_grad_norm",
+    "log_weight_norm",
+    "log_added_params",  # kernel parameters on this layer, log1p / 10
+)
+SLOT_FEATURES = (
+    *(f"state_{s.name.lower()}" for s in SeedState),
+    "alpha",
+    "age",  # optimizer steps since germination / training budget
+    "fault_ratio",  # faults / breaker limit
+    "contribution",  # validation accuracy with the seed on minus off, in points / 10
+    "log_params",
+)
+GLOBAL_FEATURES = (
+    "progress",  # optimizer steps done / budget
+    "val_acc",
+    "log_val_loss",
+    "log_train_loss",
+    "acc_delta",  # change of val_acc over the last step, in points / 10
+    "best_acc",
+    "plateau",  # steps since val_acc last improved, / 10
+    "params_ratio",  # (host + kernels) / host parameters - 1
+    "live_seeds",  # seeds in a live or fossil state / slots
+    "log_faults",  # log1p(faults so far)
+)
+EDGE_FEATURES = 2
+# Features are logs, ratios and clipped values; the bound only guards against a diverging host.
+BOUND = np.float32(1e3)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    max_nodes: int
+    slots: int
+
+    @property
+    def node_dim(self) -> int:
+        return len(NODE_FEATURES) + self.slots * len(SLOT_FEATURES)
+
+    @property
+    def max_edges(self) -> int:
+        return max(self.max_nodes - 1, 1)
+
+
+def observation_space(spec: GraphSpec, n_actions: int) -> spaces.Dict:
+    n, e = spec.max_nodes, spec.max_edges
+    return spaces.Dict(
+        {
+            "nodes": spaces.Box(-BOUND, BOUND, (n, spec.node_dim), np.float32),
+            "edges": spaces.Box(0, n - 1, (e, 2), np.int64),
+            "edge_attr": spaces.Box(-BOUND, BOUND, (e, EDGE_FEATURES), np.float32),
+            "node_mask": spaces.Box(0, 1, (n,), np.int8),
+            "globals": spaces.Box(-BOUND, BOUND, (len(GLOBAL_FEATURES),), np.float32),
+            "action_mask": spaces.Box(0, 1, (n_actions,), np.int8),
+        }
+    )
+
+
+def _log(x: float) -> float:
+    return math.log1p(max(x, 0.0)) / 10.0
+
+
+def node_features(
+    signals: Sequence[HealthSignal], budget_steps: int, max_faults: int
+) -> np.ndarray:
+    rows = []
+    last = max(len(signals) - 1, 1)
+    for i, sig in enumerate(signals):
+        host_params = sig.params - sum(s.params for s in sig.slots)
+        row = [
+            float(sig.kind == "linear"),
+            float(sig.kind == "conv"),
+            i / last,
+            _log(sig.fan_in),
+            _log(sig.fan_out),
+            math.tanh(sig.act_mean),
+            math.log1p(sig.act_var),
+            sig.dead_ratio,
+            math.log1p(sig.grad_norm),
+            math.log1p(sig.weight_norm),
+            _log(sig.params - host_params),
+        ]
+        for slot in sig.slots:
+            onehot = [0.0] * len(SeedState)
+            onehot[slot.state] = 1.0
+            row += [
+                *onehot,
+                slot.alpha,
+                slot.age / max(budget_steps, 1),
+                slot.faults / max_faults,
+                max(min(slot.contribution * 10.0, 5.0), -5.0),
+                _log(slot.params),
+            ]
+        rows.append(row)
+    return np.asarray(rows, dtype=np.float32)
+
+
+def build_observation(
+    spec: GraphSpec,
+    nodes: np.ndarray,
+    edge_numel: Sequence[int],
+    globals_: Sequence[float],
+    action_mask: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Pad the live graph to the fixed shapes of `observation_space(spec, ...)`."""
+    n = nodes.shape[0]
+    if n > spec.max_nodes:
+        raise ValueError(f"host has {n} growable layers; max_nodes={spec.max_nodes}")
+    padded = np.zeros((spec.max_nodes, spec.node_dim), np.float32)
+    padded[:n] = np.clip(np.nan_to_num(nodes, posinf=BOUND, neginf=-BOUND), -BOUND, BOUND)
+    edges = np.zeros((spec.max_edges, 2), np.int64)
+    edge_attr = np.zeros((spec.max_edges, EDGE_FEATURES), np.float32)
+    for i, numel in enumerate(edge_numel[: n - 1]):
+        edges[i] = (i, i + 1)
+        edge_attr[i] = (1.0, _log(numel))
+    mask = np.zeros(spec.max_nodes, np.int8)
+    mask[:n] = 1
+    return {
+        "nodes": padded,
+        "edges": edges,
+        "edge_attr": edge_attr,
+        "node_mask": mask,
+        "globals": np.clip(np.nan_to_num(np.asarray(globals_, np.float32)), -BOUND, BOUND),
+        "action_mask": action_mask.astype(np.int8),
+    }
+
+
+def to_pyg(obs: Mapping[str, np.ndarray | torch.Tensor], device: str | torch.device = "cpu"):
+    """A single observation (unbatched arrays) or a batch (leading batch dim) -> PyG `Batch`.
+
+    The batch carries `x`, `edge_index`, `edge_attr`, `batch`, `u` (globals, one row per graph),
+    `node_pos` (a node's index inside its own graph, i.e. its action block), `action_mask`
+    (one row per graph) and `num_graphs`. Padded nodes and edges are dropped.
+    """
+    from torch_geometric.data import Batch, Data
+
+    def t(key: str) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(obs[key]) if not torch.is_tensor(obs[key]) else obs[key])
+
+    nodes, edges, edge_attr = t("nodes"), t("edges"), t("edge_attr")
+    node_mask, globals_, amask = t("node_mask"), t("globals"), t("action_mask")
+    if nodes.dim() == 2:
+        nodes, edges, edge_attr = nodes[None], edges[None], edge_attr[None]
+        node_mask, globals_, amask = node_mask[None], globals_[None], amask[None]
+    graphs = []
+    for g in range(nodes.shape[0]):
+        n = int(node_mask[g].sum())
+        real = edge_attr[g, :, 0] > 0.5
+        data = Data(
+            x=nodes[g, :n].float(),
+            edge_index=edges[g][real].long().t().contiguous(),
+            edge_attr=edge_attr[g][real].float(),
+            u=globals_[g].float()[None],
+            node_pos=torch.arange(n),
+            action_mask=amask[g].bool()[None],
+        )
+        graphs.append(data)
+    return Batch.from_data_list(graphs).to(device)

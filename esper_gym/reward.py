@@ -1,0 +1,87 @@
+"""Reward: a weighted sum of named components, every one reported in `info["reward_components"]`.
+
+| component       | per step                                              | default weight |
+|-----------------|-------------------------------------------------------|----------------|
+| accuracy        | + w * (val_acc_t - val_acc_{t-1})  (accuracy in 0..1) | 10.0           |
+| param_cost      | - w * kernel params present / host params / T         | 0.2            |
+| latency_cost    | - w * kernel MACs present / host MACs / T             | 0.1            |
+| stability       | - w * loss spikes in the interval                     | 0.05           |
+| fault           | - w * kernel faults in the interval                   | 0.2            |
+| invalid_action  | - w * (the action was masked, so it ran as WAIT)      | 0.1            |
+| intervention    | - w * (the action was not WAIT)                       | 0.05           |
+| divergence      | - w * (the host's loss became NaN/Inf; ends episode)  | 5.0            |
+
+T is the number of steps of the episode, so a cost weight is the price of carrying a ratio of
+1 (doubling the host) for the whole episode, on every task whatever its length; with
+accuracy weighted 10, param_cost 0.2 prices a doubling held all episode at 2 accuracy points.
+
+Why it cannot be farmed: the accuracy term telescopes, so over an episode it sums to
+w * (final - initial accuracy) whatever path led there; costs are rents paid every step for what
+is present, so parking a seed that does nothing only costs; and a seed in TRAINING does not
+change the host's output, so a germinate -> cull cycle leaves accuracy exactly where WAIT would
+and pays the intervention cost on every action. Tests in tests/test_reward.py try each exploit.
+
+Any object with the same call signature can replace `RewardComputer` (the env takes `reward_fn`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    accuracy: float = 10.0
+    param_cost: float = 0.2
+    latency_cost: float = 0.1
+    stability: float = 0.05
+    fault: float = 0.2
+    invalid_action: float = 0.1
+    intervention: float = 0.05
+    divergence: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"reward weight {name}={value!r} must be a number")
+            if value < 0:
+                raise ValueError(
+                    f"reward weight {name}={value} must be >= 0 (costs are subtracted already)"
+                )
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What happened in one env step, as the reward sees it."""
+
+    val_acc_before: float
+    val_acc: float
+    param_ratio: float  # kernel params present / host params
+    macs_ratio: float  # kernel MACs present / host MACs
+    loss_spikes: int
+    faults: int
+    invalid_action: bool
+    intervened: bool
+    diverged: bool
+    episode_steps: int = 1
+
+
+class RewardComputer:
+    def __init__(self, weights: RewardWeights | None = None) -> None:
+        self.weights = weights or RewardWeights()
+
+    def __call__(self, outcome: StepOutcome) -> tuple[float, dict[str, float]]:
+        w, o = self.weights, outcome
+        gain = 0.0 if o.diverged else o.val_acc - o.val_acc_before
+        per_step = 1.0 / max(o.episode_steps, 1)
+        components = {
+            "accuracy": w.accuracy * gain,
+            "param_cost": -w.param_cost * o.param_ratio * per_step,
+            "latency_cost": -w.latency_cost * o.macs_ratio * per_step,
+            "stability": -w.stability * o.loss_spikes,
+            "fault": -w.fault * o.faults,
+            "invalid_action": -w.invalid_action * float(o.invalid_action),
+            "intervention": -w.intervention * float(o.intervened),
+            "divergence": -w.divergence * float(o.diverged),
+        }
+        return float(sum(components.values())), components

@@ -1,0 +1,176 @@
+"""Benchmark tasks: what is trained, on what, for how long, and what may grow.
+
+A `Task` is plain data. `get_task("spirals", decision_interval=10)` returns a registered task
+with fields replaced; every field can also be given to `gym.make` as a keyword argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from esper_gym.kasmina import SeedConfig
+from esper_gym.kernels.blueprints import BLUEPRINTS, DEFAULT_LIBRARY, FAULT_LIBRARY
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark task.
+
+    Budgets: the episode trains the host for `max_epochs` passes over the training split,
+    `decision_interval` optimizer steps per env step. `param_budget` caps the parameters of one
+    kernel (the generator scales a blueprint down to fit it).
+    """
+
+    name: str = "spirals"
+    dataset: str = "spirals"
+    dataset_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    host: str | Callable = "mlp"
+    host_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    decision_interval: int = 20
+    max_epochs: float = 20.0
+    val_size: int = 1024
+    seed_slots: int = 2
+    param_budget: int = 5_000
+    blueprints: tuple[str, ...] = DEFAULT_LIBRARY
+    max_nodes: int = 8
+    seed_lr: float = 3e-3
+    blend_steps: int = 40
+    blend_schedule: str = "linear"
+    embargo_steps: int = 40
+    max_faults: int = 3
+    latency_budget_ms: float | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "lr",
+            "batch_size",
+            "decision_interval",
+            "max_epochs",
+            "val_size",
+            "param_budget",
+            "max_nodes",
+            "seed_lr",
+        )
+        for key in positive:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"task {self.name!r}: {key}={value!r} must be a positive number")
+        if self.weight_decay < 0:
+            raise ValueError(f"task {self.name!r}: weight_decay={self.weight_decay} must be >= 0")
+        if not isinstance(self.seed_slots, int) or self.seed_slots < 1:
+            raise ValueError(f"task {self.name!r}: seed_slots={self.seed_slots!r} must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"task {self.name!r}: optimizer={self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"
+            )
+        unknown = [b for b in self.blueprints if b not in BLUEPRINTS]
+        if unknown or not self.blueprints:
+            raise ValueError(
+                f"task {self.name!r}: unknown blueprints {unknown}; known: {', '.join(BLUEPRINTS)}"
+            )
+        object.__setattr__(self, "blueprints", tuple(self.blueprints))
+        self.seed_config()  # validates the seed fields with their own messages
+
+    def seed_config(self) -> SeedConfig:
+        return SeedConfig(
+            blend_steps=self.blend_steps,
+            blend_schedule=self.blend_schedule,
+            embargo_steps=self.embargo_steps,
+            max_faults=self.max_faults,
+            lr=self.seed_lr,
+            latency_budget_ms=self.latency_budget_ms,
+        )
+
+    def budget_steps(self, n_train: int) -> int:
+        """Optimizer steps in an episode, rounded up to whole decision intervals."""
+        steps = math.ceil(self.max_epochs * n_train / self.batch_size)
+        return math.ceil(steps / self.decision_interval) * self.decision_interval
+
+    def episode_steps(self, n_train: int) -> int:
+        return self.budget_steps(n_train) // self.decision_interval
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(name="spirals"),
+        # The reliability benchmark: the library also offers fault-injecting blueprints.
+        Task(
+            name="spirals_faulty",
+            blueprints=DEFAULT_LIBRARY + FAULT_LIBRARY,
+            latency_budget_ms=20.0,
+        ),
+        Task(
+            name="fashion_mnist",
+            dataset="fashion_mnist",
+            host="mlp",
+            host_kwargs={"hidden": (32, 32)},
+            lr=2e-3,
+            batch_size=128,
+            decision_interval=50,
+            max_epochs=2.0,
+            val_size=2000,
+            param_budget=20_000,
+            seed_lr=2e-3,
+            blend_steps=100,
+            embargo_steps=100,
+        ),
+        Task(
+            name="fashion_mnist_cnn",
+            dataset="fashion_mnist",
+            host="cnn",
+            host_kwargs={"channels": (4, 8)},
+            lr=3e-3,
+            batch_size=128,
+            decision_interval=50,
+            max_epochs=2.0,
+            val_size=2000,
+            param_budget=5_000,
+            seed_lr=3e-3,
+            blend_steps=100,
+            embargo_steps=100,
+        ),
+        Task(
+            name="cifar10",
+            dataset="cifar10",
+            host="cnn",
+            host_kwargs={"channels": (16, 32)},
+            lr=2e-3,
+            batch_size=128,
+            decision_interval=100,
+            max_epochs=10.0,
+            val_size=2000,
+            param_budget=20_000,
+            seed_lr=2e-3,
+            blend_steps=200,
+            embargo_steps=200,
+        ),
+    )
+}
+
+
+def get_task(task: str | Task = "spirals", **overrides: Any) -> Task:
+    """A registered task (by name) or a given Task, with `overrides` replacing fields."""
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; registered: {', '.join(TASKS)}")
+        task = TASKS[task]
+    elif not isinstance(task, Task):
+        raise TypeError(f"task must be a task name or a Task, got {type(task).__name__}")
+    names = {f.name for f in dataclasses.fields(Task)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise ValueError(f"unknown Task field(s) {bad}; allowed: {', '.join(sorted(names))}")
+    return dataclasses.replace(task, **overrides) if overrides else task

@@ -1,0 +1,230 @@
+import pickle
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import esper_gym
+from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
+from esper_gym.data import DatasetNotFoundError
+from esper_gym.env import MorphogeneticEnv
+from esper_gym.kasmina import SeedState
+from esper_gym.tasks import Task, get_task
+from tests.conftest import SMALL, small_kwargs, write_tiny_cifar
+
+
+def make(env_id="Esper/Spirals-v0", **kw):
+    return gym.make(env_id, **{**SMALL, **kw})
+
+
+def rollout(env, actions, seed):
+    obs, info = env.reset(seed=seed)
+    trace = [(obs, 0.0, info)]
+    for a in actions:
+        if not obs["action_mask"][a]:
+            a = 0
+        obs, r, term, trunc, info = env.step(a)
+        trace.append((obs, r, info))
+        if term or trunc:
+            break
+    return trace
+
+
+def strip(info):
+    return {k: v for k, v in info.items() if k != "wall_s"}
+
+
+@pytest.mark.parametrize("env_id", sorted(esper_gym.ENV_IDS))
+def test_check_env_passes_without_warnings(env_id, tmp_path, kernel_dir):
+    kw = small_kwargs(env_id, tmp_path)
+    env = gym.make(env_id, kernel_dir=kernel_dir, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped, skip_render_check=False)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_seeded_rollouts_are_identical(kernel_dir):
+    layout = make(kernel_dir=kernel_dir).unwrapped.layout
+    plan = [
+        layout.encode(Action(GERMINATE, 1, 0, 0)),
+        layout.encode(Action(ADVANCE, 1, 0)),
+        0,
+        layout.encode(Action(ADVANCE, 1, 0)),
+        0,
+        0,
+    ]
+    a = rollout(make(kernel_dir=kernel_dir), plan, seed=3)
+    b = rollout(make(kernel_dir=kernel_dir), plan, seed=3)
+    c = rollout(make(kernel_dir=kernel_dir), plan, seed=4)
+    assert len(a) == len(b) == 7
+    for (oa, ra, ia), (ob, rb, ib) in zip(a, b):
+        for key in oa:
+            np.testing.assert_array_equal(oa[key], ob[key])
+        assert ra == rb and strip(ia) == strip(ib)
+    assert a[-1][2]["val_acc"] != c[-1][2]["val_acc"]
+
+
+def test_reset_does_not_touch_the_global_torch_rng(kernel_dir):
+    env = make(kernel_dir=kernel_dir)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    env.reset(seed=0)
+    env.step(0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_env_pickles_mid_episode_and_continues_identically(kernel_dir):
+    env = make(kernel_dir=kernel_dir).unwrapped
+    env.reset(seed=1)
+    germ = env.layout.encode(Action(GERMINATE, 0, 0, 0))
+    env.step(germ)
+    env.step(env.layout.encode(Action(ADVANCE, 0, 0)))
+    clone = pickle.loads(pickle.dumps(env))
+    o1, r1, *_, i1 = env.step(0)
+    o2, r2, *_, i2 = clone.step(0)
+    assert r1 == r2 and strip(i1) == strip(i2)
+    np.testing.assert_array_equal(o1["nodes"], o2["nodes"])
+
+
+def test_async_vector_env_runs_two_workers(kernel_dir):
+    # "module:id" makes each spawned worker import esper_gym, which registers the ids.
+    fns = [lambda: gym.make("esper_gym:Esper/Spirals-v0", kernel_dir=kernel_dir, **SMALL)] * 2
+    venv = gym.vector.AsyncVectorEnv(fns, shared_memory=False, context="spawn")
+    try:
+        obs, _ = venv.reset(seed=[0, 1])
+        assert obs["nodes"].shape[0] == 2
+        for _ in range(3):
+            obs, rewards, _term, _trunc, _infos = venv.step(np.zeros(2, dtype=np.int64))
+        assert rewards.shape == (2,) and np.isfinite(rewards).all()
+        assert not np.array_equal(obs["nodes"][0], obs["nodes"][1])  # different seeds
+    finally:
+        venv.close()
+
+
+def test_masked_action_runs_as_wait_with_penalty(kernel_dir):
+    env = make(kernel_dir=kernel_dir).unwrapped
+    obs, _ = env.reset(seed=0)
+    advance = env.layout.encode(Action(ADVANCE, 0, 0))  # slot is DORMANT: masked
+    assert obs["action_mask"][advance] == 0 and not env.action_masks()[advance]
+    _, _, _, _, info = env.step(advance)
+    assert info["invalid_action"] is True
+    assert info["reward_components"]["invalid_action"] == -env.reward_fn.weights.invalid_action
+    assert info["reward_components"]["intervention"] == 0.0
+    assert all(s.state == SeedState.DORMANT for layer in env.layers for s in layer.slots)
+
+
+def test_germinated_kernel_runs_and_grows_the_model(kernel_dir):
+    env = make(kernel_dir=kernel_dir).unwrapped
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(env.layout.encode(Action(GERMINATE, 1, 0, 0)))
+    assert info["params_added"] > 0 and info["events"][0]["to"] == "GERMINATED"
+    env.step(env.layout.encode(Action(ADVANCE, 1, 0)))
+    slot = env.layers[1].slots[0]
+    assert slot.state == SeedState.TRAINING
+    # The compiled kernel ran on every optimizer step, plus once to measure its contribution.
+    assert slot.calls == env.task.decision_interval + 1
+    assert slot.kernel_sha and slot.kernel_sha in env.store
+    obs, *_ = env.step(0)
+    from esper_gym.observation import NODE_FEATURES, SLOT_FEATURES
+
+    col = len(NODE_FEATURES) + SLOT_FEATURES.index("contribution")
+    assert obs["nodes"][1][col] == pytest.approx(slot.contribution * 10, abs=1e-6)
+    x = env.trainer.x_val[:64]
+    with torch.no_grad(), env.layers[1].seed_override(0, 1.0):
+        grown = env.model(x)
+    assert not torch.allclose(grown, env.model(x))  # the seed learned a non-zero delta
+
+
+def test_host_divergence_ends_the_episode_with_a_penalty(kernel_dir):
+    env = make(kernel_dir=kernel_dir, optimizer="sgd", lr=1e12).unwrapped
+    env.reset(seed=0)
+    done, steps = False, 0
+    while not done:
+        obs, _reward, done, _trunc, info = env.step(0)
+        steps += 1
+        assert steps < 20
+    assert info["diverged"] and "NaN/Inf" in info["divergence"]
+    assert info["reward_components"]["divergence"] == -env.reward_fn.weights.divergence
+    assert all(np.isfinite(v).all() for k, v in obs.items() if k != "action_mask")
+
+
+def test_any_task_field_is_a_make_kwarg_and_bad_ones_are_named(kernel_dir):
+    env = gym.make("Esper/Spirals-v0", kernel_dir=kernel_dir, seed_slots=3, decision_interval=4)
+    assert env.unwrapped.task.seed_slots == 3 and env.unwrapped.task.decision_interval == 4
+    with pytest.raises(ValueError, match="unknown Task field"):
+        gym.make("Esper/Spirals-v0", seeds_slots=3)
+    with pytest.raises(ValueError, match="batch_size=-1"):
+        gym.make("Esper/Spirals-v0", batch_size=-1)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        get_task("nope")
+
+
+def test_user_registers_their_own_host_and_dataset(kernel_dir):
+    def wide_mlp(input_shape, num_classes, slots, config):
+        from esper_gym.hosts import mlp
+
+        return mlp(input_shape, num_classes, slots, config, hidden=(24,))
+
+    task = Task(
+        name="mine",
+        host=wide_mlp,
+        dataset="spirals",
+        dataset_kwargs={"n_train": 512, "arms": 3},
+        max_epochs=1,
+        decision_interval=4,
+    )
+    gym.register(
+        "MyLab/Mine-v0", entry_point="esper_gym.env:MorphogeneticEnv", kwargs={"task": task}
+    )
+    env = gym.make("MyLab/Mine-v0", kernel_dir=kernel_dir)
+    obs, _ = env.reset(seed=0)
+    assert int(obs["node_mask"].sum()) == 2
+    assert env.unwrapped.layers[0].host.out_features == 24
+    assert env.unwrapped.data.num_classes == 3
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, kernel_dir):
+    env = gym.make("Esper/FashionMNIST-v0", data_dir=str(tmp_path / "none"), kernel_dir=kernel_dir)
+    with pytest.raises(DatasetNotFoundError, match="dataset-fashion-mnist"):
+        env.reset(seed=0)
+
+
+def test_faulty_kernels_are_caught_and_the_episode_goes_on(kernel_dir):
+    env = make("Esper/SpiralsFaulty-v0", kernel_dir=kernel_dir, max_faults=2).unwrapped
+    env.reset(seed=0)
+    raise_bp = env.task.blueprints.index("fault_raise")
+    env.step(env.layout.encode(Action(GERMINATE, 0, 0, raise_bp)))
+    _, _reward, term, _, info = env.step(env.layout.encode(Action(ADVANCE, 0, 0)))
+    assert info["faults"] == 2 and set(info["fault_kinds"]) == {"exception"}
+    assert info["reward_components"]["fault"] == -2 * env.reward_fn.weights.fault
+    assert env.layers[0].slots[0].state == SeedState.EMBARGOED  # culled, then embargoed
+    assert any("circuit breaker" in e["reason"] for e in info["events"])
+    assert np.isfinite(info["train_loss"]) and not term
+
+
+def test_cull_mask_and_render(kernel_dir):
+    env = make(kernel_dir=kernel_dir, render_mode="ansi").unwrapped
+    env.reset(seed=0)
+    env.step(env.layout.encode(Action(GERMINATE, 0, 1, 0)))
+    cull = env.layout.encode(Action(CULL, 0, 1))
+    assert env.action_masks()[cull]
+    env.step(cull)
+    assert not env.action_masks()[cull]
+    text = env.render()
+    assert "fc0" in text and "embargoed" in text
+
+
+def test_cifar10_env_reads_the_pickle_batches(tmp_path, kernel_dir):
+    root = write_tiny_cifar(tmp_path)
+    kw = small_kwargs("Esper/CIFAR10-v0", tmp_path)
+    assert kw["data_dir"] == str(root)
+    env = gym.make("Esper/CIFAR10-v0", kernel_dir=kernel_dir, **kw)
+    obs, _ = env.reset(seed=0)
+    assert env.unwrapped.data.input_shape == (3, 32, 32)
+    assert obs["nodes"][0][1] == 1.0  # first node is a conv layer
+    MorphogeneticEnv.step(env.unwrapped, 0)
