@@ -32,7 +32,8 @@ class IntervalStats:
 def make_optimizer(task: Task, params) -> torch.optim.Optimizer:
     if task.optimizer == "sgd":
         return torch.optim.SGD(params, lr=task.lr, momentum=0.9, weight_decay=task.weight_decay)
-    return torch.optim.Adam(params, lr=task.lr, weight_decay=task.weight_decay)
+    # fused: one kernel for all parameters; on CPU it halves the step time of small hosts.
+    return torch.optim.Adam(params, lr=task.lr, weight_decay=task.weight_decay, fused=True)
 
 
 class HostTrainer:

@@ -259,7 +259,7 @@ class KasminaLayer(nn.Module):
         slot.alpha, slot.age, slot.blend_t, slot.contribution, slot.calls = 0.0, 0, 0, 0.0, 0
         slot.breaker = CircuitBreaker(self.config.max_faults)
         params = [p for p in kernel.parameters() if p.requires_grad]
-        slot.optimizer = torch.optim.Adam(params, lr=self.config.lr) if params else None
+        slot.optimizer = torch.optim.Adam(params, lr=self.config.lr, fused=True) if params else None
         self._set_state(slot, SeedState.GERMINATED, "germinate")
 
     def advance(self, index: int) -> SeedState:

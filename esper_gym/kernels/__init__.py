@@ -1,1 +1,87 @@
-"""Blueprints to kernels: templates, generator, torch.export compiler, store and cache."""
+"""Blueprints to kernels: templates, generator, torch.export compiler, store and cache.
+
+The path a GERMINATE takes is `load_or_compile`: the recipe (blueprint, shape, seed) is looked up
+in the store and compiled only on a miss; the artifact is then validated, shape-checked and
+loaded through the cache, and every seed gets its own trainable copy.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from esper_gym.kernels.blueprints import (
+    BLUEPRINTS,
+    DEFAULT_LIBRARY,
+    FAULT_LIBRARY,
+    Blueprint,
+    blueprint_from_dict,
+    host_kind,
+)
+from esper_gym.kernels.cache import CacheStats, KernelCache, KernelIncompatible
+from esper_gym.kernels.compiler import (
+    SAFE_PICKLE_GLOBALS,
+    ArtifactInfo,
+    Kernel,
+    KernelMetadata,
+    KernelRejected,
+    compile_blueprint,
+    inspect_artifact,
+    instantiate,
+    load_artifact,
+    recipe_key,
+    validate_artifact,
+)
+from esper_gym.kernels.generator import BlueprintGenerator
+from esper_gym.kernels.store import KernelStore
+
+__all__ = [
+    "BLUEPRINTS",
+    "DEFAULT_LIBRARY",
+    "FAULT_LIBRARY",
+    "SAFE_PICKLE_GLOBALS",
+    "ArtifactInfo",
+    "Blueprint",
+    "BlueprintGenerator",
+    "CacheStats",
+    "KernelCache",
+    "Kernel",
+    "KernelIncompatible",
+    "KernelMetadata",
+    "KernelRejected",
+    "KernelStore",
+    "blueprint_from_dict",
+    "compile_blueprint",
+    "host_kind",
+    "inspect_artifact",
+    "instantiate",
+    "load_artifact",
+    "load_or_compile",
+    "recipe_key",
+    "validate_artifact",
+]
+
+
+def load_or_compile(
+    blueprint: Blueprint,
+    shape: Sequence[int],
+    store: KernelStore,
+    cache: KernelCache,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, KernelMetadata]:
+    """A trainable kernel module for a slot of `shape`, on `device`, and its metadata.
+
+    Compiles only if the store has no artifact for this recipe. The artifact is checksummed,
+    statically validated and checked against `shape` and `device` (KernelRejected /
+    KernelIncompatible) before anything from it runs. The module owns its parameters.
+    """
+    shape = tuple(int(s) for s in shape)
+    meta = store.find(recipe_key(blueprint, shape, seed=seed))
+    if meta is None:
+        artifact, meta = compile_blueprint(blueprint, shape, seed=seed)
+        store.put(artifact, meta)
+    program = cache.get(meta.sha256, expected_shape=shape, device=device)
+    artifact, _ = store.get(meta.sha256)  # kept by the kernel so that it pickles
+    return instantiate(program, artifact, meta).to(device), meta

@@ -1,0 +1,156 @@
+"""KernelStore: content-addressed kernel artifacts on disk plus a SQLite index.
+
+Layout under `root`:
+    objects/<sha[:2]>/<sha>.pt2   artifact bytes, named by their sha256
+    index.sqlite                  sha256 -> metadata JSON, recipe_key -> sha256 (WAL mode)
+
+Several processes (the workers of a vector env) may share one root. Files are written to a
+temp file, fsynced and os.replace'd into place, so a reader never sees a partial artifact; index
+rows are written after the file with INSERT OR IGNORE, so two writers of the same kernel agree
+(content addressing makes their bytes identical) and a row always points at a complete file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from esper_gym.kernels.compiler import KernelMetadata, KernelRejected
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS kernels (sha256 TEXT PRIMARY KEY, meta TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS recipes (recipe_key TEXT PRIMARY KEY, sha256 TEXT NOT NULL)",
+)
+
+
+def _holds(path: Path, sha: str) -> bool:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sha
+    except FileNotFoundError:
+        return False
+
+
+class KernelStore:
+    """Artifacts by sha256 on disk, metadata in SQLite; survives restarts, safe across processes."""
+
+    def __init__(self, root: str | os.PathLike, busy_timeout_s: float = 30.0):
+        self.root = Path(root)
+        self.busy_timeout_s = busy_timeout_s
+        (self.root / "objects").mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            # WAL lets readers proceed while a writer commits; the setting persists in the file.
+            db.execute("PRAGMA journal_mode=WAL")
+            for statement in _SCHEMA:
+                db.execute(statement)
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per call: a store object is pickled into spawned workers
+        # and used from any thread, and a connection must never be shared across either.
+        # Opening one costs ~0.1 ms, nothing next to loading a kernel.
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=self.busy_timeout_s)
+        try:
+            with db:  # commit on success, roll back on error
+                yield db
+        finally:
+            db.close()
+
+    def path(self, sha: str) -> Path:
+        """Where the artifact `sha` lives (whether or not it exists)."""
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise ValueError(f"not a sha256 hex digest: {sha!r}")
+        return self.root / "objects" / sha[:2] / f"{sha}.pt2"
+
+    def put(self, artifact: bytes, meta: KernelMetadata) -> str:
+        """Store `artifact` under its sha256 and index `meta`; returns the sha. Idempotent; a
+        file found corrupt on disk is rewritten. The first metadata indexed for a sha is kept.
+
+        KernelRejected if the bytes do not hash to `meta.sha256`.
+        """
+        digest = hashlib.sha256(artifact).hexdigest()
+        if digest != meta.sha256:
+            raise KernelRejected(f"artifact sha256 {digest} does not match metadata {meta.sha256}")
+        path = self.path(digest)
+        if not _holds(path, digest):  # absent, or corrupt on disk: (re)write it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt2")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(artifact)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # make the rename itself durable
+            finally:
+                os.close(dir_fd)
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO kernels VALUES (?, ?)", (digest, meta.to_json()))
+            db.execute("INSERT OR IGNORE INTO recipes VALUES (?, ?)", (meta.recipe_key, digest))
+        return digest
+
+    def meta(self, sha: str) -> KernelMetadata:
+        """The indexed metadata of `sha`; KeyError if it is not in the store."""
+        self.path(sha)  # validates the digest
+        with self._db() as db:
+            row = db.execute("SELECT meta FROM kernels WHERE sha256 = ?", (sha,)).fetchone()
+        if row is None:
+            raise KeyError(f"kernel {sha} is not in the store at {self.root}")
+        return KernelMetadata.from_json(row[0])
+
+    def get(self, sha: str) -> tuple[bytes, KernelMetadata]:
+        """The artifact bytes and metadata of `sha`, checksum re-verified on every read.
+
+        KeyError if `sha` is not indexed; KernelRejected naming the sha and path if the file is
+        missing or its bytes no longer hash to `sha` (corruption on disk).
+        """
+        meta = self.meta(sha)
+        path = self.path(sha)
+        try:
+            artifact = path.read_bytes()
+        except FileNotFoundError:
+            raise KernelRejected(f"kernel {sha}: indexed but its file {path} is missing") from None
+        digest = hashlib.sha256(artifact).hexdigest()
+        if digest != sha:
+            raise KernelRejected(f"kernel {sha}: file {path} is corrupt (its sha256 is {digest})")
+        return artifact, meta
+
+    def find(self, recipe_key: str) -> KernelMetadata | None:
+        """Metadata of the artifact compiled from `recipe_key`, or None if there is none."""
+        with self._db() as db:
+            row = db.execute(
+                "SELECT k.meta FROM recipes r JOIN kernels k ON k.sha256 = r.sha256 "
+                "WHERE r.recipe_key = ?",
+                (recipe_key,),
+            ).fetchone()
+        return None if row is None else KernelMetadata.from_json(row[0])
+
+    def shas(self) -> list[str]:
+        with self._db() as db:
+            return [row[0] for row in db.execute("SELECT sha256 FROM kernels ORDER BY sha256")]
+
+    def __contains__(self, sha: object) -> bool:
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            return False
+        with self._db() as db:
+            row = db.execute("SELECT 1 FROM kernels WHERE sha256 = ?", (sha,)).fetchone()
+        return row is not None
+
+    def __len__(self) -> int:
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM kernels").fetchone()[0]
+
+    def __repr__(self) -> str:
+        return f"KernelStore({str(self.root)!r})"

@@ -1,0 +1,315 @@
+"""Tamiyo: the graph policy's action layout and masking, checkpoints, and that PPO learns."""
+
+from __future__ import annotations
+
+import functools
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Categorical
+
+from agents.tamiyo import (
+    MASKED,
+    PPOConfig,
+    TamiyoPolicy,
+    load_checkpoint,
+    obs_to_batch,
+    save_checkpoint,
+    train,
+)
+from esper_gym.actions import ActionLayout
+from esper_gym.observation import GraphSpec, observation_space, to_pyg
+
+torch.set_num_threads(1)
+
+LAYOUT = ActionLayout(max_nodes=8, slots=2, blueprints=3)  # per_node = 10, A = 81
+SPEC = GraphSpec(max_nodes=8, slots=2)
+
+
+def make_obs(n_nodes: int, seed: int, spec=SPEC, layout=LAYOUT, valid: float = 0.5) -> dict:
+    """A sampled observation made consistent: a prefix of real nodes, a chain of real edges, a
+    mask with WAIT and a random share of the real nodes' actions valid."""
+    space = observation_space(spec, layout.size)
+    space.seed(seed)
+    rng = np.random.default_rng(seed)
+    obs = space.sample()
+    obs["nodes"] = rng.normal(size=obs["nodes"].shape).astype(np.float32)
+    obs["nodes"][n_nodes:] = 0
+    obs["globals"] = rng.normal(size=obs["globals"].shape).astype(np.float32)
+    obs["node_mask"][:] = 0
+    obs["node_mask"][:n_nodes] = 1
+    obs["edges"][:] = 0
+    obs["edge_attr"][:] = 0
+    for i in range(n_nodes - 1):
+        obs["edges"][i] = (i, i + 1)
+        obs["edge_attr"][i] = (1.0, rng.random())
+    mask = np.zeros(layout.size, np.int8)
+    mask[0] = 1
+    real = 1 + n_nodes * layout.per_node
+    mask[1:real] = rng.random(real - 1) < valid
+    obs["action_mask"] = mask
+    return obs
+
+
+def stack(observations: list[dict]) -> dict:
+    return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+
+
+def policy_for(spec=SPEC, layout=LAYOUT, **kw) -> TamiyoPolicy:
+    torch.manual_seed(0)
+    return TamiyoPolicy.for_space(observation_space(spec, layout.size), **kw).eval()
+
+
+# --- observation -> batch ----------------------------------------------------------------------
+
+
+def test_obs_to_batch_matches_to_pyg_for_numpy_and_sb3_float_tensors():
+    obs = stack([make_obs(n, seed=n) for n in (1, 3, 8, 5)])
+    reference = to_pyg(obs)
+    as_sb3 = {k: torch.as_tensor(v).float() for k, v in obs.items()}  # SB3 hands over float32
+    for batch in (obs_to_batch(obs), obs_to_batch(as_sb3)):
+        assert batch.num_graphs == reference.num_graphs == 4
+        for key in ("x", "edge_index", "edge_attr", "u", "node_pos", "action_mask", "batch"):
+            assert torch.equal(getattr(batch, key), getattr(reference, key)), key
+    assert obs_to_batch(make_obs(1, seed=0)).edge_index.shape == (2, 0)
+
+
+# --- the policy's output -----------------------------------------------------------------------
+
+
+def test_masked_actions_have_probability_exactly_zero():
+    policy = policy_for()
+    obs = stack([make_obs(n, seed=10 + n, valid=0.3) for n in (2, 5, 8)])
+    logits, _ = policy(obs_to_batch(obs))
+    mask = torch.as_tensor(obs["action_mask"]).bool()
+    probs = torch.softmax(logits, dim=1)
+    assert torch.all(probs[~mask] == 0.0)
+    assert torch.all(probs[mask] > 0.0)
+    assert torch.allclose(probs.sum(1), torch.ones(3))
+    dist = Categorical(logits=logits)
+    samples = dist.sample((10_000,))  # [10000, 3]
+    taken = mask.gather(1, samples.T)
+    assert taken.all()
+    assert torch.isfinite(dist.entropy()).all() and torch.isfinite(dist.log_prob(samples)).all()
+
+
+def test_each_nodes_logits_land_in_its_block_and_padding_is_masked():
+    """Hand-set heads: the node head outputs the constant vector `b`, WAIT outputs 7. Then
+    every real node's block is `b` and every padded block is MASKED, whatever the node count."""
+    policy = policy_for()
+    per_node = LAYOUT.per_node
+    b = torch.arange(per_node, dtype=torch.float32) + 1.0
+    with torch.no_grad():
+        policy.node_head[-1].weight.zero_()
+        policy.node_head[-1].bias.copy_(b)
+        policy.wait_head[-1].weight.zero_()
+        policy.wait_head[-1].bias.fill_(7.0)
+    counts = (1, 3, 8)
+    obs = stack([make_obs(n, seed=n, valid=1.0) for n in counts])
+    logits, _ = policy(obs_to_batch(obs))
+    assert logits.shape == (3, LAYOUT.size)
+    for g, n in enumerate(counts):
+        assert logits[g, 0] == 7.0
+        blocks = logits[g, 1:].view(LAYOUT.max_nodes, per_node)
+        assert torch.equal(blocks[:n], b.expand(n, per_node))
+        assert torch.all(blocks[n:] == MASKED)
+
+
+def test_scatter_matches_a_per_node_loop():
+    policy = policy_for()
+    counts = (2, 8, 4)
+    obs = stack([make_obs(n, seed=20 + n, valid=1.0) for n in counts])
+    batch = obs_to_batch(obs)
+    with torch.no_grad():
+        logits, _ = policy(batch)
+        h, ctx = policy.encoder(batch)
+        start = 0
+        for g, n in enumerate(counts):
+            for p in range(n):
+                expected = policy.node_head(torch.cat([h[start + p], ctx[g]]))
+                cols = slice(1 + p * LAYOUT.per_node, 1 + (p + 1) * LAYOUT.per_node)
+                torch.testing.assert_close(logits[g, cols], expected)
+            start += n
+            assert torch.isclose(logits[g, 0], policy.wait_head(ctx[g])[0])
+
+
+def test_a_graph_alone_or_inside_a_mixed_batch_gets_the_same_output():
+    policy = policy_for()
+    observations = [make_obs(n, seed=30 + n) for n in (1, 6, 3, 8, 2)]
+    logits, values = policy(obs_to_batch(stack(observations)))
+    for g, obs in enumerate(observations):
+        alone_logits, alone_value = policy(obs_to_batch(obs))
+        torch.testing.assert_close(alone_logits[0], logits[g], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(alone_value[0], values[g], rtol=1e-5, atol=1e-5)
+    # Reordering the graphs of a batch reorders the outputs, nothing else.
+    order = [3, 0, 4, 1, 2]
+    logits2, values2 = policy(obs_to_batch(stack([observations[i] for i in order])))
+    torch.testing.assert_close(logits2, logits[order], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values2, values[order], rtol=1e-5, atol=1e-5)
+
+
+def test_a_policy_runs_on_a_host_with_a_different_max_nodes():
+    """Trained with max_nodes=8, applied where max_nodes=4 (same slots and blueprints): the
+    same 3-layer graph gets the same logits in the columns both layouts share."""
+    policy = policy_for()
+    small_layout, small_spec = ActionLayout(4, 2, 3), GraphSpec(4, 2)
+    big = make_obs(3, seed=40, valid=1.0)
+    small = make_obs(3, seed=40, spec=small_spec, layout=small_layout, valid=1.0)
+    for key in ("nodes", "edges", "edge_attr", "node_mask"):
+        small[key] = big[key][: small[key].shape[0]]
+    small["globals"] = big["globals"]
+    logits_big, value_big = policy(obs_to_batch(big))
+    logits_small, value_small = policy(obs_to_batch(small))
+    assert logits_small.shape == (1, small_layout.size)
+    shared = 1 + 3 * LAYOUT.per_node
+    torch.testing.assert_close(logits_small[0, :shared], logits_big[0, :shared])
+    torch.testing.assert_close(value_small, value_big)
+
+
+def test_act_is_greedy_in_eval_and_samples_only_valid_actions():
+    policy = policy_for(dropout=0.5).train()
+    obs = make_obs(4, seed=50, valid=0.3)
+    logits, _ = policy.eval()(obs_to_batch(obs))
+    policy.train()
+    assert policy.act(obs) == int(logits.argmax())
+    assert policy.training  # act leaves the mode as it found it
+    valid = set(np.flatnonzero(obs["action_mask"]).tolist())
+    assert {policy.act(obs, greedy=False) for _ in range(200)} <= valid
+
+
+def test_mc_dropout_uncertainty_is_zero_without_dropout_and_positive_with_it():
+    obs = obs_to_batch(stack([make_obs(n, seed=60 + n) for n in (2, 7)]))
+    none = policy_for(dropout=0.0).uncertainty(obs, samples=4)
+    some = policy_for(dropout=0.3).uncertainty(obs, samples=4)
+    assert none["value_std"].shape == (2,) and torch.all(none["value_std"] < 1e-6)
+    assert torch.all(some["value_std"] > 0)
+    assert torch.all(some["entropy"] > 0)
+
+
+def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path):
+    policy = policy_for()
+    with torch.no_grad():  # non-default return statistics must survive too
+        policy.ret_mean.fill_(2.5)
+        policy.ret_var.fill_(4.0)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    save_checkpoint(tmp_path / "ck.pt", policy, optimizer, 1234, PPOConfig(seed=3))
+    ckpt = load_checkpoint(tmp_path / "ck.pt")
+    assert ckpt.global_step == 1234 and ckpt.config["seed"] == 3
+    batch = obs_to_batch(stack([make_obs(n, seed=70 + n) for n in (3, 8)]))
+    expected, loaded = policy(batch), ckpt.policy.eval()(batch)
+    assert torch.equal(expected[0], loaded[0]) and torch.equal(expected[1], loaded[1])
+
+
+# --- PPO ---------------------------------------------------------------------------------------
+
+
+class GraphBandit(gym.Env):
+    """One-step episodes on a random 2..4-node graph: reward 1 for GERMINATE (blueprint 0, slot
+    0) on the node whose feature 0 is largest, 0 otherwise. Every real node's actions and WAIT
+    are valid, so a uniform policy finds the reward with probability 1/(1 + 3n)."""
+
+    layout = ActionLayout(max_nodes=4, slots=1, blueprints=1)
+    spec = GraphSpec(max_nodes=4, slots=1)
+
+    def __init__(self):
+        self.observation_space = observation_space(self.spec, self.layout.size)
+        self.action_space = gym.spaces.Discrete(self.layout.size)
+
+    def target(self, obs) -> int:
+        n = int(obs["node_mask"].sum())
+        return 1 + int(np.argmax(obs["nodes"][:n, 0])) * self.layout.per_node
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        n = int(self.np_random.integers(2, 5))
+        seed = int(self.np_random.integers(2**31))
+        self.obs = make_obs(n, seed, self.spec, self.layout, valid=1.0)
+        return self.obs, {}
+
+    def step(self, action):
+        reward = float(int(action) == self.target(self.obs))
+        return self.obs, reward, True, False, {}
+
+
+def bandit_config(**kw) -> PPOConfig:
+    defaults = dict(
+        total_steps=3072, num_envs=8, rollout_steps=16, minibatches=4, update_epochs=4,
+        lr=3e-3, hidden=32, layers=2, dropout=0.0, ent_coef=0.0, gamma=0.0, seed=0,
+        uncertainty_samples=2,
+    )
+    return PPOConfig(**{**defaults, **kw})
+
+
+def target_probability(policy: TamiyoPolicy, seeds=range(100, 132)) -> float:
+    env = GraphBandit()
+    probs = []
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        logits, _ = policy.eval()(obs_to_batch(obs))
+        probs.append(torch.softmax(logits, 1)[0, env.target(obs)].item())
+    return float(np.mean(probs))
+
+
+def test_ppo_update_raises_the_probability_of_the_rewarded_action():
+    before = target_probability(TamiyoPolicy.for_space(GraphBandit().observation_space, hidden=32,
+                                                       layers=2, dropout=0.0))
+    logs = []
+    policy = train(bandit_config(), GraphBandit, log=lambda m, s: logs.append((s, m)))
+    after = target_probability(policy)
+    assert before < 0.15  # about uniform over the 3n + 1 valid actions
+    assert after > 0.6, (before, after)
+    returns = [m["charts/episodic_return"] for _, m in logs]
+    assert np.mean(returns[-3:]) > np.mean(returns[:3]) + 0.3
+
+
+def test_resume_continues_global_step_optimizer_and_schedule(tmp_path):
+    path = tmp_path / "run.pt"
+    first, resumed = [], []
+    cfg = bandit_config(total_steps=256, checkpoint_every=1)  # 2 updates of 128 steps
+    train(cfg, GraphBandit, log=lambda m, s: first.append((s, m)), checkpoint_path=path)
+    saved = load_checkpoint(path)
+    assert [s for s, _ in first] == [128, 256] and saved.global_step == 256
+    adam_steps = next(iter(saved.optimizer_state["state"].values()))["step"].item()
+    assert adam_steps == 2 * cfg.update_epochs * cfg.minibatches
+
+    cfg_longer = bandit_config(total_steps=512, checkpoint_every=1)
+    train(cfg_longer, GraphBandit, log=lambda m, s: resumed.append((s, m)),
+          checkpoint_path=path, resume_from=path)
+    assert [s for s, _ in resumed] == [384, 512]
+    # The learning-rate schedule picks up at update 3 of 4, not at update 1.
+    assert resumed[0][1]["charts/lr"] == pytest.approx(cfg.lr * (1 - 2 / 4))
+    after = load_checkpoint(path)
+    adam_steps = next(iter(after.optimizer_state["state"].values()))["step"].item()
+    assert after.global_step == 512 and adam_steps == 4 * cfg.update_epochs * cfg.minibatches
+
+
+# --- the real environment ----------------------------------------------------------------------
+
+SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, val_size=256)
+LOGGED = (
+    "losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_frac",
+    "losses/explained_variance", "actions/wait", "actions/germinate", "actions/advance",
+    "actions/cull", "charts/steps_per_s", "charts/lr", "charts/episodes",
+    "charts/episodic_return", "charts/episodic_length", "uncertainty/value_std",
+    "uncertainty/entropy",
+)
+
+
+def test_train_on_spirals_logs_every_metric(tmp_path):
+    import esper_gym  # noqa: F401  (registers the ids)
+
+    make_env = functools.partial(gym.make, "Esper/Spirals-v0", kernel_dir=tmp_path / "kernels",
+                                 **SMALL_SPIRALS)
+    logs = []
+    cfg = PPOConfig(total_steps=192, num_envs=2, rollout_steps=32, update_epochs=2, seed=0)
+    train(cfg, make_env, log=lambda m, s: logs.append((s, m)), checkpoint_path=tmp_path / "t.pt")
+    assert [s for s, _ in logs] == [64, 128, 192]
+    for _, metrics in logs:
+        assert set(LOGGED) <= set(metrics), set(LOGGED) - set(metrics)
+        kinds = sum(metrics[f"actions/{k}"] for k in ("wait", "germinate", "advance", "cull"))
+        assert kinds == 64
+        assert metrics["charts/episodes"] > 0  # 7-step episodes end within every rollout
+        assert all(np.isfinite(v) for v in metrics.values())
+    assert load_checkpoint(tmp_path / "t.pt").global_step == 192
