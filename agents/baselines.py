@@ -58,10 +58,10 @@ class HeuristicAgent:
     2. move seeds on: GERMINATED -> TRAINING at once; TRAINING -> BLENDING once it is
        `train_age` old (a fraction of the training budget); PROBATION -> FOSSILIZED when its
        contribution is not negative;
-    3. when validation accuracy has not improved for `patience` steps (a plateau), no seed is
-       in progress and the run is not in its last `late` fraction, germinate in the layer with
-       the worst health (most dead units; earlier layers first on ties), using the first
-       blueprint of `preference` that the mask allows;
+    3. on a validation plateau (no new best for `patience` steps, or the last step gained less
+       than `min_gain`), when no seed is in progress and the run is not in its last `late`
+       fraction, germinate in the layer with the worst health (most dead units; earlier layers
+       first on ties), using the first blueprint of `preference` that the mask allows;
     4. otherwise WAIT.
     """
 
@@ -71,7 +71,8 @@ class HeuristicAgent:
         action_space: spaces.Discrete,
         blueprints: tuple[str, ...] | None = None,
         preference: tuple[str, ...] = ("residual_mlp", "conv3x3", "bottleneck", "low_rank"),
-        patience: int = 1,
+        patience: int = 2,
+        min_gain: float = 0.005,
         train_age: float = 0.05,
         cull_below: float = 0.01,
         late: float = 0.7,
@@ -82,7 +83,7 @@ class HeuristicAgent:
         self.blueprints = tuple(blueprints or DEFAULT_LIBRARY)[: self.layout.blueprints]
         order = [self.blueprints.index(p) for p in preference if p in self.blueprints]
         self.order = order + [b for b in range(len(self.blueprints)) if b not in order]
-        self.patience, self.train_age = patience, train_age
+        self.patience, self.min_gain, self.train_age = patience, min_gain, train_age
         self.cull_below, self.late = cull_below, late
 
     def _slot(self, node: np.ndarray, s: int) -> tuple[SeedState, float, float]:
@@ -114,7 +115,9 @@ class HeuristicAgent:
                     return advance
                 if state == SeedState.PROBATION and contribution >= 0 and mask[advance]:
                     return advance
-        plateau = glob[G["plateau"]] * 10.0 >= self.patience
+        gain = glob[G["acc_delta"]] / 10.0
+        started = glob[G["progress"]] > 0
+        plateau = glob[G["plateau"]] * 10.0 >= self.patience or (started and gain < self.min_gain)
         if plateau and not in_progress and glob[G["progress"]] < self.late:
             candidates = sorted(
                 range(n_nodes), key=lambda n: (-float(nodes[n][N["dead_ratio"]]), n)

@@ -24,14 +24,22 @@ def mlp(
     slots: int,
     config: SeedConfig,
     hidden: Sequence[int] = (16, 16),
+    activation: str = "relu",
 ) -> nn.Sequential:
-    """Flatten -> [Linear -> ReLU] * len(hidden) -> Linear, every Linear a KasminaLayer."""
+    """Flatten -> [Linear -> act] * len(hidden) -> Linear, every Linear a KasminaLayer.
+
+    `activation="none"` gives a linear host (a rank-limited linear classifier): all its
+    nonlinearity must come from growth.
+    """
+    acts = {"relu": nn.ReLU, "none": None}
+    if activation not in acts:
+        raise ValueError(f"activation={activation!r}; allowed: {', '.join(acts)}")
     widths = [math.prod(input_shape), *hidden, num_classes]
     modules: list[nn.Module] = [nn.Flatten()]
     for i, (a, b) in enumerate(itertools.pairwise(widths)):
         modules.append(KasminaLayer(nn.Linear(a, b), slots, f"fc{i}", config))
-        if i < len(widths) - 2:
-            modules.append(nn.ReLU())
+        if i < len(widths) - 2 and acts[activation] is not None:
+            modules.append(acts[activation]())
     return nn.Sequential(*modules)
 
 
@@ -41,17 +49,24 @@ def cnn(
     slots: int,
     config: SeedConfig,
     channels: Sequence[int] = (8, 16),
+    downsample: str = "stride",
 ) -> nn.Sequential:
-    """[Conv3x3 -> ReLU -> MaxPool2] * len(channels) -> Flatten -> Linear."""
+    """[Conv3x3 -> ReLU, halving the resolution] * len(channels) -> Flatten -> Linear.
+
+    `downsample="stride"` (stride-2 convolutions) puts every slot at the reduced resolution,
+    so conv kernels cost 4x less than after a full-resolution conv + `"pool"` (MaxPool2).
+    """
+    if downsample not in ("stride", "pool"):
+        raise ValueError(f"downsample={downsample!r}; allowed: stride, pool")
     c, h, w = input_shape
     modules: list[nn.Module] = []
     for i, out in enumerate(channels):
-        modules += [
-            KasminaLayer(nn.Conv2d(c, out, 3, padding=1), slots, f"conv{i}", config),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        ]
-        c, h, w = out, h // 2, w // 2
+        stride = 2 if downsample == "stride" else 1
+        conv = nn.Conv2d(c, out, 3, stride=stride, padding=1)
+        modules += [KasminaLayer(conv, slots, f"conv{i}", config), nn.ReLU()]
+        if downsample == "pool":
+            modules.append(nn.MaxPool2d(2))
+        c, h, w = out, (h + 1) // 2, (w + 1) // 2
     modules += [
         nn.Flatten(),
         KasminaLayer(nn.Linear(c * h * w, num_classes), slots, "fc", config),
@@ -92,6 +107,19 @@ def build_host(
     for layer in layers:
         layer.record = False
     return model
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every KasminaLayer replaced by its host layer: the same network, never
+    grown, with no Kasmina code in its forward (the baseline of the overhead benchmarks)."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    for parent in plain.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, KasminaLayer):
+                setattr(parent, name, child.host)
+    return plain
 
 
 def edge_numels(model: nn.Module) -> list[int]:

@@ -12,17 +12,15 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from esper_gym.hosts import build_host
-from esper_gym.kasmina import KasminaLayer, SeedConfig
+from esper_gym.hosts import build_host, plain_copy
+from esper_gym.kasmina import SeedConfig
 from esper_gym.kernels import (
     BLUEPRINTS,
     DEFAULT_LIBRARY,
@@ -34,15 +32,6 @@ from esper_gym.kernels import (
     load_artifact,
     load_or_compile,
 )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The same host with every KasminaLayer replaced by its plain host layer."""
-    plain = copy.deepcopy(model)
-    for name, module in list(plain.named_children()):
-        if isinstance(module, KasminaLayer):
-            setattr(plain, name, module.host)
-    return plain
 
 
 def step_time(model, opt, x, y, steps: int) -> float:
@@ -58,7 +47,7 @@ def step_time(model, opt, x, y, steps: int) -> float:
 def overhead(name, host, kwargs, input_shape, classes, batch, blocks, steps) -> None:
     torch.manual_seed(0)
     wrapped = build_host(host, input_shape, classes, 2, SeedConfig(), **kwargs)
-    plain = unwrap(wrapped)
+    plain = plain_copy(wrapped)
     x, y = torch.randn(batch, *input_shape), torch.randint(0, classes, (batch,))
     opts = {m: torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in (wrapped, plain)}
     for m in (wrapped, plain):  # warm-up

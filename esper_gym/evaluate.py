@@ -1,0 +1,717 @@
+"""The benchmark suite: agents x tasks x seeds -> a tidy CSV, an IQM table with CIs, figures.
+
+```bash
+python -m esper_gym.evaluate                                   # baselines, spirals + fashion_mnist, 5 seeds
+python -m esper_gym.evaluate agents=[tamiyo,heuristic,random,noop] checkpoints.tamiyo=outputs/<run>
+python -m esper_gym.evaluate tasks=[spirals] seeds=2 task_overrides.spirals.max_epochs=4
+python -m esper_gym.evaluate tasks=[spirals,spirals_deep] ...  # a variant: another host graph
+python -m esper_gym.evaluate -m reward.weights.param_cost=0,0.2,1  # writes result.json per job
+```
+
+What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
+1. Builds one job per (agent, task, seed): seeds `first_seed + i`, the held-out seeds of
+   `esper_gym.train`'s evaluation (disjoint from its training seeds), the same for every agent.
+   An agent is a baseline name (`agents.baselines.make_agent`; `random` is seeded with the
+   episode seed) or any name with a Tamiyo checkpoint in `checkpoints` (a `checkpoint.pt` or
+   the train run dir holding it), acting greedily. A task is a registered task name or a
+   `variants` entry (`{task: <registered>, <Task field>: value, ...}`, e.g. `spirals_deep`:
+   spirals on a 3-hidden-layer host); `task_overrides.<name>.<field>` replaces Task fields.
+2. Runs the jobs in a process pool of `n_jobs` spawned workers (1: in this process), each
+   episode exactly reproducible from its seed: the numbers do not depend on `n_jobs`.
+3. Writes to `out_dir`: `episodes.csv` (one row per episode, columns `CSV_COLUMNS` then
+   `reward/<component>` summed over the episode), `events.jsonl` (every seed-lifecycle event of
+   every episode, tagged with agent/task/seed), `summary.csv` (per task and agent: IQM and 95%
+   stratified-bootstrap CI of each metric, and whether its interval overlaps the best agent's),
+   `results.md` (the Markdown table), `pareto.png`, `lifecycle.png` (one episode's seed
+   timeline), `learning_curves.png` / `reward_sweep.png` when their inputs are given, and
+   `result.json` (config, summary rows, file names: what a multirun sweep plot reads).
+4. With `logger=wandb`, logs every episode, the IQMs, the table and the figures to W&B.
+
+A checkpoint is only usable on a task whose spaces match those it was trained on (same
+`max_nodes`, `seed_slots` and blueprint library; the host itself may differ: that is the
+zero-shot transfer of experiments/transfer.py); a mismatch is refused before any episode runs.
+
+Hydra is imported only inside `main`, so the plain functions here (and the pool's workers) do
+not pay for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from esper_gym import plots, stats
+from esper_gym.actions import WAIT, Action
+from esper_gym.tasks import TASKS, Task, get_task
+
+# One row per episode, in this order; then one `reward/<component>` column per component.
+CSV_COLUMNS = (
+    "agent",
+    "task",
+    "base_task",
+    "seed",
+    "val_acc",
+    "test_acc",
+    "params",
+    "host_params",
+    "params_added",
+    "return",
+    "length",
+    "faults",
+    "invalid_actions",
+    "interventions",
+    "diverged",
+    "wall_s",
+    "n_layers",
+    "layers",
+    "seed_slots",
+    "decision_interval",
+    "budget_steps",
+    "checkpoint",
+)
+WAIT_NAME = Action(WAIT).describe()  # what info["action"] says for a WAIT
+# Metrics of the summary table: per (task, agent), IQM and CI of each.
+SUMMARY_METRICS = ("test_acc", "val_acc", "params_added", "return", "faults", "wall_s")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as evaluated: `label` in the tables, a registered `base` task and Task field
+    `overrides` (a variant such as a deeper host, or a smaller budget)."""
+
+    label: str
+    base: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Task:
+        return get_task(self.base, **dict(self.overrides))
+
+
+def resolve_tasks(
+    names: Sequence[str],
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    common: Mapping[str, Any] | None = None,
+) -> list[TaskSpec]:
+    """TaskSpecs for `names`: each a registered task or a key of `variants` (whose `task` entry
+    names the registered base and whose other entries are Task fields). `common` (e.g. device,
+    blueprint library) applies to every task, then the variant's fields, then `overrides[name]`;
+    None values mean "keep the registered value". Every spec is built once here, so an unknown
+    task or a bad field fails before any episode."""
+    variants, overrides = dict(variants or {}), dict(overrides or {})
+    specs = []
+    for name in names:
+        fields = dict(common or {})
+        if name in variants:
+            variant = dict(variants[name])
+            base = variant.pop("task", None)
+            if base not in TASKS:
+                raise ValueError(
+                    f"variant {name!r}: task={base!r} is not a registered task; "
+                    f"known: {', '.join(TASKS)}"
+                )
+            fields |= variant
+        elif name in TASKS:
+            base = name
+        else:
+            known = [*TASKS, *variants]
+            raise ValueError(f"unknown task {name!r}; known: {', '.join(known)}")
+        fields |= dict(overrides.get(name) or {})
+        fields = {k: _tuples(v) for k, v in fields.items() if v is not None}
+        spec = TaskSpec(name, base, fields)
+        spec.build()
+        specs.append(spec)
+    return specs
+
+
+def _tuples(value: Any) -> Any:
+    """Lists from a config become tuples (Task fields such as blueprints, hidden are tuples)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Job:
+    """One episode to play: `agent` on `task` from `seed`."""
+
+    agent: str
+    task: TaskSpec
+    seed: int
+    checkpoint: str | None = None  # a Tamiyo checkpoint; None: `agent` is a baseline
+    reward_weights: Mapping[str, float] | None = None
+    kernel_dir: str | None = None
+    greedy: bool = True
+    threads: int | None = 1
+
+
+def make_jobs(
+    agents: Sequence[str],
+    tasks: Sequence[TaskSpec],
+    seeds: int | Sequence[int],
+    checkpoints: Mapping[str, str | None] | None = None,
+    first_seed: int = 1_000_000,
+    **job_kwargs: Any,
+) -> list[Job]:
+    """Every (agent, task, seed) job; `seeds` is a count (seeds `first_seed + i`) or a list.
+    A name with a checkpoint is a Tamiyo policy; any other name must be a baseline."""
+    from agents.baselines import AGENTS
+
+    checkpoints = {k: v for k, v in (checkpoints or {}).items() if v}
+    for agent in agents:
+        if agent not in checkpoints and agent not in AGENTS:
+            raise ValueError(
+                f"agent {agent!r} is not a baseline ({', '.join(AGENTS)}) and has no checkpoint "
+                f"(checkpoints.{agent}=<checkpoint.pt or train run dir>)"
+            )
+    seed_list = [first_seed + i for i in range(seeds)] if isinstance(seeds, int) else list(seeds)
+    ckpts = {a: str(checkpoint_file(checkpoints[a])) for a in agents if a in checkpoints}
+    return [
+        Job(agent, task, seed, ckpts.get(agent), **job_kwargs)
+        for task in tasks
+        for agent in agents
+        for seed in seed_list
+    ]
+
+
+def checkpoint_file(path: str | os.PathLike) -> pathlib.Path:
+    """A checkpoint file, or the `checkpoint.pt` in a train run dir."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no Tamiyo checkpoint at {p}")
+    return p
+
+
+# ------------------------------------------------------------------------ episodes
+
+
+def make_env(task: TaskSpec, reward_weights=None, kernel_dir=None):
+    """The env of a TaskSpec (MorphogeneticEnv; no TimeLimit: every task ends by its budget)."""
+    from esper_gym.env import MorphogeneticEnv
+
+    return MorphogeneticEnv(
+        task=task.build(), reward_weights=dict(reward_weights or {}) or None, kernel_dir=kernel_dir
+    )
+
+
+def check_compatible(policy, env) -> None:
+    """Refuse a Tamiyo policy whose input/output sizes do not fit `env`'s spaces."""
+    space = env.observation_space
+    max_nodes, node_dim = space["nodes"].shape
+    need = {
+        "node_dim": node_dim,
+        "global_dim": space["globals"].shape[0],
+        "edge_dim": space["edge_attr"].shape[1],
+        "per_node_actions": (env.action_space.n - 1) // max_nodes,
+    }
+    have = {k: policy.init_kwargs.get(k) for k in need}
+    if have != need:
+        diff = {k: (have[k], need[k]) for k in need if have[k] != need[k]}
+        raise ValueError(
+            f"checkpoint does not fit task {env.task.name!r}: (checkpoint, task) = {diff}; "
+            "seed_slots and the blueprint library must match those it was trained with"
+        )
+
+
+def load_policy(checkpoint: str | os.PathLike):
+    from agents.tamiyo import load_checkpoint
+
+    return load_checkpoint(checkpoint).policy.eval()
+
+
+def make_actor(job: Job, env):
+    """`act(obs, info) -> action` for the job's agent on `env`."""
+    if job.checkpoint:
+        policy = load_policy(job.checkpoint)
+        check_compatible(policy, env)
+        greedy = job.greedy
+        return lambda obs, info=None: policy.act(obs, greedy=greedy)
+    from agents.baselines import make_agent
+
+    kwargs = {"seed": job.seed} if job.agent == "random" else {}
+    return make_agent(job.agent, env, **kwargs).act
+
+
+def play_episode(env, act, seed: int) -> tuple[dict[str, Any], list[dict]]:
+    """One episode: (metrics, events). Metrics: return, length, final val/test accuracy, params,
+    host_params, params_added, faults, invalid actions, interventions (valid non-WAIT actions),
+    diverged, wall_s, n_layers, layers (names, ";"-joined), seed_slots, decision_interval,
+    budget_steps and `reward/<component>` summed.
+    Events: every `info["events"]` dict of the episode, in order."""
+    start = time.perf_counter()
+    obs, info = env.reset(seed=seed)
+    events = list(info["events"])
+    total, steps, invalid, faults, interventions = 0.0, 0, 0, 0, 0
+    components: dict[str, float] = {}
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(act(obs, info))
+        total += reward
+        steps += 1
+        invalid += int(info["invalid_action"])
+        faults += info["faults"]
+        interventions += int(info["action"] != WAIT_NAME and not info["invalid_action"])
+        events += info["events"]
+        for key, value in info["reward_components"].items():
+            components[key] = components.get(key, 0.0) + value
+        done = terminated or truncated
+    u = env.unwrapped
+    metrics = {
+        "val_acc": info["val_acc"],
+        "test_acc": info.get("test_acc", math.nan),
+        "params": info["params"],
+        "host_params": u.host_params,
+        "params_added": info["params_added"],
+        "return": total,
+        "length": steps,
+        "faults": faults,
+        "invalid_actions": invalid,
+        "interventions": interventions,
+        "diverged": bool(info["diverged"]),
+        "wall_s": time.perf_counter() - start,
+        "n_layers": len(u.layers),
+        "layers": ";".join(layer.name for layer in u.layers),
+        "seed_slots": u.task.seed_slots,
+        "decision_interval": u.task.decision_interval,
+        "budget_steps": u.budget,
+        **{f"reward/{k}": v for k, v in components.items()},
+    }
+    return metrics, events
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Play one job; returns {"row": CSV row, "events": [...]}. Runs in a pool worker."""
+    if job.threads is not None:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    env = make_env(job.task, job.reward_weights, job.kernel_dir)
+    act = make_actor(job, env)
+    metrics, events = play_episode(env, act, job.seed)
+    env.close()
+    row = {
+        "agent": job.agent,
+        "task": job.task.label,
+        "base_task": job.task.base,
+        "seed": job.seed,
+        "checkpoint": job.checkpoint or "",
+        **metrics,
+    }
+    tag = {"agent": job.agent, "task": job.task.label, "seed": job.seed}
+    return {"row": row, "events": [{**tag, **e} for e in events]}
+
+
+def run_jobs(jobs: Sequence[Job], n_jobs: int = 1, progress: bool = True) -> list[dict]:
+    """Results of `run_job` for every job, in the order of `jobs`.
+
+    n_jobs > 1: a pool of spawned worker processes (spawn, not fork: torch and fork do not
+    mix); each worker keeps its imports between jobs. Episodes are seeded, so the order in
+    which they finish changes nothing."""
+    if n_jobs <= 1 or len(jobs) <= 1:
+        results = []
+        for i, job in enumerate(jobs):
+            results.append(run_job(job))
+            if progress:
+                _report(i + 1, len(jobs), results[-1]["row"])
+        return results
+    out: list[dict | None] = [None] * len(jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(n_jobs, len(jobs)), mp_context=ctx) as pool:
+        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            out[futures[future]] = future.result()
+            if progress:
+                _report(done, len(jobs), out[futures[future]]["row"])
+    return out
+
+
+def _report(done: int, total: int, row: Mapping[str, Any]) -> None:
+    print(
+        f"[{done}/{total}] {row['task']:<16} {row['agent']:<12} seed {row['seed']:<8} "
+        f"test_acc {row['test_acc']:.4f}  +params {row['params_added']:<6} "
+        f"return {row['return']:+.3f}  {row['wall_s']:.1f}s",
+        flush=True,
+    )
+
+
+def episodes_frame(results: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The tidy episodes table: CSV_COLUMNS, then the reward components (sorted)."""
+    df = pd.DataFrame([r["row"] for r in results])
+    rewards = sorted(c for c in df.columns if c.startswith("reward/"))
+    return df[[*CSV_COLUMNS, *rewards]]
+
+
+# ---------------------------------------------------------------------------- run
+
+
+@dataclass
+class EvalResult:
+    episodes: pd.DataFrame
+    summary: pd.DataFrame
+    table: str
+    files: dict[str, str]
+
+
+def evaluate(
+    agents: Sequence[str],
+    tasks: Sequence[TaskSpec],
+    seeds: int | Sequence[int],
+    out_dir: str | os.PathLike,
+    *,
+    checkpoints: Mapping[str, str | None] | None = None,
+    first_seed: int = 1_000_000,
+    n_jobs: int = 1,
+    reward_weights: Mapping[str, float] | None = None,
+    kernel_dir: str | None = None,
+    greedy: bool = True,
+    threads: int | None = 1,
+    reps: int = 2000,
+    confidence: float = 0.95,
+    bootstrap_seed: int = 0,
+    rank_by: str = "test_acc",
+    make_plots: bool = True,
+    timeline: Mapping[str, Any] | None = None,
+    learning_curves: str | None = None,
+    sweep_dir: str | None = None,
+    sweep_param: str = "reward.weights.param_cost",
+    logger=None,
+    config: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Run every (agent, task, seed) episode and write the tables and figures to `out_dir`
+    (see the module docstring). `timeline` picks the episode of `lifecycle.png`
+    ({agent, task, seed}; default: the first agent that is not noop, first task, first seed).
+    `logger` (a RunLogger, already started) gets the episodes, IQMs, table and figures."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = make_jobs(
+        agents,
+        tasks,
+        seeds,
+        checkpoints,
+        first_seed,
+        reward_weights=dict(reward_weights or {}) or None,
+        kernel_dir=kernel_dir,
+        greedy=greedy,
+        threads=threads,
+    )
+    results = run_jobs(jobs, n_jobs, progress)
+    episodes = episodes_frame(results)
+    files = {"episodes": "episodes.csv", "events": "events.jsonl"}
+    episodes.to_csv(out / files["episodes"], index=False)
+    with open(out / files["events"], "w") as f:
+        for r in results:
+            for e in r["events"]:
+                f.write(json.dumps(e) + "\n")
+
+    summary = stats.summarize(episodes, SUMMARY_METRICS, rank_by, reps, confidence, bootstrap_seed)
+    table = stats.markdown_table(summary, rank_by=rank_by, confidence=confidence)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "results.md").write_text(table)
+    files |= {"summary": "summary.csv", "table": "results.md"}
+
+    figures: dict[str, pathlib.Path] = {}
+    if make_plots:
+        figures["pareto"] = plots.pareto(episodes, out / "pareto.png", reps=reps)
+        pick = pick_timeline(episodes, timeline)
+        if pick is not None:
+            figures["lifecycle"] = timeline_figure(results, pick, out / "lifecycle.png")
+        if learning_curves:
+            figures["learning_curves"] = plots.learning_curves(
+                learning_curves, out / "learning_curves.png"
+            )
+        if sweep_dir:
+            sweep = plots.load_sweep(sweep_dir, sweep_param)
+            figures["reward_sweep"] = plots.reward_sweep(
+                sweep, sweep_param, out / "reward_sweep.png"
+            )
+    files |= {name: p.name for name, p in figures.items()}
+
+    result = {
+        "config": dict(config or {}),
+        "files": files,
+        "episodes_csv": files["episodes"],
+        "summary": json.loads(summary.to_json(orient="records")),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    if logger is not None:
+        for row in episodes.to_dict("records"):
+            logger.log_episode(row, prefix=f"eval/{row['task']}/{row['agent']}")
+        logger.summary(
+            {
+                f"{r['task']}/{r['agent']}/{m}_iqm": r[f"{m}_iqm"]
+                for r in summary.to_dict("records")
+                for m in SUMMARY_METRICS
+            }
+        )
+        plots.log_figures(logger, figures, tables={"summary": summary, "episodes": episodes})
+    print(table)
+    return EvalResult(episodes, summary, table, files)
+
+
+def pick_timeline(
+    episodes: pd.DataFrame, choice: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The (agent, task, seed) of the lifecycle figure: `choice`'s set entries, the rest from
+    the first episode of an agent that is not noop (None if there is no such episode)."""
+    choice = {k: v for k, v in (choice or {}).items() if v is not None}
+    candidates = episodes
+    for key in ("agent", "task", "seed"):
+        if key in choice:
+            candidates = candidates[candidates[key] == choice[key]]
+    if "agent" not in choice:
+        growing = candidates[candidates["agent"] != "noop"]
+        candidates = growing if not growing.empty else candidates
+    if candidates.empty:
+        return None
+    first = candidates.iloc[0]
+    return {"agent": first["agent"], "task": first["task"], "seed": int(first["seed"])}
+
+
+def timeline_figure(results: Sequence[Mapping], pick: Mapping[str, Any], path) -> pathlib.Path:
+    """The lifecycle timeline of the episode `pick` among `results` (from `run_jobs`)."""
+    for r in results:
+        row = r["row"]
+        if (row["agent"], row["task"], int(row["seed"])) == (
+            pick["agent"],
+            pick["task"],
+            int(pick["seed"]),
+        ):
+            events = [
+                {k: e[k] for k in e if k not in ("agent", "task", "seed")} for e in r["events"]
+            ]
+            return plots.lifecycle_timeline(
+                events,
+                path,
+                total_steps=int(row["budget_steps"]),
+                decision_interval=int(row["decision_interval"]),
+                slots=episode_slots(row),
+                title=f"Seed lifecycle: {row['agent']} on {row['task']}, seed {row['seed']}",
+            )
+    raise KeyError(f"no episode {dict(pick)}")
+
+
+def episode_slots(row: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Every (layer, slot) of an episode's host, from its CSV row."""
+    return [
+        (name, s) for name in str(row["layers"]).split(";") for s in range(int(row["seed_slots"]))
+    ]
+
+
+def load_events(path: str | os.PathLike, agent: str, task: str, seed: int) -> list[dict]:
+    """The events of one episode from an `events.jsonl` written by `evaluate`."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            e = json.loads(line)
+            if (e["agent"], e["task"], int(e["seed"])) == (agent, task, int(seed)):
+                out.append({k: v for k, v in e.items() if k not in ("agent", "task", "seed")})
+    return out
+
+
+# --------------------------------------------------------------------------- Hydra
+
+
+def _schemas():
+    """The structured config of conf/evaluate.yaml (registered as `evaluate_schema`).
+
+    `task_overrides` has one node per registered task with every Task field (None: keep), so
+    `task_overrides.spirals.max_epochs=4` needs no `+` and a typo in a field name fails while
+    Hydra composes; `variants` entries have the same fields plus `task` (the registered base).
+    """
+    # make_dataclass, not class statements: this module has `from __future__ import
+    # annotations`, and OmegaConf cannot resolve string annotations of function-local classes.
+    from typing import Any as AnyT
+    from typing import Dict, List, Optional  # noqa: UP035 (OmegaConf reads typing generics)
+
+    from omegaconf import MISSING
+
+    from esper_gym.train import _mirror
+
+    def conf(name: str, *items) -> type:
+        return dataclasses.make_dataclass(name, [(n, t, field(default=d)) for n, t, d in items])
+
+    def sub(cls: type):
+        return field(default_factory=cls)
+
+    fields_conf = _mirror(Task, "TaskFieldsConf", head=[], exclude=("name",), all_optional=True)
+    variant_conf = _mirror(
+        Task,
+        "TaskVariantConf",
+        head=[("task", str, field(default=MISSING))],
+        exclude=("name",),
+        all_optional=True,
+    )
+    overrides_conf = dataclasses.make_dataclass(
+        "TaskOverridesConf", [(name, fields_conf, sub(fields_conf)) for name in TASKS]
+    )
+    bootstrap_conf = conf(
+        "BootstrapConf", ("reps", int, 2000), ("confidence", float, 0.95), ("seed", int, 0)
+    )
+    timeline_conf = conf(
+        "TimelineConf",
+        ("agent", Optional[str], None),  # noqa: UP045
+        ("task", Optional[str], None),  # noqa: UP045
+        ("seed", Optional[int], None),  # noqa: UP045
+    )
+    plots_conf = dataclasses.make_dataclass(
+        "PlotsConf",
+        [
+            ("enabled", bool, field(default=True)),
+            ("timeline", timeline_conf, sub(timeline_conf)),
+            ("learning_curves", Optional[str], field(default=None)),  # noqa: UP045
+            ("sweep_dir", Optional[str], field(default=None)),  # noqa: UP045
+            ("sweep_param", str, field(default="reward.weights.param_cost")),
+        ],
+    )
+    return dataclasses.make_dataclass(
+        "EvaluateConf",
+        [
+            ("agents", List[str], field(default_factory=lambda: ["heuristic", "random", "noop"])),  # noqa: UP006
+            ("tasks", List[str], field(default_factory=lambda: ["spirals", "fashion_mnist"])),  # noqa: UP006
+            ("seeds", int, field(default=5)),
+            ("first_seed", int, field(default=1_000_000)),
+            ("n_jobs", int, field(default=2)),
+            ("threads", Optional[int], field(default=1)),  # noqa: UP045
+            ("greedy", bool, field(default=True)),
+            ("checkpoints", Dict[str, Optional[str]], field(default_factory=dict)),  # noqa: UP006, UP045
+            ("task_overrides", overrides_conf, sub(overrides_conf)),
+            ("variants", Dict[str, variant_conf], field(default_factory=dict)),  # noqa: UP006
+            ("out_dir", Optional[str], field(default=None)),  # noqa: UP045
+            ("rank_by", str, field(default="test_acc")),
+            ("bootstrap", bootstrap_conf, sub(bootstrap_conf)),
+            ("plots", plots_conf, sub(plots_conf)),
+            *((group, AnyT, field(default=MISSING)) for group in GROUPS),
+        ],
+    )
+
+
+GROUPS = ("env", "reward", "blueprints", "logger")  # the groups shared with esper_gym.train
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from esper_gym.train import register_configs as register_groups
+
+    register_groups()  # the group schemas (env/, reward/, blueprints/, logger/)
+    ConfigStore.instance().store(name="evaluate_schema", node=_schemas())
+
+
+def run_from_config(cfg, run_dir: str | os.PathLike) -> EvalResult:
+    """`python -m esper_gym.evaluate`: the composed config -> `evaluate(...)`."""
+    from omegaconf import OmegaConf
+
+    from esper_gym.logger import make_logger
+    from esper_gym.train import build_reward_weights
+
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    common = {"device": cfg.env.device}
+    specs = resolve_tasks(plain["tasks"], plain["variants"], plain["task_overrides"], common)
+    if cfg.blueprints.names is not None or cfg.blueprints.add:
+        # blueprints/ sets the library of every task (null names: each task's own, plus `add`).
+        specs = [_with_library(s, cfg.blueprints.names, list(cfg.blueprints.add)) for s in specs]
+    weights = dataclasses.asdict(build_reward_weights(cfg))
+    out_dir = cfg.out_dir or run_dir
+    log = cfg.logger
+    logger = None
+    if log.kind != "none":
+        logger = make_logger(log.kind, progress=log.progress).init(
+            plain,
+            project=log.project,
+            group=log.group,
+            name=log.name,
+            mode=log.mode,
+            dir=log.dir or str(out_dir),
+            entity=log.entity,
+            tags=list(log.tags),
+        )
+    try:
+        return evaluate(
+            plain["agents"],
+            specs,
+            cfg.seeds,
+            out_dir,
+            checkpoints=plain["checkpoints"],
+            first_seed=cfg.first_seed,
+            n_jobs=cfg.n_jobs,
+            reward_weights=weights,
+            kernel_dir=cfg.env.kernel_dir,
+            greedy=cfg.greedy,
+            threads=cfg.threads,
+            reps=cfg.bootstrap.reps,
+            confidence=cfg.bootstrap.confidence,
+            bootstrap_seed=cfg.bootstrap.seed,
+            rank_by=cfg.rank_by,
+            make_plots=cfg.plots.enabled,
+            timeline=plain["plots"]["timeline"],
+            learning_curves=cfg.plots.learning_curves,
+            sweep_dir=cfg.plots.sweep_dir,
+            sweep_param=cfg.plots.sweep_param,
+            logger=logger,
+            config=plain,
+        )
+    finally:
+        if logger is not None:
+            logger.finish()
+
+
+def _with_library(spec: TaskSpec, names, add) -> TaskSpec:
+    """`spec` with the blueprint library `names` (None: its own) plus `add`."""
+    base = list(names) if names is not None else list(spec.build().blueprints)
+    library = tuple(dict.fromkeys([*base, *add]))
+    return dataclasses.replace(spec, overrides={**spec.overrides, "blueprints": library})
+
+
+def main() -> None:
+    """Hydra entry point (conf/evaluate.yaml); see the module docstring."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_configs()
+
+    @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+    def _main(cfg) -> float:
+        result = run_from_config(cfg, HydraConfig.get().runtime.output_dir)
+        # The objective a sweeper optimises: the first agent's IQM return over all its episodes.
+        first = result.episodes[result.episodes["agent"] == result.episodes["agent"].iloc[0]]
+        return float(stats.iqm(first["return"].to_numpy(dtype=float)))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "EvalResult",
+    "Job",
+    "TaskSpec",
+    "evaluate",
+    "load_events",
+    "make_jobs",
+    "play_episode",
+    "resolve_tasks",
+    "run_job",
+    "run_jobs",
+]

@@ -1,0 +1,644 @@
+"""Hydra entry point: train an agent on a task, evaluate it on held-out seeds, log everything.
+
+```bash
+python -m esper_gym.train                                     # spirals: Tamiyo, then vs baselines
+python -m esper_gym.train agent=heuristic logger=none         # a baseline: nothing to train
+python -m esper_gym.train +experiment=fashion_mnist           # a named experiment (conf/experiment)
+python -m esper_gym.train -m reward.weights.param_cost=0,0.05,0.2 seed=0,1,2   # a sweep
+python -m esper_gym.train resume=outputs/2025-01-01/12-00-00  # continue that run's training
+```
+
+A run (`run(cfg, run_dir)`), in order:
+1. `validate(cfg)` builds the Task, the RewardWeights and the agent's budget from the composed
+   config, so a bad value stops the run before any work with a message naming the key. (Wrong
+   types, unknown keys and unknown group options already fail while Hydra composes, against
+   the schemas registered below.)
+2. The logger starts (`logger=wandb`: a W&B run, offline unless `logger.mode=online`, grouped
+   `<task>-<agent>`) with the resolved config plus the resolved Task.
+3. An agent that learns (`agent.kind`: `tamiyo`, `sb3`) trains on `env.num_envs` copies of the
+   env (sync or async vectorised), episodes seeded from `seed`; its curves are logged against
+   the global env step and its checkpoint is written to the run dir. `resume=<checkpoint or run
+   dir>` continues that training from its saved global step (weights, optimizer, step count) up
+   to the budget of this config, and keeps logging to the same W&B run id. Baselines skip this.
+4. The agent, then every baseline named in `eval.compare`, plays `eval.episodes` episodes on the
+   held-out seeds `eval.first_seed + i`: the same seeds in every run (so the runs of a sweep are
+   compared on the same episodes), disjoint from the training seeds (`seed + k`, k < first_seed).
+   Each episode is logged (`eval/<agent>/...`: return, length, final val/test accuracy, params,
+   params added, faults, invalid actions, each reward component summed over the episode) and
+   the means go to the run summary.
+5. `results.json` (the episodes and their means) is written to the run dir, a table is printed,
+   and the agent's mean evaluation return is returned (the objective a Hydra sweeper optimises).
+
+Run dir (Hydra's `outputs/<date>/<time>`, `multirun/<date>/<time>/<job>` for `-m`):
+`.hydra/` (composed config, overrides), `results.json`, `run.json` (agent, W&B run id),
+`checkpoint.pt` (tamiyo) or `checkpoint.zip` (sb3), `wandb/offline-run-*` (logger=wandb).
+
+This is the only module (with `esper_gym.evaluate`) that imports hydra or omegaconf: everything
+it calls takes plain values.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import enum
+import functools
+import inspect
+import json
+import math
+import pathlib
+import shutil
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import hydra
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+import esper_gym
+from esper_gym.logger import make_logger
+from esper_gym.reward import RewardWeights
+from esper_gym.tasks import TASKS, Task, get_task
+
+# ---------------------------------------------------------------------------------------------
+# Schemas: what each config group may hold, with types Hydra checks while composing.
+# ---------------------------------------------------------------------------------------------
+
+
+def _conf_type(tp: Any) -> Any:
+    """The closest annotation OmegaConf can check for a dataclass field's type: tuples become
+    lists, mappings `dict[str, Any]`, a union keeps `str` if it has it (`str | Callable` is a
+    name in a config file) or its one other member, and anything else is `Any`."""
+    if tp in (int, float, str, bool):
+        return tp
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        inner = str if str in members else _conf_type(members[0]) if len(members) == 1 else Any
+        return inner | None if len(members) < len(args) else inner
+    if origin in (list, tuple, collections.abc.Sequence):
+        return list[_conf_type(args[0]) if args else Any]
+    if origin in (dict, collections.abc.Mapping):
+        return dict[str, Any]
+    return Any
+
+
+def _mirror(cls: type, name: str, *, head: list, exclude=(), all_optional=False) -> type:
+    """A schema dataclass with `head` fields, then every field of `cls` but `exclude` with its
+    type made checkable (`_conf_type`) and its default. `all_optional`: no defaults of `cls`,
+    every field `... | None = None` ("keep the registered value"), except that a mapping is
+    `Any = None`: OmegaConf can put a dict (`task.host_kwargs={hidden:[64,64]}`) into an
+    `Any` None node but not into a None `Dict` one. Generated, so a field added to `cls` is
+    configurable at once."""
+    hints = typing.get_type_hints(cls)
+    out = list(head)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        tp = _conf_type(hints[f.name])
+        if all_optional and tp == dict[str, Any]:
+            out.append((f.name, Any, field(default=None)))
+        elif all_optional:
+            out.append((f.name, tp | None, field(default=None)))
+        else:
+            out.append((f.name, tp, field(default=f.default)))
+    return dataclasses.make_dataclass(name, out)
+
+
+# task/: the registered task plus Task field overrides. `blueprints` comes from blueprints/ and
+# `device` from env/, so each has one place to be set.
+TaskConf = _mirror(
+    Task,
+    "TaskConf",
+    head=[("name", str, field(default=MISSING)), ("env_id", str, field(default=MISSING))],
+    exclude=("name", "blueprints", "device"),
+    all_optional=True,
+)
+
+RewardWeightsConf = _mirror(
+    RewardWeights,
+    "RewardWeightsConf",
+    head=[("_target_", str, field(default="esper_gym.reward.RewardWeights"))],
+)
+
+
+@dataclass
+class RewardConf:
+    weights: RewardWeightsConf = field(default_factory=RewardWeightsConf)
+
+
+@dataclass
+class BlueprintsConf:
+    """The blueprint library (the GERMINATE actions, in this order). `names: null` is the task's
+    own library (DEFAULT_LIBRARY; spirals_faulty adds FAULT_LIBRARY); `add` is appended."""
+
+    names: list[str] | None = None
+    add: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EnvConf:
+    kernel_dir: str | None = None  # None: $ESPER_KERNEL_DIR or ~/.cache/esper_gym/kernels
+    device: str = "cpu"
+    num_envs: int = 1
+    # sync: one process (gymnasium SyncVectorEnv, SB3 DummyVecEnv); async: one process per env
+    # (AsyncVectorEnv / SubprocVecEnv, spawn context)
+    vectorization: str = "sync"
+
+
+class AgentKind(enum.Enum):
+    baseline = "baseline"  # agents.baselines: no training
+    tamiyo = "tamiyo"  # agents.tamiyo.train (PPO over the model graph)
+    sb3 = "sb3"  # agents.sb3 factory -> model.learn
+
+
+@dataclass
+class PPOConf:
+    """agents.tamiyo.PPOConfig, less `seed`, `num_envs`, `async_envs` (from `seed` and env/).
+
+    Written out rather than generated: importing agents.tamiyo (torch_geometric) costs seconds
+    that a baseline run or a config check should not pay. tests/test_config.py checks that the
+    fields and defaults match PPOConfig's."""
+
+    _target_: str = "agents.tamiyo.PPOConfig"
+    total_steps: int = 20_000
+    rollout_steps: int = 64
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    clip_vloss: bool = True
+    ent_coef: float = 0.01
+    ent_floor: float = 0.0
+    ent_floor_coef: float = 0.1
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    lr: float = 3e-4
+    update_epochs: int = 4
+    minibatches: int = 4
+    target_kl: float | None = None
+    anneal_lr: bool = True
+    norm_adv: bool = True
+    norm_returns: bool = True
+    hidden: int = 64
+    layers: int = 3
+    dropout: float = 0.1
+    checkpoint_every: int = 10
+    uncertainty_samples: int = 8
+
+
+@dataclass
+class AgentConf:
+    """`build`: a `_target_` factory called with `env=` (baselines: agents.baselines.make_agent,
+    sb3: agents.sb3.make_ppo / make_maskable_ppo, with `_partial_: true`); `ppo`: Tamiyo's
+    PPOConfig; `total_timesteps`: the sb3 training budget."""
+
+    name: str = MISSING
+    kind: AgentKind = MISSING
+    build: Any = None
+    ppo: PPOConf | None = None
+    total_timesteps: int = 0
+
+
+@dataclass
+class LoggerConf:
+    kind: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "esper-gym"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    dir: str | None = None  # None: the Hydra run dir
+    tags: list[str] = field(default_factory=list)
+    progress: bool = True  # tqdm bar, shown only on a terminal
+
+
+@dataclass
+class EvalConf:
+    episodes: int = 5
+    first_seed: int = 1_000_000
+    compare: list[str] = field(default_factory=list)
+    greedy: bool = True  # learners act by argmax (False: sample)
+
+
+@dataclass
+class TrainConf:
+    """The top level of conf/config.yaml; the groups carry their own schemas."""
+
+    seed: int = 0
+    resume: str | None = None
+    threads: int | None = 1  # torch threads per process; None: torch's default
+    eval: EvalConf = field(default_factory=EvalConf)
+    env: Any = MISSING
+    task: Any = MISSING
+    agent: Any = MISSING
+    reward: Any = MISSING
+    blueprints: Any = MISSING
+    logger: Any = MISSING
+
+
+# Group schemas are `<group>/schema`: every option's defaults list starts with `- schema`, so an
+# option is checked whichever primary config (train's, evaluate's) composes it.
+GROUP_SCHEMAS = {
+    "env": EnvConf,
+    "task": TaskConf,
+    "agent": AgentConf,
+    "reward": RewardConf,
+    "blueprints": BlueprintsConf,
+    "logger": LoggerConf,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConf)
+    for group, node in GROUP_SCHEMAS.items():
+        cs.store(group=group, name="schema", node=node)
+
+
+register_configs()
+
+# ---------------------------------------------------------------------------------------------
+# Validation and building
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A composed config with a value that cannot run; the message names the key."""
+
+
+def _plain(node: Any) -> Any:
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
+
+
+def task_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The gym.make keyword arguments that replace Task fields: the set task.* fields, the
+    blueprint library and the device."""
+    registered = TASKS[cfg.task.name]
+    overrides = {}
+    for key, value in _plain(cfg.task).items():
+        if key in ("name", "env_id") or value is None:
+            continue
+        if isinstance(value, dict):  # *_kwargs: keys merged into the registered mapping
+            value = {**getattr(registered, key), **value}
+        overrides[key] = value
+    library = cfg.blueprints.names
+    if library is not None or cfg.blueprints.add:
+        base = list(library) if library is not None else list(registered.blueprints)
+        overrides["blueprints"] = tuple(dict.fromkeys([*base, *cfg.blueprints.add]))
+    overrides["device"] = cfg.env.device
+    return overrides
+
+
+def build_task(cfg: DictConfig) -> Task:
+    _check_task_name(cfg)
+    try:
+        return get_task(cfg.task.name, **task_overrides(cfg))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"task.*: {exc}") from exc
+
+
+def _check_task_name(cfg: DictConfig) -> None:
+    name, env_id = cfg.task.name, cfg.task.env_id
+    if name not in TASKS:
+        raise ConfigError(f"task.name={name!r} is not a registered task; known: {', '.join(TASKS)}")
+    if env_id not in esper_gym.ENV_IDS:
+        raise ConfigError(
+            f"task.env_id={env_id!r} is not registered; known: {', '.join(esper_gym.ENV_IDS)}"
+        )
+    if esper_gym.ENV_IDS[env_id][0] != name:
+        raise ConfigError(
+            f"task.env_id={env_id!r} runs task {esper_gym.ENV_IDS[env_id][0]!r}, "
+            f"not task.name={name!r}"
+        )
+
+
+def build_reward_weights(cfg: DictConfig) -> RewardWeights:
+    try:
+        return instantiate(cfg.reward.weights)
+    except Exception as exc:  # instantiate wraps the dataclass's own message
+        raise ConfigError(f"reward.weights: {exc.__cause__ or exc}") from exc
+
+
+def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
+    if value is None or isinstance(value, bool) or not (value >= 0 if allow_zero else value > 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} must be {bound}")
+
+
+def validate(cfg: DictConfig) -> Task:
+    """Everything that can be checked before any work; returns the resolved Task."""
+    task = build_task(cfg)
+    build_reward_weights(cfg)
+    _positive(cfg.env.num_envs, "env.num_envs")
+    if cfg.env.vectorization not in ("sync", "async"):
+        raise ConfigError(f"env.vectorization={cfg.env.vectorization!r}; allowed: sync, async")
+    _positive(cfg.eval.episodes, "eval.episodes", allow_zero=True)
+    if cfg.threads is not None:
+        _positive(cfg.threads, "threads")
+    from agents.baselines import AGENTS
+
+    unknown = [name for name in cfg.eval.compare if name not in AGENTS]
+    if unknown:
+        raise ConfigError(f"eval.compare: unknown baselines {unknown}; known: {', '.join(AGENTS)}")
+    kind = cfg.agent.kind
+    if kind == AgentKind.tamiyo:
+        if cfg.agent.ppo is None:
+            raise ConfigError("agent.kind=tamiyo needs agent.ppo (PPOConfig fields)")
+        for key in ("total_steps", "rollout_steps", "update_epochs", "minibatches", "lr"):
+            _positive(cfg.agent.ppo[key], f"agent.ppo.{key}")
+        for key in ("gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "dropout"):
+            _positive(cfg.agent.ppo[key], f"agent.ppo.{key}", allow_zero=True)
+    elif kind == AgentKind.sb3:
+        _positive(cfg.agent.total_timesteps, "agent.total_timesteps")
+    if kind != AgentKind.tamiyo and cfg.agent.build is None:
+        raise ConfigError(f"agent.kind={kind.value} needs agent.build (a _target_ factory)")
+    if cfg.resume is not None and kind == AgentKind.baseline:
+        raise ConfigError(f"resume={cfg.resume!r}: agent {cfg.agent.name!r} does not train")
+    if cfg.logger.kind not in ("wandb", "none"):
+        raise ConfigError(f"logger.kind={cfg.logger.kind!r}; allowed: wandb, none")
+    if cfg.logger.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.mode={cfg.logger.mode!r}; allowed: offline, online, disabled")
+    return task
+
+
+def make_env(env_id: str, threads: int | None = None, **kwargs: Any) -> gym.Env:
+    """gym.make, after setting torch's thread count (async env workers are fresh processes)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return gym.make(env_id, **kwargs)
+
+
+def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
+    """A picklable no-argument env constructor for the configured task (vector envs need it)."""
+    kwargs = dict(task_overrides(cfg))
+    kwargs["reward_weights"] = build_reward_weights(cfg)
+    kwargs["kernel_dir"] = cfg.env.kernel_dir
+    return functools.partial(make_env, cfg.task.env_id, cfg.threads, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Episodes
+# ---------------------------------------------------------------------------------------------
+
+
+def play_episode(env: gym.Env, act: Callable[[dict], int], seed: int) -> dict[str, Any]:
+    """One episode with `act(obs) -> action`. Returns return, length, final val/test accuracy,
+    params (host + kernels), host_params, params_added, faults, invalid actions, interventions,
+    diverged, wall_s and `reward/<component>` summed over the episode."""
+    start = time.perf_counter()
+    obs, info = env.reset(seed=seed)
+    total, steps, invalid, faults, interventions = 0.0, 0, 0, 0, 0
+    components: dict[str, float] = {}
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(act(obs))
+        total += reward
+        steps += 1
+        invalid += int(info["invalid_action"])
+        faults += info["faults"]
+        interventions += int(info["action"] != "wait")  # a masked action ran as WAIT
+        for key, value in info["reward_components"].items():
+            components[key] = components.get(key, 0.0) + value
+        done = terminated or truncated
+    return {
+        "return": total,
+        "length": steps,
+        "val_acc": info["val_acc"],
+        "test_acc": info.get("test_acc", math.nan),
+        "params": info["params"],
+        "host_params": env.unwrapped.host_params,
+        "params_added": info["params_added"],
+        "faults": faults,
+        "invalid_actions": invalid,
+        "interventions": interventions,
+        "diverged": bool(info["diverged"]),
+        "wall_s": time.perf_counter() - start,
+        **{f"reward/{k}": v for k, v in components.items()},
+    }
+
+
+def mean_metrics(episodes: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of every numeric metric over the episodes (NaN where an episode has none)."""
+    first = episodes[0] if episodes else {}
+    keys = [k for k, v in first.items() if isinstance(v, (int, float)) and k != "seed"]
+    return {k: float(np.mean([float(e[k]) for e in episodes])) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# Agents
+# ---------------------------------------------------------------------------------------------
+
+
+def _checkpoint_file(resume: str, suffix: str) -> pathlib.Path:
+    path = pathlib.Path(resume)
+    if path.is_dir():
+        path = path / f"checkpoint{suffix}"
+    if not path.is_file():
+        raise ConfigError(f"resume={resume!r}: no checkpoint at {path}")
+    return path
+
+
+def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
+    """Train (or continue) Tamiyo; returns (act, global_step, checkpoint path)."""
+    from agents.tamiyo import load_checkpoint, train
+
+    config = instantiate(
+        cfg.agent.ppo,
+        seed=cfg.seed,
+        num_envs=cfg.env.num_envs,
+        async_envs=cfg.env.vectorization == "async",
+    )
+    ckpt = run_dir / "checkpoint.pt"
+    resume = _checkpoint_file(cfg.resume, ".pt") if cfg.resume else None
+    logger.progress(config.total_steps, "tamiyo")
+    policy = train(config, make, log=logger.log, checkpoint_path=ckpt, resume_from=resume)
+    logger.progress(None)
+    if not ckpt.exists() and resume is not None:  # the budget was already spent: nothing new
+        shutil.copyfile(resume, ckpt)
+    global_step = load_checkpoint(ckpt).global_step
+    greedy = cfg.eval.greedy
+    return (lambda obs: policy.act(obs, greedy=greedy)), global_step, ckpt
+
+
+def _sb3_logger(log: Callable[[dict, int], None]):
+    """An SB3 Logger whose every dump goes to `log(metrics, num_timesteps)`."""
+    from stable_baselines3.common.logger import KVWriter, Logger
+
+    class Forward(KVWriter):
+        def write(self, key_values, key_excluded, step=0):
+            log({k: v for k, v in key_values.items() if isinstance(v, (int, float))}, step)
+
+    return Logger(folder=None, output_formats=[Forward()])
+
+
+def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
+    """Train (or continue) an SB3 model; returns (act, global_step, checkpoint path)."""
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    use_async = cfg.env.vectorization == "async"
+    venv = make_vec_env(
+        make,
+        n_envs=cfg.env.num_envs,
+        seed=cfg.seed,
+        vec_env_cls=SubprocVecEnv if use_async else DummyVecEnv,
+        vec_env_kwargs={"start_method": "spawn"} if use_async else None,
+    )
+    model = instantiate(cfg.agent.build)(env=venv, seed=cfg.seed)
+    if cfg.resume:
+        model = type(model).load(_checkpoint_file(cfg.resume, ".zip"), env=venv)
+    model.set_logger(_sb3_logger(logger.log))
+    remaining = cfg.agent.total_timesteps - model.num_timesteps
+    logger.progress(cfg.agent.total_timesteps, cfg.agent.name)
+    if remaining > 0:
+        model.learn(remaining, reset_num_timesteps=not cfg.resume)
+    logger.progress(None)
+    venv.close()
+    ckpt = run_dir / "checkpoint.zip"
+    model.save(ckpt)
+    deterministic = cfg.eval.greedy
+    masked = "action_masks" in inspect.signature(model.predict).parameters
+
+    def act(obs: dict) -> int:
+        kw = {"action_masks": obs["action_mask"].astype(bool)} if masked else {}
+        action, _ = model.predict(obs, deterministic=deterministic, **kw)
+        return int(action)
+
+    return act, int(model.num_timesteps), ckpt
+
+
+def baseline_act(name: str, env: gym.Env, seed: int, build: Callable | None = None):
+    """A baseline's act(obs): from the agent config's factory, else make_agent's defaults."""
+    from agents.baselines import make_agent
+
+    agent = build(env=env) if build is not None else None
+    if agent is None:
+        agent = make_agent(name, env, **({"seed": seed} if name == "random" else {}))
+    return agent.act
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def _previous_run_id(resume: str | None) -> str | None:
+    """The W&B run id recorded next to the checkpoint being resumed (None if there is none)."""
+    if not resume:
+        return None
+    path = pathlib.Path(resume)
+    meta = (path if path.is_dir() else path.parent) / "run.json"
+    return json.loads(meta.read_text()).get("wandb_id") if meta.is_file() else None
+
+
+def run(cfg: DictConfig, run_dir: str | pathlib.Path) -> dict[str, Any]:
+    """Validate, train (learners), evaluate, log; see the module docstring. Returns the results
+    (also written to `run_dir/results.json`)."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = validate(cfg)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    make = env_factory(cfg)
+    agent_name, kind = cfg.agent.name, cfg.agent.kind
+
+    config = _plain(cfg)
+    config["task_resolved"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(task).items()
+    }
+    log_cfg = cfg.logger
+    logger = make_logger(log_cfg.kind, progress=log_cfg.progress)
+    logger.init(
+        config,
+        project=log_cfg.project,
+        group=log_cfg.group,
+        name=log_cfg.name,
+        mode=log_cfg.mode,
+        dir=log_cfg.dir or str(run_dir),
+        entity=log_cfg.entity,
+        tags=list(log_cfg.tags),
+        run_id=_previous_run_id(cfg.resume),
+    )
+    meta = {"agent": agent_name, "kind": kind.value, "task": cfg.task.name, "seed": cfg.seed}
+    meta["wandb_id"] = logger.run_id
+    meta["wandb_dir"] = logger.run_dir
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+
+    results: dict[str, Any] = {**meta, "global_step": 0, "checkpoint": None, "eval": {}}
+    try:
+        start = time.perf_counter()
+        if kind == AgentKind.tamiyo:
+            act, step, ckpt = train_tamiyo(cfg, make, logger, run_dir)
+        elif kind == AgentKind.sb3:
+            act, step, ckpt = train_sb3(cfg, make, logger, run_dir)
+        else:
+            act, step, ckpt = None, 0, None
+        results.update(global_step=step, checkpoint=ckpt and str(ckpt))
+        results["train_s"] = time.perf_counter() - start
+
+        env = make()
+        seeds = [cfg.eval.first_seed + i for i in range(cfg.eval.episodes)]
+        players = {agent_name: act}
+        for name in cfg.eval.compare:
+            players.setdefault(name, None)
+        for name, player in players.items():
+            if player is None:  # a baseline: the configured one keeps its settings
+                build = instantiate(cfg.agent.build) if name == agent_name else None
+                player = baseline_act(name, env, cfg.seed, build)
+            logger.progress(len(seeds), f"eval {name}")
+            episodes = []
+            for seed in seeds:
+                episode = play_episode(env, player, seed)
+                episodes.append({"seed": seed, **episode})
+                logger.log_episode(episode, prefix=f"eval/{name}")
+            logger.progress(None)
+            means = mean_metrics(episodes)
+            results["eval"][name] = {"episodes": episodes, "mean": means}
+            logger.summary({f"eval/{name}/{k}_mean": v for k, v in means.items()})
+        env.close()
+        mine = results["eval"].get(agent_name, {}).get("mean", {})
+        results["objective"] = mine.get("return", math.nan)
+        logger.summary({"global_step": step, "objective": results["objective"]})
+    finally:
+        logger.finish()
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(format_results(results))
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The evaluation means as a small table, one row per agent."""
+    cols = ("return", "val_acc", "test_acc", "params", "params_added", "faults", "invalid_actions")
+    lines = [
+        f"task={results['task']} agent={results['agent']} seed={results['seed']} "
+        f"global_step={results['global_step']} checkpoint={results['checkpoint']}",
+        f"{'agent':<12}" + "".join(f"{c:>16}" for c in cols),
+    ]
+    for name, res in results["eval"].items():
+        mean = res["mean"]
+        lines.append(f"{name:<12}" + "".join(f"{mean.get(c, math.nan):>16.4g}" for c in cols))
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """`python -m esper_gym.train [overrides]`; returns the objective for Hydra sweepers."""
+    return run(cfg, HydraConfig.get().runtime.output_dir)["objective"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Tamiyo trained for a CI-sized budget vs the baselines, on held-out episodes.
+
+    python experiments/tamiyo_vs_baselines.py [--steps 6144] [--seeds 0 1 2] [--eval-episodes 10]
+
+For each training seed, Tamiyo (PPO, `agents.tamiyo.train`) learns on `--env`; then every agent
+plays the same held-out episodes (env seeds 10_000 + i, never used in training). Tamiyo acts
+greedily. An agent's score for a seed is its mean return over those episodes; the table shows
+mean ± std of that score across seeds (NoOp and Heuristic are deterministic, so their spread is
+0; Random gets the seed as its RNG seed). Because the host's initialisation moves returns by
+more than growth does, the last column pairs each agent with NoOp on the same episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import esper_gym  # noqa: F401  (registers the ids)
+from agents.baselines import make_agent, run_episode
+from agents.tamiyo import PPOConfig, train
+
+EVAL_SEED0 = 10_000
+
+
+def evaluate(env, agent, episodes: int) -> list[dict]:
+    return [run_episode(env, agent, seed=EVAL_SEED0 + i) for i in range(episodes)]
+
+
+def ci_config(seed: int, steps: int) -> PPOConfig:
+    """The CI-sized PPO run: 4 envs x 32 steps per update (one 32-step spirals episode each)."""
+    return PPOConfig(
+        total_steps=steps, num_envs=4, rollout_steps=32, lr=1e-3, ent_coef=0.01, seed=seed
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="Esper/Spirals-v0")
+    parser.add_argument("--env-kwargs", default="{}", help="JSON, e.g. '{\"max_epochs\": 10}'")
+    parser.add_argument("--steps", type=int, default=6144)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--verbose", action="store_true", help="print every PPO update")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    make_env = functools.partial(gym.make, args.env, **json.loads(args.env_kwargs))
+    env = make_env()
+    scores: dict[str, list[float]] = {}
+    vs_noop: dict[str, list[float]] = {}
+    noop_returns = [r["return"] for r in evaluate(env, make_agent("noop", env), args.eval_episodes)]
+
+    for seed in args.seeds:
+        start = time.perf_counter()
+
+        def log(metrics: dict, step: int, seed=seed) -> None:
+            if args.verbose:
+                short = {k.split("/")[1]: round(v, 3) for k, v in metrics.items()}
+                print(f"  seed {seed} step {step}: {short}", flush=True)
+
+        policy = train(ci_config(seed, args.steps), make_env, log=log)
+        train_s = time.perf_counter() - start
+        agents = {
+            "tamiyo": policy,
+            "random": make_agent("random", env, seed=seed),
+            "noop": make_agent("noop", env),
+            "heuristic": make_agent("heuristic", env),
+        }
+        line = [f"seed {seed}: trained {args.steps} steps in {train_s:.0f}s"]
+        for name, agent in agents.items():
+            returns = [r["return"] for r in evaluate(env, agent, args.eval_episodes)]
+            scores.setdefault(name, []).append(float(np.mean(returns)))
+            vs_noop.setdefault(name, []).append(float(np.mean(np.subtract(returns, noop_returns))))
+            line.append(f"{name} {np.mean(returns):.3f}")
+        print(" | ".join(line), flush=True)
+
+    print(
+        f"\n{args.env} {args.env_kwargs}: {len(args.seeds)} seeds x {args.eval_episodes} held-out "
+        f"episodes, Tamiyo trained {args.steps} env steps per seed"
+    )
+    print(
+        f"{'agent':10s} {'return (mean ± std over seeds)':>32s} {'minus NoOp, same episodes':>28s}"
+    )
+    for name in scores:
+        s, d = np.array(scores[name]), np.array(vs_noop[name])
+        print(f"{name:10s} {s.mean():23.3f} ± {s.std():6.3f} {d.mean():19.3f} ± {d.std():6.3f}")
+
+
+if __name__ == "__main__":
+    main()

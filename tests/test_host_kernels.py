@@ -1,0 +1,57 @@
+"""Every template compiles, loads and runs on every slot shape of every host we ship."""
+
+import pytest
+import torch
+
+from esper_gym.hosts import build_host
+from esper_gym.kasmina import kasmina_layers
+from esper_gym.kernels import BlueprintGenerator, KernelCache, KernelStore, load_or_compile
+from esper_gym.tasks import TASKS
+
+# Input shape and classes per dataset, so that no dataset has to be loaded to build a host.
+DATASETS = {"spirals": ((2,), 5), "fashion_mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
+
+
+def shipped_slots():
+    """(shape, blueprint name, param budget) for every slot of every task's host, deduplicated."""
+    seen = {}
+    for task in TASKS.values():
+        input_shape, classes = DATASETS[task.dataset]
+        model = build_host(
+            task.host, input_shape, classes, 1, task.seed_config(), **dict(task.host_kwargs)
+        )
+        generator = BlueprintGenerator(task.blueprints)
+        for layer in kasmina_layers(model):
+            for name in task.blueprints:
+                if generator.fits(layer.out_shape, name, task.param_budget):
+                    seen[(layer.out_shape, name)] = task.param_budget
+    return [(shape, name, budget) for (shape, name), budget in sorted(seen.items())]
+
+
+SLOTS = shipped_slots()
+
+
+def test_the_shipped_hosts_offer_every_template_somewhere():
+    names = {name for _, name, _ in SLOTS}
+    offered = {name for task in TASKS.values() for name in task.blueprints}
+    assert names == offered, offered - names
+    assert len({shape for shape, _, _ in SLOTS}) >= 6
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = KernelStore(tmp_path_factory.mktemp("store"))
+    return store, KernelCache(store)
+
+
+@pytest.mark.parametrize(("shape", "name", "budget"), SLOTS, ids=lambda v: str(v))
+def test_template_compiles_and_runs_on_a_shipped_slot(shape, name, budget, store):
+    blueprint = BlueprintGenerator((name,)).propose(shape, name, budget)
+    kernel, meta = load_or_compile(blueprint, shape, *store)
+    if blueprint.is_fault:
+        return  # it loaded; its faults are checked where faults are (test_kernels, test_env)
+    x = torch.randn(3, *shape)
+    out = kernel(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.equal(out, torch.zeros_like(out))  # a new seed changes nothing
+    assert meta.param_count == sum(p.numel() for p in kernel.parameters()) <= budget
