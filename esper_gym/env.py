@@ -15,7 +15,14 @@ from gymnasium import spaces
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT, Action, ActionLayout
 from esper_gym.data import Dataset, load_dataset
 from esper_gym.hosts import build_host, edge_numels, host_macs, kernel_macs
-from esper_gym.kasmina import ADVANCE_TO, CULLABLE, RUNNING, SeedState, kasmina_layers
+from esper_gym.kasmina import (
+    ADVANCE_TO,
+    CULLABLE,
+    RUNNING,
+    FaultRecord,
+    SeedState,
+    kasmina_layers,
+)
 from esper_gym.kernels import BlueprintGenerator, KernelCache, KernelStore, load_or_compile
 from esper_gym.observation import (
     GraphSpec,
@@ -311,8 +318,6 @@ class MorphogeneticEnv(gym.Env):
                     blueprint, layer.out_shape, self.store, self.cache, device=self.task.device
                 )
             except Exception as exc:  # a broken artifact or compiler must not end the run
-                from esper_gym.kasmina.recovery import FaultRecord
-
                 return [
                     FaultRecord(
                         layer.name,

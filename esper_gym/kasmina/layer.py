@@ -163,6 +163,7 @@ class KasminaLayer(nn.Module):
         self.events: list[dict] = []
         self.faults: list[FaultRecord] = []
         self._running: tuple[SeedSlot, ...] = ()
+        self._busy = False  # any slot not DORMANT
         self._stats: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
         self._latency_s = 0.0
@@ -237,6 +238,7 @@ class KasminaLayer(nn.Module):
         )
         slot.state = new
         self._running = tuple(s for s in self.slots if s.state in RUNNING)
+        self._busy = any(s.state != SeedState.DORMANT for s in self.slots)
 
     def _slot(self, index: int) -> SeedSlot:
         if not 0 <= index < len(self.slots):
@@ -310,6 +312,8 @@ class KasminaLayer(nn.Module):
     def step_seeds(self) -> None:
         """Call once after each host optimizer step: train seeds, ramp alphas, count embargoes."""
         self.step_count += 1
+        if not self._busy:  # every slot dormant: nothing to train, ramp or count
+            return
         for slot in self.slots:
             state = slot.state
             if state in RUNNING and slot.optimizer is not None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-FAULT_KINDS = ("exception", "shape", "nonfinite", "nonfinite_grad", "slow")
+# "load": the kernel could not be built or its artifact was refused (recorded by the env).
+FAULT_KINDS = ("exception", "shape", "nonfinite", "nonfinite_grad", "slow", "load")
 
 
 @dataclass(frozen=True)
