@@ -73,7 +73,6 @@ class NullLogger:
         bar = self._bar
         if bar is None or step is None:
             return
-        bar.update(max(0, step - bar.n))
         shown = {
             k.split("/")[-1]: f"{v:.3g}"
             for k, v in metrics.items()
@@ -81,7 +80,8 @@ class NullLogger:
             and _scalar(v)
         }
         if shown:
-            bar.set_postfix(shown, refresh=False)
+            bar.set_postfix(shown, refresh=False)  # drawn by the update below
+        bar.update(max(0, step - bar.n))
 
     def finish(self) -> None:
         self.progress(None)

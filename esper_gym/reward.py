@@ -3,8 +3,8 @@
 | component       | per step                                              | default weight |
 |-----------------|-------------------------------------------------------|----------------|
 | accuracy        | + w * (val_acc_t - val_acc_{t-1})  (accuracy in 0..1) | 10.0           |
-| param_cost      | - w * kernel params present / host params / T         | 0.2            |
-| latency_cost    | - w * kernel MACs present / host MACs / T             | 0.1            |
+| param_cost      | - w * kernel params present / host params / T         | 0.05           |
+| latency_cost    | - w * kernel MACs present / host MACs / T             | 0.05           |
 | stability       | - w * loss spikes in the interval                     | 0.05           |
 | fault           | - w * kernel faults in the interval                   | 0.2            |
 | invalid_action  | - w * (the action was masked, so it ran as WAIT)      | 0.1            |
@@ -13,7 +13,9 @@
 
 T is the number of steps of the episode, so a cost weight is the price of carrying a ratio of
 1 (doubling the host) for the whole episode, on every task whatever its length; with
-accuracy weighted 10, param_cost 0.2 prices a doubling held all episode at 2 accuracy points.
+accuracy weighted 10, param_cost 0.05 prices a doubling held all episode at half an accuracy
+point, so growth that buys accuracy pays (on spirals the heuristic's 10x growth for +27 points
+earns more than WAIT) and growth that buys nothing costs.
 
 Why it cannot be farmed: the accuracy term telescopes, so over an episode it sums to
 w * (final - initial accuracy) whatever path led there; costs are rents paid every step for what
@@ -32,8 +34,8 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class RewardWeights:
     accuracy: float = 10.0
-    param_cost: float = 0.2
-    latency_cost: float = 0.1
+    param_cost: float = 0.05
+    latency_cost: float = 0.05
     stability: float = 0.05
     fault: float = 0.2
     invalid_action: float = 0.1

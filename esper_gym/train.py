@@ -288,8 +288,11 @@ def task_overrides(cfg: DictConfig) -> dict[str, Any]:
     for key, value in _plain(cfg.task).items():
         if key in ("name", "env_id") or value is None:
             continue
-        if isinstance(value, dict):  # *_kwargs: keys merged into the registered mapping
-            value = {**getattr(registered, key), **value}
+        if isinstance(getattr(registered, key), collections.abc.Mapping):
+            # *_kwargs: typed Any in the schema (see _mirror), so their type is checked here
+            if not isinstance(value, dict):
+                raise ConfigError(f"task.{key}={value!r} must be a mapping, e.g. {{key:value}}")
+            value = {**getattr(registered, key), **value}  # keys merged into the registered ones
         overrides[key] = value
     library = cfg.blueprints.names
     if library is not None or cfg.blueprints.add:
@@ -634,7 +637,13 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# conf/ sits at the repo root (a source checkout or an editable install). The path is made
+# absolute because Hydra resolves a relative one against the calling module when main() is
+# imported and called (pkg://conf, which does not exist) rather than run with `python -m`.
+CONF_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """`python -m esper_gym.train [overrides]`; returns the objective for Hydra sweepers."""
     return run(cfg, HydraConfig.get().runtime.output_dir)["objective"]

@@ -1,0 +1,225 @@
+"""conf/: every option of every group composes, resolves, validates and instantiates; bad values
+fail at composition or validation with a message that names the key.
+
+Options are found by listing each group's directory, so a new yaml file is covered without
+touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+import esper_gym
+from esper_gym import train
+from esper_gym.kernels.blueprints import DEFAULT_LIBRARY, FAULT_LIBRARY
+from esper_gym.reward import RewardWeights
+from esper_gym.tasks import TASKS
+
+CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
+
+
+def groups() -> list[str]:
+    """Every directory under conf/ that holds yaml options, as a group path ("hydra/launcher")."""
+    found = {p.parent.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")}
+    return sorted(g for g in found if g != ".")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+# The launcher plugins' own options are structured configs, not files: named here.
+ALL_OPTIONS = [(g, o) for g in groups() for o in options(g)] + [
+    ("hydra/launcher", "joblib"),
+    ("hydra/launcher", "submitit_slurm"),
+]
+
+
+def override_for(group: str, option: str) -> str:
+    # experiment/ is not in the defaults list (it is added), every other group is.
+    return f"+{group}={option}" if group == "experiment" else f"{group}={option}"
+
+
+def load(*overrides: str, hydra_node: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="test"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def targets(node, path=""):
+    """(path, mapping) of every mapping with a `_target_` in a plain (resolved) container."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from targets(item, f"{path}[{i}]")
+
+
+def test_groups_are_the_documented_ones():
+    expected = {"env", "task", "agent", "reward", "blueprints", "logger", "experiment"}
+    assert expected | {"hydra/launcher"} <= set(groups())
+    for group in expected:
+        assert options(group), group
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_option_composes_resolves_and_instantiates(group, option):
+    hydra_node = group.startswith("hydra/")
+    cfg = load(override_for(group, option), hydra_node=hydra_node)
+    if hydra_node:
+        launcher = cfg.hydra.launcher
+        OmegaConf.to_container(launcher, resolve=True)
+        assert get_class(launcher._target_)  # the plugin is installed and importable
+        return
+    plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert plain["seed"] == 0
+    # Each group node is typed by its schema, whichever option filled it.
+    for name, schema in train.GROUP_SCHEMAS.items():
+        assert OmegaConf.get_type(cfg[name]) is schema, name
+    train.validate(cfg)
+    for path, node in targets(plain):
+        obj = instantiate(node)
+        assert obj is not None, path
+        if isinstance(obj, functools.partial):
+            assert callable(obj.func), path
+
+
+def test_default_config_is_the_fast_task_with_tamiyo():
+    cfg = load()
+    assert cfg.task.name == "spirals" and cfg.agent.name == "tamiyo"
+    assert cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"
+    assert cfg.logger.group == "spirals-tamiyo"
+    ppo = instantiate(cfg.agent.ppo, seed=cfg.seed)
+    assert type(ppo).__name__ == "PPOConfig" and ppo.total_steps <= 2048
+
+
+def test_every_task_option_maps_to_its_registered_env():
+    covered = set()
+    for option in options("task"):
+        cfg = load(f"task={option}")
+        env_task, _ = esper_gym.ENV_IDS[cfg.task.env_id]
+        assert env_task == cfg.task.name == option
+        covered.add(cfg.task.env_id)
+    assert covered == set(esper_gym.ENV_IDS)  # and every registered env has an option
+
+
+def test_task_fields_override_and_mappings_merge():
+    cfg = load("task=fashion_mnist", "task.max_epochs=0.5", "task.host_kwargs={hidden:[16]}")
+    task = train.validate(cfg)
+    assert task.max_epochs == 0.5 and task.dataset == "fashion_mnist"
+    assert list(task.host_kwargs["hidden"]) == [16]
+    cfg = load("task.dataset_kwargs={n_train:512}")
+    assert train.task_overrides(cfg)["dataset_kwargs"] == {"n_train": 512}
+    assert train.validate(cfg).lr == TASKS["spirals"].lr  # unset fields keep registered values
+
+
+def test_blueprint_libraries():
+    assert train.validate(load()).blueprints == DEFAULT_LIBRARY
+    # The faulty task keeps its own library under the default blueprints option...
+    assert train.validate(load("task=spirals_faulty")).blueprints == DEFAULT_LIBRARY + FAULT_LIBRARY
+    assert train.validate(load("blueprints=with_faults")).blueprints == (
+        DEFAULT_LIBRARY + FAULT_LIBRARY
+    )
+    assert train.validate(load("blueprints=mlp_only")).blueprints == ("residual_mlp", "low_rank")
+
+
+def test_reward_options_instantiate_weights():
+    assert instantiate(load().reward.weights) == RewardWeights()
+    frugal = instantiate(load("reward=frugal").reward.weights)
+    assert frugal.param_cost > RewardWeights().param_cost
+    only = instantiate(load("reward=accuracy_only").reward.weights)
+    assert only.accuracy > 0
+    assert all(v == 0 for k, v in dataclasses.asdict(only).items() if k != "accuracy")
+    assert instantiate(load("reward.weights.param_cost=0").reward.weights).param_cost == 0.0
+
+
+def test_experiments_override_task_agent_and_budgets():
+    cifar = load("+experiment=cifar")
+    assert cifar.task.name == "cifar10" and cifar.agent.name == "tamiyo"
+    assert cifar.agent.ppo.total_steps > load().agent.ppo.total_steps
+    assert load("+experiment=fashion_mnist").task.name == "fashion_mnist"
+    # Command-line overrides still win over the experiment's.
+    assert load("+experiment=spirals", "agent.ppo.total_steps=64").agent.ppo.total_steps == 64
+
+
+def test_ppo_schema_mirrors_ppoconfig():
+    from agents.tamiyo import PPOConfig
+
+    mine = {f.name: f.default for f in dataclasses.fields(train.PPOConf) if f.name != "_target_"}
+    theirs = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    assert set(theirs) - set(mine) == {"seed", "num_envs", "async_envs"}  # from seed and env/
+    assert {k: theirs[k] for k in mine} == mine
+
+
+# --------------------------------------------------------------------------- bad values
+
+
+def test_unknown_task_option_fails_naming_the_group():
+    with pytest.raises(MissingConfigException) as err:
+        load("task=imagenet")
+    assert "task/imagenet" in str(err.value) and "spirals" in str(err.value)  # lists options
+
+
+def test_unknown_task_name_fails_naming_the_key():
+    with pytest.raises(train.ConfigError, match=r"task\.name='imagenet'"):
+        train.validate(load("task.name=imagenet"))
+
+
+def test_env_id_and_task_name_must_agree():
+    with pytest.raises(train.ConfigError, match=r"task\.env_id"):
+        train.validate(load("task.env_id=Esper/CIFAR10-v0"))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("task.max_epochs=-1", "max_epochs"),
+        ("task.decision_interval=0", "decision_interval"),
+        ("agent.ppo.total_steps=-5", "agent.ppo.total_steps"),
+        ("eval.episodes=-1", "eval.episodes"),
+        ("env.num_envs=0", "env.num_envs"),
+        ("reward.weights.fault=-0.5", "fault"),
+    ],
+)
+def test_negative_budgets_fail_naming_the_key(override, key):
+    cfg = load(override)  # a number of the right type: composes, then validation refuses it
+    with pytest.raises(train.ConfigError, match=key):
+        train.validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("reward.weights.param_cost=abc", "reward.weights.param_cost"),
+        ("task.max_epochs=many", "task.max_epochs"),
+        ("agent.ppo.total_steps=lots", "agent.ppo.total_steps"),
+        ("agent.kind=genius", "agent.kind"),
+        ("task.max_epoch=3", "task.max_epoch"),  # a typo: not a Task field
+    ],
+)
+def test_wrong_types_and_unknown_keys_fail_at_composition(override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        load(override)
+    text = f"{err.value} {err.value.__cause__}"
+    assert key in text, text
+
+
+def test_bad_validation_values():
+    with pytest.raises(train.ConfigError, match=r"task\.dataset_kwargs"):
+        train.validate(load("task.dataset_kwargs=n_train:1024"))
+    with pytest.raises(train.ConfigError, match=r"eval\.compare"):
+        train.validate(load("eval.compare=[oracle]"))
+    with pytest.raises(train.ConfigError, match=r"env\.vectorization"):
+        train.validate(load("env.vectorization=threads"))
+    with pytest.raises(train.ConfigError, match=r"resume"):
+        train.validate(load("agent=noop", "resume=somewhere"))
