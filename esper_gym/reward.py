@@ -3,19 +3,20 @@
 | component       | per step                                              | default weight |
 |-----------------|-------------------------------------------------------|----------------|
 | accuracy        | + w * (val_acc_t - val_acc_{t-1})  (accuracy in 0..1) | 10.0           |
-| param_cost      | - w * kernel params present / host params / T         | 0.05           |
-| latency_cost    | - w * kernel MACs present / host MACs / T             | 0.05           |
+| param_cost      | - w * log2(1 + kernel params / host params) / T       | 0.1            |
+| latency_cost    | - w * log2(1 + kernel MACs / host MACs) / T           | 0.1            |
 | stability       | - w * loss spikes in the interval                     | 0.05           |
 | fault           | - w * kernel faults in the interval                   | 0.2            |
 | invalid_action  | - w * (the action was masked, so it ran as WAIT)      | 0.1            |
-| intervention    | - w * (the action was not WAIT)                       | 0.05           |
+| intervention    | - w * (the action was not WAIT)                       | 0.01           |
 | divergence      | - w * (the host's loss became NaN/Inf; ends episode)  | 5.0            |
 
-T is the number of steps of the episode, so a cost weight is the price of carrying a ratio of
-1 (doubling the host) for the whole episode, on every task whatever its length; with
-accuracy weighted 10, param_cost 0.05 prices a doubling held all episode at half an accuracy
-point, so growth that buys accuracy pays (on spirals the heuristic's 10x growth for +27 points
-earns more than WAIT) and growth that buys nothing costs.
+T is the number of steps of the episode, so a cost weight is the price of one doubling of the
+host (ratio 1) carried for the whole episode, on every task whatever its length. The rent is
+logarithmic in size because accuracy grows roughly with the log of model size: an 18x growth of
+a tiny host costs 4.2 doublings, not 18. With accuracy weighted 10 (a point is 0.1), the
+default 0.1 prices a doubling held all episode at one accuracy point, for parameters and again
+for latency. (A linear rent made WAIT out-earn growth that bought 14 points on spirals.)
 
 Why it cannot be farmed: the accuracy term telescopes, so over an episode it sums to
 w * (final - initial accuracy) whatever path led there; costs are rents paid every step for what
@@ -28,18 +29,19 @@ Any object with the same call signature can replace `RewardComputer` (the env ta
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
 class RewardWeights:
     accuracy: float = 10.0
-    param_cost: float = 0.05
-    latency_cost: float = 0.05
+    param_cost: float = 0.1
+    latency_cost: float = 0.1
     stability: float = 0.05
     fault: float = 0.2
     invalid_action: float = 0.1
-    intervention: float = 0.05
+    intervention: float = 0.01
     divergence: float = 5.0
 
     def __post_init__(self) -> None:
@@ -78,8 +80,8 @@ class RewardComputer:
         per_step = 1.0 / max(o.episode_steps, 1)
         components = {
             "accuracy": w.accuracy * gain,
-            "param_cost": -w.param_cost * o.param_ratio * per_step,
-            "latency_cost": -w.latency_cost * o.macs_ratio * per_step,
+            "param_cost": -w.param_cost * math.log2(1.0 + o.param_ratio) * per_step,
+            "latency_cost": -w.latency_cost * math.log2(1.0 + o.macs_ratio) * per_step,
             "stability": -w.stability * o.loss_spikes,
             "fault": -w.fault * o.faults,
             "invalid_action": -w.invalid_action * float(o.invalid_action),

@@ -38,8 +38,8 @@ def test_components_are_the_weighted_terms():
     reward, c = RewardComputer(w)(
         outcome(
             val_acc=0.6,
-            param_ratio=0.2,
-            macs_ratio=0.4,
+            param_ratio=1.0,  # one doubling: log2(2) = 1
+            macs_ratio=3.0,  # two doublings: log2(4) = 2
             loss_spikes=2,
             faults=3,
             invalid_action=True,
@@ -50,8 +50,8 @@ def test_components_are_the_weighted_terms():
     assert c == pytest.approx(
         {
             "accuracy": 1.0,
-            "param_cost": -0.05,
-            "latency_cost": -0.05,
+            "param_cost": -0.25,  # 0.5 * 1 / 2 steps
+            "latency_cost": -0.25,  # 0.25 * 2 / 2 steps
             "stability": -0.2,
             "fault": -0.6,
             "invalid_action": -0.3,
