@@ -12,6 +12,7 @@ import numpy as np
 from gymnasium import spaces
 
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action, ActionLayout
+from esper_gym.episode import play_episode
 from esper_gym.kasmina.lifecycle import SeedState
 from esper_gym.observation import GLOBAL_FEATURES, NODE_FEATURES, SLOT_FEATURES
 
@@ -144,25 +145,5 @@ def make_agent(name: str, env, **kwargs):
 
 
 def run_episode(env, agent, seed: int | None = None) -> dict:
-    """Play one episode; returns return, length, final info (val/test accuracy, params, ...)."""
-    obs, info = env.reset(seed=seed)
-    total, steps, done = 0.0, 0, False
-    invalid = faults = 0
-    while not done:
-        obs, reward, terminated, truncated, info = env.step(agent.act(obs, info))
-        total += reward
-        steps += 1
-        invalid += int(info["invalid_action"])
-        faults += info["faults"]
-        done = terminated or truncated
-    return {
-        "return": total,
-        "length": steps,
-        "val_acc": info["val_acc"],
-        "test_acc": info.get("test_acc", float("nan")),
-        "params": info["params"],
-        "params_added": info["params_added"],
-        "faults": faults,
-        "invalid_actions": invalid,
-        "diverged": info["diverged"],
-    }
+    """Play one episode with `agent.act`; the metrics of `esper_gym.episode.play_episode`."""
+    return play_episode(env, agent.act, seed)[0]

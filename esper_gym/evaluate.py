@@ -40,11 +40,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import pathlib
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +50,7 @@ from typing import Any
 import pandas as pd
 
 from esper_gym import plots, stats
-from esper_gym.actions import WAIT, Action
+from esper_gym.episode import play_episode
 from esper_gym.tasks import TASKS, Task, get_task
 
 # One row per episode, in this order; then one `reward/<component>` column per component.
@@ -80,7 +78,6 @@ CSV_COLUMNS = (
     "budget_steps",
     "checkpoint",
 )
-WAIT_NAME = Action(WAIT).describe()  # what info["action"] says for a WAIT
 # Metrics of the summary table: per (task, agent), IQM and CI of each.
 SUMMARY_METRICS = ("test_acc", "val_acc", "params_added", "return", "faults", "wall_s")
 
@@ -248,53 +245,6 @@ def make_actor(job: Job, env):
 
     kwargs = {"seed": job.seed} if job.agent == "random" else {}
     return make_agent(job.agent, env, **kwargs).act
-
-
-def play_episode(env, act, seed: int) -> tuple[dict[str, Any], list[dict]]:
-    """One episode: (metrics, events). Metrics: return, length, final val/test accuracy, params,
-    host_params, params_added, faults, invalid actions, interventions (valid non-WAIT actions),
-    diverged, wall_s, n_layers, layers (names, ";"-joined), seed_slots, decision_interval,
-    budget_steps and `reward/<component>` summed.
-    Events: every `info["events"]` dict of the episode, in order."""
-    start = time.perf_counter()
-    obs, info = env.reset(seed=seed)
-    events = list(info["events"])
-    total, steps, invalid, faults, interventions = 0.0, 0, 0, 0, 0
-    components: dict[str, float] = {}
-    done = False
-    while not done:
-        obs, reward, terminated, truncated, info = env.step(act(obs, info))
-        total += reward
-        steps += 1
-        invalid += int(info["invalid_action"])
-        faults += info["faults"]
-        interventions += int(info["action"] != WAIT_NAME and not info["invalid_action"])
-        events += info["events"]
-        for key, value in info["reward_components"].items():
-            components[key] = components.get(key, 0.0) + value
-        done = terminated or truncated
-    u = env.unwrapped
-    metrics = {
-        "val_acc": info["val_acc"],
-        "test_acc": info.get("test_acc", math.nan),
-        "params": info["params"],
-        "host_params": u.host_params,
-        "params_added": info["params_added"],
-        "return": total,
-        "length": steps,
-        "faults": faults,
-        "invalid_actions": invalid,
-        "interventions": interventions,
-        "diverged": bool(info["diverged"]),
-        "wall_s": time.perf_counter() - start,
-        "n_layers": len(u.layers),
-        "layers": ";".join(layer.name for layer in u.layers),
-        "seed_slots": u.task.seed_slots,
-        "decision_interval": u.task.decision_interval,
-        "budget_steps": u.budget,
-        **{f"reward/{k}": v for k, v in components.items()},
-    }
-    return metrics, events
 
 
 def run_job(job: Job) -> dict[str, Any]:

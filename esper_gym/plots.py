@@ -214,9 +214,11 @@ def lifecycle_timeline(
         for seg in segments[key]:
             start, end = seg["start"] / d, seg["end"] / d
             width = max(end - start, 0.15)  # CULLED lasts one optimizer step: keep it visible
-            ax.barh(i, width, left=start, color=STATE_COLORS[seg["state"]], edgecolor="none")
+            ax.barh(
+                i, width, left=start, height=0.6, color=STATE_COLORS[seg["state"]], edgecolor="none"
+            )
             if seg["state"] == SeedState.GERMINATED and seg["blueprint"]:
-                ax.text(start, i - 0.42, seg["blueprint"], fontsize=7, va="bottom")
+                ax.text(start, i - 0.32, seg["blueprint"], fontsize=7, va="bottom")
     # Cull markers: the reason belongs to the transition *into* CULLED.
     for e in events:
         if e["to"] == SeedState.CULLED.name:
@@ -224,7 +226,7 @@ def lifecycle_timeline(
             breaker = "circuit breaker" in str(e.get("reason", ""))
             ax.plot(e["step"] / d, i, marker="X" if breaker else "|", color="k", ms=9, ls="")
     ax.set_yticks(range(len(rows)), [f"{layer} / slot {s}" for layer, s in rows])
-    ax.set_ylim(len(rows) - 0.5, -0.95)  # first layer on top; room for the top label
+    ax.set_ylim(len(rows) - 0.5, -0.8)  # first layer on top; room for the top label
     ax.set_xlim(0, total_steps / d)
     ax.set_xlabel("env step" if d > 1 else "optimizer step")
     handles = [Patch(color=c, label=s.name.lower()) for s, c in STATE_COLORS.items()]

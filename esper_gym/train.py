@@ -64,6 +64,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import esper_gym
+from esper_gym.episode import play_episode
 from esper_gym.logger import make_logger
 from esper_gym.reward import RewardWeights
 from esper_gym.tasks import TASKS, Task, get_task
@@ -396,42 +397,6 @@ def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
 # ---------------------------------------------------------------------------------------------
 
 
-def play_episode(env: gym.Env, act: Callable[[dict], int], seed: int) -> dict[str, Any]:
-    """One episode with `act(obs) -> action`. Returns return, length, final val/test accuracy,
-    params (host + kernels), host_params, params_added, faults, invalid actions, interventions,
-    diverged, wall_s and `reward/<component>` summed over the episode."""
-    start = time.perf_counter()
-    obs, info = env.reset(seed=seed)
-    total, steps, invalid, faults, interventions = 0.0, 0, 0, 0, 0
-    components: dict[str, float] = {}
-    done = False
-    while not done:
-        obs, reward, terminated, truncated, info = env.step(act(obs))
-        total += reward
-        steps += 1
-        invalid += int(info["invalid_action"])
-        faults += info["faults"]
-        interventions += int(info["action"] != "wait")  # a masked action ran as WAIT
-        for key, value in info["reward_components"].items():
-            components[key] = components.get(key, 0.0) + value
-        done = terminated or truncated
-    return {
-        "return": total,
-        "length": steps,
-        "val_acc": info["val_acc"],
-        "test_acc": info.get("test_acc", math.nan),
-        "params": info["params"],
-        "host_params": env.unwrapped.host_params,
-        "params_added": info["params_added"],
-        "faults": faults,
-        "invalid_actions": invalid,
-        "interventions": interventions,
-        "diverged": bool(info["diverged"]),
-        "wall_s": time.perf_counter() - start,
-        **{f"reward/{k}": v for k, v in components.items()},
-    }
-
-
 def mean_metrics(episodes: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of every numeric metric over the episodes (NaN where an episode has none)."""
     first = episodes[0] if episodes else {}
@@ -605,7 +570,7 @@ def run(cfg: DictConfig, run_dir: str | pathlib.Path) -> dict[str, Any]:
             logger.progress(len(seeds), f"eval {name}")
             episodes = []
             for seed in seeds:
-                episode = play_episode(env, player, seed)
+                episode, _ = play_episode(env, player, seed)
                 episodes.append({"seed": seed, **episode})
                 logger.log_episode(episode, prefix=f"eval/{name}")
             logger.progress(None)

@@ -1,0 +1,66 @@
+"""One episode with any policy, and the metrics every report (train, evaluate, baselines) uses."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+
+from esper_gym.actions import WAIT, Action
+
+WAIT_NAME = Action(WAIT).describe()  # what info["action"] says for a WAIT
+
+
+def play_episode(
+    env: gym.Env, act: Callable[[dict], int], seed: int | None = None
+) -> tuple[dict[str, Any], list[dict]]:
+    """Play one episode with `act(obs) -> action`; return (metrics, lifecycle events).
+
+    Metrics: return, length, final val/test accuracy, params (host + kernels), host_params,
+    params_added, faults, invalid actions, interventions (valid non-WAIT actions), diverged,
+    wall_s, n_layers, layers (names joined by ";"), seed_slots, decision_interval, budget_steps
+    and `reward/<component>` summed over the episode. Events: every `info["events"]` dict of
+    the episode, in order.
+    """
+    start = time.perf_counter()
+    obs, info = env.reset(seed=seed)
+    events = list(info["events"])
+    total, steps, invalid, faults, interventions = 0.0, 0, 0, 0, 0
+    components: dict[str, float] = {}
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(act(obs))
+        total += reward
+        steps += 1
+        invalid += int(info["invalid_action"])
+        faults += info["faults"]
+        interventions += int(info["action"] != WAIT_NAME and not info["invalid_action"])
+        events += info["events"]
+        for key, value in info["reward_components"].items():
+            components[key] = components.get(key, 0.0) + value
+        done = terminated or truncated
+    u = env.unwrapped
+    metrics = {
+        "val_acc": info["val_acc"],
+        "test_acc": info.get("test_acc", math.nan),
+        "params": info["params"],
+        "host_params": u.host_params,
+        "params_added": info["params_added"],
+        "return": total,
+        "length": steps,
+        "faults": faults,
+        "invalid_actions": invalid,
+        "interventions": interventions,
+        "diverged": bool(info["diverged"]),
+        "wall_s": time.perf_counter() - start,
+        "n_layers": len(u.layers),
+        "layers": ";".join(layer.name for layer in u.layers),
+        "seed_slots": u.task.seed_slots,
+        "decision_interval": u.task.decision_interval,
+        "budget_steps": u.budget,
+        **{f"reward/{k}": v for k, v in components.items()},
+    }
+    return metrics, events
