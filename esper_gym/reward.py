@@ -3,8 +3,8 @@
 | component       | per step                                              | default weight |
 |-----------------|-------------------------------------------------------|----------------|
 | accuracy        | + w * (val_acc_t - val_acc_{t-1})  (accuracy in 0..1) | 10.0           |
-| param_cost      | - w * log2(1 + kernel params / host params) / T       | 0.1            |
-| latency_cost    | - w * log2(1 + kernel MACs / host MACs) / T           | 0.1            |
+| param_cost      | - w * log2(1 + kernel params / host params) / T       | 0.05           |
+| latency_cost    | - w * log2(1 + kernel MACs / host MACs) / T           | 0.05           |
 | stability       | - w * loss spikes in the interval                     | 0.05           |
 | fault           | - w * kernel faults in the interval                   | 0.2            |
 | invalid_action  | - w * (the action was masked, so it ran as WAIT)      | 0.1            |
@@ -15,8 +15,8 @@ T is the number of steps of the episode, so a cost weight is the price of one do
 host (ratio 1) carried for the whole episode, on every task whatever its length. The rent is
 logarithmic in size because accuracy grows roughly with the log of model size: an 18x growth of
 a tiny host costs 4.2 doublings, not 18. With accuracy weighted 10 (a point is 0.1), the
-default 0.1 prices a doubling held all episode at one accuracy point, for parameters and again
-for latency. (A linear rent made WAIT out-earn growth that bought 14 points on spirals.)
+defaults price a doubling of parameters and compute held all episode at one accuracy point
+(half for each). A linear rent made WAIT out-earn growth that bought 14 points on spirals.
 
 Why it cannot be farmed: the accuracy term telescopes, so over an episode it sums to
 w * (final - initial accuracy) whatever path led there; costs are rents paid every step for what
@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class RewardWeights:
     accuracy: float = 10.0
-    param_cost: float = 0.1
-    latency_cost: float = 0.1
+    param_cost: float = 0.05
+    latency_cost: float = 0.05
     stability: float = 0.05
     fault: float = 0.2
     invalid_action: float = 0.1
