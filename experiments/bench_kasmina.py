@@ -6,7 +6,7 @@
 2. Kernel cache hit latency (goal < 50 us), and what a germination costs on a hit.
 3. Compile time and artifact load time (validation + torch.export.load) per template.
 
-    python experiments/bench_kasmina.py [--blocks 30] [--steps 50]
+    python experiments/bench_kasmina.py [--blocks 20] [--steps 200]
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def kernels(store_dir: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--blocks", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, {args.blocks} blocks x {args.steps} steps\n")
