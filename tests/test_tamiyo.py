@@ -20,7 +20,7 @@ from agents.tamiyo import (
     train,
 )
 from esper_gym.actions import ActionLayout
-from esper_gym.observation import GraphSpec, observation_space, to_pyg
+from esper_gym.observation import GLOBAL_FEATURES, GraphSpec, observation_space, to_pyg
 
 torch.set_num_threads(1)
 
@@ -29,27 +29,30 @@ SPEC = GraphSpec(max_nodes=8, slots=2)
 
 
 def make_obs(n_nodes: int, seed: int, spec=SPEC, layout=LAYOUT, valid: float = 0.5) -> dict:
-    """A sampled observation made consistent: a prefix of real nodes, a chain of real edges, a
-    mask with WAIT and a random share of the real nodes' actions valid."""
-    space = observation_space(spec, layout.size)
-    space.seed(seed)
+    """An observation of `observation_space(spec, layout.size)`: random features on a prefix of
+    `n_nodes` real nodes, a chain of real edges, WAIT and a random share of the real nodes'
+    actions valid."""
     rng = np.random.default_rng(seed)
-    obs = space.sample()
-    obs["nodes"] = rng.normal(size=obs["nodes"].shape).astype(np.float32)
-    obs["nodes"][n_nodes:] = 0
-    obs["globals"] = rng.normal(size=obs["globals"].shape).astype(np.float32)
-    obs["node_mask"][:] = 0
-    obs["node_mask"][:n_nodes] = 1
-    obs["edges"][:] = 0
-    obs["edge_attr"][:] = 0
+    n, e = spec.max_nodes, spec.max_edges
+    nodes = np.zeros((n, spec.node_dim), np.float32)
+    nodes[:n_nodes] = rng.normal(size=(n_nodes, spec.node_dim))
+    edges = np.zeros((e, 2), np.int64)
+    edge_attr = np.zeros((e, 2), np.float32)
     for i in range(n_nodes - 1):
-        obs["edges"][i] = (i, i + 1)
-        obs["edge_attr"][i] = (1.0, rng.random())
+        edges[i] = (i, i + 1)
+        edge_attr[i] = (1.0, rng.random())
     mask = np.zeros(layout.size, np.int8)
     mask[0] = 1
     real = 1 + n_nodes * layout.per_node
     mask[1:real] = rng.random(real - 1) < valid
-    obs["action_mask"] = mask
+    obs = {
+        "nodes": nodes,
+        "edges": edges,
+        "edge_attr": edge_attr,
+        "node_mask": (np.arange(n) < n_nodes).astype(np.int8),
+        "globals": rng.normal(size=len(GLOBAL_FEATURES)).astype(np.float32),
+        "action_mask": mask,
+    }
     return obs
 
 
@@ -63,6 +66,11 @@ def policy_for(spec=SPEC, layout=LAYOUT, **kw) -> TamiyoPolicy:
 
 
 # --- observation -> batch ----------------------------------------------------------------------
+
+
+def test_synthetic_observations_fit_the_observation_space():
+    space = observation_space(SPEC, LAYOUT.size)
+    assert all(space.contains(make_obs(n, seed=n)) for n in range(1, SPEC.max_nodes + 1))
 
 
 def test_obs_to_batch_matches_to_pyg_for_numpy_and_sb3_float_tensors():
@@ -235,8 +243,18 @@ class GraphBandit(gym.Env):
 
 def bandit_config(**kw) -> PPOConfig:
     defaults = dict(
-        total_steps=3072, num_envs=8, rollout_steps=16, minibatches=4, update_epochs=4,
-        lr=3e-3, hidden=32, layers=2, dropout=0.0, ent_coef=0.0, gamma=0.0, seed=0,
+        total_steps=1536,
+        num_envs=8,
+        rollout_steps=16,
+        minibatches=4,
+        update_epochs=4,
+        lr=3e-3,
+        hidden=32,
+        layers=2,
+        dropout=0.0,
+        ent_coef=0.0,
+        gamma=0.0,
+        seed=0,
         uncertainty_samples=2,
     )
     return PPOConfig(**{**defaults, **kw})
@@ -253,8 +271,9 @@ def target_probability(policy: TamiyoPolicy, seeds=range(100, 132)) -> float:
 
 
 def test_ppo_update_raises_the_probability_of_the_rewarded_action():
-    before = target_probability(TamiyoPolicy.for_space(GraphBandit().observation_space, hidden=32,
-                                                       layers=2, dropout=0.0))
+    before = target_probability(
+        TamiyoPolicy.for_space(GraphBandit().observation_space, hidden=32, layers=2, dropout=0.0)
+    )
     logs = []
     policy = train(bandit_config(), GraphBandit, log=lambda m, s: logs.append((s, m)))
     after = target_probability(policy)
@@ -275,8 +294,13 @@ def test_resume_continues_global_step_optimizer_and_schedule(tmp_path):
     assert adam_steps == 2 * cfg.update_epochs * cfg.minibatches
 
     cfg_longer = bandit_config(total_steps=512, checkpoint_every=1)
-    train(cfg_longer, GraphBandit, log=lambda m, s: resumed.append((s, m)),
-          checkpoint_path=path, resume_from=path)
+    train(
+        cfg_longer,
+        GraphBandit,
+        log=lambda m, s: resumed.append((s, m)),
+        checkpoint_path=path,
+        resume_from=path,
+    )
     assert [s for s, _ in resumed] == [384, 512]
     # The learning-rate schedule picks up at update 3 of 4, not at update 1.
     assert resumed[0][1]["charts/lr"] == pytest.approx(cfg.lr * (1 - 2 / 4))
@@ -289,10 +313,22 @@ def test_resume_continues_global_step_optimizer_and_schedule(tmp_path):
 
 SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, val_size=256)
 LOGGED = (
-    "losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_frac",
-    "losses/explained_variance", "actions/wait", "actions/germinate", "actions/advance",
-    "actions/cull", "charts/steps_per_s", "charts/lr", "charts/episodes",
-    "charts/episodic_return", "charts/episodic_length", "uncertainty/value_std",
+    "losses/policy",
+    "losses/value",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clip_frac",
+    "losses/explained_variance",
+    "actions/wait",
+    "actions/germinate",
+    "actions/advance",
+    "actions/cull",
+    "charts/steps_per_s",
+    "charts/lr",
+    "charts/episodes",
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "uncertainty/value_std",
     "uncertainty/entropy",
 )
 
@@ -300,8 +336,9 @@ LOGGED = (
 def test_train_on_spirals_logs_every_metric(tmp_path):
     import esper_gym  # noqa: F401  (registers the ids)
 
-    make_env = functools.partial(gym.make, "Esper/Spirals-v0", kernel_dir=tmp_path / "kernels",
-                                 **SMALL_SPIRALS)
+    make_env = functools.partial(
+        gym.make, "Esper/Spirals-v0", kernel_dir=tmp_path / "kernels", **SMALL_SPIRALS
+    )
     logs = []
     cfg = PPOConfig(total_steps=192, num_envs=2, rollout_steps=32, update_epochs=2, seed=0)
     train(cfg, make_env, log=lambda m, s: logs.append((s, m)), checkpoint_path=tmp_path / "t.pt")
@@ -310,6 +347,39 @@ def test_train_on_spirals_logs_every_metric(tmp_path):
         assert set(LOGGED) <= set(metrics), set(LOGGED) - set(metrics)
         kinds = sum(metrics[f"actions/{k}"] for k in ("wait", "germinate", "advance", "cull"))
         assert kinds == 64
-        assert metrics["charts/episodes"] > 0  # 7-step episodes end within every rollout
+        assert metrics["charts/episodes"] > 0  # 4-step episodes end within every rollout
         assert all(np.isfinite(v) for v in metrics.values())
     assert load_checkpoint(tmp_path / "t.pt").global_step == 192
+
+
+# The CI learning task (as in experiments/tamiyo_vs_baselines.py): spirals with one slot per
+# layer and three blueprints, a cheap, a mid-sized and an expensive one.
+CI_SPIRALS = dict(seed_slots=1, blueprints=("norm", "squeeze_excite", "residual_mlp"))
+
+
+@pytest.mark.slow
+def test_tamiyo_beats_random_and_noop_on_spirals(tmp_path):
+    """About 4 minutes per seed on 2 shared cores: PPO for 4096 env steps (~50 episodes), then
+    10 held-out episodes (env seeds never seen in training) per agent, Tamiyo greedy."""
+    import esper_gym  # noqa: F401
+    from agents.baselines import NoOpAgent, RandomAgent, run_episode
+
+    make_env = functools.partial(
+        gym.make, "Esper/Spirals-v0", kernel_dir=tmp_path / "kernels", **CI_SPIRALS
+    )
+    env = make_env()
+    held_out = [10_000 + i for i in range(10)]
+    scores = {"tamiyo": [], "random": [], "noop": []}
+    for seed in (0, 1, 2):
+        cfg = PPOConfig(total_steps=4096, num_envs=4, rollout_steps=32, lr=1e-3, seed=seed)
+        agents = {
+            "tamiyo": train(cfg, make_env),
+            "random": RandomAgent(seed=seed),
+            "noop": NoOpAgent(),
+        }
+        for name, agent in agents.items():
+            returns = [run_episode(env, agent, seed=s)["return"] for s in held_out]
+            scores[name].append(np.mean(returns))
+    mean = {name: float(np.mean(s)) for name, s in scores.items()}
+    assert mean["tamiyo"] > mean["random"], scores
+    assert mean["tamiyo"] > mean["noop"], scores

@@ -1,0 +1,622 @@
+"""Tamiyo: a graph policy (PyG) and its PPO learner, readable top to bottom.
+
+The agent sees the host network as a graph (one node per growable layer, see
+esper_gym/observation.py) and answers with one flat `Discrete(A)` action laid out as in
+esper_gym/actions.py: column 0 is WAIT, then node p owns the contiguous block
+`1 + p * per_node .. 1 + (p + 1) * per_node` of slot-level actions. So the policy is
+
+    graph ──► message passing (GINE, residual, LayerNorm) ──► node embeddings h_p
+           └─► attentional pooling ⊕ MLP(globals) ──────────► graph context c
+    logits[1 + p * per_node : ...] = node_head(h_p ⊕ c)     (the same head for every node)
+    logits[0]                      = wait_head(c)
+    value                          = value_head(c)
+
+and because the node head is shared, the network does not care how many layers the host has: a
+policy trained on one host runs on another with a different depth (or `max_nodes`) as long as
+the slots and blueprints per node (`per_node`) match.
+
+Contents, in reading order: `GraphEncoder` (the trunk, reused by agents/sb3.py),
+`TamiyoPolicy`, checkpoints, `PPOConfig` and `train` (CleanRL's PPO with action masks).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Categorical
+from torch_geometric.nn import GINEConv
+from torch_geometric.nn.aggr import AttentionalAggregation
+
+from agents.baselines import layout_from_spaces
+from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT
+
+# Logit given to masked and padded actions. exp(-1e9 - logsumexp) is exactly 0.0 in float32,
+# so masked actions have probability 0, and unlike -inf it keeps entropy and log-probs finite.
+MASKED = -1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation -> PyG batch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GraphBatch:
+    """The fields of the PyG `Batch` that `esper_gym.observation.to_pyg` makes, and no more."""
+
+    x: torch.Tensor  # [N, node_dim] real nodes of every graph, graph after graph
+    edge_index: torch.Tensor  # [2, E] into x
+    edge_attr: torch.Tensor  # [E, edge_dim]
+    u: torch.Tensor  # [G, global_dim]
+    node_pos: torch.Tensor  # [N] a node's index inside its graph = its action block
+    action_mask: torch.Tensor  # [G, A] bool
+    batch: torch.Tensor  # [N] graph of each node
+    num_graphs: int
+
+    def to(self, device: str | torch.device) -> GraphBatch:
+        moved = {k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)}
+        return GraphBatch(**moved, num_graphs=self.num_graphs)
+
+
+def obs_to_batch(obs, device: str | torch.device = "cpu") -> GraphBatch:
+    """`esper_gym.observation.to_pyg` without the per-graph loop: same fields, same values.
+
+    Takes one observation or a batch (leading dim), as numpy arrays or tensors of any dtype
+    (SB3 hands over float32 for every key). Like to_pyg it relies on the observation contract:
+    real nodes are a prefix (`node_mask`), an edge is real when `edge_attr[..., 0] > 0.5`.
+    It exists for speed: to_pyg builds one `Data` per graph and then a `Batch`, ~1.7 ms for
+    one observation (a third of the 5 ms decision budget) and ~18 ms for a 64-graph minibatch;
+    this is a handful of tensor ops (~0.1 ms). tests/test_tamiyo.py checks both agree.
+    """
+
+    def t(key: str) -> torch.Tensor:
+        return torch.as_tensor(obs[key])
+
+    nodes, edges, edge_attr = t("nodes"), t("edges"), t("edge_attr")
+    node_mask, globals_, action_mask = t("node_mask"), t("globals"), t("action_mask")
+    if nodes.dim() == 2:
+        nodes, edges, edge_attr = nodes[None], edges[None], edge_attr[None]
+        node_mask, globals_, action_mask = node_mask[None], globals_[None], action_mask[None]
+    n_graphs, max_nodes = node_mask.shape
+    node_mask = node_mask > 0.5
+    counts = node_mask.sum(1)
+    first = torch.cumsum(counts, 0) - counts  # index of each graph's first node in x
+    real_edge = edge_attr[..., 0] > 0.5
+    edge_index = (edges.round().long() + first[:, None, None])[real_edge].t().contiguous()
+    batch = GraphBatch(
+        x=nodes[node_mask].float(),
+        edge_index=edge_index,
+        edge_attr=edge_attr[real_edge].float(),
+        u=globals_.float(),
+        node_pos=torch.arange(max_nodes).expand(n_graphs, max_nodes)[node_mask],
+        action_mask=action_mask > 0.5,
+        batch=torch.repeat_interleave(torch.arange(n_graphs), counts),
+        num_graphs=n_graphs,
+    )
+    return batch if torch.device(device).type == "cpu" else batch.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------
+
+
+class GraphEncoder(nn.Module):
+    """Message-passing trunk: PyG batch -> (node embeddings [N, hidden], graph context [G, hidden]).
+
+    The batch needs `x`, `edge_index`, `edge_attr`, `batch`, `u` (globals, one row per graph)
+    as made by `esper_gym.observation.to_pyg`. Edges follow data flow in the observation;
+    here each edge is also used backwards (with a direction feature), so a layer hears about
+    the layers after it as well as before it.
+    """
+
+    def __init__(
+        self,
+        node_dim: int,
+        global_dim: int,
+        edge_dim: int,
+        hidden: int = 64,
+        layers: int = 3,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.hidden = hidden
+        self.node_in = nn.Linear(node_dim, hidden)
+        self.convs = nn.ModuleList(
+            GINEConv(
+                nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden)),
+                train_eps=True,
+                edge_dim=edge_dim + 1,  # + direction: +1 along data flow, -1 against it
+            )
+            for _ in range(layers)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
+        self.node_out = nn.LayerNorm(hidden)
+        self.pool = AttentionalAggregation(
+            gate_nn=nn.Linear(hidden, 1), nn=nn.Linear(hidden, hidden)
+        )
+        self.globals_in = nn.Sequential(
+            nn.Linear(global_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden)
+        )
+        self.context = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.LayerNorm(hidden))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ei, ea = batch.edge_index, batch.edge_attr
+        ones = ea.new_ones(ea.shape[0], 1)
+        edge_index = torch.cat([ei, ei.flip(0)], dim=1)
+        edge_attr = torch.cat([torch.cat([ea, ones], 1), torch.cat([ea, -ones], 1)], dim=0)
+
+        h = self.node_in(batch.x)
+        for conv, norm in zip(self.convs, self.norms):
+            # Pre-norm residual block: depth can grow without the embeddings blowing up.
+            h = h + self.drop(F.relu(conv(norm(h), edge_index, edge_attr)))
+        h = self.node_out(h)
+
+        pooled = self.pool(h, index=batch.batch, dim_size=batch.num_graphs)
+        ctx = self.context(torch.cat([pooled, self.globals_in(batch.u)], dim=1))
+        return h, self.drop(ctx)
+
+
+def _head(inp: int, hidden: int, out: int, gain: float) -> nn.Sequential:
+    last = nn.Linear(hidden, out)
+    # CleanRL's init: a tiny policy head makes the first policy uniform over valid actions.
+    nn.init.orthogonal_(last.weight, gain)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), last)
+
+
+class TamiyoPolicy(nn.Module):
+    """Actor-critic over the model graph: `forward(batch) -> (logits [G, A], value [G])`.
+
+    - `batch` is what `obs_to_batch(obs)` (or `to_pyg(obs)`) returns for one or many
+      observations; graphs in a batch may have different numbers of nodes. A is read from
+      `batch.action_mask`, so any `max_nodes` works, with A = 1 + max_nodes * per_node_actions.
+    - Node p's `per_node_actions` logits land in columns `1 + p * per_node ...`; columns of
+      padded nodes and every action with `action_mask` False get `MASKED` (probability 0).
+      If a mask were all False the distribution would be uniform; the env keeps WAIT valid.
+    - WAIT is one logit among the others, from its own head with no extra bias: at
+      initialisation every valid action is about equally likely, so WAIT gets 1/(valid
+      actions), not the half of the mass that a separate "act or wait" switch would give it.
+      An agent that learns "WAIT is always safe" has to learn it from rewards.
+    - `value` is in reward units. When `train(norm_returns=True)` the value head predicts
+      normalised returns and the running mean/var buffers here map it back.
+    """
+
+    def __init__(
+        self,
+        node_dim: int,
+        global_dim: int,
+        edge_dim: int,
+        per_node_actions: int,
+        hidden: int = 64,
+        layers: int = 3,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.init_kwargs = dict(
+            node_dim=node_dim,
+            global_dim=global_dim,
+            edge_dim=edge_dim,
+            per_node_actions=per_node_actions,
+            hidden=hidden,
+            layers=layers,
+            dropout=dropout,
+        )
+        self.per_node = per_node_actions
+        self.encoder = GraphEncoder(node_dim, global_dim, edge_dim, hidden, layers, dropout)
+        self.node_head = _head(2 * hidden, hidden, per_node_actions, gain=0.01)
+        self.wait_head = _head(hidden, hidden, 1, gain=0.01)
+        self.value_head = _head(hidden, hidden, 1, gain=1.0)
+        self.register_buffer("ret_mean", torch.zeros(()))
+        self.register_buffer("ret_var", torch.ones(()))
+        self.register_buffer("ret_count", torch.zeros(()))
+
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        h, ctx = self.encoder(batch)
+        mask = batch.action_mask
+        g, n_actions = mask.shape
+        if (n_actions - 1) % self.per_node:
+            raise ValueError(
+                f"action space of {n_actions} does not fit blocks of {self.per_node} per node"
+            )
+
+        node_logits = self.node_head(torch.cat([h, ctx[batch.batch]], dim=1))  # [N, per_node]
+        logits = node_logits.new_full((g, n_actions), MASKED)
+        logits[:, 0] = self.wait_head(ctx).squeeze(1)
+        cols = (
+            1
+            + batch.node_pos[:, None] * self.per_node
+            + torch.arange(self.per_node, device=h.device)
+        )
+        logits[batch.batch[:, None], cols] = node_logits
+        logits = logits.masked_fill(~mask, MASKED)
+
+        value = self.value_head(ctx).squeeze(1)
+        value = value * (self.ret_var + 1e-8).sqrt() + self.ret_mean
+        return logits, value
+
+    @torch.no_grad()
+    def uncertainty(self, batch, samples: int = 8) -> dict[str, torch.Tensor]:
+        """MC dropout: `samples` forward passes with dropout on.
+
+        Returns per graph `value_std` (std of the value across passes, reward units) and
+        `entropy` (policy entropy averaged across passes). Leaves the module's mode unchanged.
+        """
+        was_training = self.training
+        self.train()
+        values, entropies = [], []
+        for _ in range(samples):
+            logits, value = self(batch)
+            values.append(value)
+            entropies.append(Categorical(logits=logits).entropy())
+        self.train(was_training)
+        return {
+            "value_std": torch.stack(values).std(0, unbiased=False),
+            "entropy": torch.stack(entropies).mean(0),
+        }
+
+    @torch.inference_mode()
+    def act(self, obs, info: dict | None = None, *, greedy: bool = True) -> int:
+        """One observation (the env's Dict, unbatched) -> action index. Eval mode, no dropout.
+
+        `info` is ignored; it is there so that Tamiyo has the baselines' `act(obs, info)`.
+        """
+        was_training = self.training
+        self.eval()
+        logits, _ = self(obs_to_batch(obs))
+        self.train(was_training)
+        if greedy:
+            return int(logits[0].argmax())
+        return int(Categorical(logits=logits[0]).sample())
+
+    @classmethod
+    def for_space(cls, space: gym.spaces.Dict, **kw) -> TamiyoPolicy:
+        """Size a policy from an observation space (the env's Dict)."""
+        max_nodes, node_dim = space["nodes"].shape
+        n_actions = space["action_mask"].shape[0]
+        return cls(
+            node_dim=node_dim,
+            global_dim=space["globals"].shape[0],
+            edge_dim=space["edge_attr"].shape[1],
+            per_node_actions=(n_actions - 1) // max_nodes,
+            **kw,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    policy: TamiyoPolicy
+    optimizer_state: dict | None
+    global_step: int
+    config: dict
+    torch_rng: torch.Tensor | None
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    policy: TamiyoPolicy,
+    optimizer: torch.optim.Optimizer | None,
+    global_step: int,
+    config: PPOConfig | dict | None,
+) -> None:
+    """Write everything a resumed run needs; atomic, so a crash never leaves half a file."""
+    state = {
+        "policy_kwargs": policy.init_kwargs,
+        "policy": policy.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "global_step": int(global_step),
+        "config": asdict(config) if isinstance(config, PPOConfig) else dict(config or {}),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Checkpoint:
+    """Rebuild the policy from a checkpoint (tensors and plain values only: weights_only)."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    policy = TamiyoPolicy(**state["policy_kwargs"])
+    policy.load_state_dict(state["policy"])
+    return Checkpoint(
+        policy=policy,
+        optimizer_state=state["optimizer"],
+        global_step=state["global_step"],
+        config=state["config"],
+        torch_rng=state["torch_rng"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig:
+    total_steps: int = 20_000  # env steps over all envs
+    num_envs: int = 4
+    rollout_steps: int = 64  # per env per update
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    clip_vloss: bool = True
+    ent_coef: float = 0.01
+    # Entropy floor (nats): below it a hinge term `ent_floor_coef * (floor - entropy)` pushes
+    # the policy back towards exploring. 0 turns it off; entropy is logged either way.
+    ent_floor: float = 0.0
+    ent_floor_coef: float = 0.1
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    lr: float = 3e-4
+    update_epochs: int = 4
+    minibatches: int = 4
+    target_kl: float | None = None
+    anneal_lr: bool = True
+    norm_adv: bool = True
+    # Value targets normalised by running return statistics: rewards of any scale then give a
+    # value loss of order 1, which keeps explained variance from sitting at or below 0.
+    norm_returns: bool = True
+    seed: int = 0
+    hidden: int = 64
+    layers: int = 3
+    dropout: float = 0.1
+    async_envs: bool = False  # AsyncVectorEnv (spawn) instead of SyncVectorEnv
+    checkpoint_every: int = 10  # updates; only when a checkpoint_path is given
+    uncertainty_samples: int = 8  # MC-dropout passes on the last observations (0: skip)
+
+
+def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: bool = False):
+    """num_envs copies, autoreset in the same step (the final obs comes back in info)."""
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if use_async:
+        # Spawn, not fork: torch and fork do not mix. Graph obs are small; no shared memory.
+        # make_env must be picklable (a module-level function or functools.partial).
+        return gym.vector.AsyncVectorEnv(
+            [make_env] * num_envs, context="spawn", shared_memory=False, autoreset_mode=mode
+        )
+    return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=mode)
+
+
+def _index(obs: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in obs.items()}
+
+
+def _final_obs(info: dict, i: int) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v[i]) for k, v in info["final_obs"].items()}
+
+
+def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
+    var = np.var(target)
+    return float("nan") if var == 0 else float(1 - np.var(target - pred) / var)
+
+
+def train(
+    config: PPOConfig,
+    make_env: Callable[[], gym.Env],
+    log: Callable[[dict, int], None] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+) -> TamiyoPolicy:
+    """PPO (CleanRL's ppo.py, with action masks and graph observations) -> trained policy.
+
+    Every update calls `log(metrics, global_step)` with: losses/{policy,value,entropy,
+    approx_kl,clip_frac,explained_variance}, actions/{wait,germinate,advance,cull} (counts in
+    the rollout), charts/{steps_per_s,lr,episodes,episodic_return,episodic_length} (the two
+    last only when an episode ended in the rollout), uncertainty/{value_std,entropy}.
+
+    With `checkpoint_path` the run is saved every `config.checkpoint_every` updates and at the
+    end. `resume_from` continues that run: weights, optimizer, global_step, return statistics
+    and torch RNG come back; episodes in flight at the save are lost (envs are reset, with
+    seeds offset by global_step so that they are new episodes). Dropout is on during updates
+    (so MC dropout means something) and off while acting; approx_kl includes that noise.
+    """
+    torch.manual_seed(config.seed)
+    envs = make_vector_env(make_env, config.num_envs, config.async_envs)
+    space = envs.single_observation_space
+    layout = layout_from_spaces(space, envs.single_action_space)  # for the action histogram
+    n_envs, n_steps = config.num_envs, config.rollout_steps
+    batch_size = n_envs * n_steps
+    minibatch_size = max(batch_size // config.minibatches, 1)
+    num_updates = math.ceil(config.total_steps / batch_size)
+
+    policy = TamiyoPolicy.for_space(
+        space, hidden=config.hidden, layers=config.layers, dropout=config.dropout
+    )
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+    global_step = 0
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        policy = ckpt.policy
+        optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+        if ckpt.optimizer_state is not None:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        global_step = ckpt.global_step
+        if ckpt.torch_rng is not None:
+            torch.set_rng_state(ckpt.torch_rng)
+
+    # Rollout storage: observations stay numpy (obs_to_batch batches them per minibatch).
+    obs_buf = {k: np.zeros((n_steps, n_envs, *s.shape), s.dtype) for k, s in space.items()}
+    actions = torch.zeros(n_steps, n_envs, dtype=torch.long)
+    logprobs = torch.zeros(n_steps, n_envs)
+    rewards = torch.zeros(n_steps, n_envs)
+    dones = torch.zeros(n_steps, n_envs)
+    values = torch.zeros(n_steps, n_envs)
+
+    next_obs, _ = envs.reset(seed=config.seed + global_step)
+    next_done = torch.zeros(n_envs)
+    ep_return, ep_length = np.zeros(n_envs), np.zeros(n_envs, dtype=int)
+
+    first_update = global_step // batch_size + 1
+    for update in range(first_update, num_updates + 1):
+        if config.anneal_lr:
+            optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (update - 1) / num_updates)
+        start = time.perf_counter()
+        finished_returns, finished_lengths = [], []
+
+        # --- rollout: act with dropout off --------------------------------------------------
+        policy.eval()
+        for step in range(n_steps):
+            global_step += n_envs
+            for k in obs_buf:
+                obs_buf[k][step] = next_obs[k]
+            dones[step] = next_done
+            with torch.no_grad():
+                logits, value = policy(obs_to_batch(next_obs))
+                dist = Categorical(logits=logits)
+                action = dist.sample()
+            actions[step], logprobs[step], values[step] = action, dist.log_prob(action), value
+
+            next_obs, reward, terminated, truncated, info = envs.step(action.numpy())
+            done = np.logical_or(terminated, truncated)
+            ep_return += reward
+            ep_length += 1
+            reward = torch.as_tensor(reward, dtype=torch.float32)
+            for i in np.flatnonzero(done):
+                finished_returns.append(ep_return[i])
+                finished_lengths.append(ep_length[i])
+                ep_return[i], ep_length[i] = 0.0, 0
+                if truncated[i] and not terminated[i]:
+                    # Cut by a time limit, not ended: bootstrap from the real final state.
+                    with torch.no_grad():
+                        reward[i] += config.gamma * policy(obs_to_batch(_final_obs(info, i)))[1][0]
+            rewards[step] = reward
+            next_done = torch.as_tensor(done, dtype=torch.float32)
+
+        # --- GAE ----------------------------------------------------------------------------
+        with torch.no_grad():
+            next_value = policy(obs_to_batch(next_obs))[1]
+        advantages = torch.zeros_like(rewards)
+        last_gae = torch.zeros(n_envs)
+        for t in reversed(range(n_steps)):
+            if t == n_steps - 1:
+                next_nonterminal, next_values = 1.0 - next_done, next_value
+            else:
+                next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
+            delta = rewards[t] + config.gamma * next_values * next_nonterminal - values[t]
+            last_gae = delta + config.gamma * config.gae_lambda * next_nonterminal * last_gae
+            advantages[t] = last_gae
+        returns = advantages + values
+
+        if config.norm_returns:
+            _update_return_stats(policy, returns.flatten())
+        value_scale = (policy.ret_var + 1e-8).sqrt() if config.norm_returns else torch.ones(())
+
+        # --- update: dropout on -------------------------------------------------------------
+        b_obs = {k: v.reshape(batch_size, *v.shape[2:]) for k, v in obs_buf.items()}
+        b_actions, b_logprobs = actions.flatten(), logprobs.flatten()
+        b_adv, b_returns, b_values = advantages.flatten(), returns.flatten(), values.flatten()
+        policy.train()
+        clip_fracs, approx_kl = [], torch.zeros(())
+        for _epoch in range(config.update_epochs):
+            perm = torch.randperm(batch_size)
+            for lo in range(0, batch_size, minibatch_size):
+                mb = perm[lo : lo + minibatch_size]
+                logits, new_value = policy(obs_to_batch(_index(b_obs, mb.numpy())))
+                dist = Categorical(logits=logits)
+                new_logprob = dist.log_prob(b_actions[mb])
+                entropy = dist.entropy().mean()
+                log_ratio = new_logprob - b_logprobs[mb]
+                ratio = log_ratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clip_fracs.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
+
+                adv = b_adv[mb]
+                if config.norm_adv and len(mb) > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                pg_loss = torch.max(
+                    -adv * ratio, -adv * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef)
+                ).mean()
+
+                # Value loss in normalised units (value_scale is 1 without norm_returns).
+                v_new = new_value / value_scale
+                v_target = b_returns[mb] / value_scale
+                if config.clip_vloss:
+                    v_old = b_values[mb] / value_scale
+                    v_clipped = v_old + (v_new - v_old).clamp(-config.clip_coef, config.clip_coef)
+                    v_loss = 0.5 * torch.max((v_new - v_target) ** 2, (v_clipped - v_target) ** 2)
+                    v_loss = v_loss.mean()
+                else:
+                    v_loss = 0.5 * ((v_new - v_target) ** 2).mean()
+
+                loss = pg_loss - config.ent_coef * entropy + config.vf_coef * v_loss
+                if config.ent_floor > 0:
+                    loss = loss + config.ent_floor_coef * F.relu(config.ent_floor - entropy)
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                optimizer.step()
+            if config.target_kl is not None and approx_kl > config.target_kl:
+                break
+
+        # --- log ----------------------------------------------------------------------------
+        kinds = [layout.decode(int(a)).kind for a in b_actions]
+        metrics = {
+            "losses/policy": pg_loss.item(),
+            "losses/value": v_loss.item(),
+            "losses/entropy": entropy.item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clip_frac": torch.stack(clip_fracs).mean().item(),
+            "losses/explained_variance": explained_variance(b_values.numpy(), b_returns.numpy()),
+            **{f"actions/{k}": kinds.count(k) for k in (WAIT, GERMINATE, ADVANCE, CULL)},
+            "charts/steps_per_s": batch_size / (time.perf_counter() - start),
+            "charts/lr": optimizer.param_groups[0]["lr"],
+            "charts/episodes": len(finished_returns),
+        }
+        if finished_returns:
+            metrics["charts/episodic_return"] = float(np.mean(finished_returns))
+            metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
+        if config.uncertainty_samples > 0:
+            unc = policy.uncertainty(obs_to_batch(next_obs), config.uncertainty_samples)
+            metrics["uncertainty/value_std"] = unc["value_std"].mean().item()
+            metrics["uncertainty/entropy"] = unc["entropy"].mean().item()
+        if log is not None:
+            log(metrics, global_step)
+        if checkpoint_path is not None and (
+            update % config.checkpoint_every == 0 or update == num_updates
+        ):
+            save_checkpoint(checkpoint_path, policy, optimizer, global_step, config)
+
+    envs.close()
+    policy.eval()
+    return policy
+
+
+@torch.no_grad()
+def _update_return_stats(policy: TamiyoPolicy, x: torch.Tensor) -> None:
+    """Running mean/var of returns (parallel Welford), kept as buffers so they checkpoint."""
+    count, mean, var = policy.ret_count, policy.ret_mean, policy.ret_var
+    b_count, b_mean, b_var = x.numel(), x.mean(), x.var(unbiased=False)
+    if count == 0:
+        policy.ret_mean.copy_(b_mean)
+        policy.ret_var.copy_(b_var.clamp_min(1e-4))
+        policy.ret_count.fill_(b_count)
+        return
+    total = count + b_count
+    delta = b_mean - mean
+    policy.ret_mean.copy_(mean + delta * b_count / total)
+    m2 = var * count + b_var * b_count + delta**2 * count * b_count / total
+    policy.ret_var.copy_((m2 / total).clamp_min(1e-4))
+    policy.ret_count.copy_(total)
+
+
+def checkpoint_config(ckpt: Checkpoint) -> PPOConfig:
+    """The PPOConfig a checkpoint was trained with (unknown keys from newer versions dropped)."""
+    known = {f.name for f in fields(PPOConfig)}
+    return PPOConfig(**{k: v for k, v in ckpt.config.items() if k in known})
