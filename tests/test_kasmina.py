@@ -274,7 +274,7 @@ def test_health_signal_is_measured_from_the_recorded_pass():
     assert sig.act_var == pytest.approx(float(out.detach().var(unbiased=False)), rel=1e-5)
     grad = torch.cat([layer.host.weight.grad.flatten(), layer.host.bias.grad.flatten()])
     assert sig.grad_norm == pytest.approx(float(grad.norm()), rel=1e-5)
-    assert sig.weight_norm == pytest.approx(float(layer.host.weight.norm()), rel=1e-5)
+    assert sig.weight_norm == pytest.approx(float(layer.host.weight.detach().norm()), rel=1e-5)
     assert sig.latency_ms > 0
     assert sig.params == 4 * 6 + 6 and (sig.fan_in, sig.fan_out) == (4, 6)
     assert sig.slots[0].state == int(S.DORMANT)
