@@ -12,6 +12,7 @@ return the wrong shape, or are slow, and survive torch.export so the fault happe
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ def _zero_(*layers: nn.Module) -> None:
 
 
 @dataclass(frozen=True)
-class Blueprint:
+class Blueprint(abc.ABC):
     """A kernel template: its fields are the hyper-parameters, `build(shape)` makes the module.
 
     Subclasses set `name`, `host_kinds` (a subset of ("linear", "conv")), optionally `is_fault`,
@@ -99,11 +100,13 @@ class Blueprint:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
 
+    @abc.abstractmethod
     def _build(self, shape: Shape) -> nn.Module:
-        raise NotImplementedError
+        """The module for a supported `shape` (each template defines it)."""
 
+    @abc.abstractmethod
     def _param_count(self, shape: Shape) -> int:
-        raise NotImplementedError
+        """Exact parameter count for a supported `shape` (each template defines it)."""
 
 
 # --- real templates ----------------------------------------------------------------------------
