@@ -15,8 +15,9 @@ and because the node head is shared, the network does not care how many layers t
 policy trained on one host runs on another with a different depth (or `max_nodes`) as long as
 the slots and blueprints per node (`per_node`) match.
 
-Contents, in reading order: `GraphEncoder` (the trunk, reused by agents/sb3.py),
-`TamiyoPolicy`, checkpoints, `PPOConfig` and `train` (CleanRL's PPO with action masks).
+Contents, in reading order: `obs_to_batch` (observation -> graph batch), `GraphEncoder` (the
+trunk, reused by agents/sb3.py), `TamiyoPolicy`, checkpoints, `PPOConfig` and `train` (CleanRL's
+PPO with action masks).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -270,11 +271,16 @@ class TamiyoPolicy(nn.Module):
         """One observation (the env's Dict, unbatched) -> action index. Eval mode, no dropout.
 
         `info` is ignored; it is there so that Tamiyo has the baselines' `act(obs, info)`.
+        Greedy can differ a lot from sampling: when the policy spreads its growth mass over
+        several germinate actions, WAIT may still be the single argmax, and a greedy agent then
+        waits all episode (seen on spirals; experiments/tamiyo_vs_baselines.py reports both).
         """
         was_training = self.training
-        self.eval()
+        if was_training:  # module.train()/eval() walk every submodule: only pay when needed
+            self.eval()
         logits, _ = self(obs_to_batch(obs))
-        self.train(was_training)
+        if was_training:
+            self.train()
         if greedy:
             return int(logits[0].argmax())
         return int(Categorical(logits=logits[0]).sample())
@@ -614,9 +620,3 @@ def _update_return_stats(policy: TamiyoPolicy, x: torch.Tensor) -> None:
     m2 = var * count + b_var * b_count + delta**2 * count * b_count / total
     policy.ret_var.copy_((m2 / total).clamp_min(1e-4))
     policy.ret_count.copy_(total)
-
-
-def checkpoint_config(ckpt: Checkpoint) -> PPOConfig:
-    """The PPOConfig a checkpoint was trained with (unknown keys from newer versions dropped)."""
-    known = {f.name for f in fields(PPOConfig)}
-    return PPOConfig(**{k: v for k, v in ckpt.config.items() if k in known})
