@@ -347,7 +347,7 @@ def _check_payload_config(archive: zipfile.ZipFile, path: str, pattern: str) -> 
 
 
 def inspect_artifact(artifact: bytes) -> ArtifactInfo:
-    """All structural checks of a pt2 archive; returns its shapes and hard-coded devices.
+    """All structural checks of a pt2 archive; returns its shapes and the devices written into its graph.
 
     Refuses (KernelRejected): not a zip / truncated / CRC failure; members outside the pt2
     layout; anything but exactly one program named "model"; pickled weights or constants;
