@@ -1,11 +1,15 @@
 """Every template compiles, loads and runs on every slot shape of every host we ship."""
 
+import json
+
 import pytest
 import torch
 
 from esper_gym.hosts import build_host
 from esper_gym.kasmina import kasmina_layers
 from esper_gym.kernels import BlueprintGenerator, KernelCache, KernelStore, load_or_compile
+from esper_gym.kernels.archive import read_members
+from esper_gym.kernels.compiler import ALLOWED_OPS, op_schema_problem
 from esper_gym.tasks import TASKS
 
 # Input shape and classes per dataset, so that no dataset has to be loaded to build a host.
@@ -55,3 +59,18 @@ def test_template_compiles_and_runs_on_a_shipped_slot(shape, name, budget, store
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert torch.equal(out, torch.zeros_like(out))  # a new seed changes nothing
     assert meta.param_count == sum(p.numel() for p in kernel.parameters()) <= budget
+
+
+def test_allowed_ops_are_exactly_what_the_shipped_templates_call(store):
+    # The validator's allow-list is derived from the templates: it must cover every op they
+    # export to (or a shipped kernel would be refused) and hold nothing else (or it admits ops
+    # no kernel needs). Store hits after the test above, so this compiles nothing new.
+    used = set()
+    for shape, name, budget in SLOTS:
+        blueprint = BlueprintGenerator((name,)).propose(shape, name, budget)
+        _, meta = load_or_compile(blueprint, shape, *store)
+        artifact, _ = store[0].get(meta.sha256)
+        doc = json.loads(read_members(artifact)["archive/models/model.json"])
+        used |= {node["target"] for node in doc["graph_module"]["graph"]["nodes"]}
+    assert used == ALLOWED_OPS, (used - ALLOWED_OPS, ALLOWED_OPS - used)
+    assert all(op_schema_problem(op) is None for op in ALLOWED_OPS)

@@ -8,6 +8,11 @@ Several processes (the workers of a vector env) may share one root. Files are wr
 temp file, fsynced and os.replace'd into place, so a reader never sees a partial artifact; index
 rows are written after the file with INSERT OR IGNORE, so two writers of the same kernel agree
 (content addressing makes their bytes identical) and a row always points at a complete file.
+
+A store may be shared or downloaded, so its contents are untrusted: objects are read only when
+they are regular files (no symlink, FIFO or device) under real directories of the root, at most
+MAX_ARCHIVE_BYTES; index rows must agree with each other and with the file's sha256; temp files
+left by killed writers are swept when the store is opened.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import hashlib
 import os
 import re
 import sqlite3
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from esper_gym.kernels.archive import MAX_ARCHIVE_BYTES
 from esper_gym.kernels.compiler import KernelMetadata, KernelRejected
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -30,10 +38,38 @@ _SCHEMA = (
 )
 
 
+# A writer's temp file older than this was left by a killed process (a write takes ms).
+STALE_TMP_S = 3600.0
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file of at most MAX_ARCHIVE_BYTES, not a symlink.
+
+    FileNotFoundError if absent; KernelRejected otherwise. O_NONBLOCK: opening a FIFO must not
+    hang; O_NOFOLLOW: a symlink (to /dev/zero, or out of the store) is refused, not followed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise KernelRejected(f"{path}: not a regular file ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise KernelRejected(f"{path}: not a regular file")
+        if info.st_size > MAX_ARCHIVE_BYTES:
+            raise KernelRejected(f"{path}: {info.st_size} bytes, at most {MAX_ARCHIVE_BYTES}")
+        data = f.read(MAX_ARCHIVE_BYTES + 1)
+    if len(data) > MAX_ARCHIVE_BYTES:
+        raise KernelRejected(f"{path}: grew past {MAX_ARCHIVE_BYTES} bytes while read")
+    return data
+
+
 def _holds(path: Path, sha: str) -> bool:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest() == sha
-    except FileNotFoundError:
+        return hashlib.sha256(_read_regular(path)).hexdigest() == sha
+    except (FileNotFoundError, KernelRejected):
         return False
 
 
@@ -44,6 +80,8 @@ class KernelStore:
         self.root = Path(root)
         self.busy_timeout_s = busy_timeout_s
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
+        self._real_dir(self.root / "objects")
+        self._sweep_tmp()
         with self._db() as db:
             # WAL lets readers proceed while a writer commits; the setting persists in the file.
             db.execute("PRAGMA journal_mode=WAL")
@@ -61,6 +99,22 @@ class KernelStore:
                 yield db
         finally:
             db.close()
+
+    def _real_dir(self, path: Path) -> Path:
+        # A symlinked objects/ or shard directory would put reads and writes outside the store.
+        if path.is_symlink() or not path.is_dir():
+            raise KernelRejected(f"{path}: store directories must be real directories")
+        return path
+
+    def _sweep_tmp(self) -> None:
+        now = time.time()
+        for shard in (self.root / "objects").iterdir():
+            if shard.is_symlink() or not shard.is_dir():
+                continue
+            for tmp in shard.glob(".tmp-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    if not tmp.is_symlink() and now - tmp.lstat().st_mtime > STALE_TMP_S:
+                        tmp.unlink()
 
     def path(self, sha: str) -> Path:
         """Where the artifact `sha` lives (whether or not it exists)."""
@@ -80,6 +134,9 @@ class KernelStore:
         path = self.path(digest)
         if not _holds(path, digest):  # absent, or corrupt on disk: (re)write it
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._real_dir(path.parent)
+            if path.is_symlink():
+                path.unlink()  # os.replace swaps the link itself, but say so plainly
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt2")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -117,9 +174,12 @@ class KernelStore:
         missing or its bytes no longer hash to `sha` (corruption on disk).
         """
         meta = self.meta(sha)
+        if meta.sha256 != sha:
+            raise KernelRejected(f"kernel {sha}: its index row describes kernel {meta.sha256}")
         path = self.path(sha)
         try:
-            artifact = path.read_bytes()
+            self._real_dir(path.parent)
+            artifact = _read_regular(path)
         except FileNotFoundError:
             raise KernelRejected(f"kernel {sha}: indexed but its file {path} is missing") from None
         digest = hashlib.sha256(artifact).hexdigest()
@@ -128,14 +188,27 @@ class KernelStore:
         return artifact, meta
 
     def find(self, recipe_key: str) -> KernelMetadata | None:
-        """Metadata of the artifact compiled from `recipe_key`, or None if there is none."""
+        """Metadata of the artifact compiled from `recipe_key`, or None if there is none.
+
+        KernelRejected if the index disagrees with itself: a recipe row pointing at a kernel
+        whose metadata names another sha or another recipe (a tampered index could otherwise
+        serve any valid kernel for any request).
+        """
         with self._db() as db:
             row = db.execute(
-                "SELECT k.meta FROM recipes r JOIN kernels k ON k.sha256 = r.sha256 "
+                "SELECT r.sha256, k.meta FROM recipes r JOIN kernels k ON k.sha256 = r.sha256 "
                 "WHERE r.recipe_key = ?",
                 (recipe_key,),
             ).fetchone()
-        return None if row is None else KernelMetadata.from_json(row[0])
+        if row is None:
+            return None
+        meta = KernelMetadata.from_json(row[1])
+        if meta.sha256 != row[0] or meta.recipe_key != recipe_key:
+            raise KernelRejected(
+                f"store index at {self.root}: recipe {recipe_key} points at kernel {row[0]}, "
+                f"whose metadata is for kernel {meta.sha256}, recipe {meta.recipe_key}"
+            )
+        return meta
 
     def shas(self) -> list[str]:
         with self._db() as db:

@@ -1,0 +1,517 @@
+"""Attacks on the kernel artifact path, each crafted for real: refused, and nothing ran.
+
+Every test here builds the hostile bytes itself. Where it is cheap, a control shows that the
+crafted artifact really does what it should not when handed to torch without our checks, so a
+refusal here is a refusal of a working attack, not of a broken file.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import time
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from esper_gym.kernels import (
+    BLUEPRINTS,
+    KernelCache,
+    KernelMetadata,
+    KernelRejected,
+    KernelStore,
+    compile_blueprint,
+    load_artifact,
+    validate_artifact,
+)
+from esper_gym.kernels.archive import MAX_ARCHIVE_BYTES, pack_members, read_members
+from esper_gym.kernels.compiler import op_schema_problem
+
+SHAPE = (16,)
+MODEL_JSON = "archive/models/model.json"
+SAMPLE_INPUTS = "archive/data/sample_inputs/model.pt"
+WEIGHTS_CONFIG = "archive/data/weights/model_weights_config.json"
+
+
+@pytest.fixture(scope="module")
+def norm16():
+    return compile_blueprint(BLUEPRINTS["norm"](), SHAPE)
+
+
+def _zip(members):
+    """A plain stored zip of `members` (name -> bytes), in order, as Python's zipfile writes it."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return out.getvalue()
+
+
+def _members(artifact):
+    archive = zipfile.ZipFile(io.BytesIO(artifact))
+    return {name: archive.read(name) for name in archive.namelist()}
+
+
+class _WritesFile:
+    """Unpickling this creates `path`: proof that a pickle ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _evil_sample_inputs(artifact, marker):
+    inner = _members(_members(artifact)[SAMPLE_INPUTS])
+    root = next(iter(inner)).split("/")[0]
+    inner[f"{root}/data.pkl"] = pickle.dumps(_WritesFile(marker), protocol=2)
+    return _zip(inner)
+
+
+def _meta_for(evil, like):
+    return dataclasses.replace(like, sha256=hashlib.sha256(evil).hexdigest(), size_bytes=len(evil))
+
+
+# --- 1. ops that write files or mutate their input -----------------------------------------------
+
+
+def _with_file_writer(artifact, path):
+    """The graph first maps `path` (aten.from_file, shared) and fills it with b"A": a write to
+    an attacker-chosen file the first time the kernel runs."""
+    members = _members(artifact)
+    doc = json.loads(members[MODEL_JSON])
+    graph = doc["graph_module"]["graph"]
+    byte = {
+        "dtype": 1,
+        "sizes": [{"as_int": 6}],
+        "requires_grad": False,
+        "device": {"type": "cpu", "index": None},
+        "strides": [{"as_int": 1}],
+        "storage_offset": {"as_int": 0},
+        "layout": 7,
+    }
+    graph["tensor_values"].update(mapped=byte, filled=dict(byte))
+    graph["nodes"][:0] = [
+        {
+            "target": "torch.ops.aten.from_file.default",
+            "inputs": [
+                {"name": "filename", "arg": {"as_string": str(path)}, "kind": 1},
+                {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                {"name": "size", "arg": {"as_int": 6}, "kind": 1},
+                {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2},
+            ],
+            "outputs": [{"as_tensor": {"name": "mapped"}}],
+            "metadata": {},
+            "is_hop_single_tensor_return": None,
+            "name": "mapped",
+        },
+        {
+            "target": "torch.ops.aten.fill_.Scalar",
+            "inputs": [
+                {"name": "self", "arg": {"as_tensor": {"name": "mapped"}}, "kind": 1},
+                {"name": "value", "arg": {"as_int": 65}, "kind": 1},
+            ],
+            "outputs": [{"as_tensor": {"name": "filled"}}],
+            "metadata": {},
+            "is_hop_single_tensor_return": None,
+            "name": "filled",
+        },
+    ]
+    members[MODEL_JSON] = json.dumps(doc).encode()
+    return _zip(members)
+
+
+def test_control_a_from_file_graph_writes_the_file_when_torch_runs_it(tmp_path, norm16):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"intact")
+    program = torch.export.load(io.BytesIO(_with_file_writer(norm16[0], victim)))
+    program.module()(torch.randn(2, *SHAPE))
+    assert victim.read_bytes() == b"AAAAAA"
+
+
+def test_from_file_graph_refused_and_the_file_untouched(tmp_path, norm16):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"intact")
+    evil = _with_file_writer(norm16[0], victim)
+    with pytest.raises(KernelRejected, match=r"forbidden target 'torch.ops.aten.from_file"):
+        validate_artifact(evil)
+    store = KernelStore(tmp_path / "store")
+    meta = _meta_for(evil, norm16[1])
+    store.put(evil, meta)
+    with pytest.raises(KernelRejected, match="from_file"):
+        KernelCache(store).get(meta.sha256, expected_shape=SHAPE)
+    assert victim.read_bytes() == b"intact"
+
+
+class _InPlace(nn.Module):
+    def forward(self, x):
+        x.mul_(0)  # would zero the host's activation: the kernel's input shares its storage
+        return x * 1
+
+
+def test_a_kernel_that_mutates_its_input_is_refused():
+    program = torch.export.export(
+        _InPlace(), (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with pytest.raises(KernelRejected, match=r"forbidden target 'torch.ops.aten.mul_.Tensor'"):
+        validate_artifact(buffer.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("op", "why"),
+    [
+        ("from_file.default", "string argument 'filename'"),
+        ("copy_.default", "mutates"),
+        ("index_put_.default", "mutates"),
+        ("add.out", "mutates"),
+        ("empty.memory_format", "Device"),
+        ("save.default" if hasattr(torch.ops.aten, "save") else "set_.source_Storage", ""),
+    ],
+)
+def test_schema_audit_refuses_io_and_mutation(op, why):
+    problem = op_schema_problem(f"torch.ops.aten.{op}")
+    assert problem is not None and why in problem
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda n: n["inputs"].append({"name": "x", "arg": {"as_graph": {"graph": {}}}}),
+            "refused encoding",
+        ),
+        (
+            lambda n: n["inputs"].append(
+                {"name": "f", "arg": {"as_operator": "torch.ops.aten.from_file.default"}}
+            ),
+            "refused encoding",
+        ),
+        (lambda n: n["metadata"].update(source_fn_stack="x,torch.os.system"), "metadata"),
+        (lambda n: n["metadata"].update(custom='{"a": 1}'), "metadata"),
+    ],
+    ids=["subgraph", "op-as-value", "source-fn", "custom-meta"],
+)
+def test_node_arguments_and_metadata_the_loader_resolves_are_refused(norm16, edit, message):
+    members = _members(norm16[0])
+    doc = json.loads(members[MODEL_JSON])
+    edit(doc["graph_module"]["graph"]["nodes"][0])
+    members[MODEL_JSON] = json.dumps(doc).encode()
+    with pytest.raises(KernelRejected, match=message):
+        validate_artifact(_zip(members))
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"), [("tanh", True), ("/etc/passwd", False), ({"x": 1}, False)]
+)
+def test_string_arguments_only_where_listed(value, ok):
+    # gelu's `approximate` is a mode: any other value is refused.
+    artifact, _ = compile_blueprint(BLUEPRINTS["residual_mlp"](), SHAPE)
+    members = _members(artifact)
+    doc = json.loads(members[MODEL_JSON])
+    gelu = next(
+        n for n in doc["graph_module"]["graph"]["nodes"] if n["target"].endswith("gelu.default")
+    )
+    gelu["inputs"].append({"name": "approximate", "arg": {"as_string": value}, "kind": 2})
+    members[MODEL_JSON] = json.dumps(doc).encode()
+    if ok:
+        assert validate_artifact(_zip(members)).input_shape == SHAPE
+    else:
+        with pytest.raises(KernelRejected, match="approximate"):
+            validate_artifact(_zip(members))
+
+
+# --- 2. zip parser differentials ------------------------------------------------------------------
+
+
+def test_members_equal_ignoring_case_refused(tmp_path, norm16):
+    marker = tmp_path / "pwned"
+    artifact, _ = norm16
+    for extra in ("archive/data/sample_inputs/MODEL.pt", "archive/data/sample_inputs/Model.pt"):
+        members = _members(artifact)
+        members[extra] = _evil_sample_inputs(artifact, marker)
+        with pytest.raises(KernelRejected, match="case-insensitive"):
+            validate_artifact(_zip(members))
+    members = _members(artifact)
+    config = json.loads(members[WEIGHTS_CONFIG])
+    for entry in config["config"].values():
+        entry["use_pickle"] = True
+    members["archive/data/weights/MODEL_weights_config.json"] = json.dumps(config).encode()
+    with pytest.raises(KernelRejected, match="case-insensitive"):
+        validate_artifact(_zip(members))
+    assert not marker.exists()
+
+
+def test_duplicate_names_prepended_and_trailing_data_refused(tmp_path, norm16):
+    artifact, _ = norm16
+    marker = tmp_path / "pwned"
+    members = _members(artifact)
+    members[SAMPLE_INPUTS] = _evil_sample_inputs(artifact, marker)
+    evil = _zip(members)
+    with pytest.raises(KernelRejected, match="zip64 locator"):
+        validate_artifact(evil + artifact)  # Python's zipfile sees the benign archive
+    with pytest.raises(KernelRejected, match="data between the central directory"):
+        validate_artifact(evil + _zip(_members(artifact)))  # the same, without zip64 records
+    with pytest.raises(KernelRejected, match="end-of-central-directory"):
+        validate_artifact(artifact + evil[:100])
+    with pytest.raises(KernelRejected, match=r"(end-of-central-directory|central directory)"):
+        validate_artifact(artifact + evil)  # two central directories
+    with pytest.raises(KernelRejected, match="end-of-central-directory"):  # an archive comment
+        validate_artifact(artifact[:-2] + struct.pack("<H", 4) + b"junk")
+    # The same name twice in the central directory.
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, content in _members(artifact).items():
+            archive.writestr(name, content)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns about the duplicate, then writes it
+            archive.writestr(SAMPLE_INPUTS, members[SAMPLE_INPUTS])
+    with pytest.raises(KernelRejected, match="duplicate member name"):
+        validate_artifact(out.getvalue())
+    assert not marker.exists()
+
+
+def test_torch_only_ever_loads_the_rebuilt_archive(monkeypatch, norm16):
+    # Whatever torch's reader would make of the original bytes, it is never given them.
+    artifact, meta = norm16
+    seen = []
+    real_load = torch.export.load
+
+    def spy(f, *args, **kwargs):
+        data = f.getvalue()
+        seen.append(data)
+        return real_load(io.BytesIO(data), *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "load", spy)
+    program = load_artifact(artifact, meta)
+    assert len(seen) == 1 and seen[0] != artifact
+    original, rebuilt = read_members(artifact), read_members(seen[0])
+    assert list(rebuilt) == list(original)
+    for name, content in original.items():
+        if name != SAMPLE_INPUTS:  # the nested archive is rebuilt the same way
+            assert rebuilt[name] == content
+    assert read_members(rebuilt[SAMPLE_INPUTS]) == read_members(original[SAMPLE_INPUTS])
+    assert seen[0] == pack_members(rebuilt)
+    x = torch.randn(3, *SHAPE)
+    assert torch.equal(program.module()(x), torch.zeros_like(x))
+
+
+# --- 4. denial of service --------------------------------------------------------------------------
+
+
+def _patch_sizes(data, name, method=None, size=None):
+    """Rewrite the local and central headers of member `name` (method and declared sizes)."""
+    data = bytearray(data)
+    encoded = name.encode()
+    for sig, method_at, sizes_at in ((b"PK\x03\x04", 8, 18), (b"PK\x01\x02", 10, 20)):
+        start = 0
+        while (at := data.find(sig, start)) >= 0:
+            start = at + 4
+            name_at = at + (30 if sig == b"PK\x03\x04" else 46)
+            if data[name_at : name_at + len(encoded)] != encoded:
+                continue
+            if method is not None:
+                struct.pack_into("<H", data, at + method_at, method)
+            if size is not None:
+                struct.pack_into("<II", data, at + sizes_at, size, size)
+    return bytes(data)
+
+
+def test_compressed_and_oversized_members_refused_from_the_directory(norm16):
+    artifact, _ = norm16
+    # A 4 GiB bzip2 member declared in a small file: refused from the central directory, before
+    # any data is read or decompressed (the declared data is not even there).
+    bomb = _patch_sizes(_zip(_members(artifact)), MODEL_JSON, method=zipfile.ZIP_BZIP2)
+    with pytest.raises(KernelRejected, match=r"model.json' is compressed \(method 12\)"):
+        validate_artifact(bomb)
+    huge = _patch_sizes(_zip(_members(artifact)), MODEL_JSON, size=0xF0000000)
+    with pytest.raises(KernelRejected, match="declares 4026531840 bytes"):
+        validate_artifact(huge)
+    with pytest.raises(KernelRejected, match=f"at most {MAX_ARCHIVE_BYTES}"):
+        validate_artifact(b"\0" * (MAX_ARCHIVE_BYTES + 1))
+
+
+def test_a_real_bzip2_bomb_is_refused_before_decompressing(norm16):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_BZIP2) as archive:
+        for name, content in _members(norm16[0]).items():
+            archive.writestr(name, content)
+        archive.writestr("archive/data/weights/weight_9", b"\0" * (64 * 2**20))
+    bomb = out.getvalue()
+    assert len(bomb) < 200_000
+    start = time.perf_counter()
+    with pytest.raises(KernelRejected, match="is compressed"):
+        validate_artifact(bomb)
+    # Decompressing 64 MiB takes far longer than parsing a directory; 0.5 s is a generous bound.
+    assert time.perf_counter() - start < 0.5
+
+
+# --- 5. shape expressions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "9**9**9",
+        "Symbol('s1', positive=True, integer=True)**99999999",
+        "Symbol('s1', positive=True, integer=True)*2",
+        "__import__('os').system('true')",
+        "s1 + 1",
+    ],
+)
+def test_shape_expressions_beyond_a_batch_symbol_refused(norm16, expr):
+    members = _members(norm16[0])
+    doc = json.loads(members[MODEL_JSON])
+    graph = doc["graph_module"]["graph"]
+    graph["tensor_values"]["x" if "x" in graph["tensor_values"] else "input"]["sizes"][0][
+        "as_expr"
+    ]["expr_str"] = expr
+    members[MODEL_JSON] = json.dumps(doc).encode()
+    start = time.perf_counter()
+    with pytest.raises(KernelRejected, match="refusing shape expression"):
+        validate_artifact(_zip(members))
+    assert time.perf_counter() - start < 5  # 9**9**9 evaluated would never return
+
+
+def test_tensor_meta_that_does_not_fit_its_bytes_refused(norm16):
+    members = _members(norm16[0])
+    config = json.loads(members[WEIGHTS_CONFIG])
+    entry = next(iter(config["config"].values()))
+    members["archive/data/weights/" + entry["path_name"]] = b""  # torch would call zeros(size)
+    entry["tensor_meta"]["sizes"] = [{"as_int": 2**40}]
+    members[WEIGHTS_CONFIG] = json.dumps(config).encode()
+    with pytest.raises(KernelRejected, match="needs 4398046511104 bytes, has 0"):
+        validate_artifact(_zip(members))
+
+
+# --- 6. the store's files and index ------------------------------------------------------------
+
+
+def test_store_refuses_symlinks_fifos_and_oversized_objects(tmp_path, norm16):
+    artifact, meta = norm16
+    store = KernelStore(tmp_path / "store")
+    store.put(artifact, meta)
+    path = store.path(meta.sha256)
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    with pytest.raises(KernelRejected, match="not a regular file"):
+        store.get(meta.sha256)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(KernelRejected, match="not a regular file"):
+        store.get(meta.sha256)  # returns at once: a FIFO is never opened for blocking reads
+    path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(MAX_ARCHIVE_BYTES + 1)
+    with pytest.raises(KernelRejected, match=f"at most {MAX_ARCHIVE_BYTES}"):
+        store.get(meta.sha256)
+    path.unlink()
+    assert store.put(artifact, meta) == meta.sha256  # a bad object is rewritten by put
+    assert store.get(meta.sha256)[0] == artifact
+
+
+def test_store_never_writes_through_a_symlinked_shard(tmp_path, norm16):
+    artifact, meta = norm16
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = KernelStore(tmp_path / "store")
+    shard = store.path(meta.sha256).parent
+    shard.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(KernelRejected, match="must be real directories"):
+        store.put(artifact, meta)
+    assert list(outside.iterdir()) == []
+    (tmp_path / "store2").mkdir()
+    (tmp_path / "store2" / "objects").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(KernelRejected, match="must be real directories"):
+        KernelStore(tmp_path / "store2")
+
+
+def test_tampered_index_refused(tmp_path, norm16):
+    import sqlite3
+
+    artifact, meta = norm16
+    other, other_meta = compile_blueprint(BLUEPRINTS["low_rank"](), SHAPE)
+    store = KernelStore(tmp_path / "store")
+    store.put(artifact, meta)
+    store.put(other, other_meta)
+    db = sqlite3.connect(tmp_path / "store" / "index.sqlite")
+    # Point norm's recipe at the low_rank kernel: a valid kernel, but not the one asked for.
+    db.execute(
+        "UPDATE recipes SET sha256 = ? WHERE recipe_key = ?", (other_meta.sha256, meta.recipe_key)
+    )
+    # And give low_rank's row metadata that names another sha.
+    db.execute(
+        "UPDATE kernels SET meta = ? WHERE sha256 = ?",
+        (dataclasses.replace(other_meta, sha256=meta.sha256).to_json(), other_meta.sha256),
+    )
+    db.execute("UPDATE kernels SET meta = ? WHERE sha256 = ?", ('{"sha256": 1}', meta.sha256))
+    db.commit()
+    db.close()
+    with pytest.raises(KernelRejected, match="points at kernel"):
+        store.find(meta.recipe_key)
+    with pytest.raises(KernelRejected, match="describes kernel"):
+        store.get(other_meta.sha256)
+    with pytest.raises(KernelRejected, match="unreadable kernel metadata"):
+        store.get(meta.sha256)
+    with pytest.raises(KernelRejected, match="param_count='12' is not a"):
+        KernelMetadata.from_json(
+            meta.to_json().replace(f'"param_count": {meta.param_count}', '"param_count": "12"')
+        )
+
+
+def test_stale_temp_files_swept_fresh_ones_kept(tmp_path, norm16):
+    store = KernelStore(tmp_path / "store")
+    store.put(*norm16)
+    shard = store.path(norm16[1].sha256).parent
+    stale, fresh = shard / ".tmp-dead.pt2", shard / ".tmp-busy.pt2"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    KernelStore(tmp_path / "store")
+    assert not stale.exists() and fresh.exists()
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+def test_poisoned_store_in_an_episode_is_a_load_fault_and_nothing_runs(tmp_path):
+    import gymnasium as gym
+
+    import esper_gym  # noqa: F401  (registers the ids)
+    from esper_gym.actions import GERMINATE, Action
+    from esper_gym.kernels import load_or_compile, recipe_key
+
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"intact")
+    env = gym.make("Esper/Spirals-v0", kernel_dir=tmp_path / "store")
+    core = env.unwrapped
+    obs, _ = env.reset(seed=0)
+    layer, name = core.layers[0], "residual_mlp"
+    blueprint = core.generator.propose(layer.out_shape, name, core.task.param_budget)
+    artifact, meta = compile_blueprint(blueprint, layer.out_shape)
+    assert meta.recipe_key == recipe_key(blueprint, layer.out_shape)
+    # A shared store whose index maps the genuine recipe to the file-writing artifact.
+    evil = _with_file_writer(artifact, victim)
+    KernelStore(tmp_path / "store").put(evil, _meta_for(evil, meta))
+    action = core.layout.encode(Action(GERMINATE, 0, 0, core.task.blueprints.index(name)))
+    assert obs["action_mask"][action]
+    _, _, terminated, _, info = env.step(action)
+    assert info["fault_kinds"] == ["load"] and not terminated
+    assert layer.slots[0].state.name == "DORMANT"
+    with pytest.raises(KernelRejected, match="from_file"):  # the reason for that fault
+        load_or_compile(blueprint, layer.out_shape, core.store, core.cache)
+    for _ in range(3):  # the run goes on, on the host path
+        _, _, terminated, _, info = env.step(0)
+        assert not terminated and info["val_acc"] > 0
+    assert victim.read_bytes() == b"intact"
+    assert layer.slots[0].calls == 0
