@@ -77,7 +77,7 @@ def test_template_round_trip(compiled, name, shape):
 
     loaded = instantiate(load_artifact(artifact, meta, expected_shape=shape))
     # Same seed, same initial weights; and a new seed changes nothing: exact zero delta.
-    loaded_params = dict(loaded.graph.named_parameters())
+    loaded_params = loaded.named_state()
     assert loaded_params.keys() == dict(eager.named_parameters()).keys()
     for key, p in eager.named_parameters():
         assert torch.equal(loaded_params[key], p), key

@@ -25,6 +25,7 @@ from esper_gym.kernels.compiler import (
     Kernel,
     KernelMetadata,
     KernelRejected,
+    KernelTemplate,
     compile_blueprint,
     inspect_artifact,
     instantiate,
@@ -50,6 +51,7 @@ __all__ = [
     "KernelMetadata",
     "KernelRejected",
     "KernelStore",
+    "KernelTemplate",
     "blueprint_from_dict",
     "compile_blueprint",
     "host_kind",
@@ -75,13 +77,18 @@ def load_or_compile(
 
     Compiles only if the store has no artifact for this recipe. The artifact is checksummed,
     statically validated and checked against `shape` and `device` (KernelRejected /
-    KernelIncompatible) before anything from it runs. The module owns its parameters.
+    KernelIncompatible) before anything from it runs. The module owns its parameters. A recipe
+    the cache has seen is served from memory: no index query, no artifact read, no re-hash.
     """
     shape = tuple(int(s) for s in shape)
-    meta = store.find(recipe_key(blueprint, shape, seed=seed))
-    if meta is None:
-        artifact, meta = compile_blueprint(blueprint, shape, seed=seed)
-        store.put(artifact, meta)
-    program = cache.get(meta.sha256, expected_shape=shape, device=device)
-    artifact, _ = store.get(meta.sha256)  # kept by the kernel so that it pickles
-    return instantiate(program, artifact, meta).to(device), meta
+    key = recipe_key(blueprint, shape, seed=seed)
+    sha = cache.recipes.get(key)
+    if sha is None or sha not in cache:
+        meta = store.find(key)
+        if meta is None:
+            artifact, meta = compile_blueprint(blueprint, shape, seed=seed)
+            store.put(artifact, meta)
+        sha = meta.sha256
+    kernel = cache.kernel(sha, expected_shape=shape, device=device)
+    cache.recipes[key] = sha
+    return kernel.to(device), kernel.meta

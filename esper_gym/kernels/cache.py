@@ -11,7 +11,9 @@ import torch
 
 from esper_gym.kernels.compiler import (
     ArtifactInfo,
+    Kernel,
     KernelMetadata,
+    KernelTemplate,
     is_fault_blueprint,
     shape_problem,
     validated_archive,
@@ -47,6 +49,8 @@ class _Entry:
     program: torch.export.ExportedProgram
     meta: KernelMetadata
     info: ArtifactInfo
+    artifact: bytes  # kept so that kernels made from it pickle without a store read
+    template: KernelTemplate
 
 
 def _device_problem(device: str | torch.device) -> str | None:
@@ -73,6 +77,9 @@ class KernelCache:
         self.max_bytes = max_bytes
         self.stats = CacheStats()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # recipe_key -> sha of what the store held for it when first asked: a germination that
+        # hits memory costs no SQLite query and no re-read or re-hash of the artifact.
+        self.recipes: dict[str, str] = {}
 
     def get(
         self,
@@ -86,8 +93,21 @@ class KernelCache:
         (except for fault blueprints), differs from `expected_shape`, or it cannot run on
         `device`. KeyError if the store lacks `sha`; KernelRejected if the artifact fails its
         checksum or static validation. The program is shared: build trainable copies with
-        `instantiate`, never train `program.module()` directly.
+        `kernel`, never train `program.module()` directly.
         """
+        return self._entry(sha, expected_shape, device).program
+
+    def kernel(
+        self,
+        sha: str,
+        expected_shape: Sequence[int] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Kernel:
+        """A fresh trainable kernel of `sha` (checked as in `get`), cloned from memory."""
+        entry = self._entry(sha, expected_shape, device)
+        return entry.template.instantiate(entry.artifact, entry.meta)
+
+    def _entry(self, sha: str, expected_shape, device) -> _Entry:
         entry = self._entries.get(sha)
         if entry is not None:
             meta, info = entry.meta, entry.info
@@ -104,11 +124,12 @@ class KernelCache:
         if entry is not None:
             self.stats.hits += 1
             self._entries.move_to_end(sha)
-            return entry.program
+            return entry
         program = torch.export.load(io.BytesIO(canonical))
+        entry = _Entry(program, meta, info, artifact, KernelTemplate.from_program(program))
         self.stats.misses += 1
-        self._keep(sha, _Entry(program, meta, info))
-        return program
+        self._keep(sha, entry)
+        return entry
 
     def _keep(self, sha: str, entry: _Entry) -> None:
         size = entry.meta.size_bytes

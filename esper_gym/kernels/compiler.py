@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export.graph_signature import InputKind, OutputKind
 
 from esper_gym.kernels.archive import (
     MAX_ARCHIVE_BYTES,
@@ -652,47 +653,111 @@ def load_artifact(
 
 
 class Kernel(nn.Module):
-    """A seed's kernel: the graph loaded from an artifact, with parameters of its own.
+    """A seed's kernel: the validated graph of an artifact, run directly, with its own tensors.
+
+    The graph is the ExportedProgram's lifted `graph_module`: its parameters and buffers are
+    inputs, so one graph serves every kernel made from the same artifact (it is shared, not
+    copied) and each kernel passes its own tensors. Calling it directly skips what
+    `ExportedProgram.module()` adds around the graph (input-constraint pre-hook, pytree
+    flattening; ~3x the cost of a small kernel's call); shapes are checked by the caller
+    (`guarded_call`). Parameters and buffers are registered as p0, p1, .../b0, ... in the
+    graph's input order; `named_state()` gives them under the original module's names.
 
     It pickles (and deep-copies) as its artifact bytes, metadata and live tensors; unpickling
     validates the artifact again before loading it, and puts the very same tensor objects back,
-    so an optimizer pickled alongside still points at the kernel's parameters.
-    Train/eval behaviour was fixed at export time (no blueprint uses dropout or batch norm):
-    `.train()` only sets the flag, since the loaded graph refuses mode switches.
+    so an optimizer pickled alongside still points at the kernel's parameters. Train/eval
+    behaviour was fixed at export time (no blueprint uses dropout or batch norm).
     """
 
     def __init__(
-        self, graph: nn.Module, artifact: bytes | None = None, meta: KernelMetadata | None = None
+        self,
+        graph: torch.fx.GraphModule,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        artifact: bytes | None = None,
+        meta: KernelMetadata | None = None,
     ) -> None:
         super().__init__()
-        self.graph = graph
+        object.__setattr__(self, "graph", graph)  # shared between kernels: not a submodule
+        self.names = tuple(names)
         self.artifact, self.meta = artifact, meta
+        self._slots: list[str] = []
+        for i, tensor in enumerate(tensors):
+            if isinstance(tensor, nn.Parameter):
+                self.register_parameter(f"p{i}", tensor)
+                self._slots.append(f"p{i}")
+            else:
+                self.register_buffer(f"b{i}", tensor)
+                self._slots.append(f"b{i}")
+
+    def flat_state(self) -> list[torch.Tensor]:
+        """The graph's state inputs, in its order."""
+        return [getattr(self, slot) for slot in self._slots]
+
+    def named_state(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.flat_state()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
-
-    def train(self, mode: bool = True) -> Kernel:
-        self.training = mode
-        return self
+        return self.graph.forward(*self.flat_state(), x)[0]
 
     def __reduce__(self):
         if self.artifact is None:
             raise TypeError("a Kernel instantiated without its artifact bytes cannot be pickled")
-        tensors = dict(self.graph.named_parameters(remove_duplicate=False))
-        tensors.update(self.graph.named_buffers(remove_duplicate=False))
         meta = self.meta.to_json() if self.meta is not None else None
-        return (_rebuild_kernel, (self.artifact, meta, tensors, self.training))
+        return (_rebuild_kernel, (self.artifact, meta, self.flat_state(), self.training))
 
 
-def _rebuild_kernel(artifact: bytes, meta_json: str | None, tensors: dict, training: bool):
+def _rebuild_kernel(artifact: bytes, meta_json: str | None, tensors: list, training: bool):
     meta = KernelMetadata.from_json(meta_json) if meta_json is not None else None
-    graph = load_artifact(artifact, meta).module()
-    for name, tensor in tensors.items():
-        owner, _, leaf = name.rpartition(".")
-        setattr(graph.get_submodule(owner), leaf, tensor)
-    kernel = Kernel(graph, artifact, meta)
+    template = KernelTemplate.from_program(load_artifact(artifact, meta))
+    if len(tensors) != len(template.tensors):
+        raise KernelRejected(f"pickled kernel has {len(tensors)} tensors, its graph takes more")
+    kernel = Kernel(template.graph, template.names, tensors, artifact, meta)
     kernel.training = training
     return kernel
+
+
+@dataclass(frozen=True)
+class KernelTemplate:
+    """What every kernel made from one artifact shares: the graph, and the initial tensors."""
+
+    graph: torch.fx.GraphModule
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def from_program(cls, program: torch.export.ExportedProgram) -> KernelTemplate:
+        signature = program.graph_signature
+        names, tensors = [], []
+        for spec in signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                continue
+            if spec.kind == InputKind.PARAMETER or (
+                spec.kind == InputKind.BUFFER and spec.persistent
+            ):
+                tensor = program.state_dict[spec.target]
+            else:  # non-persistent buffers and lifted constants
+                tensor = program.constants[spec.target]
+            names.append(spec.target)
+            tensors.append(tensor)
+        user = [s for s in signature.input_specs if s.kind == InputKind.USER_INPUT]
+        if len(user) != 1 or signature.input_specs[-1] is not user[0]:
+            raise KernelRejected("a kernel's graph takes its state, then one tensor")
+        if [s.kind for s in signature.output_specs] != [OutputKind.USER_OUTPUT]:
+            raise KernelRejected("a kernel's graph returns one tensor and mutates nothing")
+        return cls(program.graph_module, tuple(names), tuple(tensors))
+
+    def instantiate(self, artifact: bytes | None = None, meta: KernelMetadata | None = None):
+        """A fresh trainable `Kernel` that owns clones of the initial tensors (aliases within
+        the program stay aliases); training it never touches the template or other kernels."""
+        clones: dict[int, torch.Tensor] = {}
+        for tensor in self.tensors:
+            if id(tensor) not in clones:
+                copy = tensor.detach().clone()
+                if isinstance(tensor, nn.Parameter):
+                    copy = nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                clones[id(tensor)] = copy
+        return Kernel(self.graph, self.names, [clones[id(t)] for t in self.tensors], artifact, meta)
 
 
 def instantiate(
@@ -702,22 +767,7 @@ def instantiate(
 ) -> Kernel:
     """A fresh trainable `Kernel` from `program` that owns its parameters and buffers.
 
-    `program.module()` returns a GraphModule whose tensors alias `program.state_dict`: training it
-    in place would corrupt the cached program and every other seed made from it. So each
-    parameter and buffer is replaced by a clone (aliases within the program stay aliases).
-    Pass the `artifact` the program came from to make the kernel picklable.
+    Pass the `artifact` the program came from to make the kernel picklable. Loops that make
+    many kernels from one program should keep its `KernelTemplate` (the cache does).
     """
-    module = program.module()
-    clones: dict[int, torch.Tensor] = {}
-    for name, tensor in [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]:
-        if id(tensor) not in clones:
-            copy = tensor.detach().clone()
-            if isinstance(tensor, nn.Parameter):
-                copy = nn.Parameter(copy, requires_grad=tensor.requires_grad)
-            clones[id(tensor)] = copy
-        owner_name, _, leaf = name.rpartition(".")
-        setattr(module.get_submodule(owner_name), leaf, clones[id(tensor)])
-    return Kernel(module, artifact, meta)
+    return KernelTemplate.from_program(program).instantiate(artifact, meta)
