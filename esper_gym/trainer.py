@@ -43,7 +43,8 @@ class HostTrainer:
         self.model, self.task, self.generator = model, task, generator
         self.device = torch.device(task.device)
         self.layers: list[KasminaLayer] = kasmina_layers(model)
-        self.optimizer = make_optimizer(task, list(model.parameters()))
+        self.host_params = list(model.parameters())  # kernels are added later, in their slots
+        self.optimizer = make_optimizer(task, self.host_params)
         self.x_train, self.y_train = data.x_train, data.y_train
         n_val = min(task.val_size, len(data.x_val))
         self.x_val = data.x_val[:n_val].to(self.device)
@@ -79,10 +80,13 @@ class HostTrainer:
             loss = F.cross_entropy(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Checked before telemetry reads the gradients: a skipped step leaves none to read.
+            safe = self._host_grads_safe(loss)
             if last:
                 for layer in self.layers:
                     layer.capture_grad()
-            self.optimizer.step()
+            if safe:
+                self.optimizer.step()
             for layer in self.layers:
                 layer.step_seeds()
             losses.append(loss.detach())
@@ -100,6 +104,39 @@ class HostTrainer:
         finite = [v for v in values if _finite(v)]
         mean = sum(finite) / len(finite) if finite else float("nan")
         return IntervalStats(steps, mean, values[-1], spikes, diverged)
+
+    def _host_grads_safe(self, loss: torch.Tensor) -> bool:
+        """False when a seed's backward put NaN/Inf into the host's gradients: the host step is
+        skipped and the seeds responsible are culled, so the host's weights stay finite.
+
+        Only while some seed is coupled (BLENDING or later: its kernel reads the undetached
+        activation); otherwise the gradients are the host's alone and a dormant or TRAINING-only
+        host pays nothing. One fused norm over the host's gradients and one sync per step. A
+        non-finite loss is the host diverging, not a seed fault: it is left to the interval's
+        divergence check, as without seeds.
+        """
+        if not any(layer.coupled for layer in self.layers):
+            return True
+        grads = [p.grad for p in self.host_params if p.grad is not None]
+        if not grads:
+            return True
+        norm = torch.nn.utils.get_total_norm(grads)
+        loss_ok, grads_ok = torch.isfinite(torch.stack([loss.detach(), norm])).tolist()
+        if grads_ok or not loss_ok:
+            return True
+        coupled = [(layer, s) for layer in self.layers for s in layer.coupled_slots()]
+        # The seeds whose backward sent the host a non-finite gradient (their taps say so);
+        # if none did (e.g. a huge but finite output overflowed a later layer), every coupled
+        # seed is suspect: the host's own gradients were finite before seeds joined.
+        flagged = [(layer, s) for layer, s in coupled if s.grad_ok and not bool(s.grad_ok[0])]
+        for layer, slot in flagged or coupled:
+            layer.quarantine(
+                slot.index,
+                "host_grad",
+                "host gradient became NaN/Inf while this seed was coupled; host step skipped",
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        return False
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None):

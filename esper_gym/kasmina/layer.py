@@ -43,6 +43,9 @@ from esper_gym.kasmina.recovery import CircuitBreaker, FaultRecord, guarded_call
 from esper_gym.kasmina.telemetry import HealthSignal, SlotSignal, activation_stats
 
 BLEND_SCHEDULES = ("linear", "cosine")
+# States whose kernel reads the host's activation without detaching it: its backward reaches the
+# host's gradients, so the trainer checks those before the host optimizer steps.
+COUPLED = frozenset({SeedState.BLENDING, SeedState.PROBATION, SeedState.FOSSILIZED})
 
 
 class _Fit(torch.autograd.Function):
@@ -63,6 +66,21 @@ class _Fit(torch.autograd.Function):
         # The fit loss, kept as a tensor (no sync) for telemetry and tests.
         ctx.sink[:] = [0.5 * residual.detach().pow(2).sum() / batch]
         return residual / batch, None, None
+
+
+class _Tap(torch.autograd.Function):
+    """Identity; its backward keeps (without a sync) whether the gradient a kernel sends back
+    into the host is finite, so that a non-finite host gradient can be pinned on its seed."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, sink: list) -> torch.Tensor:
+        ctx.sink = sink
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        ctx.sink[:] = [torch.isfinite(g).all()]
+        return g, None
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,7 @@ class SeedSlot:
     optimizer: torch.optim.Optimizer | None = None
     alpha_override: float | None = None  # set by `seed_override` while measuring contribution
     fit_loss: list = field(default_factory=list)  # [tensor] of the last TRAINING backward
+    grad_ok: list = field(default_factory=list)  # [bool tensor]: last gradient it sent the host
 
 
 def host_kind(host: nn.Module) -> str:
@@ -164,6 +183,7 @@ class KasminaLayer(nn.Module):
         self.faults: list[FaultRecord] = []
         self._running: tuple[SeedSlot, ...] = ()
         self._busy = False  # any slot not DORMANT
+        self.coupled = False  # any slot in COUPLED: its backward reaches the host's gradients
         self._stats: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
         self._latency_s = 0.0
@@ -212,6 +232,9 @@ class KasminaLayer(nn.Module):
             if alpha == 0.0:
                 return None
             x = h if slot.alpha_override is None else h.detach()
+            if x is h and torch.is_grad_enabled():
+                slot.grad_ok.clear()  # a stale flag from an earlier backward must not count
+                x = _Tap.apply(h, slot.grad_ok)
         budget = self.config.latency_budget_ms
         out, fault, msg = guarded_call(
             self.kernels[str(slot.index)], x, None if budget is None else budget / 1e3
@@ -242,6 +265,7 @@ class KasminaLayer(nn.Module):
         slot.state = new
         self._running = tuple(s for s in self.slots if s.state in RUNNING)
         self._busy = any(s.state != SeedState.DORMANT for s in self.slots)
+        self.coupled = any(s.state in COUPLED for s in self.slots)
 
     def _slot(self, index: int) -> SeedSlot:
         if not 0 <= index < len(self.slots):
@@ -303,6 +327,21 @@ class KasminaLayer(nn.Module):
 
     def can_cull(self, index: int) -> bool:
         return self._slot(index).state in CULLABLE
+
+    def coupled_slots(self) -> list[SeedSlot]:
+        """Seeds whose kernel's backward can reach the host's gradients."""
+        return [s for s in self.slots if s.state in COUPLED]
+
+    def quarantine(self, index: int, kind: str, message: str) -> None:
+        """Record a fault and cull the seed now, whatever its breaker count (a fossil too): used
+        when the fault already cost the host a skipped optimizer step."""
+        slot = self._slot(index)
+        slot.breaker.record()
+        self.faults.append(
+            FaultRecord(self.name, slot.index, slot.blueprint, kind, message, self.step_count)
+        )
+        if slot.state in RUNNING | CULLABLE:
+            self.cull(index, reason=f"{kind} fault: {message}")
 
     def _fault(self, slot: SeedSlot, kind: str, message: str) -> None:
         self.faults.append(
