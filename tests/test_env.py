@@ -336,3 +336,71 @@ def test_host_gradient_fault_blames_only_the_seed_that_sent_it(kernel_dir):
     assert env.layers[0].slots[0].state == SeedState.EMBARGOED
     assert env.layers[1].slots[0].state == SeedState.PROBATION  # blended on, untouched
     assert not term and np.isfinite(info["train_loss"])
+
+
+# --- bad input gets a clear error up front ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"latency_budget_ms": "5"}, "latency_budget_ms='5'; allowed: None"),
+        ({"latency_budget_ms": -1}, "latency_budget_ms=-1; allowed: None"),
+        ({"latency_budget_ms": float("nan")}, "latency_budget_ms=nan; allowed: None"),
+        ({"batch_size": 32.5}, "batch_size=32.5 must be an integer >= 1"),
+        ({"decision_interval": 2.0}, "decision_interval=2.0 must be an integer >= 1"),
+        ({"max_epochs": float("inf")}, "max_epochs=inf must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr=nan must be a finite number > 0"),
+        ({"blend_steps": 1.5}, "blend_steps=1.5 must be an integer >= 1"),
+        ({"reward_weights": {"fault": float("nan")}}, "fault=nan must be a finite number >= 0"),
+        ({"reward_weights": {"accuracy": float("inf")}}, "accuracy=inf must be a finite number"),
+    ],
+)
+def test_bad_values_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        gym.make("Esper/Spirals-v0", **kwargs)
+    assert message in str(err.value)
+
+
+def test_numpy_integers_are_accepted_as_counts():
+    task = get_task("spirals", batch_size=np.int64(64), decision_interval=np.int32(4))
+    assert task.batch_size == 64 and type(task.batch_size) is int
+    assert type(task.decision_interval) is int
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"grow": 5}, TypeError, "grow=5 must be a blueprint name or a list of names"),
+        ({"grow": ["residual_mlp", 3]}, TypeError, "grow=['residual_mlp', 3] must be"),
+        ({"grow": "nope"}, ValueError, "grow=['nope']: not in this task's blueprints"),
+        ({"grwo": "residual_mlp"}, ValueError, "unknown reset option(s) ['grwo']; allowed"),
+        ("residual_mlp", TypeError, "options='residual_mlp' must be a dict or None"),
+    ],
+)
+def test_bad_reset_options_are_named(options, error, message, kernel_dir):
+    env = make(kernel_dir=kernel_dir).unwrapped
+    with pytest.raises(error) as err:
+        env.reset(seed=0, options=options)
+    assert message in str(err.value)
+    assert env.trainer is None  # refused before any work
+
+
+def test_step_after_termination_raises_and_reset_starts_over(kernel_dir):
+    env = make(kernel_dir=kernel_dir)  # through gym.make's wrappers (PassiveEnvChecker, ...)
+    env.reset(seed=0)
+    term, steps = False, 0
+    while not term:
+        _, _, term, _, _ = env.step(0)
+        steps += 1
+    done_steps = env.unwrapped.trainer.steps_done
+    with pytest.raises(RuntimeError) as err:
+        env.step(0)
+    assert str(err.value) == (
+        f"episode is over (terminated after step {steps}, {done_steps}/{done_steps} optimizer "
+        "steps); call reset()"
+    )
+    assert env.unwrapped.trainer.steps_done == done_steps  # nothing trained past the budget
+    env.reset(seed=1)
+    _, _, term, _, info = env.step(0)
+    assert info["step"] == 1 and not term

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,12 +102,31 @@ class SeedConfig:
                 f"blend_schedule={self.blend_schedule!r}; allowed: {', '.join(BLEND_SCHEDULES)}"
             )
         for name in ("blend_steps", "embargo_steps", "max_faults"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.fit_step > 0:
-            raise ValueError(f"fit_step must be > 0, got {self.fit_step}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("lr", "fit_step"):
+            if not _finite_positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        # Checked here, not at the first kernel call: a string would raise mid-episode, a
+        # negative budget would cull every seed, and NaN would silently switch the check off.
+        budget = self.latency_budget_ms
+        if budget is not None and not _finite_positive(budget):
+            raise ValueError(
+                f"latency_budget_ms={budget!r}; allowed: None (no latency check) or a finite "
+                "number of milliseconds > 0"
+            )
+
+
+def _finite_positive(value) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def blend_alpha(t: int, steps: int, schedule: str) -> float:
