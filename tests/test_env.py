@@ -329,12 +329,15 @@ def test_nan_backward_of_a_blending_kernel_never_reaches_the_host(kernel_dir):
 def test_host_gradient_fault_blames_only_the_seed_that_sent_it(kernel_dir):
     env = make(kernel_dir=kernel_dir).unwrapped
     env.reset(seed=0)
-    _blending(env, 0, 0, NanBackward(), "nan_backward")
-    _blending(env, 1, 0, Zero(), "zero")
+    # fc0's seed is upstream of the culprit (the NaN reaches it, passed on), fc2's downstream.
+    _blending(env, 0, 0, Zero(), "zero")
+    _blending(env, 1, 0, NanBackward(), "nan_backward")
+    _blending(env, 2, 0, Zero(), "zero")
     _, _, term, _, info = env.step(0)
     assert info["fault_kinds"] == ["host_grad"]
-    assert env.layers[0].slots[0].state == SeedState.EMBARGOED
-    assert env.layers[1].slots[0].state == SeedState.PROBATION  # blended on, untouched
+    assert env.layers[1].slots[0].state == SeedState.EMBARGOED
+    assert env.layers[0].slots[0].state == SeedState.PROBATION  # blended on, untouched
+    assert env.layers[2].slots[0].state == SeedState.PROBATION
     assert not term and np.isfinite(info["train_loss"])
 
 

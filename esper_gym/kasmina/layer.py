@@ -70,18 +70,20 @@ class _Fit(torch.autograd.Function):
 
 
 class _Tap(torch.autograd.Function):
-    """Identity; its backward keeps (without a sync) whether the gradient a kernel sends back
-    into the host is finite, so that a non-finite host gradient can be pinned on its seed."""
+    """Identity; its backward keeps in `sink[key]` (a tensor: no sync) whether the gradient
+    passing through is finite. Tapped on both sides of a coupled kernel, it tells whether the
+    kernel's backward turned a finite gradient into NaN/Inf (then the seed is to blame) or only
+    passed one on from a later layer."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, sink: list) -> torch.Tensor:
-        ctx.sink = sink
-        return h.view_as(h)
+    def forward(ctx, t: torch.Tensor, sink: dict, key: str) -> torch.Tensor:
+        ctx.sink, ctx.key = sink, key
+        return t.view_as(t)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        ctx.sink[:] = [torch.isfinite(g).all()]
-        return g, None
+        ctx.sink[ctx.key] = torch.isfinite(g).all()
+        return g, None, None
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,9 @@ class SeedSlot:
     optimizer: torch.optim.Optimizer | None = None
     alpha_override: float | None = None  # set by `seed_override` while measuring contribution
     fit_loss: list = field(default_factory=list)  # [tensor] of the last TRAINING backward
-    grad_ok: list = field(default_factory=list)  # [bool tensor]: last gradient it sent the host
+    # {"out": finite gradient reached the kernel, "in": finite gradient left it} (bool tensors)
+    # from the trainer's last diagnostic pass.
+    grad_ok: dict = field(default_factory=dict)
 
 
 def host_kind(host: nn.Module) -> str:
@@ -198,6 +202,7 @@ class KasminaLayer(nn.Module):
         self.kernels = nn.ModuleDict()
         self.out_shape: tuple[int, ...] | None = None  # set by the first forward
         self.record = False  # the trainer turns this on for the one batch telemetry reads
+        self.diagnose = False  # the trainer turns this on to find a seed that sends NaN back
         self.step_count = 0
         self.events: list[dict] = []
         self.faults: list[FaultRecord] = []
@@ -252,9 +257,11 @@ class KasminaLayer(nn.Module):
             if alpha == 0.0:
                 return None
             x = h if slot.alpha_override is None else h.detach()
-            if x is h and torch.is_grad_enabled():
-                slot.grad_ok.clear()  # a stale flag from an earlier backward must not count
-                x = _Tap.apply(h, slot.grad_ok)
+        # Only on the trainer's diagnostic pass (after a non-finite host gradient): the taps
+        # cost a Function call and a reduction per coupled seed, every step they are on.
+        tapped = self.diagnose and x is h and torch.is_grad_enabled()
+        if tapped:
+            x = _Tap.apply(h, slot.grad_ok, "in")
         budget = self.config.latency_budget_ms
         out, fault, msg = guarded_call(
             self.kernels[str(slot.index)], x, None if budget is None else budget / 1e3
@@ -266,6 +273,8 @@ class KasminaLayer(nn.Module):
         slot.calls += 1
         if training:
             return _Fit.apply(out, self.config.fit_step, slot.fit_loss)
+        if tapped:
+            out = _Tap.apply(out, slot.grad_ok, "out")
         return alpha * out
 
     # ---------------------------------------------------------------- lifecycle
