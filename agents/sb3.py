@@ -12,10 +12,20 @@ model = make_maskable_ppo(env, n_steps=256, seed=0)   # masks from env.action_ma
 model.learn(10_000)
 ```
 Plain PPO ignores the mask: a masked action runs as WAIT and pays the invalid-action penalty.
+
+Checkpoints: `save_model` is SB3's `save` plus the task and blueprint library it was trained on;
+`load_model` is SB3's `load` made safe for a checkpoint from a shared folder (SB3 unpickles the
+`":serialized:"` entries of the archive with cloudpickle, which runs any code the archive names).
 """
 
 from __future__ import annotations
 
+import copy
+import io
+import json
+import os
+import pathlib
+import zipfile
 from typing import Any
 
 import gymnasium as gym
@@ -27,7 +37,7 @@ from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3 import PPO
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from agents.tamiyo import GraphEncoder, obs_to_batch
+from agents.tamiyo import GraphEncoder, check_env_record, obs_to_batch
 
 
 class GraphFeaturesExtractor(BaseFeaturesExtractor):
@@ -125,3 +135,106 @@ def make_maskable_ppo(
         env = ObservedActionMask(env)
     pk = {**graph_policy_kwargs(hidden, layers, dropout), **(policy_kwargs or {})}
     return MaskablePPO("MultiInputPolicy", env, policy_kwargs=pk, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints that load without unpickling
+# ---------------------------------------------------------------------------------------------
+
+RECORD_MEMBER = "esper_gym.json"  # {"task", "blueprints"}: what the model was trained on
+# What SB3 (2.x) writes into a PPO / MaskablePPO archive; anything else is refused.
+ARCHIVE_MEMBERS = frozenset(
+    {
+        "data",
+        "policy.pth",
+        "policy.optimizer.pth",
+        "pytorch_variables.pth",
+        "_stable_baselines3_version",
+        "system_info.txt",
+        RECORD_MEMBER,
+    }
+)
+# The entries of the archive's `data` JSON that SB3 writes with cloudpickle (before and after
+# `learn`). `load_model` hands SB3 this run's own values for all of them (`custom_objects`), and
+# SB3's `json_to_data` takes a key found in `custom_objects` as is, before it looks at the
+# entry: so nothing from the archive is unpickled. Spaces, schedules and policy classes come
+# from this run's config; the rollout state (last obs, episode buffers) starts fresh, as
+# `load(env=...)` resets the env anyway.
+REPLACED = (
+    "policy_class",
+    "policy_kwargs",
+    "observation_space",
+    "action_space",
+    "lr_schedule",
+    "clip_range",
+    "clip_range_vf",
+    "rollout_buffer_class",
+    "rollout_buffer_kwargs",
+    "action_noise",
+    "_last_obs",
+    "_last_original_obs",
+    "_last_episode_starts",
+    "ep_info_buffer",
+    "ep_success_buffer",
+)
+
+
+class UnsafeCheckpointError(ValueError):
+    """An SB3 archive that cannot be loaded without running code from it, or not ours."""
+
+
+def save_model(model, path: str | os.PathLike, record: dict) -> None:
+    """SB3's `save`, plus `record` (agents.tamiyo.env_record) as an extra archive member."""
+    model.save(path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(RECORD_MEMBER, json.dumps(record))
+
+
+def load_model(path: str | os.PathLike, fresh, env, record: dict):
+    """Continue from the SB3 archive at `path`: `fresh` is the model this run's config builds
+    (same class; its values replace every pickled entry), `env` the env to train on, `record`
+    the env's `env_record` (a checkpoint of another task or library is refused).
+
+    The file is read once; the checks and SB3 see the same bytes. Refused, before SB3 reads
+    anything: a pickled entry not in REPLACED, an unexpected or duplicated member, PyTorch
+    variables the model does not have, no record or another task's. SB3 loads the `.pth`
+    members with `torch.load(weights_only=True)` (tensors and plain containers only).
+    """
+    raw = pathlib.Path(path).read_bytes()
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except zipfile.BadZipFile as exc:
+        raise UnsafeCheckpointError(f"{path} is not an SB3 checkpoint (zip): {exc}") from None
+    with archive:
+        names = archive.namelist()
+        extra = sorted(set(names) - ARCHIVE_MEMBERS)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if extra or dupes or "data" not in names:
+            raise UnsafeCheckpointError(
+                f"{path}: unexpected archive members {extra}, duplicated {dupes}"
+                f"{'' if 'data' in names else ', no data member'}; an SB3 checkpoint holds "
+                f"only {sorted(ARCHIVE_MEMBERS)}"
+            )
+        # Parsed exactly as SB3's load_from_zip_file/json_to_data will parse it.
+        data = json.loads(archive.read("data").decode())
+        pickled = [k for k, v in data.items() if isinstance(v, dict) and ":serialized:" in v]
+        unknown = [k for k in pickled if k not in REPLACED]
+        if unknown:
+            raise UnsafeCheckpointError(
+                f"{path}: entries {unknown} are pickled (':serialized:'), and SB3 would run "
+                f"cloudpickle.loads on them; only {list(REPLACED)} are replaced on load"
+            )
+        if "pytorch_variables.pth" in names:
+            # SB3 sets `model.<name>.data` for every name in it: only the model's own names.
+            with archive.open("pytorch_variables.pth") as f:
+                variables = torch.load(f, map_location="cpu", weights_only=True)
+            allowed = set(fresh._get_torch_save_params()[1])
+            if not isinstance(variables, dict) or set(variables) - allowed:
+                names_found = sorted(variables) if isinstance(variables, dict) else variables
+                raise UnsafeCheckpointError(
+                    f"{path}: pytorch_variables {names_found}; this model has {sorted(allowed)}"
+                )
+        saved = json.loads(archive.read(RECORD_MEMBER)) if RECORD_MEMBER in names else {}
+    check_env_record(saved, record, path, same_task=True)
+    custom = {key: copy.copy(getattr(fresh, key, None)) for key in REPLACED}
+    return type(fresh).load(io.BytesIO(raw), env=env, custom_objects=custom, device=fresh.device)

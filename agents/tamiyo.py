@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import gymnasium as gym
 import numpy as np
@@ -311,6 +311,43 @@ class Checkpoint:
     global_step: int
     config: dict
     torch_rng: torch.Tensor | None
+    env: dict = field(default_factory=dict)  # env_record() of the env it was trained on
+
+
+def env_record(env: gym.Env) -> dict:
+    """What a checkpoint must agree on with an env: {"task": name, "blueprints": [...]} of an
+    Esper env, {} for any other env. The blueprint library is part of the action space's
+    meaning: GERMINATE action b picks `blueprints[b]`, so the same index on a reordered
+    library is another blueprint."""
+    task = getattr(env.unwrapped, "task", None)
+    if task is None or not hasattr(task, "blueprints"):
+        return {}
+    return {"task": str(task.name), "blueprints": [str(b) for b in task.blueprints]}
+
+
+def check_env_record(saved: dict, current: dict, checkpoint, *, same_task: bool) -> None:
+    """Refuse a checkpoint whose recorded blueprint library (and, with `same_task`, task)
+    differs from `current` (an `env_record`). Nothing to check against a non-Esper env."""
+    if not current:
+        return
+    if not isinstance(saved, dict) or not {"task", "blueprints"} <= set(saved):
+        raise ValueError(
+            f"checkpoint {checkpoint} records no task or blueprint library (written by an older "
+            "esper-gym, or by save_checkpoint without env=), so its GERMINATE actions cannot be "
+            f"matched to task {current['task']!r}'s blueprints {current['blueprints']}"
+        )
+    if same_task and saved["task"] != current["task"]:
+        raise ValueError(
+            f"checkpoint {checkpoint} is for task {saved['task']!r}; this run's task is "
+            f"{current['task']!r}: resume a checkpoint of the same task"
+        )
+    if list(saved["blueprints"]) != list(current["blueprints"]):
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained with the blueprint library "
+            f"{list(saved['blueprints'])}, but task {current['task']!r} has "
+            f"{list(current['blueprints'])}: the same GERMINATE action would pick another "
+            "blueprint; use the library (names and order) it was trained with"
+        )
 
 
 def save_checkpoint(
@@ -319,8 +356,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     global_step: int,
     config: PPOConfig | dict | None,
+    env: dict | None = None,
 ) -> None:
-    """Write everything a resumed run needs; atomic, so a crash never leaves half a file."""
+    """Write everything a resumed run needs; atomic, so a crash never leaves half a file.
+    `env`: the `env_record` of the env it was trained on (checked on resume and evaluation)."""
     state = {
         "policy_kwargs": policy.init_kwargs,
         "policy": policy.state_dict(),
@@ -328,6 +367,7 @@ def save_checkpoint(
         "global_step": int(global_step),
         "config": asdict(config) if isinstance(config, PPOConfig) else dict(config or {}),
         "torch_rng": torch.get_rng_state(),
+        "env": dict(env or {}),
     }
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(state, tmp)
@@ -345,6 +385,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
         global_step=state["global_step"],
         config=state["config"],
         torch_rng=state["torch_rng"],
+        env=state.get("env") or {},
     )
 
 
@@ -432,6 +473,15 @@ def train(
     seeds offset by global_step so that they are new episodes). Dropout is on during updates
     (so MC dropout means something) and off while acting; approx_kl includes that noise.
     """
+    # One env in this process describes them all (an Esper env loads no data until reset), and
+    # a checkpoint of another task or blueprint library is refused before any worker starts.
+    probe = make_env()
+    record = env_record(probe)
+    probe.close()
+    ckpt = None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        check_env_record(ckpt.env, record, resume_from, same_task=True)
     torch.manual_seed(config.seed)
     envs = make_vector_env(make_env, config.num_envs, config.async_envs)
     space = envs.single_observation_space
@@ -446,8 +496,7 @@ def train(
     )
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
     global_step = 0
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
+    if ckpt is not None:
         policy = ckpt.policy
         optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
         if ckpt.optimizer_state is not None:
@@ -597,7 +646,7 @@ def train(
         if checkpoint_path is not None and (
             update % config.checkpoint_every == 0 or update == num_updates
         ):
-            save_checkpoint(checkpoint_path, policy, optimizer, global_step, config)
+            save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
 
     envs.close()
     policy.eval()

@@ -93,7 +93,9 @@ class MorphogeneticEnv(gym.Env):
     ## Episode end
     Terminated when the training budget (`max_epochs` over the training split) is spent, or
     when the host's loss becomes NaN/Inf (`info["diverged"] = True`, divergence penalty).
-    Truncated only by the `TimeLimit` of the registration (`max_episode_steps`).
+    Truncated only by the `TimeLimit` of the registration (`max_episode_steps`). `step()` after
+    termination raises RuntimeError ("episode is over ... call reset()"): it would train past
+    the budget.
 
     ## Arguments
     `gym.make("Esper/Spirals-v0", **kwargs)`: `task` (a registered name or a `Task`), any
@@ -142,6 +144,7 @@ class MorphogeneticEnv(gym.Env):
         self._cache: KernelCache | None = None
         self.model: torch.nn.Module | None = None
         self.trainer: HostTrainer | None = None
+        self.terminated = False
         self._mask = np.zeros(self.layout.size, np.int8)
 
     # ------------------------------------------------------------------ plumbing
@@ -172,6 +175,7 @@ class MorphogeneticEnv(gym.Env):
 
     # --------------------------------------------------------------------- reset
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        grow = _grow_option(options, self.task.blueprints)  # before any work: a typo fails fast
         super().reset(seed=seed)
         data = self.data
         torch_seed = int(self.np_random.integers(0, 2**62))
@@ -197,26 +201,21 @@ class MorphogeneticEnv(gym.Env):
         self.host_macs = host_macs(self.model)
         self.budget = self.task.budget_steps(len(data.x_train))
         self.episode_steps = self.budget // self.task.decision_interval
-        if options and options.get("grow"):
-            self._grow_all(options["grow"])
+        if grow:
+            self._grow_all(grow)
         self._observe_untrained()
         self.val_acc, self.val_loss = self.trainer.evaluate()
         self.train_loss = self.val_loss
         self.best_acc, self.plateau, self.acc_delta = self.val_acc, 0, 0.0
         self.faults_total, self.steps = 0, 0
+        self.terminated = False
         self._update_mask()
         return self._observation(), self._info(events=[], faults=[], invalid=False, action=None)
 
-    def _grow_all(self, preference) -> None:
-        """Start with every slot FOSSILIZED, holding the first blueprint of `preference` that
+    def _grow_all(self, names: tuple[str, ...]) -> None:
+        """Start with every slot FOSSILIZED, holding the first blueprint of `names` that
         fits it: the host with all the capacity growth could add, trained from step 0 (the
         ceiling of the task tables)."""
-        names = (preference,) if isinstance(preference, str) else tuple(preference)
-        unknown = [n for n in names if n not in self.task.blueprints]
-        if unknown:
-            raise ValueError(
-                f"grow={unknown}: not in this task's blueprints {self.task.blueprints}"
-            )
         for layer in self.layers:
             name = next(
                 (
@@ -254,6 +253,14 @@ class MorphogeneticEnv(gym.Env):
     def step(self, action):
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
+        if self.terminated:
+            # Stepping on would train past the budget (or on a diverged host) and report it as
+            # the same episode: an agent loop that ignores `terminated` must hear about it.
+            raise RuntimeError(
+                f"episode is over (terminated after step {self.steps}, "
+                f"{self.trainer.steps_done}/{self.budget} optimizer steps"
+                f"{', host diverged' if math.isnan(self.val_loss) else ''}); call reset()"
+            )
         if not self.action_space.contains(action):
             raise ValueError(f"action {action!r} is not in {self.action_space}")
         index = int(action)
@@ -295,6 +302,7 @@ class MorphogeneticEnv(gym.Env):
         )
         reward, components = self.reward_fn(outcome)
         terminated = stats.diverged or self.trainer.steps_done >= self.budget
+        self.terminated = terminated
         self._update_mask()
         info = self._info(events, faults, invalid, decision, components, stats)
         if terminated and not stats.diverged:
@@ -423,6 +431,34 @@ class MorphogeneticEnv(gym.Env):
             )
             lines.append(f"  {layer.name:>6} {tuple(layer.out_shape)!s:>14}  {slots}")
         return "\n".join(lines)
+
+
+RESET_OPTIONS = ("grow",)
+
+
+def _grow_option(options, blueprints: tuple[str, ...]) -> tuple[str, ...]:
+    """The blueprint names of `reset(options={"grow": ...})` (a name or a list of names), ()
+    without it; anything else is refused with the value and what is allowed."""
+    if options is None:
+        return ()
+    if not isinstance(options, dict):
+        raise TypeError(f"reset options={options!r} must be a dict or None")
+    unknown = sorted(set(options) - set(RESET_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown reset option(s) {unknown}; allowed: {list(RESET_OPTIONS)}")
+    grow = options.get("grow")
+    if grow is None:
+        return ()
+    names = (grow,) if isinstance(grow, str) else grow
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"reset option grow={grow!r} must be a blueprint name or a list of names, "
+            f"from {list(blueprints)}"
+        )
+    unknown = [n for n in names if n not in blueprints]
+    if unknown:
+        raise ValueError(f"grow={unknown}: not in this task's blueprints {list(blueprints)}")
+    return tuple(names)
 
 
 def _finite_or(value: float, fallback: float) -> float:

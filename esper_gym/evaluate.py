@@ -178,7 +178,17 @@ def make_jobs(
                 f"(checkpoints.{agent}=<checkpoint.pt or train run dir>)"
             )
     seed_list = [first_seed + i for i in range(seeds)] if isinstance(seeds, int) else list(seeds)
+    bad = [s for s in seed_list if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise ValueError(
+            f"episode seeds must be integers >= 0 (numpy seeds), got {bad[:5]} "
+            f"(first_seed={first_seed!r})"
+        )
     ckpts = {a: str(checkpoint_file(checkpoints[a])) for a in agents if a in checkpoints}
+    for path in ckpts.values():  # refused here, before any episode of any job runs
+        ckpt = load_checkpoint(path)
+        for task in tasks:
+            check_checkpoint(ckpt, path, make_env(task))
     return [
         Job(agent, task, seed, ckpts.get(agent), **job_kwargs)
         for task in tasks
@@ -228,17 +238,32 @@ def check_compatible(policy, env) -> None:
         )
 
 
-def load_policy(checkpoint: str | os.PathLike):
-    from agents.tamiyo import load_checkpoint
+def load_checkpoint(checkpoint: str | os.PathLike):
+    from agents.tamiyo import load_checkpoint as load
 
+    return load(checkpoint)
+
+
+def load_policy(checkpoint: str | os.PathLike):
     return load_checkpoint(checkpoint).policy.eval()
+
+
+def check_checkpoint(ckpt, path, env) -> None:
+    """Refuse a checkpoint that cannot act on `env`: other sizes (`check_compatible`) or another
+    blueprint library (its GERMINATE actions would pick other blueprints). The task may differ:
+    that is zero-shot transfer."""
+    from agents.tamiyo import check_env_record, env_record
+
+    check_compatible(ckpt.policy, env)
+    check_env_record(ckpt.env, env_record(env), path, same_task=False)
 
 
 def make_actor(job: Job, env):
     """`act(obs, info) -> action` for the job's agent on `env`."""
     if job.checkpoint:
-        policy = load_policy(job.checkpoint)
-        check_compatible(policy, env)
+        ckpt = load_checkpoint(job.checkpoint)
+        check_checkpoint(ckpt, job.checkpoint, env)
+        policy = ckpt.policy.eval()
         greedy = job.greedy
         return lambda obs, info=None: policy.act(obs, greedy=greedy)
     from agents.baselines import make_agent

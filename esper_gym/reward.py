@@ -48,9 +48,11 @@ class RewardWeights:
         for name, value in asdict(self).items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"reward weight {name}={value!r} must be a number")
-            if value < 0:
+            # NaN would pass `< 0` and turn every reward into NaN; inf makes inf - inf = NaN.
+            if not math.isfinite(value) or value < 0:
                 raise ValueError(
-                    f"reward weight {name}={value} must be >= 0 (costs are subtracted already)"
+                    f"reward weight {name}={value} must be a finite number >= 0 (costs are "
+                    "subtracted already)"
                 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,20 @@ from esper_gym.kasmina import SeedConfig
 from esper_gym.kernels.blueprints import BLUEPRINTS, DEFAULT_LIBRARY, FAULT_LIBRARY
 
 OPTIMIZERS = ("adam", "sgd")
+# Fields that count things (steps, samples, slots): integers >= 1.
+COUNTS = (
+    "batch_size",
+    "decision_interval",
+    "val_size",
+    "param_budget",
+    "max_nodes",
+    "seed_slots",
+    "blend_steps",
+    "embargo_steps",
+    "max_faults",
+)
+# Fields that are amounts: finite numbers > 0.
+AMOUNTS = ("lr", "max_epochs", "seed_lr")
 
 
 @dataclass(frozen=True)
@@ -53,24 +68,27 @@ class Task:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        positive = (
-            "lr",
-            "batch_size",
-            "decision_interval",
-            "max_epochs",
-            "val_size",
-            "param_budget",
-            "max_nodes",
-            "seed_lr",
-        )
-        for key in positive:
+        # Checked here so that a bad value fails at gym.make with its name, not at reset or
+        # deep in the first episode (a float batch size slices tensors, inf epochs overflow).
+        for key in COUNTS:
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"task {self.name!r}: {key}={value!r} must be a positive number")
-        if self.weight_decay < 0:
-            raise ValueError(f"task {self.name!r}: weight_decay={self.weight_decay} must be >= 0")
-        if not isinstance(self.seed_slots, int) or self.seed_slots < 1:
-            raise ValueError(f"task {self.name!r}: seed_slots={self.seed_slots!r} must be >= 1")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"task {self.name!r}: {key}={value!r} must be an integer >= 1")
+            object.__setattr__(self, key, int(value))  # numpy integers become plain ints
+        for key in AMOUNTS:
+            value = getattr(self, key)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or not value > 0
+            ):
+                raise ValueError(f"task {self.name!r}: {key}={value!r} must be a finite number > 0")
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, numbers.Real) or not 0 <= wd < math.inf:
+            raise ValueError(
+                f"task {self.name!r}: weight_decay={wd!r} must be a finite number >= 0"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"task {self.name!r}: optimizer={self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"
@@ -81,7 +99,10 @@ class Task:
                 f"task {self.name!r}: unknown blueprints {unknown}; known: {', '.join(BLUEPRINTS)}"
             )
         object.__setattr__(self, "blueprints", tuple(self.blueprints))
-        self.seed_config()  # validates the seed fields with their own messages
+        try:
+            self.seed_config()  # validates the seed fields (latency budget, blend schedule)
+        except ValueError as exc:
+            raise ValueError(f"task {self.name!r}: {exc}") from None
 
     def seed_config(self) -> SeedConfig:
         return SeedConfig(

@@ -347,6 +347,10 @@ def validate(cfg: DictConfig) -> Task:
     if cfg.env.vectorization not in ("sync", "async"):
         raise ConfigError(f"env.vectorization={cfg.env.vectorization!r}; allowed: sync, async")
     _positive(cfg.eval.episodes, "eval.episodes", allow_zero=True)
+    # Episode seeds go to numpy, which refuses negative ones: fail here, not after training.
+    for key, value in (("seed", cfg.seed), ("eval.first_seed", cfg.eval.first_seed)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be an integer >= 0 (it seeds numpy)")
     if cfg.threads is not None:
         _positive(cfg.threads, "threads")
     from agents.baselines import AGENTS
@@ -464,9 +468,20 @@ def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
         vec_env_cls=SubprocVecEnv if use_async else DummyVecEnv,
         vec_env_kwargs={"start_method": "spawn"} if use_async else None,
     )
+    from agents.sb3 import load_model, save_model
+    from agents.tamiyo import env_record
+
+    probe = make()
+    record = env_record(probe)  # the task and library: checked on resume, saved with the model
+    probe.close()
     model = instantiate(cfg.agent.build)(env=venv, seed=cfg.seed)
     if cfg.resume:
-        model = type(model).load(_checkpoint_file(cfg.resume, ".zip"), env=venv)
+        try:
+            # Never SB3's plain `load`: it unpickles the archive's ":serialized:" entries.
+            model = load_model(_checkpoint_file(cfg.resume, ".zip"), model, venv, record)
+        except Exception:
+            venv.close()
+            raise
     model.set_logger(_sb3_logger(logger.log))
     remaining = cfg.agent.total_timesteps - model.num_timesteps
     logger.progress(cfg.agent.total_timesteps, cfg.agent.name)
@@ -475,7 +490,7 @@ def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
     logger.progress(None)
     venv.close()
     ckpt = run_dir / "checkpoint.zip"
-    model.save(ckpt)
+    save_model(model, ckpt, record)
     deterministic = cfg.eval.greedy
     masked = "action_masks" in inspect.signature(model.predict).parameters
 

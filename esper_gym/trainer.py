@@ -43,7 +43,8 @@ class HostTrainer:
         self.model, self.task, self.generator = model, task, generator
         self.device = torch.device(task.device)
         self.layers: list[KasminaLayer] = kasmina_layers(model)
-        self.optimizer = make_optimizer(task, list(model.parameters()))
+        self.host_params = list(model.parameters())  # kernels are added later, in their slots
+        self.optimizer = make_optimizer(task, self.host_params)
         self.x_train, self.y_train = data.x_train, data.y_train
         n_val = min(task.val_size, len(data.x_val))
         self.x_val = data.x_val[:n_val].to(self.device)
@@ -79,10 +80,13 @@ class HostTrainer:
             loss = F.cross_entropy(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Checked before telemetry reads the gradients: a skipped step leaves none to read.
+            safe = self._host_grads_safe(loss, x, y)
             if last:
                 for layer in self.layers:
                     layer.capture_grad()
-            self.optimizer.step()
+            if safe:
+                self.optimizer.step()
             for layer in self.layers:
                 layer.step_seeds()
             losses.append(loss.detach())
@@ -100,6 +104,53 @@ class HostTrainer:
         finite = [v for v in values if _finite(v)]
         mean = sum(finite) / len(finite) if finite else float("nan")
         return IntervalStats(steps, mean, values[-1], spikes, diverged)
+
+    def _host_grads_safe(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """False when a seed's backward put NaN/Inf into the host's gradients: the step is
+        skipped (host and seeds) and the seeds responsible are culled, so the host's weights
+        stay finite.
+
+        Only while some seed is coupled (BLENDING or later: its kernel reads the undetached
+        activation); otherwise the gradients are the host's alone and a dormant or TRAINING-only
+        host pays nothing. One fused norm over the host's gradients and one sync per step. A
+        non-finite loss is the host diverging, not a seed fault: it is left to the interval's
+        divergence check, as without seeds.
+        """
+        if not any(layer.coupled for layer in self.layers):
+            return True
+        grads = [p.grad for p in self.host_params if p.grad is not None]
+        if not grads:
+            return True
+        norm = torch.nn.utils.get_total_norm(grads)
+        loss_ok, grads_ok = torch.isfinite(torch.stack([loss.detach(), norm])).tolist()
+        if grads_ok or not loss_ok:
+            return True
+        for layer, slot in self._culprits(x, y):
+            layer.quarantine(
+                slot.index,
+                "host_grad",
+                "its backward sent NaN/Inf into the host's gradients; host step skipped",
+            )
+        self.model.zero_grad(set_to_none=True)  # the whole step is skipped, seeds' too
+        return False
+
+    def _culprits(self, x: torch.Tensor, y: torch.Tensor) -> list:
+        """(layer, slot) of the coupled seeds whose backward turned a finite gradient into a
+        non-finite one, found by running the batch again with taps on both sides of every
+        coupled kernel (a seed upstream of the culprit only passes the NaN on). If none did
+        (e.g. a huge but finite output overflowed a later layer), every coupled seed is."""
+        coupled = [(layer, s) for layer in self.layers for s in layer.coupled_slots()]
+        for _, slot in coupled:
+            slot.grad_ok.clear()  # a kernel that does not run this time leaves no flag
+        self.model.zero_grad(set_to_none=True)
+        for layer in self.layers:
+            layer.diagnose = True
+        try:
+            F.cross_entropy(self.model(x), y).backward()
+        finally:
+            for layer in self.layers:
+                layer.diagnose = False
+        return [(layer, s) for layer, s in coupled if _made_nonfinite(s.grad_ok)] or coupled
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
@@ -136,6 +187,11 @@ class HostTrainer:
                     with layer.seed_override(slot.index, 0.0):
                         off, _ = self.evaluate()
                     slot.contribution = val_acc - off
+
+
+def _made_nonfinite(taps: dict) -> bool:
+    """A coupled seed's taps: a finite gradient reached its kernel and a non-finite one left."""
+    return "in" in taps and "out" in taps and bool(taps["out"]) and not bool(taps["in"])
 
 
 def _finite(v: float) -> bool:

@@ -12,15 +12,23 @@ store (`kernel_dir`) per episode:
 4. germinate and advance each fault kernel, on slots and in an order drawn from the seed:
    each must fault exactly `max_faults` times (exception / nonfinite / shape / slow) and be
    culled by its circuit breaker;
-5. germinate a fault kernel and cull it before it runs (a control: no fault may appear);
-6. take the real seed on to FOSSILIZED, try the corrupted recipe once more (refused again),
+5. inject each kernel of INJECTED straight into a freed slot (`KasminaLayer.germinate`: a
+   kernel that passed artifact validation and still misbehaves) and advance it to the stage
+   where it faults: `inject_float64` returns a float64 delta in TRAINING (a "dtype" fault per
+   call, `max_faults` of them, then its breaker); `inject_nan_backward` has an exact zero
+   forward and a NaN backward, harmless in TRAINING (its input is detached), and in BLENDING
+   sends NaN into the host's gradients (one "host_grad" fault: the host step is skipped and
+   the seed culled at once);
+6. germinate a fault kernel and cull it before it runs (a control: no fault may appear);
+7. take the real seed on to FOSSILIZED, try the corrupted recipe once more (refused again),
    and wait for the end of the training budget.
 
 The script counts what it injects itself (expected faults by kind, breaker culls, refused
 loads) and compares with what the env recorded (`info["fault_kinds"]`, `info["events"]`), then
-ASSERTS that nothing was lost: every episode finished its budget, every injected fault was
-recorded with its kind, every fault kernel was culled by its breaker, every corrupted load was
-refused, and the real seed survived. A real kernel that is itself slow (a loaded machine) is
+ASSERTS that nothing was lost: every episode finished its budget with finite host weights,
+every injected fault was recorded with its kind, every fault kernel was culled (by its circuit
+breaker; a host-gradient fault at once), every corrupted load was refused, and the real seed
+survived. A real kernel that is itself slow (a loaded machine) is
 counted separately from its own circuit breaker, not hidden.
 
 The latency budget is the task's 20 ms unless fault_slow runs faster than twice that here, in
@@ -38,6 +46,8 @@ import pathlib
 import pickle
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -50,6 +60,7 @@ from esper_gym.kernels.blueprints import BLUEPRINTS, FAULT_LIBRARY
 from esper_gym.tasks import TASKS
 
 ENV_ID = "Esper/SpiralsFaulty-v0"
+# Fault blueprints of the task's library: the kind each call records from TRAINING on.
 FAULT_KIND = {
     "fault_raise": "exception",
     "fault_nan": "nonfinite",
@@ -58,6 +69,49 @@ FAULT_KIND = {
 }
 REAL = "residual_mlp"
 CORRUPTIONS = ("flip", "truncate", "pickle")
+
+
+class _NanBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 0
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+class NanBackward(torch.nn.Module):
+    """Exact zero delta; NaN gradient into whatever it read (the host, once BLENDING)."""
+
+    def forward(self, x):
+        return _NanBackward.apply(x)
+
+
+class Float64(torch.nn.Module):
+    """Right shape, wrong dtype: `h + delta` would promote the host's activations."""
+
+    def forward(self, x):
+        return (x * 0).double()
+
+
+@dataclass(frozen=True)
+class Injected:
+    """A misbehaving kernel put straight into a slot (past artifact validation)."""
+
+    build: Callable[[], torch.nn.Module]
+    kind: str  # the fault kind the env must record
+    stage: str  # "training" or "blending": the ADVANCE from which every call faults
+    faults: Callable[[int], int]  # faults expected, given max_faults
+    culled_by: str  # prefix of the cull event's reason
+
+
+# Add a kind here: the plan, the book-keeping and the checks pick it up.
+INJECTED = {
+    "inject_float64": Injected(Float64, "dtype", "training", lambda m: m, "circuit breaker"),
+    "inject_nan_backward": Injected(NanBackward, "host_grad", "blending", lambda m: 1, "host_grad"),
+}
+FAULT_NAMES = frozenset({*FAULT_KIND, *INJECTED})
 
 
 def corrupt(path: pathlib.Path, how: str) -> None:
@@ -97,7 +151,7 @@ class ScriptedPolicy:
         self.plan = list(plan)
         self.max_faults = max_faults
         self.expected: collections.Counter = collections.Counter()
-        self.breaker_culls_expected = 0
+        self.fault_culls_expected = 0
         self.refusals_expected = 0
         self.refused_and_dormant = 0
         self.control_germinated = 0
@@ -108,13 +162,23 @@ class ScriptedPolicy:
         intent = self.plan[0]
         kind, layer, slot = intent[0], intent[1], intent[2]
         u = env.unwrapped
+        if kind == "inject":  # straight into the slot, then a WAIT step runs it
+            if u.layers[layer].slots[slot].state != SeedState.DORMANT:
+                return 0, None  # still embargoed: try again next step
+            u.layers[layer].germinate(slot, INJECTED[intent[3]].build(), intent[3])
+            u._update_mask()  # the env did not see this germination
+            self.plan.pop(0)
+            return 0, intent
         if kind == "germinate":
             b = u.task.blueprints.index(intent[3])
             action = u.layout.encode(Action(GERMINATE, layer, slot, b))
         elif kind == "advance":
             state = u.layers[layer].slots[slot].state
-            if intent[3] == "fossil" and state == SeedState.FOSSILIZED:
-                self.plan.pop(0)  # done: next intent on the next step
+            lost = state in (SeedState.CULLED, SeedState.EMBARGOED, SeedState.DORMANT)
+            if intent[3] == "fossil" and (state == SeedState.FOSSILIZED or lost):
+                # Done, or the real seed's own breaker culled it (slow calls on a loaded
+                # machine: counted as real faults, not hidden): next intent on the next step.
+                self.plan.pop(0)
                 return self.act(env, mask)
             action = u.layout.encode(Action(ADVANCE, layer, slot))
         elif kind == "cull":
@@ -143,7 +207,11 @@ class ScriptedPolicy:
             # GERMINATED -> TRAINING: from now on every call of the kernel faults (slow ones
             # when over budget) until the breaker culls it after max_faults.
             self.expected[FAULT_KIND[arg]] += self.max_faults
-            self.breaker_culls_expected += 1
+            self.fault_culls_expected += 1
+        elif kind == "advance" and arg in INJECTED and intent[4] == "fault":
+            # The ADVANCE into the stage where it faults (see INJECTED).
+            self.expected[INJECTED[arg].kind] += INJECTED[arg].faults(self.max_faults)
+            self.fault_culls_expected += 1
 
 
 def episode_plan(rng: np.random.Generator) -> list[tuple]:
@@ -159,6 +227,12 @@ def episode_plan(rng: np.random.Generator) -> list[tuple]:
     ]
     for bp, (layer, slot) in zip(faults, slots):
         plan += [("germinate", layer, slot, bp, "fault"), ("advance", layer, slot, bp, "fault")]
+    for i, name in enumerate(INJECTED):  # on the same slots, once their embargo is over
+        layer, slot = slots[i % len(slots)]
+        plan += [("inject", layer, slot, name, "fault")]
+        if INJECTED[name].stage == "blending":
+            plan += [("advance", layer, slot, name, "setup")]  # TRAINING: no fault yet
+        plan += [("advance", layer, slot, name, "fault")]
     control = str(rng.choice(FAULT_LIBRARY))
     plan += [("germinate", 0, 1, control, "control"), ("cull", 0, 1, control, "control")]
     plan += [("advance", 0, 0, "fossil", "real")]  # TRAINING -> BLENDING ... -> FOSSILIZED
@@ -189,28 +263,40 @@ def run_episode(seed: int, corruption: str, budget_ms: float, root: pathlib.Path
             corrupted = u.store.path(sha)
             corrupt(corrupted, corruption)
     breaker_culls = [e for e in events if e["reason"].startswith("circuit breaker")]
+    fault_culls = [e for e in events if e["to"] == "CULLED" and e["reason"] != "agent"]
+    # Each fault kernel culled for its own reason (its breaker, or a host-gradient fault).
+    culled_as_expected = sum(
+        e["reason"].startswith(INJECTED[e["blueprint"]].culled_by)
+        if e["blueprint"] in INJECTED
+        else e["reason"].startswith("circuit breaker")
+        for e in fault_culls
+        if e["blueprint"] in FAULT_NAMES
+    )
     # Faults of real kernels (slow calls on a loaded machine), from their own breakers: a live
     # real seed's breaker count, or max_faults for a real seed its breaker culled.
     real_faults = sum(
         s.breaker.faults
         for layer in u.layers
         for s in layer.slots
-        if s.blueprint and s.blueprint not in FAULT_KIND and s.state != SeedState.DORMANT
-    ) + u.task.max_faults * sum(e["blueprint"] not in FAULT_KIND for e in breaker_culls)
+        if s.blueprint and s.blueprint not in FAULT_NAMES and s.state != SeedState.DORMANT
+    ) + u.task.max_faults * sum(e["blueprint"] not in FAULT_NAMES for e in breaker_culls)
     real_state = u.layers[0].slots[0].state
+    host_finite = all(bool(torch.isfinite(p).all()) for p in u.trainer.host_params)
     env.close()
     return {
         "seed": seed,
         "corruption": corruption,
         "steps": steps,
         "finished": bool(terminated and not info["diverged"]),
+        "host_finite": host_finite,
         "test_acc": info.get("test_acc", float("nan")),
         "expected": dict(policy.expected),
         "recorded": dict(recorded),
         "real_faults": real_faults,
         "breaker_culls": len(breaker_culls),
-        "breaker_culls_of_fault_kernels": sum(e["blueprint"] in FAULT_KIND for e in breaker_culls),
-        "breaker_culls_expected": policy.breaker_culls_expected,
+        "fault_culls": len(fault_culls),
+        "fault_kernels_culled": culled_as_expected,
+        "fault_culls_expected": policy.fault_culls_expected,
         "refusals_expected": policy.refusals_expected,
         "refused_and_dormant": policy.refused_and_dormant,
         "control_germinated": policy.control_germinated,
@@ -252,9 +338,11 @@ def main(argv=None) -> dict:
     recorded = sum((collections.Counter(r["recorded"]) for r in records), collections.Counter())
     real_faults = sum(r["real_faults"] for r in records)
     finished = sum(r["finished"] for r in records)
+    host_finite = sum(r["host_finite"] for r in records)
     culls = sum(r["breaker_culls"] for r in records)
-    culls_fault = sum(r["breaker_culls_of_fault_kernels"] for r in records)
-    culls_expected = sum(r["breaker_culls_expected"] for r in records)
+    fault_culls = sum(r["fault_culls"] for r in records)
+    culls_fault = sum(r["fault_kernels_culled"] for r in records)
+    culls_expected = sum(r["fault_culls_expected"] for r in records)
     refusals_expected = sum(r["refusals_expected"] for r in records)
     refused = recorded["load"]
     fossils = sum(r["real_seed_final_state"] == "FOSSILIZED" for r in records)
@@ -262,13 +350,16 @@ def main(argv=None) -> dict:
     def kinds(c) -> str:
         return ", ".join(f"{k} {c[k]}" for k in sorted(c)) or "none"
 
-    print(f"episodes: {len(records)} run, {finished} finished their training budget")
+    print(
+        f"episodes: {len(records)} run, {finished} finished their training budget, "
+        f"{host_finite} with finite host weights"
+    )
     print(f"faults injected (counted by this script): {sum(injected.values())} ({kinds(injected)})")
     print(f"faults caught (recorded by the env):      {sum(recorded.values())} ({kinds(recorded)})")
     print(f"faults of real kernels (slow on this machine, from their breakers): {real_faults}")
     print(
-        f"seeds culled by the circuit breaker: {culls} "
-        f"({culls_fault} fault kernels of {culls_expected} advanced)"
+        f"seeds culled for faults: {fault_culls} ({culls} by the circuit breaker); fault kernels "
+        f"culled for their own fault: {culls_fault} of {culls_expected} advanced"
     )
     print(
         f"corrupted store entries: {len(records)} ({kinds(collections.Counter(r['corruption'] for r in records))}); "
@@ -280,13 +371,14 @@ def main(argv=None) -> dict:
 
     # --- nothing was lost ------------------------------------------------------------------
     assert finished == len(records), "an episode did not finish its training budget"
+    assert host_finite == len(records), "a NaN/Inf reached the host's weights"
     assert all(r["plan_left"] == 0 for r in records), "a scripted intent never became valid"
     for kind in {*injected, *recorded}:
         extra = real_faults if kind == "slow" else 0
         assert recorded[kind] == injected[kind] + extra, (
             f"{kind}: injected {injected[kind]} (+{extra} real slow), recorded {recorded[kind]}"
         )
-    assert culls_fault == culls_expected, "a fault kernel escaped its circuit breaker"
+    assert culls_fault == culls_expected, "a fault kernel escaped its cull"
     assert refused == refusals_expected, "a corrupted artifact was loaded, or a refusal lost"
     assert sum(r["refused_and_dormant"] for r in records) == refusals_expected
     assert sum(r["control_germinated"] for r in records) == len(records)
@@ -300,6 +392,7 @@ def main(argv=None) -> dict:
         "recorded": dict(recorded),
         "real_faults": real_faults,
         "breaker_culls": culls,
+        "fault_culls": fault_culls,
         "refused_loads": refused,
         "records": records,
     }

@@ -189,6 +189,12 @@ def test_env_id_and_task_name_must_agree():
         ("eval.episodes=-1", "eval.episodes"),
         ("env.num_envs=0", "env.num_envs"),
         ("reward.weights.fault=-0.5", "fault"),
+        ("reward.weights.fault=nan", "fault=nan must be a finite number >= 0"),
+        ("task.max_epochs=inf", "max_epochs=inf must be a finite number > 0"),
+        ("task.latency_budget_ms=-1", r"latency_budget_ms=-1.0; allowed: None"),
+        ("task.latency_budget_ms=nan", r"latency_budget_ms=nan; allowed: None"),
+        ("eval.first_seed=-1", r"eval.first_seed=-1 must be an integer >= 0"),
+        ("seed=-3", r"seed=-3 must be an integer >= 0"),
     ],
 )
 def test_negative_budgets_fail_naming_the_key(override, key):

@@ -1,3 +1,4 @@
+import copy
 import pickle
 import warnings
 
@@ -228,3 +229,181 @@ def test_cifar10_env_reads_the_pickle_batches(tmp_path, kernel_dir):
     assert env.unwrapped.data.input_shape == (3, 32, 32)
     assert obs["nodes"][0][1] == 1.0  # first node is a conv layer
     MorphogeneticEnv.step(env.unwrapped, 0)
+
+
+class _NanBackward(torch.autograd.Function):
+    """Forward: an exact zero delta. Backward: NaN into whatever the kernel read."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 0
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+class NanBackward(torch.nn.Module):
+    def forward(self, x):
+        return _NanBackward.apply(x)
+
+
+class Float64Delta(torch.nn.Module):
+    def forward(self, x):
+        return (x * 0).double()
+
+
+class Zero(torch.nn.Module):
+    """A healthy parameter-free kernel: a zero delta with a finite backward."""
+
+    def forward(self, x):
+        return x * 0
+
+
+def _blending(env, layer: int, slot: int, kernel, name: str) -> None:
+    """Germinate `kernel` straight into a slot (as a kernel that passed validation would be) and
+    take it to BLENDING with alpha > 0, between two env steps."""
+    env.layers[layer].germinate(slot, kernel, name)
+    env.layers[layer].advance(slot)  # TRAINING
+    env.layers[layer].advance(slot)  # BLENDING
+    env.layers[layer].step_seeds()  # alpha 1/blend_steps: the kernel reads the undetached h
+
+
+def _host_state(env) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in env.trainer.host_params]
+
+
+def test_kernel_returning_float64_is_a_fault_and_the_episode_goes_on(kernel_dir):
+    env = make(kernel_dir=kernel_dir, max_faults=2).unwrapped
+    env.reset(seed=0)
+    env.layers[0].germinate(0, Float64Delta(), "float64")
+    env._update_mask()
+    _, _, term, _, info = env.step(env.layout.encode(Action(ADVANCE, 0, 0)))
+    assert info["fault_kinds"] == ["dtype", "dtype"]  # two TRAINING calls, then the breaker
+    assert env.layers[0].slots[0].state == SeedState.EMBARGOED
+    assert np.isfinite(info["train_loss"]) and not term
+    while not term:
+        _, _, term, _, info = env.step(0)
+    # Every faulting call fell back to the host path: the run is exactly the WAIT-only run.
+    (*_, (_, _, waited)) = rollout(make(kernel_dir=kernel_dir).unwrapped, [0] * 10, seed=0)
+    assert not info["diverged"] and info["test_acc"] == waited["test_acc"]
+
+
+def test_nan_backward_of_a_blending_kernel_never_reaches_the_host(kernel_dir):
+    env = make(kernel_dir=kernel_dir).unwrapped
+    env.reset(seed=0)
+    _blending(env, 0, 0, NanBackward(), "nan_backward")
+    slot = env.layers[0].slots[0]
+    assert slot.state == SeedState.BLENDING and slot.alpha > 0
+
+    # The kernel really poisons the host's gradients (checked on a copy)...
+    twin = copy.deepcopy(env.model)
+    x, y = env.trainer.x_val[:32], env.trainer.y_val[:32]
+    torch.nn.functional.cross_entropy(twin(x), y).backward()
+    poisoned = [p.grad for p in twin.parameters() if p.grad is not None]
+    assert not all(torch.isfinite(g).all() for g in poisoned)
+
+    # ...but the host step is skipped, the fault recorded against the seed, the seed culled.
+    before = _host_state(env)
+    stats = env.trainer.run_interval(1)
+    after = _host_state(env)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.isfinite(a).all() for a in after)
+    assert not stats.diverged
+    events, faults = env.layers[0].drain()
+    assert [(f.kind, f.layer, f.slot, f.blueprint) for f in faults] == [
+        ("host_grad", "fc0", 0, "nan_backward")
+    ]
+    assert slot.state == SeedState.EMBARGOED  # culled, then embargoed by the same step
+    (cull,) = [e for e in events if e["to"] == "CULLED"]
+    assert cull["reason"].startswith("host_grad fault") and cull["slot"] == 0
+
+    # The episode goes on to its budget with a finite host.
+    term = False
+    while not term:
+        _, _, term, _, info = env.step(0)
+    assert not info["diverged"] and 0 < info["test_acc"] <= 1
+    assert all(torch.isfinite(p).all() for p in env.trainer.host_params)
+
+
+def test_host_gradient_fault_blames_only_the_seed_that_sent_it(kernel_dir):
+    env = make(kernel_dir=kernel_dir).unwrapped
+    env.reset(seed=0)
+    # fc0's seed is upstream of the culprit (the NaN reaches it, passed on), fc2's downstream.
+    _blending(env, 0, 0, Zero(), "zero")
+    _blending(env, 1, 0, NanBackward(), "nan_backward")
+    _blending(env, 2, 0, Zero(), "zero")
+    _, _, term, _, info = env.step(0)
+    assert info["fault_kinds"] == ["host_grad"]
+    assert env.layers[1].slots[0].state == SeedState.EMBARGOED
+    assert env.layers[0].slots[0].state == SeedState.PROBATION  # blended on, untouched
+    assert env.layers[2].slots[0].state == SeedState.PROBATION
+    assert not term and np.isfinite(info["train_loss"])
+
+
+# --- bad input gets a clear error up front ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"latency_budget_ms": "5"}, "latency_budget_ms='5'; allowed: None"),
+        ({"latency_budget_ms": -1}, "latency_budget_ms=-1; allowed: None"),
+        ({"latency_budget_ms": float("nan")}, "latency_budget_ms=nan; allowed: None"),
+        ({"batch_size": 32.5}, "batch_size=32.5 must be an integer >= 1"),
+        ({"decision_interval": 2.0}, "decision_interval=2.0 must be an integer >= 1"),
+        ({"max_epochs": float("inf")}, "max_epochs=inf must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr=nan must be a finite number > 0"),
+        ({"blend_steps": 1.5}, "blend_steps=1.5 must be an integer >= 1"),
+        ({"reward_weights": {"fault": float("nan")}}, "fault=nan must be a finite number >= 0"),
+        ({"reward_weights": {"accuracy": float("inf")}}, "accuracy=inf must be a finite number"),
+    ],
+)
+def test_bad_values_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        gym.make("Esper/Spirals-v0", **kwargs)
+    assert message in str(err.value)
+
+
+def test_numpy_integers_are_accepted_as_counts():
+    task = get_task("spirals", batch_size=np.int64(64), decision_interval=np.int32(4))
+    assert task.batch_size == 64 and type(task.batch_size) is int
+    assert type(task.decision_interval) is int
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"grow": 5}, TypeError, "grow=5 must be a blueprint name or a list of names"),
+        ({"grow": ["residual_mlp", 3]}, TypeError, "grow=['residual_mlp', 3] must be"),
+        ({"grow": "nope"}, ValueError, "grow=['nope']: not in this task's blueprints"),
+        ({"grwo": "residual_mlp"}, ValueError, "unknown reset option(s) ['grwo']; allowed"),
+        ("residual_mlp", TypeError, "options='residual_mlp' must be a dict or None"),
+    ],
+)
+def test_bad_reset_options_are_named(options, error, message, kernel_dir):
+    env = make(kernel_dir=kernel_dir).unwrapped
+    with pytest.raises(error) as err:
+        env.reset(seed=0, options=options)
+    assert message in str(err.value)
+    assert env.trainer is None  # refused before any work
+
+
+def test_step_after_termination_raises_and_reset_starts_over(kernel_dir):
+    env = make(kernel_dir=kernel_dir)  # through gym.make's wrappers (PassiveEnvChecker, ...)
+    env.reset(seed=0)
+    term, steps = False, 0
+    while not term:
+        _, _, term, _, _ = env.step(0)
+        steps += 1
+    done_steps = env.unwrapped.trainer.steps_done
+    with pytest.raises(RuntimeError) as err:
+        env.step(0)
+    assert str(err.value) == (
+        f"episode is over (terminated after step {steps}, {done_steps}/{done_steps} optimizer "
+        "steps); call reset()"
+    )
+    assert env.unwrapped.trainer.steps_done == done_steps  # nothing trained past the budget
+    env.reset(seed=1)
+    _, _, term, _, info = env.step(0)
+    assert info["step"] == 1 and not term

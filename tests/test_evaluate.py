@@ -200,7 +200,7 @@ def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spa
 ):
     import torch
 
-    from agents.tamiyo import TamiyoPolicy, save_checkpoint
+    from agents.tamiyo import TamiyoPolicy, env_record, save_checkpoint
 
     spirals, deep = resolve_tasks(
         ["spirals", "spirals_deep"],
@@ -211,7 +211,7 @@ def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spa
     torch.manual_seed(0)
     policy = TamiyoPolicy.for_space(env.observation_space)
     ckpt = tmp_path / "checkpoint.pt"
-    save_checkpoint(ckpt, policy, None, 0, None)
+    save_checkpoint(ckpt, policy, None, 0, None, env=env_record(env))
     for spec in (spirals, deep):
         out = run_job(Job("tamiyo", spec, seed=3, checkpoint=str(ckpt), kernel_dir=kernel_dir))
         assert out["row"]["length"] == 6 and out["row"]["n_layers"] == (3 if spec is spirals else 4)
@@ -225,6 +225,51 @@ def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spa
     one_slot = make_env(TaskSpec("s1", "spirals", {**TASK, "seed_slots": 1}), kernel_dir=kernel_dir)
     with pytest.raises(ValueError, match="does not fit"):
         check_compatible(policy, one_slot)
+
+
+def _checkpoint_on(tmp_path, spec, kernel_dir, record=True):
+    import torch
+
+    from agents.tamiyo import TamiyoPolicy, env_record, save_checkpoint
+
+    env = make_env(spec, kernel_dir=kernel_dir)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "checkpoint.pt"
+    record = env_record(env) if record else None
+    save_checkpoint(ckpt, TamiyoPolicy.for_space(env.observation_space), None, 0, None, record)
+    return ckpt
+
+
+def test_checkpoint_with_a_reordered_blueprint_library_is_refused_before_any_episode(
+    tmp_path, kernel_dir
+):
+    (spirals,) = resolve_tasks(["spirals"], common=TASK)
+    ckpt = _checkpoint_on(tmp_path, spirals, kernel_dir)
+    library = list(spirals.build().blueprints)
+    swapped = [library[1], library[0], *library[2:]]  # same size: the spaces still match
+    reordered = TaskSpec("swapped", "spirals", {**TASK, "blueprints": tuple(swapped)})
+    assert make_env(reordered).action_space == make_env(spirals).action_space
+    with pytest.raises(ValueError) as err:
+        make_jobs(["tamiyo"], [spirals, reordered], 1, checkpoints={"tamiyo": str(ckpt)})
+    message = str(err.value)
+    assert str(library) in message and str(swapped) in message
+    assert "blueprint library" in message
+    # The same check guards a job run on its own (a worker of run_jobs).
+    with pytest.raises(ValueError, match="blueprint library"):
+        run_job(Job("tamiyo", reordered, seed=0, checkpoint=str(ckpt), kernel_dir=kernel_dir))
+
+
+def test_checkpoint_without_a_recorded_library_is_refused(tmp_path, kernel_dir):
+    (spirals,) = resolve_tasks(["spirals"], common=TASK)
+    ckpt = _checkpoint_on(tmp_path, spirals, kernel_dir, record=False)
+    with pytest.raises(ValueError, match="records no task or blueprint library"):
+        make_jobs(["tamiyo"], [spirals], 1, checkpoints={"tamiyo": str(ckpt)})
+
+
+def test_negative_first_seed_is_refused_before_any_episode():
+    (spirals,) = resolve_tasks(["spirals"], common=TASK)
+    with pytest.raises(ValueError, match=r"seeds must be integers >= 0.*first_seed=-1"):
+        make_jobs(["noop"], [spirals], 2, first_seed=-1)
 
 
 # --- plots ---------------------------------------------------------------------------------------

@@ -334,9 +334,26 @@ class NanGrad(nn.Module):
         return x * 0 + torch.sqrt(self.w - self.w.detach()) * 0
 
 
+class Float64(nn.Module):
+    def forward(self, x):
+        return (x * 0).double()  # right shape, wrong dtype: `h + delta` would promote the host
+
+
+class OtherDevice(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x, device="meta")  # right shape and dtype, wrong device
+
+
 @pytest.mark.parametrize(
     ("kernel", "kind"),
-    [(Raises(), "exception"), (Nan(), "nonfinite"), (WrongShape(), "shape"), (Slow(), "slow")],
+    [
+        (Raises(), "exception"),
+        (Nan(), "nonfinite"),
+        (WrongShape(), "shape"),
+        (Slow(), "slow"),
+        (Float64(), "dtype"),
+        (OtherDevice(), "device"),
+    ],
 )
 def test_each_fault_falls_back_records_and_trips_the_breaker(kernel, kind):
     model = two_layer(seed=2, max_faults=3, latency_budget_ms=5.0, blend_steps=1)
@@ -361,6 +378,7 @@ def test_each_fault_falls_back_records_and_trips_the_breaker(kernel, kind):
     assert layer.slots[0].state == S.EMBARGOED
     events, faults = layer.drain()
     assert [f.kind for f in faults] == [kind] * 3
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
     assert faults[0].layer == "l0" and faults[0].slot == 0
     assert any("circuit breaker" in e["reason"] for e in events)
 
@@ -386,3 +404,12 @@ def test_seed_config_rejects_bad_values():
         SeedConfig(blend_steps=0)
     with pytest.raises(ValueError, match="Conv2d, got Conv1d"):
         KasminaLayer(nn.Conv1d(1, 1, 1))
+
+
+def test_wrong_dtype_message_names_both_dtypes():
+    layer = two_layer(blend_steps=1)[0]
+    to_state(layer, 0, S.PROBATION, Float64())
+    out = layer(torch.randn(4, 2))
+    assert out.dtype == torch.float32
+    _, faults = layer.drain()
+    assert faults[0].message == "expected output dtype torch.float32, got torch.float64"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -92,3 +94,155 @@ def test_maskable_ppo_takes_masks_from_observations_when_the_env_has_no_action_m
         wrapped = wrapped.env  # raises AttributeError at the bottom if the wrapper is missing
     model.learn(128)
     assert env.steps == 128
+
+
+# --- checkpoints: SB3 archives from a shared folder must not run code ------------------------
+
+
+class _Payload:
+    """Unpickling it creates `marker`: stands for any code a hostile archive could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rewrite(src, dst, edit_data=None, extra=()):
+    """Copy the SB3 archive `src` to `dst`, with `edit_data(data_json_dict)` applied and the
+    (name, bytes) members of `extra` appended."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            blob = zin.read(info.filename)
+            if info.filename == "data" and edit_data is not None:
+                data = json.loads(blob)
+                edit_data(data)
+                blob = json.dumps(data).encode()
+            zout.writestr(info, blob)
+        for name, blob in extra:
+            zout.writestr(name, blob)
+
+
+def _pickled(obj) -> dict:
+    import base64
+
+    import cloudpickle
+
+    return {":serialized:": base64.b64encode(cloudpickle.dumps(obj)).decode()}
+
+
+@pytest.fixture(scope="module")
+def sb3_checkpoint(kernel_dir, tmp_path_factory):
+    from agents.sb3 import save_model
+    from agents.tamiyo import env_record
+
+    env = small_env(kernel_dir)
+    model = make_maskable_ppo(env, hidden=16, layers=1, n_steps=16, batch_size=16, seed=0)
+    model.learn(16)  # after learn the archive also pickles _last_obs and the episode buffers
+    path = tmp_path_factory.mktemp("sb3") / "checkpoint.zip"
+    save_model(model, path, env_record(env))
+    return path, model
+
+
+def _fresh(kernel_dir):
+    from agents.tamiyo import env_record
+
+    env = small_env(kernel_dir)
+    return make_maskable_ppo(
+        env, hidden=16, layers=1, n_steps=16, batch_size=16, seed=1
+    ), env_record(env)
+
+
+def test_payload_is_live_when_unpickled(tmp_path):
+    import base64
+
+    import cloudpickle
+
+    marker = tmp_path / "ran"
+    cloudpickle.loads(base64.b64decode(_pickled(_Payload(marker))[":serialized:"]))
+    assert marker.exists()  # so "marker absent" below means "not unpickled"
+
+
+def test_safe_load_resumes_our_own_checkpoint_without_unpickling(
+    sb3_checkpoint, kernel_dir, monkeypatch
+):
+    import stable_baselines3.common.save_util as save_util
+
+    from agents.sb3 import load_model
+
+    path, trained = sb3_checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cloudpickle.loads called while loading a checkpoint")
+
+    monkeypatch.setattr(save_util.cloudpickle, "loads", refuse)
+    fresh, record = _fresh(kernel_dir)
+    model = load_model(path, fresh, fresh.get_env(), record)
+    assert model.num_timesteps == 16
+    for name, tensor in trained.policy.state_dict().items():
+        assert torch.equal(tensor, model.policy.state_dict()[name]), name
+    model.learn(16, reset_num_timesteps=False)  # and it trains on
+    assert model.num_timesteps == 32
+
+
+@pytest.mark.parametrize("key", ["lr_schedule", "policy_class", "_last_obs"])
+def test_payload_in_an_entry_sb3_pickles_is_neutralised(sb3_checkpoint, kernel_dir, tmp_path, key):
+    from agents.sb3 import load_model
+
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.zip"
+    _rewrite(sb3_checkpoint[0], hostile, lambda d: d.update({key: _pickled(_Payload(marker))}))
+    fresh, record = _fresh(kernel_dir)
+    model = load_model(hostile, fresh, fresh.get_env(), record)
+    assert not marker.exists()
+    assert getattr(model, key) is not None or key == "_last_obs"
+    assert model.num_timesteps == 16
+
+
+def test_payload_in_any_other_entry_is_refused(sb3_checkpoint, kernel_dir, tmp_path):
+    from agents.sb3 import UnsafeCheckpointError, load_model
+
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.zip"
+    _rewrite(sb3_checkpoint[0], hostile, lambda d: d.update({"gamma": _pickled(_Payload(marker))}))
+    fresh, record = _fresh(kernel_dir)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_model(hostile, fresh, fresh.get_env(), record)
+    assert "entries ['gamma'] are pickled" in str(err.value)
+    assert not marker.exists()
+    # SB3's own load runs it: the attack this guards against.
+    with contextlib.suppress(Exception):
+        type(fresh).load(hostile, env=fresh.get_env())
+    assert marker.exists()
+
+
+def test_unexpected_and_duplicated_members_are_refused(sb3_checkpoint, kernel_dir, tmp_path):
+    import warnings
+
+    from agents.sb3 import UnsafeCheckpointError, load_model
+
+    fresh, record = _fresh(kernel_dir)
+    extra = tmp_path / "extra.zip"
+    _rewrite(sb3_checkpoint[0], extra, extra=[("evil.pth", b"x")])
+    with pytest.raises(UnsafeCheckpointError, match=r"unexpected archive members \['evil.pth'\]"):
+        load_model(extra, fresh, fresh.get_env(), record)
+    dup = tmp_path / "dup.zip"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate it is told to write
+        _rewrite(sb3_checkpoint[0], dup, extra=[("data", b"{}")])
+    with pytest.raises(UnsafeCheckpointError, match=r"duplicated \['data'\]"):
+        load_model(dup, fresh, fresh.get_env(), record)
+
+
+def test_checkpoint_of_another_task_is_refused_naming_it(sb3_checkpoint, kernel_dir):
+    from agents.sb3 import load_model
+
+    fresh, record = _fresh(kernel_dir)
+    other = {**record, "task": "fashion_mnist"}
+    with pytest.raises(ValueError) as err:
+        load_model(sb3_checkpoint[0], fresh, fresh.get_env(), other)
+    assert "is for task 'spirals'; this run's task is 'fashion_mnist'" in str(err.value)

@@ -15,12 +15,14 @@ from agents.tamiyo import (
     MASKED,
     PPOConfig,
     TamiyoPolicy,
+    env_record,
     load_checkpoint,
     obs_to_batch,
     save_checkpoint,
     train,
 )
 from esper_gym.actions import ActionLayout
+from esper_gym.kernels.blueprints import DEFAULT_LIBRARY
 from esper_gym.observation import GLOBAL_FEATURES, GraphSpec, observation_space, to_pyg
 
 torch.set_num_threads(1)
@@ -357,7 +359,32 @@ def test_train_on_spirals_logs_every_metric(tmp_path):
         assert kinds == 64
         assert metrics["charts/episodes"] > 0  # 4-step episodes end within every rollout
         assert all(np.isfinite(v) for v in metrics.values())
-    assert load_checkpoint(tmp_path / "t.pt").global_step == 192
+    saved = load_checkpoint(tmp_path / "t.pt")
+    assert saved.global_step == 192
+    assert saved.env == {"task": "spirals", "blueprints": list(DEFAULT_LIBRARY)}
+
+
+def test_resume_refuses_a_checkpoint_of_another_task_or_blueprint_library(tmp_path):
+    import esper_gym  # noqa: F401  (registers the ids)
+
+    def maker(env_id, **kw):
+        return functools.partial(gym.make, env_id, kernel_dir=tmp_path / "kernels", **kw)
+
+    spirals = maker("Esper/Spirals-v0")()
+    ckpt = tmp_path / "spirals.pt"
+    policy = TamiyoPolicy.for_space(spirals.observation_space)
+    save_checkpoint(ckpt, policy, None, 64, PPOConfig(), env_record(spirals))
+    cfg = PPOConfig(total_steps=128, num_envs=1, rollout_steps=32)
+
+    with pytest.raises(ValueError) as err:
+        train(cfg, maker("Esper/FashionMNIST-v0"), resume_from=ckpt)
+    assert f"checkpoint {ckpt} is for task 'spirals'" in str(err.value)
+    assert "this run's task is 'fashion_mnist'" in str(err.value)
+
+    swapped = (DEFAULT_LIBRARY[1], DEFAULT_LIBRARY[0], *DEFAULT_LIBRARY[2:])
+    with pytest.raises(ValueError) as err:
+        train(cfg, maker("Esper/Spirals-v0", blueprints=swapped), resume_from=ckpt)
+    assert str(list(DEFAULT_LIBRARY)) in str(err.value) and str(list(swapped)) in str(err.value)
 
 
 # The CI learning task (as in experiments/tamiyo_vs_baselines.py): spirals with one slot per

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ from esper_gym.kasmina.recovery import CircuitBreaker, FaultRecord, guarded_call
 from esper_gym.kasmina.telemetry import HealthSignal, SlotSignal, activation_stats
 
 BLEND_SCHEDULES = ("linear", "cosine")
+# States whose kernel reads the host's activation without detaching it: its backward reaches the
+# host's gradients, so the trainer checks those before the host optimizer steps.
+COUPLED = frozenset({SeedState.BLENDING, SeedState.PROBATION, SeedState.FOSSILIZED})
 
 
 class _Fit(torch.autograd.Function):
@@ -65,6 +69,23 @@ class _Fit(torch.autograd.Function):
         return residual / batch, None, None
 
 
+class _Tap(torch.autograd.Function):
+    """Identity; its backward keeps in `sink[key]` (a tensor: no sync) whether the gradient
+    passing through is finite. Tapped on both sides of a coupled kernel, it tells whether the
+    kernel's backward turned a finite gradient into NaN/Inf (then the seed is to blame) or only
+    passed one on from a later layer."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, sink: dict, key: str) -> torch.Tensor:
+        ctx.sink, ctx.key = sink, key
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        ctx.sink[ctx.key] = torch.isfinite(g).all()
+        return g, None, None
+
+
 @dataclass(frozen=True)
 class SeedConfig:
     """How seeds of a layer behave. Step counts are host optimizer steps."""
@@ -83,12 +104,31 @@ class SeedConfig:
                 f"blend_schedule={self.blend_schedule!r}; allowed: {', '.join(BLEND_SCHEDULES)}"
             )
         for name in ("blend_steps", "embargo_steps", "max_faults"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.fit_step > 0:
-            raise ValueError(f"fit_step must be > 0, got {self.fit_step}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("lr", "fit_step"):
+            if not _finite_positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        # Checked here, not at the first kernel call: a string would raise mid-episode, a
+        # negative budget would cull every seed, and NaN would silently switch the check off.
+        budget = self.latency_budget_ms
+        if budget is not None and not _finite_positive(budget):
+            raise ValueError(
+                f"latency_budget_ms={budget!r}; allowed: None (no latency check) or a finite "
+                "number of milliseconds > 0"
+            )
+
+
+def _finite_positive(value) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def blend_alpha(t: int, steps: int, schedule: str) -> float:
@@ -116,6 +156,9 @@ class SeedSlot:
     optimizer: torch.optim.Optimizer | None = None
     alpha_override: float | None = None  # set by `seed_override` while measuring contribution
     fit_loss: list = field(default_factory=list)  # [tensor] of the last TRAINING backward
+    # {"out": finite gradient reached the kernel, "in": finite gradient left it} (bool tensors)
+    # from the trainer's last diagnostic pass.
+    grad_ok: dict = field(default_factory=dict)
 
 
 def host_kind(host: nn.Module) -> str:
@@ -159,11 +202,13 @@ class KasminaLayer(nn.Module):
         self.kernels = nn.ModuleDict()
         self.out_shape: tuple[int, ...] | None = None  # set by the first forward
         self.record = False  # the trainer turns this on for the one batch telemetry reads
+        self.diagnose = False  # the trainer turns this on to find a seed that sends NaN back
         self.step_count = 0
         self.events: list[dict] = []
         self.faults: list[FaultRecord] = []
         self._running: tuple[SeedSlot, ...] = ()
         self._busy = False  # any slot not DORMANT
+        self.coupled = False  # any slot in COUPLED: its backward reaches the host's gradients
         self._stats: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
         self._latency_s = 0.0
@@ -212,6 +257,11 @@ class KasminaLayer(nn.Module):
             if alpha == 0.0:
                 return None
             x = h if slot.alpha_override is None else h.detach()
+        # Only on the trainer's diagnostic pass (after a non-finite host gradient): the taps
+        # cost a Function call and a reduction per coupled seed, every step they are on.
+        tapped = self.diagnose and x is h and torch.is_grad_enabled()
+        if tapped:
+            x = _Tap.apply(h, slot.grad_ok, "in")
         budget = self.config.latency_budget_ms
         out, fault, msg = guarded_call(
             self.kernels[str(slot.index)], x, None if budget is None else budget / 1e3
@@ -223,6 +273,8 @@ class KasminaLayer(nn.Module):
         slot.calls += 1
         if training:
             return _Fit.apply(out, self.config.fit_step, slot.fit_loss)
+        if tapped:
+            out = _Tap.apply(out, slot.grad_ok, "out")
         return alpha * out
 
     # ---------------------------------------------------------------- lifecycle
@@ -242,6 +294,7 @@ class KasminaLayer(nn.Module):
         slot.state = new
         self._running = tuple(s for s in self.slots if s.state in RUNNING)
         self._busy = any(s.state != SeedState.DORMANT for s in self.slots)
+        self.coupled = any(s.state in COUPLED for s in self.slots)
 
     def _slot(self, index: int) -> SeedSlot:
         if not 0 <= index < len(self.slots):
@@ -303,6 +356,21 @@ class KasminaLayer(nn.Module):
 
     def can_cull(self, index: int) -> bool:
         return self._slot(index).state in CULLABLE
+
+    def coupled_slots(self) -> list[SeedSlot]:
+        """Seeds whose kernel's backward can reach the host's gradients."""
+        return [s for s in self.slots if s.state in COUPLED]
+
+    def quarantine(self, index: int, kind: str, message: str) -> None:
+        """Record a fault and cull the seed now, whatever its breaker count (a fossil too): used
+        when the fault already cost the host a skipped optimizer step."""
+        slot = self._slot(index)
+        slot.breaker.record()
+        self.faults.append(
+            FaultRecord(self.name, slot.index, slot.blueprint, kind, message, self.step_count)
+        )
+        if slot.state in RUNNING | CULLABLE:
+            self.cull(index, reason=f"{kind} fault: {message}")
 
     def _fault(self, slot: SeedSlot, kind: str, message: str) -> None:
         self.faults.append(

@@ -1,7 +1,7 @@
 """Error recovery for kernel calls: detect a fault, fall back to the host path, count, trip.
 
-A kernel call faults when it raises, returns a tensor of the wrong shape, returns NaN/Inf, or
-takes longer than its latency budget. The caller then uses the host path for that call (the
+A kernel call faults when it raises, returns a tensor of the wrong shape, dtype or device,
+returns NaN/Inf, or takes longer than its latency budget. The caller then uses the host path for that call (the
 training run goes on) and the fault is kept as a `FaultRecord`. A `CircuitBreaker` per seed
 trips after `max_faults` faults and the layer culls the seed.
 """
@@ -15,7 +15,19 @@ import torch
 from torch import nn
 
 # "load": the kernel could not be built or its artifact was refused (recorded by the env).
-FAULT_KINDS = ("exception", "shape", "nonfinite", "nonfinite_grad", "slow", "load")
+# "nonfinite_grad": the kernel's own parameters got a NaN/Inf gradient (the layer checks).
+# "host_grad": a kernel's backward sent a NaN/Inf gradient into the host (the trainer checks).
+FAULT_KINDS = (
+    "exception",
+    "shape",
+    "dtype",
+    "device",
+    "nonfinite",
+    "nonfinite_grad",
+    "host_grad",
+    "slow",
+    "load",
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,12 @@ def guarded_call(
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         return None, "shape", f"expected output shape {tuple(x.shape)}, got {got}"
+    # A float64 or off-device delta would make `h + delta` promote or raise in the host's next
+    # layer, far from the kernel: refuse it here, where the fault can be named and contained.
+    if out.device != x.device:
+        return None, "device", f"expected output on {x.device}, got {out.device}"
+    if out.dtype != x.dtype:
+        return None, "dtype", f"expected output dtype {x.dtype}, got {out.dtype}"
     # One reduction and one sync per running seed; a dormant layer never gets here.
     if not bool(torch.isfinite(out.detach()).all()):
         return None, "nonfinite", "kernel output contains NaN or Inf"
