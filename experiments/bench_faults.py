@@ -4,11 +4,15 @@ Each episode runs `Esper/SpiralsFaulty-v0` (its library adds fault_raise, fault_
 fault_shape and fault_slow to the real blueprints) under a scripted policy, with a fresh kernel
 store (`kernel_dir`) per episode:
 
-1. germinate a real kernel (residual_mlp on fc0), then corrupt its artifact file in the store
-   on disk (bytes flipped, truncated, or replaced by a pickle: one variant per episode);
-2. advance the real seed (the kernel already loaded keeps training);
-3. germinate the same recipe on fc1 (same shape, so the same artifact): it must be refused
-   (checksum mismatch -> a "load" fault) and the slot must stay DORMANT;
+1. before the episode, put a genuine low_rank kernel for fc1 in the store, then damage it, one
+   variant per episode: on disk (bytes flipped, truncated, or replaced by a pickle: a checksum
+   mismatch), or as a poisoned shared store would, with an index that agrees with the hostile
+   bytes (`esper_gym.kernels.hostile`): a kernel that zeroes its input in place, a graph that
+   writes a file through aten.from_file, an archive with a second, case-colliding sample-input
+   member holding a pickle payload;
+2. germinate and advance a real kernel (residual_mlp on fc0);
+3. germinate the damaged recipe on fc1: it must be refused (a "load" fault), the slot must stay
+   DORMANT, and nothing in it may run (the victim file stays intact, the marker absent);
 4. germinate and advance each fault kernel, on slots and in an order drawn from the seed:
    each must fault exactly `max_faults` times (exception / nonfinite / shape / slow) and be
    culled by its circuit breaker;
@@ -20,7 +24,7 @@ store (`kernel_dir`) per episode:
    sends NaN into the host's gradients (one "host_grad" fault: the host step is skipped and
    the seed culled at once);
 6. germinate a fault kernel and cull it before it runs (a control: no fault may appear);
-7. take the real seed on to FOSSILIZED, try the corrupted recipe once more (refused again),
+7. take the real seed on to FOSSILIZED, try the damaged recipe once more (refused again),
    and wait for the end of the training budget.
 
 The script counts what it injects itself (expected faults by kind, breaker culls, refused
@@ -41,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import hashlib
 import json
 import pathlib
 import pickle
@@ -56,7 +62,9 @@ import torch
 import esper_gym  # noqa: F401  (registers the Esper/* ids)
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.kasmina import SeedState
+from esper_gym.kernels import compile_blueprint
 from esper_gym.kernels.blueprints import BLUEPRINTS, FAULT_LIBRARY
+from esper_gym.kernels.hostile import case_collision, file_writer, input_mutator
 from esper_gym.tasks import TASKS
 
 ENV_ID = "Esper/SpiralsFaulty-v0"
@@ -68,7 +76,8 @@ FAULT_KIND = {
     "fault_slow": "slow",
 }
 REAL = "residual_mlp"
-CORRUPTIONS = ("flip", "truncate", "pickle")
+DAMAGED = "low_rank"  # the recipe damaged in the store, germinated on fc1
+CORRUPTIONS = ("flip", "truncate", "pickle", "mutating_op", "from_file", "case_collision")
 
 
 class _NanBackward(torch.autograd.Function):
@@ -112,6 +121,27 @@ INJECTED = {
     "inject_nan_backward": Injected(NanBackward, "host_grad", "blending", lambda m: 1, "host_grad"),
 }
 FAULT_NAMES = frozenset({*FAULT_KIND, *INJECTED})
+
+
+def damage_store(env, how: str, victim: pathlib.Path, marker: pathlib.Path) -> pathlib.Path:
+    """Put the DAMAGED recipe for fc1's shape in the env's store, damaged `how`; its file."""
+    u = env.unwrapped
+    shape = u.layers[1].out_shape
+    blueprint = u.generator.propose(shape, DAMAGED, u.task.param_budget)
+    artifact, meta = compile_blueprint(blueprint, shape)
+    hostile = {
+        "mutating_op": lambda: input_mutator(shape),
+        "from_file": lambda: file_writer(artifact, victim),
+        "case_collision": lambda: case_collision(artifact, marker),
+    }
+    if how in hostile:  # poisoned: the index agrees with the hostile bytes
+        bad = hostile[how]()
+        sha = hashlib.sha256(bad).hexdigest()
+        u.store.put(bad, dataclasses.replace(meta, sha256=sha, size_bytes=len(bad)))
+        return u.store.path(sha)
+    u.store.put(artifact, meta)
+    corrupt(u.store.path(meta.sha256), how)
+    return u.store.path(meta.sha256)
 
 
 def corrupt(path: pathlib.Path, how: str) -> None:
@@ -221,9 +251,9 @@ def episode_plan(rng: np.random.Generator) -> list[tuple]:
     order = rng.permutation(len(slots))
     slots = [slots[i] for i in order]
     plan = [
-        ("germinate", 0, 0, REAL, "real"),  # then corrupted on disk (see run_episode)
+        ("germinate", 0, 0, REAL, "real"),
         ("advance", 0, 0, REAL, "real"),
-        ("germinate", 1, 0, REAL, "corrupted"),  # fc1 has fc0's shape: the same artifact
+        ("germinate", 1, 0, DAMAGED, "corrupted"),  # damaged in the store (see damage_store)
     ]
     for bp, (layer, slot) in zip(faults, slots):
         plan += [("germinate", layer, slot, bp, "fault"), ("advance", layer, slot, bp, "fault")]
@@ -236,7 +266,7 @@ def episode_plan(rng: np.random.Generator) -> list[tuple]:
     control = str(rng.choice(FAULT_LIBRARY))
     plan += [("germinate", 0, 1, control, "control"), ("cull", 0, 1, control, "control")]
     plan += [("advance", 0, 0, "fossil", "real")]  # TRAINING -> BLENDING ... -> FOSSILIZED
-    plan += [("germinate", 1, 1, REAL, "corrupted")]  # fc1 again, once its slot is free
+    plan += [("germinate", 1, 1, DAMAGED, "corrupted")]  # fc1 again, once its slot is free
     return plan
 
 
@@ -246,9 +276,11 @@ def run_episode(seed: int, corruption: str, budget_ms: float, root: pathlib.Path
     u = env.unwrapped
     policy = ScriptedPolicy(episode_plan(np.random.default_rng(seed)), u.task.max_faults)
     obs, info = env.reset(seed=seed)
+    victim, marker = root / f"victim-{seed}.txt", root / f"marker-{seed}"
+    victim.write_bytes(b"intact")
+    corrupted = damage_store(env, corruption, victim, marker)
     recorded: collections.Counter = collections.Counter()
     events: list[dict] = []
-    corrupted = None
     terminated = truncated = False
     steps = 0
     while not (terminated or truncated):
@@ -258,10 +290,6 @@ def run_episode(seed: int, corruption: str, budget_ms: float, root: pathlib.Path
         recorded.update(info["fault_kinds"])
         events += info["events"]
         policy.executed(env, intent, info)
-        if intent is not None and intent[4] == "real" and intent[0] == "germinate":
-            sha = u.layers[0].slots[0].kernel_sha
-            corrupted = u.store.path(sha)
-            corrupt(corrupted, corruption)
     breaker_culls = [e for e in events if e["reason"].startswith("circuit breaker")]
     fault_culls = [e for e in events if e["to"] == "CULLED" and e["reason"] != "agent"]
     # Each fault kernel culled for its own reason (its breaker, or a host-gradient fault).
@@ -302,13 +330,14 @@ def run_episode(seed: int, corruption: str, budget_ms: float, root: pathlib.Path
         "control_germinated": policy.control_germinated,
         "plan_left": len(policy.plan),
         "real_seed_final_state": real_state.name,
-        "corrupted_file": str(corrupted),
+        "damaged_file": corrupted.name,
+        "nothing_ran": victim.read_bytes() == b"intact" and not marker.exists(),
     }
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--episodes", type=int, default=6)
+    p.add_argument("--episodes", type=int, default=len(CORRUPTIONS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the per-episode records here")
     args = p.parse_args(argv)
@@ -362,9 +391,11 @@ def main(argv=None) -> dict:
         f"culled for their own fault: {culls_fault} of {culls_expected} advanced"
     )
     print(
-        f"corrupted store entries: {len(records)} ({kinds(collections.Counter(r['corruption'] for r in records))}); "
+        f"damaged or hostile store entries: {len(records)} "
+        f"({kinds(collections.Counter(r['corruption'] for r in records))}); "
         f"germinations of them refused: {refused} of {refusals_expected}, "
-        f"slot left DORMANT: {sum(r['refused_and_dormant'] for r in records)}"
+        f"slot left DORMANT: {sum(r['refused_and_dormant'] for r in records)}, "
+        f"nothing in them ran: {sum(r['nothing_ran'] for r in records)} of {len(records)}"
     )
     print(f"real seeds fossilized despite the faults: {fossils} of {len(records)}")
     print(f"wall time: {time.perf_counter() - start:.0f} s")
@@ -381,6 +412,7 @@ def main(argv=None) -> dict:
     assert culls_fault == culls_expected, "a fault kernel escaped its cull"
     assert refused == refusals_expected, "a corrupted artifact was loaded, or a refusal lost"
     assert sum(r["refused_and_dormant"] for r in records) == refusals_expected
+    assert all(r["nothing_ran"] for r in records), "a hostile artifact wrote a file"
     assert sum(r["control_germinated"] for r in records) == len(records)
     assert fossils == len(records) or real_faults > 0, "a real seed was lost"
     print("OK: every episode finished, every injected fault was recorded, nothing was lost")

@@ -10,14 +10,12 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import struct
 import time
 import zipfile
 
 import pytest
 import torch
-from torch import nn
 
 from esper_gym.kernels import (
     BLUEPRINTS,
@@ -31,6 +29,13 @@ from esper_gym.kernels import (
 )
 from esper_gym.kernels.archive import MAX_ARCHIVE_BYTES, pack_members, read_members
 from esper_gym.kernels.compiler import op_schema_problem
+from esper_gym.kernels.hostile import (
+    evil_sample_inputs,
+    file_writer,
+    input_mutator,
+    plain_zip,
+)
+from esper_gym.kernels.hostile import members as zip_members
 
 SHAPE = (16,)
 MODEL_JSON = "archive/models/model.json"
@@ -43,37 +48,6 @@ def norm16():
     return compile_blueprint(BLUEPRINTS["norm"](), SHAPE)
 
 
-def _zip(members):
-    """A plain stored zip of `members` (name -> bytes), in order, as Python's zipfile writes it."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return out.getvalue()
-
-
-def _members(artifact):
-    archive = zipfile.ZipFile(io.BytesIO(artifact))
-    return {name: archive.read(name) for name in archive.namelist()}
-
-
-class _WritesFile:
-    """Unpickling this creates `path`: proof that a pickle ran."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _evil_sample_inputs(artifact, marker):
-    inner = _members(_members(artifact)[SAMPLE_INPUTS])
-    root = next(iter(inner)).split("/")[0]
-    inner[f"{root}/data.pkl"] = pickle.dumps(_WritesFile(marker), protocol=2)
-    return _zip(inner)
-
-
 def _meta_for(evil, like):
     return dataclasses.replace(like, sha256=hashlib.sha256(evil).hexdigest(), size_bytes=len(evil))
 
@@ -81,56 +55,10 @@ def _meta_for(evil, like):
 # --- 1. ops that write files or mutate their input -----------------------------------------------
 
 
-def _with_file_writer(artifact, path):
-    """The graph first maps `path` (aten.from_file, shared) and fills it with b"A": a write to
-    an attacker-chosen file the first time the kernel runs."""
-    members = _members(artifact)
-    doc = json.loads(members[MODEL_JSON])
-    graph = doc["graph_module"]["graph"]
-    byte = {
-        "dtype": 1,
-        "sizes": [{"as_int": 6}],
-        "requires_grad": False,
-        "device": {"type": "cpu", "index": None},
-        "strides": [{"as_int": 1}],
-        "storage_offset": {"as_int": 0},
-        "layout": 7,
-    }
-    graph["tensor_values"].update(mapped=byte, filled=dict(byte))
-    graph["nodes"][:0] = [
-        {
-            "target": "torch.ops.aten.from_file.default",
-            "inputs": [
-                {"name": "filename", "arg": {"as_string": str(path)}, "kind": 1},
-                {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
-                {"name": "size", "arg": {"as_int": 6}, "kind": 1},
-                {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2},
-            ],
-            "outputs": [{"as_tensor": {"name": "mapped"}}],
-            "metadata": {},
-            "is_hop_single_tensor_return": None,
-            "name": "mapped",
-        },
-        {
-            "target": "torch.ops.aten.fill_.Scalar",
-            "inputs": [
-                {"name": "self", "arg": {"as_tensor": {"name": "mapped"}}, "kind": 1},
-                {"name": "value", "arg": {"as_int": 65}, "kind": 1},
-            ],
-            "outputs": [{"as_tensor": {"name": "filled"}}],
-            "metadata": {},
-            "is_hop_single_tensor_return": None,
-            "name": "filled",
-        },
-    ]
-    members[MODEL_JSON] = json.dumps(doc).encode()
-    return _zip(members)
-
-
 def test_control_a_from_file_graph_writes_the_file_when_torch_runs_it(tmp_path, norm16):
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"intact")
-    program = torch.export.load(io.BytesIO(_with_file_writer(norm16[0], victim)))
+    program = torch.export.load(io.BytesIO(file_writer(norm16[0], victim)))
     program.module()(torch.randn(2, *SHAPE))
     assert victim.read_bytes() == b"AAAAAA"
 
@@ -138,7 +66,7 @@ def test_control_a_from_file_graph_writes_the_file_when_torch_runs_it(tmp_path, 
 def test_from_file_graph_refused_and_the_file_untouched(tmp_path, norm16):
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"intact")
-    evil = _with_file_writer(norm16[0], victim)
+    evil = file_writer(norm16[0], victim)
     with pytest.raises(KernelRejected, match=r"forbidden target 'torch.ops.aten.from_file"):
         validate_artifact(evil)
     store = KernelStore(tmp_path / "store")
@@ -149,20 +77,11 @@ def test_from_file_graph_refused_and_the_file_untouched(tmp_path, norm16):
     assert victim.read_bytes() == b"intact"
 
 
-class _InPlace(nn.Module):
-    def forward(self, x):
-        x.mul_(0)  # would zero the host's activation: the kernel's input shares its storage
-        return x * 1
-
-
 def test_a_kernel_that_mutates_its_input_is_refused():
-    program = torch.export.export(
-        _InPlace(), (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
-    )
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
+    # KasminaLayer hands kernels `h.detach()`, which shares the host activation's storage: an
+    # in-place op there would rewrite the host. No mutating op passes, so it cannot happen.
     with pytest.raises(KernelRejected, match=r"forbidden target 'torch.ops.aten.mul_.Tensor'"):
-        validate_artifact(buffer.getvalue())
+        validate_artifact(input_mutator(SHAPE))
 
 
 @pytest.mark.parametrize(
@@ -200,12 +119,12 @@ def test_schema_audit_refuses_io_and_mutation(op, why):
     ids=["subgraph", "op-as-value", "source-fn", "custom-meta"],
 )
 def test_node_arguments_and_metadata_the_loader_resolves_are_refused(norm16, edit, message):
-    members = _members(norm16[0])
+    members = zip_members(norm16[0])
     doc = json.loads(members[MODEL_JSON])
     edit(doc["graph_module"]["graph"]["nodes"][0])
     members[MODEL_JSON] = json.dumps(doc).encode()
     with pytest.raises(KernelRejected, match=message):
-        validate_artifact(_zip(members))
+        validate_artifact(plain_zip(members))
 
 
 @pytest.mark.parametrize(
@@ -214,7 +133,7 @@ def test_node_arguments_and_metadata_the_loader_resolves_are_refused(norm16, edi
 def test_string_arguments_only_where_listed(value, ok):
     # gelu's `approximate` is a mode: any other value is refused.
     artifact, _ = compile_blueprint(BLUEPRINTS["residual_mlp"](), SHAPE)
-    members = _members(artifact)
+    members = zip_members(artifact)
     doc = json.loads(members[MODEL_JSON])
     gelu = next(
         n for n in doc["graph_module"]["graph"]["nodes"] if n["target"].endswith("gelu.default")
@@ -222,10 +141,10 @@ def test_string_arguments_only_where_listed(value, ok):
     gelu["inputs"].append({"name": "approximate", "arg": {"as_string": value}, "kind": 2})
     members[MODEL_JSON] = json.dumps(doc).encode()
     if ok:
-        assert validate_artifact(_zip(members)).input_shape == SHAPE
+        assert validate_artifact(plain_zip(members)).input_shape == SHAPE
     else:
         with pytest.raises(KernelRejected, match="approximate"):
-            validate_artifact(_zip(members))
+            validate_artifact(plain_zip(members))
 
 
 # --- 2. zip parser differentials ------------------------------------------------------------------
@@ -235,30 +154,32 @@ def test_members_equal_ignoring_case_refused(tmp_path, norm16):
     marker = tmp_path / "pwned"
     artifact, _ = norm16
     for extra in ("archive/data/sample_inputs/MODEL.pt", "archive/data/sample_inputs/Model.pt"):
-        members = _members(artifact)
-        members[extra] = _evil_sample_inputs(artifact, marker)
+        members = zip_members(artifact)
+        members[extra] = evil_sample_inputs(artifact, marker)
         with pytest.raises(KernelRejected, match="case-insensitive"):
-            validate_artifact(_zip(members))
-    members = _members(artifact)
+            validate_artifact(plain_zip(members))
+    members = zip_members(artifact)
     config = json.loads(members[WEIGHTS_CONFIG])
     for entry in config["config"].values():
         entry["use_pickle"] = True
     members["archive/data/weights/MODEL_weights_config.json"] = json.dumps(config).encode()
     with pytest.raises(KernelRejected, match="case-insensitive"):
-        validate_artifact(_zip(members))
+        validate_artifact(plain_zip(members))
     assert not marker.exists()
 
 
 def test_duplicate_names_prepended_and_trailing_data_refused(tmp_path, norm16):
     artifact, _ = norm16
     marker = tmp_path / "pwned"
-    members = _members(artifact)
-    members[SAMPLE_INPUTS] = _evil_sample_inputs(artifact, marker)
-    evil = _zip(members)
+    members = zip_members(artifact)
+    members[SAMPLE_INPUTS] = evil_sample_inputs(artifact, marker)
+    evil = plain_zip(members)
     with pytest.raises(KernelRejected, match="zip64 locator"):
         validate_artifact(evil + artifact)  # Python's zipfile sees the benign archive
     with pytest.raises(KernelRejected, match="data between the central directory"):
-        validate_artifact(evil + _zip(_members(artifact)))  # the same, without zip64 records
+        validate_artifact(
+            evil + plain_zip(zip_members(artifact))
+        )  # the same, without zip64 records
     with pytest.raises(KernelRejected, match="end-of-central-directory"):
         validate_artifact(artifact + evil[:100])
     with pytest.raises(KernelRejected, match=r"(end-of-central-directory|central directory)"):
@@ -268,7 +189,7 @@ def test_duplicate_names_prepended_and_trailing_data_refused(tmp_path, norm16):
     # The same name twice in the central directory.
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as archive:
-        for name, content in _members(artifact).items():
+        for name, content in zip_members(artifact).items():
             archive.writestr(name, content)
         import warnings
 
@@ -330,10 +251,10 @@ def test_compressed_and_oversized_members_refused_from_the_directory(norm16):
     artifact, _ = norm16
     # A 4 GiB bzip2 member declared in a small file: refused from the central directory, before
     # any data is read or decompressed (the declared data is not even there).
-    bomb = _patch_sizes(_zip(_members(artifact)), MODEL_JSON, method=zipfile.ZIP_BZIP2)
+    bomb = _patch_sizes(plain_zip(zip_members(artifact)), MODEL_JSON, method=zipfile.ZIP_BZIP2)
     with pytest.raises(KernelRejected, match=r"model.json' is compressed \(method 12\)"):
         validate_artifact(bomb)
-    huge = _patch_sizes(_zip(_members(artifact)), MODEL_JSON, size=0xF0000000)
+    huge = _patch_sizes(plain_zip(zip_members(artifact)), MODEL_JSON, size=0xF0000000)
     with pytest.raises(KernelRejected, match="declares 4026531840 bytes"):
         validate_artifact(huge)
     with pytest.raises(KernelRejected, match=f"at most {MAX_ARCHIVE_BYTES}"):
@@ -343,7 +264,7 @@ def test_compressed_and_oversized_members_refused_from_the_directory(norm16):
 def test_a_real_bzip2_bomb_is_refused_before_decompressing(norm16):
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_BZIP2) as archive:
-        for name, content in _members(norm16[0]).items():
+        for name, content in zip_members(norm16[0]).items():
             archive.writestr(name, content)
         archive.writestr("archive/data/weights/weight_9", b"\0" * (64 * 2**20))
     bomb = out.getvalue()
@@ -369,7 +290,7 @@ def test_a_real_bzip2_bomb_is_refused_before_decompressing(norm16):
     ],
 )
 def test_shape_expressions_beyond_a_batch_symbol_refused(norm16, expr):
-    members = _members(norm16[0])
+    members = zip_members(norm16[0])
     doc = json.loads(members[MODEL_JSON])
     graph = doc["graph_module"]["graph"]
     graph["tensor_values"]["x" if "x" in graph["tensor_values"] else "input"]["sizes"][0][
@@ -378,19 +299,19 @@ def test_shape_expressions_beyond_a_batch_symbol_refused(norm16, expr):
     members[MODEL_JSON] = json.dumps(doc).encode()
     start = time.perf_counter()
     with pytest.raises(KernelRejected, match="refusing shape expression"):
-        validate_artifact(_zip(members))
+        validate_artifact(plain_zip(members))
     assert time.perf_counter() - start < 5  # 9**9**9 evaluated would never return
 
 
 def test_tensor_meta_that_does_not_fit_its_bytes_refused(norm16):
-    members = _members(norm16[0])
+    members = zip_members(norm16[0])
     config = json.loads(members[WEIGHTS_CONFIG])
     entry = next(iter(config["config"].values()))
     members["archive/data/weights/" + entry["path_name"]] = b""  # torch would call zeros(size)
     entry["tensor_meta"]["sizes"] = [{"as_int": 2**40}]
     members[WEIGHTS_CONFIG] = json.dumps(config).encode()
     with pytest.raises(KernelRejected, match="needs 4398046511104 bytes, has 0"):
-        validate_artifact(_zip(members))
+        validate_artifact(plain_zip(members))
 
 
 # --- 6. the store's files and index ------------------------------------------------------------
@@ -501,7 +422,7 @@ def test_poisoned_store_in_an_episode_is_a_load_fault_and_nothing_runs(tmp_path)
     artifact, meta = compile_blueprint(blueprint, layer.out_shape)
     assert meta.recipe_key == recipe_key(blueprint, layer.out_shape)
     # A shared store whose index maps the genuine recipe to the file-writing artifact.
-    evil = _with_file_writer(artifact, victim)
+    evil = file_writer(artifact, victim)
     KernelStore(tmp_path / "store").put(evil, _meta_for(evil, meta))
     action = core.layout.encode(Action(GERMINATE, 0, 0, core.task.blueprints.index(name)))
     assert obs["action_mask"][action]

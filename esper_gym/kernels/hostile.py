@@ -1,0 +1,131 @@
+"""Hostile kernel artifacts, crafted for real: the red-team half of the artifact validator.
+
+Each builder takes a genuine artifact and returns bytes that would do harm if torch loaded and
+ran them (`tests/test_artifact_security.py` shows that for the ones where it is cheap). The
+validator must refuse every one; the reliability benchmark (`experiments/bench_faults.py`) puts
+them in a kernel store under a genuine recipe, as a poisoned shared store would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import pickle
+import zipfile
+
+import torch
+from torch import nn
+
+MODEL_JSON = "archive/models/model.json"
+SAMPLE_INPUTS = "archive/data/sample_inputs/model.pt"
+
+
+def members(archive: bytes) -> dict[str, bytes]:
+    """name -> bytes of a zip, read with Python's zipfile (the crafting side needs no rigour)."""
+    z = zipfile.ZipFile(io.BytesIO(archive))
+    return {name: z.read(name) for name in z.namelist()}
+
+
+def plain_zip(content: dict[str, bytes]) -> bytes:
+    """A stored zip of `content`, in order, as Python's zipfile writes it."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in content.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+class WritesFile:
+    """Unpickling this creates `path`: proof that a pickle ran."""
+
+    def __init__(self, path: str | pathlib.Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def evil_sample_inputs(artifact: bytes, marker: str | pathlib.Path) -> bytes:
+    """The artifact's sample-input archive with its pickle replaced by one that creates
+    `marker` when unpickled (torch.export.load falls back to weights_only=False on it)."""
+    inner = members(members(artifact)[SAMPLE_INPUTS])
+    root = next(iter(inner)).split("/")[0]
+    inner[f"{root}/data.pkl"] = pickle.dumps(WritesFile(marker), protocol=2)
+    return plain_zip(inner)
+
+
+def case_collision(artifact: bytes, marker: str | pathlib.Path) -> bytes:
+    """An extra `MODEL.pt` beside `model.pt`: a case-insensitive reader may load the payload."""
+    content = members(artifact)
+    content["archive/data/sample_inputs/MODEL.pt"] = evil_sample_inputs(artifact, marker)
+    return plain_zip(content)
+
+
+def file_writer(artifact: bytes, path: str | pathlib.Path) -> bytes:
+    """The graph first maps `path` (aten.from_file, shared) and fills it with b"A" (fill_): a
+    write to an attacker-chosen file the first time the kernel runs."""
+    content = members(artifact)
+    doc = json.loads(content[MODEL_JSON])
+    graph = doc["graph_module"]["graph"]
+    byte = {
+        "dtype": 1,
+        "sizes": [{"as_int": 6}],
+        "requires_grad": False,
+        "device": {"type": "cpu", "index": None},
+        "strides": [{"as_int": 1}],
+        "storage_offset": {"as_int": 0},
+        "layout": 7,
+    }
+    graph["tensor_values"].update(mapped=byte, filled=dict(byte))
+
+    def node(target: str, inputs: list, out: str) -> dict:
+        return {
+            "target": target,
+            "inputs": inputs,
+            "outputs": [{"as_tensor": {"name": out}}],
+            "metadata": {},
+            "is_hop_single_tensor_return": None,
+            "name": out,
+        }
+
+    graph["nodes"][:0] = [
+        node(
+            "torch.ops.aten.from_file.default",
+            [
+                {"name": "filename", "arg": {"as_string": str(path)}, "kind": 1},
+                {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                {"name": "size", "arg": {"as_int": 6}, "kind": 1},
+                {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2},
+            ],
+            "mapped",
+        ),
+        node(
+            "torch.ops.aten.fill_.Scalar",
+            [
+                {"name": "self", "arg": {"as_tensor": {"name": "mapped"}}, "kind": 1},
+                {"name": "value", "arg": {"as_int": 65}, "kind": 1},
+            ],
+            "filled",
+        ),
+    ]
+    content[MODEL_JSON] = json.dumps(doc).encode()
+    return plain_zip(content)
+
+
+class _ZeroesItsInput(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(0)  # the kernel's input shares storage with the host's activation
+        return x * 1
+
+
+def input_mutator(shape: tuple[int, ...]) -> bytes:
+    """A real torch.export artifact whose kernel zeroes its input in place (aten.mul_)."""
+    program = torch.export.export(
+        _ZeroesItsInput(),
+        (torch.zeros(2, *shape),),
+        dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
