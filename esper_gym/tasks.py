@@ -22,6 +22,7 @@ COUNTS = (
     "batch_size",
     "decision_interval",
     "val_size",
+    "contribution_size",
     "param_budget",
     "max_nodes",
     "seed_slots",
@@ -55,6 +56,10 @@ class Task:
     decision_interval: int = 20
     max_epochs: float = 20.0
     val_size: int = 1024
+    # Seeds' contributions (accuracy with the seed on minus off) are measured every step on
+    # the first `contribution_size` samples of the validation subset: one small extra pass per
+    # live seed instead of a full one. The reward does not read them; observations and agents do.
+    contribution_size: int = 256
     seed_slots: int = 2
     param_budget: int = 5_000
     blueprints: tuple[str, ...] = DEFAULT_LIBRARY

@@ -1,8 +1,9 @@
 """HostTrainer: the real training loop of an episode, one decision interval at a time.
 
-The trainer owns the host optimizer (over the parameters the host had when it was built;
-kernels carry their own optimizers in their slots), the data order (a `torch.Generator` the env
-seeds), and the evaluation on a fixed validation subset.
+The trainer owns the host optimizer (over the parameters the host had when it was built), one
+fused Adam over every running seed of the model (a param group per seed, at the seed's own
+learning rate; rebuilt, state carried over, when the set of running seeds changes), the data
+order (a `torch.Generator` the env seeds), and the evaluation on a fixed validation subset.
 """
 
 from __future__ import annotations
@@ -14,8 +15,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from esper_gym.data import Dataset
-from esper_gym.kasmina import KasminaLayer, SeedState, kasmina_layers
+from esper_gym.kasmina import RUNNING, KasminaLayer, SeedState, kasmina_layers
+from esper_gym.kernels import Kernel
 from esper_gym.tasks import Task
+
+# Modules that behave differently in train and eval mode, and modules of ours that do not.
+_MODAL = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+_MODE_FREE = (KasminaLayer, Kernel)
 
 SPIKE_FACTOR = 2.0  # a step's loss above this multiple of the running mean counts as a spike
 
@@ -45,6 +59,21 @@ class HostTrainer:
         self.layers: list[KasminaLayer] = kasmina_layers(model)
         self.host_params = list(model.parameters())  # kernels are added later, in their slots
         self.optimizer = make_optimizer(task, self.host_params)
+        for layer in self.layers:
+            layer.external_optimizer = True
+        self.seed_optimizer: torch.optim.Optimizer | None = None
+        self._seeds: list[tuple[KasminaLayer, object, list[torch.Tensor]]] = []
+        self._seed_key: tuple = ()
+        self._val_hits: torch.Tensor | None = None
+        # Modules whose forward may read `training` (dropout, norms with running stats, and any
+        # module defined outside torch.nn); switching only these keeps evaluate from walking
+        # the whole module tree twice per call. Kernels' train/eval behaviour is fixed at export.
+        self._modal = [
+            m
+            for m in model.modules()
+            if isinstance(m, _MODAL)
+            or not (type(m).__module__.startswith("torch.nn.") or isinstance(m, _MODE_FREE))
+        ]
         self.x_train, self.y_train = data.x_train, data.y_train
         n_val = min(task.val_size, len(data.x_val))
         self.x_val = data.x_val[:n_val].to(self.device)
@@ -69,7 +98,7 @@ class HostTrainer:
         of the interval: one sync per interval, not per step.
         """
         steps = steps or self.task.decision_interval
-        self.model.train()
+        self._set_training(True)
         losses = []
         for i in range(steps):
             last = i == steps - 1
@@ -87,6 +116,9 @@ class HostTrainer:
                     layer.capture_grad()
             if safe:
                 self.optimizer.step()
+                if self.seed_optimizer is not None:
+                    self.seed_optimizer.step()
+                    self.seed_optimizer.zero_grad(set_to_none=True)
             for layer in self.layers:
                 layer.step_seeds()
             losses.append(loss.detach())
@@ -105,25 +137,64 @@ class HostTrainer:
         mean = sum(finite) / len(finite) if finite else float("nan")
         return IntervalStats(steps, mean, values[-1], spikes, diverged)
 
-    def _host_grads_safe(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """False when a seed's backward put NaN/Inf into the host's gradients: the step is
-        skipped (host and seeds) and the seeds responsible are culled, so the host's weights
-        stay finite.
+    def _sync_seed_optimizer(self) -> None:
+        """One fused Adam over the running seeds, rebuilt when their set changes (germinate,
+        advance into TRAINING, cull): a param group per seed, Adam state carried over."""
+        live = [
+            (layer, slot, layer.kernels[str(slot.index)])
+            for layer in self.layers
+            if layer._busy
+            for slot in layer.slots
+            if slot.state in RUNNING and slot.optimizer is None and str(slot.index) in layer.kernels
+        ]
+        key = tuple(id(kernel) for _, _, kernel in live)
+        if key == self._seed_key:
+            return
+        old = self.seed_optimizer
+        self._seeds = [
+            (layer, slot, [p for p in kernel.parameters() if p.requires_grad])
+            for layer, slot, kernel in live
+        ]
+        self._seeds = [seed for seed in self._seeds if seed[2]]
+        groups = [{"params": params, "lr": layer.config.lr} for layer, _, params in self._seeds]
+        self.seed_optimizer = torch.optim.Adam(groups, fused=True) if groups else None
+        if old is not None and self.seed_optimizer is not None:
+            for group in groups:
+                for p in group["params"]:
+                    if p in old.state:
+                        self.seed_optimizer.state[p] = old.state[p]
+        self._seed_key = key
 
-        Only while some seed is coupled (BLENDING or later: its kernel reads the undetached
-        activation); otherwise the gradients are the host's alone and a dormant or TRAINING-only
-        host pays nothing. One fused norm over the host's gradients and one sync per step. A
-        non-finite loss is the host diverging, not a seed fault: it is left to the interval's
-        divergence check, as without seeds.
+    def _host_grads_safe(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """One finiteness check per step over the host's and the seeds' gradients (one fused
+        norm, one sync), before any optimizer steps.
+
+        A seed whose own gradient is NaN/Inf loses this step's update and records a
+        "nonfinite_grad" fault (its breaker decides). A host gradient made non-finite by a
+        coupled seed's backward (BLENDING or later: it reads the undetached activation) returns
+        False: the step is skipped (host and seeds) and the seeds responsible are culled, so the
+        host's weights stay finite. Host gradients are only checked while a seed is coupled;
+        otherwise they are the host's alone. A non-finite loss is the host diverging, not a seed
+        fault: it is left to the interval's divergence check, as without seeds.
         """
-        if not any(layer.coupled for layer in self.layers):
-            return True
-        grads = [p.grad for p in self.host_params if p.grad is not None]
+        self._sync_seed_optimizer()
+        coupled = any(layer.coupled for layer in self.layers)
+        host = [p.grad for p in self.host_params if p.grad is not None] if coupled else []
+        seeds = [[p.grad for p in params if p.grad is not None] for _, _, params in self._seeds]
+        grads = host + [g for seed in seeds for g in seed]
         if not grads:
             return True
-        norm = torch.nn.utils.get_total_norm(grads)
-        loss_ok, grads_ok = torch.isfinite(torch.stack([loss.detach(), norm])).tolist()
-        if grads_ok or not loss_ok:
+        flags = torch.isfinite(torch.stack([loss.detach(), *torch._foreach_norm(grads)])).tolist()
+        if all(flags):
+            return True
+        at = 1 + len(host)
+        for (layer, slot, params), seed in zip(self._seeds, seeds):
+            if not all(flags[at : at + len(seed)]):
+                for p in params:
+                    p.grad = None
+                layer._fault(slot, "nonfinite_grad", "kernel gradient contains NaN or Inf")
+            at += len(seed)
+        if all(flags[1 : 1 + len(host)]) or not flags[0]:
             return True
         for layer, slot in self._culprits(x, y):
             layer.quarantine(
@@ -155,10 +226,11 @@ class HostTrainer:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
         """(accuracy, mean loss) on the validation subset, or on (x, y)."""
+        on_val = x is None
         x = self.x_val if x is None else x
         y = self.y_val if y is None else y
-        self.model.eval()
-        correct, loss_sum = 0, 0.0
+        self._set_training(False)
+        hits, loss_sum = [], 0.0
         for start in range(0, len(x), 4096):
             xb, yb = (
                 x[start : start + 4096].to(self.device),
@@ -166,27 +238,44 @@ class HostTrainer:
             )
             logits = self.model(xb)
             loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-        self.model.train()
-        return correct / len(x), loss_sum / len(x)
+            hits.append(logits.argmax(1) == yb)
+        self._set_training(True)
+        hits = torch.cat(hits)
+        if on_val:
+            self._val_hits = hits  # the current model's per-sample hits, for contributions
+        return int(hits.sum()) / len(x), loss_sum / len(x)
+
+    def _set_training(self, mode: bool) -> None:
+        for module in self._modal:
+            module.training = mode
 
     def measure_contributions(self, val_acc: float) -> None:
-        """Each live seed's contribution: val accuracy with it on minus with it off.
+        """Each live seed's contribution: accuracy with it on minus with it off, on the first
+        `task.contribution_size` samples of the validation subset (the same samples every step).
 
         TRAINING seeds do not act on the output yet, so "on" means alpha 1 (what advancing it
         would give); blending and later seeds are "on" at their alpha, which is the current
-        model, so `val_acc` is reused and only the "off" pass is run.
+        model, whose hits on those samples the last `evaluate()` kept: only the other pass runs.
         """
+        n = min(self.task.contribution_size, len(self.x_val))
+        x, y = self.x_val[:n], self.y_val[:n]
+        current = None
         for layer in self.layers:
             for slot in layer.slots:
+                if slot.state not in RUNNING:
+                    continue
+                if current is None:
+                    hits = self._val_hits
+                    current = float(hits[:n].float().mean()) if hits is not None else None
+                    current = self.evaluate(x, y)[0] if current is None else current
                 if slot.state == SeedState.TRAINING:
                     with layer.seed_override(slot.index, 1.0):
-                        on, _ = self.evaluate()
-                    slot.contribution = on - val_acc
-                elif slot.state in (SeedState.BLENDING, SeedState.PROBATION, SeedState.FOSSILIZED):
+                        on, _ = self.evaluate(x, y)
+                    slot.contribution = on - current
+                else:
                     with layer.seed_override(slot.index, 0.0):
-                        off, _ = self.evaluate()
-                    slot.contribution = val_acc - off
+                        off, _ = self.evaluate(x, y)
+                    slot.contribution = current - off
 
 
 def _made_nonfinite(taps: dict) -> bool:

@@ -203,6 +203,7 @@ class KasminaLayer(nn.Module):
         self.out_shape: tuple[int, ...] | None = None  # set by the first forward
         self.record = False  # the trainer turns this on for the one batch telemetry reads
         self.diagnose = False  # the trainer turns this on to find a seed that sends NaN back
+        self.external_optimizer = False  # set by HostTrainer: it steps the seeds itself
         self.step_count = 0
         self.events: list[dict] = []
         self.faults: list[FaultRecord] = []
@@ -317,7 +318,12 @@ class KasminaLayer(nn.Module):
         slot.alpha, slot.age, slot.blend_t, slot.contribution, slot.calls = 0.0, 0, 0, 0.0, 0
         slot.breaker = CircuitBreaker(self.config.max_faults)
         params = [p for p in kernel.parameters() if p.requires_grad]
-        slot.optimizer = torch.optim.Adam(params, lr=self.config.lr, fused=True) if params else None
+        # A trainer that steps every seed of the model in one fused optimizer sets
+        # `external_optimizer`; a layer on its own gives each seed an optimizer of its own.
+        if params and not self.external_optimizer:
+            slot.optimizer = torch.optim.Adam(params, lr=self.config.lr, fused=True)
+        else:
+            slot.optimizer = None
         self._set_state(slot, SeedState.GERMINATED, "germinate")
 
     def advance(self, index: int) -> SeedState:

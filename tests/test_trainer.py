@@ -1,0 +1,111 @@
+"""HostTrainer: one fused optimizer over the running seeds, one finiteness check per step."""
+
+import gymnasium as gym
+import torch
+from torch import nn
+
+import esper_gym  # noqa: F401  (registers the ids)
+from esper_gym.kasmina import SeedState
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s):
+        return s.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+class NanGradKernel(nn.Module):
+    """A learnable kernel whose parameter always gets a NaN gradient."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x):
+        return _NanGrad.apply(x * self.scale)
+
+
+def _env(tmp_path):
+    env = gym.make("Esper/Spirals-v0", kernel_dir=tmp_path, seed_slots=2)
+    env.reset(seed=0)
+    return env.unwrapped
+
+
+def _germinate(u, layer, slot, name="residual_mlp"):
+    from esper_gym.kernels import load_or_compile
+
+    shape = u.layers[layer].out_shape
+    blueprint = u.generator.propose(shape, name, u.task.param_budget)
+    kernel, meta = load_or_compile(blueprint, shape, u.store, u.cache)
+    u.layers[layer].germinate(slot, kernel, name, meta.sha256)
+    return kernel
+
+
+def test_running_seeds_share_one_optimizer_with_state_carried_over(tmp_path):
+    u = _env(tmp_path)
+    first = _germinate(u, 0, 0)
+    u.layers[0].advance(0)  # TRAINING: learns the pseudo-residual
+    assert u.layers[0].slots[0].optimizer is None  # the trainer steps it
+    before = [p.detach().clone() for p in first.parameters()]
+    u.trainer.run_interval(4)
+    assert any(not torch.equal(a, b) for a, b in zip(before, first.parameters()))
+    opt = u.trainer.seed_optimizer
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == u.task.seed_lr
+    steps = [int(opt.state[p]["step"]) for p in first.parameters()]
+    assert steps == [4] * len(steps)
+
+    second = _germinate(u, 1, 0)
+    u.layers[1].advance(0)
+    u.trainer.run_interval(2)
+    opt = u.trainer.seed_optimizer
+    assert len(opt.param_groups) == 2
+    assert [int(opt.state[p]["step"]) for p in first.parameters()] == [6] * len(steps)
+    assert [int(opt.state[p]["step"]) for p in second.parameters()] == [2] * len(steps)
+
+    u.layers[0].cull(0)
+    u.trainer.run_interval(1)
+    held = {id(p) for g in u.trainer.seed_optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in second.parameters()}
+
+
+def test_a_seed_with_nan_gradients_is_faulted_not_stepped(tmp_path):
+    u = _env(tmp_path)
+    width = u.layers[0].out_shape[0]
+    bad = NanGradKernel(width)
+    u.layers[0].germinate(0, bad, "nan_grad")
+    u.layers[0].advance(0)  # TRAINING: its input is detached, the host is untouched
+    good = _germinate(u, 1, 0)
+    u.layers[1].advance(0)
+    host = [p.detach().clone() for p in u.trainer.host_params]
+    good_before = [p.detach().clone() for p in good.parameters()]
+    u.trainer.run_interval(1)
+    _, faults = u.layers[0].drain()
+    assert [f.kind for f in faults] == ["nonfinite_grad"]
+    assert torch.equal(bad.scale, torch.zeros(width))  # not updated
+    assert any(not torch.equal(a, b) for a, b in zip(good_before, good.parameters()))
+    assert all(torch.isfinite(p).all() for p in u.trainer.host_params)
+    assert any(not torch.equal(a, b) for a, b in zip(host, u.trainer.host_params))
+    u.trainer.run_interval(2)  # third fault: its breaker culls it
+    assert u.layers[0].slots[0].state in (SeedState.CULLED, SeedState.EMBARGOED)
+
+
+def test_contributions_use_the_fixed_subset(tmp_path):
+    u = _env(tmp_path)
+    _germinate(u, 0, 0)
+    u.layers[0].advance(0)
+    u.trainer.run_interval(8)
+    acc, _ = u.trainer.evaluate()
+    calls = []
+    real = u.trainer.evaluate
+
+    def spy(x=None, y=None):
+        calls.append(None if x is None else len(x))
+        return real(x, y)
+
+    u.trainer.evaluate = spy
+    u.trainer.measure_contributions(acc)
+    assert calls == [u.task.contribution_size]  # one extra pass, on the subset only
