@@ -11,7 +11,7 @@ python -m esper_gym.evaluate -m reward.weights.param_cost=0,0.2,1  # writes resu
 What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
 1. Builds one job per (agent, task, seed): seeds `first_seed + i`, the held-out seeds of
    `esper_gym.train`'s evaluation (disjoint from its training seeds), the same for every agent.
-   An agent is a baseline name (`agents.baselines.make_agent`; `random` is seeded with the
+   An agent is a baseline name (`esper_gym.agents.baselines.make_agent`; `random` is seeded with the
    episode seed) or any name with a Tamiyo checkpoint in `checkpoints` (a `checkpoint.pt` or
    the train run dir holding it), acting greedily. A task is a registered task name or a
    `variants` entry (`{task: <registered>, <Task field>: value, ...}`, e.g. `spirals_deep`:
@@ -168,7 +168,7 @@ def make_jobs(
 ) -> list[Job]:
     """Every (agent, task, seed) job; `seeds` is a count (seeds `first_seed + i`) or a list.
     A name with a checkpoint is a Tamiyo policy; any other name must be a baseline."""
-    from agents.baselines import AGENTS
+    from esper_gym.agents.baselines import AGENTS
 
     checkpoints = {k: v for k, v in (checkpoints or {}).items() if v}
     for agent in agents:
@@ -229,7 +229,7 @@ def check_compatible(policy, env) -> None:
 
 
 def load_policy(checkpoint: str | os.PathLike):
-    from agents.tamiyo import load_checkpoint
+    from esper_gym.agents.tamiyo import load_checkpoint
 
     return load_checkpoint(checkpoint).policy.eval()
 
@@ -241,7 +241,7 @@ def make_actor(job: Job, env):
         check_compatible(policy, env)
         greedy = job.greedy
         return lambda obs, info=None: policy.act(obs, greedy=greedy)
-    from agents.baselines import make_agent
+    from esper_gym.agents.baselines import make_agent
 
     kwargs = {"seed": job.seed} if job.agent == "random" else {}
     return make_agent(job.agent, env, **kwargs).act

@@ -156,20 +156,20 @@ class EnvConf:
 
 
 class AgentKind(enum.Enum):
-    baseline = "baseline"  # agents.baselines: no training
-    tamiyo = "tamiyo"  # agents.tamiyo.train (PPO over the model graph)
-    sb3 = "sb3"  # agents.sb3 factory -> model.learn
+    baseline = "baseline"  # esper_gym.agents.baselines: no training
+    tamiyo = "tamiyo"  # esper_gym.agents.tamiyo.train (PPO over the model graph)
+    sb3 = "sb3"  # esper_gym.agents.sb3 factory -> model.learn
 
 
 @dataclass
 class PPOConf:
-    """agents.tamiyo.PPOConfig, less `seed`, `num_envs`, `async_envs` (from `seed` and env/).
+    """esper_gym.agents.tamiyo.PPOConfig, less `seed`, `num_envs`, `async_envs` (from `seed` and env/).
 
-    Written out rather than generated: importing agents.tamiyo (torch_geometric) costs seconds
+    Written out rather than generated: importing esper_gym.agents.tamiyo (torch_geometric) costs seconds
     that a baseline run or a config check should not pay. tests/test_config.py checks that the
     fields and defaults match PPOConfig's."""
 
-    _target_: str = "agents.tamiyo.PPOConfig"
+    _target_: str = "esper_gym.agents.tamiyo.PPOConfig"
     total_steps: int = 20_000
     rollout_steps: int = 64
     gamma: float = 0.99
@@ -197,8 +197,8 @@ class PPOConf:
 
 @dataclass
 class AgentConf:
-    """`build`: a `_target_` factory called with `env=` (baselines: agents.baselines.make_agent,
-    sb3: agents.sb3.make_ppo / make_maskable_ppo, with `_partial_: true`); `ppo`: Tamiyo's
+    """`build`: a `_target_` factory called with `env=` (baselines: esper_gym.agents.baselines.make_agent,
+    sb3: esper_gym.agents.sb3.make_ppo / make_maskable_ppo, with `_partial_: true`); `ppo`: Tamiyo's
     PPOConfig; `total_timesteps`: the sb3 training budget."""
 
     name: str = MISSING
@@ -349,7 +349,7 @@ def validate(cfg: DictConfig) -> Task:
     _positive(cfg.eval.episodes, "eval.episodes", allow_zero=True)
     if cfg.threads is not None:
         _positive(cfg.threads, "threads")
-    from agents.baselines import AGENTS
+    from esper_gym.agents.baselines import AGENTS
 
     unknown = [name for name in cfg.eval.compare if name not in AGENTS]
     if unknown:
@@ -420,7 +420,7 @@ def _checkpoint_file(resume: str, suffix: str) -> pathlib.Path:
 
 def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
     """Train (or continue) Tamiyo; returns (act, global_step, checkpoint path)."""
-    from agents.tamiyo import load_checkpoint, train
+    from esper_gym.agents.tamiyo import load_checkpoint, train
 
     config = instantiate(
         cfg.agent.ppo,
@@ -489,7 +489,7 @@ def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
 
 def baseline_act(name: str, env: gym.Env, seed: int, build: Callable | None = None):
     """A baseline's act(obs): from the agent config's factory, else make_agent's defaults."""
-    from agents.baselines import make_agent
+    from esper_gym.agents.baselines import make_agent
 
     agent = build(env=env) if build is not None else None
     if agent is None:

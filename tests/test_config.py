@@ -153,7 +153,7 @@ def test_experiments_override_task_agent_and_budgets():
 
 
 def test_ppo_schema_mirrors_ppoconfig():
-    from agents.tamiyo import PPOConfig
+    from esper_gym.agents.tamiyo import PPOConfig
 
     mine = {f.name: f.default for f in dataclasses.fields(train.PPOConf) if f.name != "_target_"}
     theirs = {f.name: f.default for f in dataclasses.fields(PPOConfig)}

@@ -1,7 +1,7 @@
 """The benchmark pipeline (esper_gym.evaluate) and its figures (esper_gym.plots).
 
 The CSV is checked against the episodes themselves: every row is replayed independently with
-gym.make + agents.baselines.run_episode, and the numbers must be identical.
+gym.make + esper_gym.agents.baselines.run_episode, and the numbers must be identical.
 """
 
 import json
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agents.baselines import make_agent, run_episode
 from esper_gym import plots
+from esper_gym.agents.baselines import make_agent, run_episode
 from esper_gym.evaluate import (
     CSV_COLUMNS,
     Job,
@@ -200,7 +200,7 @@ def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spa
 ):
     import torch
 
-    from agents.tamiyo import TamiyoPolicy, save_checkpoint
+    from esper_gym.agents.tamiyo import TamiyoPolicy, save_checkpoint
 
     spirals, deep = resolve_tasks(
         ["spirals", "spirals_deep"],

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 import esper_gym  # noqa: F401  (registers the ids)
-from agents.sb3 import GraphFeaturesExtractor, ObservedActionMask, make_maskable_ppo, make_ppo
-from agents.tamiyo import GraphEncoder, obs_to_batch
+from esper_gym.agents.sb3 import (
+    GraphFeaturesExtractor,
+    ObservedActionMask,
+    make_maskable_ppo,
+    make_ppo,
+)
+from esper_gym.agents.tamiyo import GraphEncoder, obs_to_batch
 
 torch.set_num_threads(1)
 SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, val_size=256)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from agents.tamiyo import (
+from esper_gym.actions import ActionLayout
+from esper_gym.agents.tamiyo import (
     MASKED,
     PPOConfig,
     TamiyoPolicy,
@@ -20,7 +21,6 @@ from agents.tamiyo import (
     save_checkpoint,
     train,
 )
-from esper_gym.actions import ActionLayout
 from esper_gym.observation import GLOBAL_FEATURES, GraphSpec, observation_space, to_pyg
 
 torch.set_num_threads(1)
@@ -372,7 +372,7 @@ def test_tamiyo_beats_random_and_noop_on_spirals(tmp_path):
     that is what PPO optimises, and the argmax can sit on WAIT while most of the mass is spread
     over several growth actions (experiments/tamiyo_vs_baselines.py reports both)."""
     import esper_gym  # noqa: F401
-    from agents.baselines import NoOpAgent, RandomAgent, run_episode
+    from esper_gym.agents.baselines import NoOpAgent, RandomAgent, run_episode
 
     class Sampled:
         def __init__(self, policy):

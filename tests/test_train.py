@@ -133,7 +133,7 @@ def test_tamiyo_logs_to_wandb_offline_and_resumes(tmp_path):
     train(tmp_path, *common, *evaluate, "agent.ppo.total_steps=16", f"hydra.run.dir={first}")
 
     # The checkpoint holds the global step it reached.
-    from agents.tamiyo import load_checkpoint
+    from esper_gym.agents.tamiyo import load_checkpoint
 
     assert load_checkpoint(first / "checkpoint.pt").global_step == 16
     results = json.loads((first / "results.json").read_text())
