@@ -49,7 +49,7 @@ from typing import Any
 
 import pandas as pd
 
-from esper_gym import plots, stats
+from esper_gym import config_dir, plots, stats
 from esper_gym.episode import play_episode
 from esper_gym.tasks import TASKS, Task, get_task
 
@@ -632,13 +632,14 @@ def _with_library(spec: TaskSpec, names, add) -> TaskSpec:
 
 
 def main() -> None:
-    """Hydra entry point (conf/evaluate.yaml); see the module docstring."""
+    """Hydra entry point (conf/evaluate.yaml, `esper_gym.config_dir()`); see the module
+    docstring."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     register_configs()
 
-    @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+    @hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
     def _main(cfg) -> float:
         result = run_from_config(cfg, HydraConfig.get().runtime.output_dir)
         # The objective a sweeper optimises: the first agent's IQM return over all its episodes.

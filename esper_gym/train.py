@@ -602,10 +602,9 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# conf/ sits at the repo root (a source checkout or an editable install). The path is made
-# absolute because Hydra resolves a relative one against the calling module when main() is
-# imported and called (pkg://conf, which does not exist) rather than run with `python -m`.
-CONF_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
+# An absolute path: Hydra resolves a relative one against the calling module when main() is
+# imported and called (the console script) rather than run with `python -m`.
+CONF_DIR = str(esper_gym.config_dir())
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
