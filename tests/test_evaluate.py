@@ -155,7 +155,7 @@ def test_hydra_entry_point_with_task_overrides(tmp_path, kernel_dir):
         f"env.kernel_dir={kernel_dir}",
         "task_overrides.spirals.max_epochs=2",
         "task_overrides.spirals.decision_interval=8",
-        "task_overrides.spirals.val_size=256",
+        "task_overrides.spirals.eval_size=256",
         "task_overrides.spirals.dataset_kwargs={n_train:1024,n_val:256,n_test:256}",
         "reward.weights.accuracy=1.0",
         f"hydra.run.dir={tmp_path / 'hydra'}",

@@ -17,7 +17,7 @@ from esper_gym.agents.sb3 import (
 from esper_gym.agents.tamiyo import GraphEncoder, obs_to_batch
 
 torch.set_num_threads(1)
-SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, val_size=256)
+SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, eval_size=256)
 PPO_KW = dict(n_steps=64, batch_size=32, n_epochs=2, seed=0, verbose=0)
 STEPS = 192
 

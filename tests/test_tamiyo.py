@@ -319,7 +319,7 @@ def test_resume_continues_global_step_optimizer_and_schedule(tmp_path):
 
 # --- the real environment ----------------------------------------------------------------------
 
-SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, val_size=256)
+SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, eval_size=256)
 LOGGED = (
     "losses/policy",
     "losses/value",
