@@ -287,6 +287,7 @@ def test_build_host_refuses_layers_registered_out_of_data_flow_order():
 
 def test_my_own_env_id_checks_grows_and_ends_with_a_test_accuracy(kernel_dir):
     task = Task(name="mine", host=my_host, dataset=make_blobs, **SMALL)
+    gym.envs.registry.pop("MyLab/Mine-v0", None)  # test_env registers the same example id
     gym.register(
         "MyLab/Mine-v0", entry_point="esper_gym.env:MorphogeneticEnv", kwargs={"task": task}
     )
