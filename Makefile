@@ -1,11 +1,13 @@
 # One set-up-and-test command (`make test`) and one main job (`make run`).
 # torch is pinned and installed before everything else so that pip never resolves a CUDA build.
+# `make test` ends with the package as users install it: a wheel, installed outside the
+# checkout, running the main job from an empty folder (.ci/check_wheel.sh, about 30 s).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint run slow clean
+.PHONY: install test lint wheel run slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,10 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+	.ci/check_wheel.sh $(PY)
+
+wheel: install
+	.ci/check_wheel.sh $(PY)
 
 slow: install
 	$(PY) -m pytest -q -m slow
@@ -30,4 +36,4 @@ run: install
 	$(PY) -m esper_gym.train
 
 clean:
-	rm -rf $(VENV) outputs multirun wandb
+	rm -rf $(VENV) outputs multirun wandb build dist

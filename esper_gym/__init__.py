@@ -4,6 +4,9 @@ Importing the package registers the `Esper/*` environment ids (string entry poin
 heavy is imported until `gym.make`).
 """
 
+import importlib.resources
+import pathlib
+
 from gymnasium.envs.registration import register, registry
 
 __version__ = "0.1.0"
@@ -28,3 +31,21 @@ for _id, (_task, _steps) in ENV_IDS.items():
             max_episode_steps=_steps,
             kwargs={"task": _task},
         )
+
+
+def config_dir() -> pathlib.Path:
+    """The Hydra config directory that `esper_gym.train` and `esper_gym.evaluate` compose from.
+
+    The repository keeps it as the top-level `conf/`; the wheel ships that folder as package
+    data, `esper_gym/conf`, so an installed package finds it next to its own modules. A clone
+    (editable install, or run from the repository root) has no `esper_gym/conf` and uses
+    `conf/` beside the package.
+    """
+    packaged = pathlib.Path(str(importlib.resources.files(__name__) / "conf"))
+    for candidate in (packaged, pathlib.Path(__file__).resolve().parent.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"esper_gym's Hydra configs are missing: no config.yaml in {packaged} (an installed "
+        "wheel) nor in conf/ beside the package (a clone); reinstall esper-gym"
+    )

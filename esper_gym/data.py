@@ -92,6 +92,107 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, ...]
 
+    @classmethod
+    def from_tensors(
+        cls,
+        x_train: Any,
+        y_train: Any,
+        x_test: Any,
+        y_test: Any,
+        *,
+        val_size: int,
+        name: str,
+        num_classes: int | None = None,
+        seed: int = 0,
+    ) -> Dataset:
+        """Your own data as a Dataset: checked, split and normalised like the built-in ones.
+
+        ``x_*`` (tensors or arrays) are inputs of shape ``(N, *input_shape)``, e.g. ``(N, F)``
+        vectors or ``(N, C, H, W)`` images; ``y_*`` are integer labels of shape ``(N,)`` in
+        ``[0, num_classes)`` (``num_classes`` defaults to the largest training label + 1).
+        ``val_size`` training examples, drawn at random with ``seed`` (data is often sorted by
+        class), become the validation split the env evaluates on every step; the rest is
+        trained on. Inputs are normalised with the per-feature (``(N, F)``) or per-channel
+        (dim 1 of anything larger) mean and population std of that training remainder; a constant feature or
+        channel gets std 1. A bad shape, label or size raises ``ValueError`` naming it.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name={name!r} must be a non-empty string")
+        x_train, x_test = _as_inputs(x_train, "x_train"), _as_inputs(x_test, "x_test")
+        if x_test.shape[1:] != x_train.shape[1:]:
+            raise ValueError(
+                f"x_test has examples of shape {tuple(x_test.shape[1:])}, x_train of shape "
+                f"{tuple(x_train.shape[1:])}: they must match"
+            )
+        y_train = _as_labels(y_train, "y_train", len(x_train), "x_train")
+        y_test = _as_labels(y_test, "y_test", len(x_test), "x_test")
+        given = num_classes is not None
+        if not given:
+            num_classes = max(int(y_train.max()) + 1, 2)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r} must be an int >= 2")
+        for labels, key in ((y_train, "y_train"), (y_test, "y_test")):
+            bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+            if len(bad):
+                i = int(bad[0, 0])
+                source = "given" if given else "the largest y_train label + 1"
+                raise ValueError(
+                    f"{key}[{i}]={int(labels[i])} is not a class: labels must be in "
+                    f"[0, {num_classes}) (num_classes={num_classes}, {source})"
+                )
+        n = len(x_train)
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < n:
+            raise ValueError(
+                f"val_size={val_size!r} (the validation split taken from the {n} training "
+                f"examples) must be an int in [1, {n - 1}]: the env evaluates on it every step "
+                "and trains on the rest"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        train_idx, val_idx = order[: n - val_size], order[n - val_size :]
+        dims = [0] if x_train.dim() == 2 else [0, *range(2, x_train.dim())]
+        x64 = x_train[train_idx].to(torch.float64)
+        mean = x64.mean(dim=dims, keepdim=True)
+        std = x64.std(dim=dims, keepdim=True, correction=0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        mean, std = mean.to(torch.float32), std.to(torch.float32)
+        return cls(
+            name=name,
+            x_train=(x_train[train_idx] - mean) / std,
+            y_train=y_train[train_idx],
+            x_val=(x_train[val_idx] - mean) / std,
+            y_val=y_train[val_idx],
+            x_test=(x_test - mean) / std,
+            y_test=y_test,
+            num_classes=num_classes,
+            input_shape=tuple(int(d) for d in x_train.shape[1:]),
+        )
+
+
+def _as_inputs(x: Any, key: str) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.dim() < 2 or len(x) == 0:
+        raise ValueError(
+            f"{key} has shape {tuple(x.shape)}: expected (N, *input_shape) with N > 0, e.g. "
+            "(N, features) or (N, C, H, W)"
+        )
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{key} has dtype {x.dtype}: expected real numbers")
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{key} holds NaN or Inf values")
+    return x
+
+
+def _as_labels(y: Any, key: str, n: int, x_key: str) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{key} has dtype {y.dtype}: labels must be integers 0..num_classes-1")
+    if y.shape != (n,):
+        raise ValueError(
+            f"{key} has shape {tuple(y.shape)}: expected ({n},), one label per {x_key} row"
+        )
+    return y.to(torch.int64)
+
 
 def data_root() -> pathlib.Path:
     """Where downloaded datasets live: ``$ESPER_DATA_DIR`` if set, else ``~/.cache/esper_gym``."""
@@ -101,13 +202,37 @@ def data_root() -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "esper_gym"
 
 
-def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> Dataset:
-    """Load a benchmark dataset by name: ``"spirals"``, ``"fashion_mnist"`` or ``"cifar10"``.
+def load_dataset(
+    name: str | Dataset | Callable[..., Dataset],
+    *,
+    data_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> Dataset:
+    """A benchmark dataset by name (``"spirals"``, ``"fashion_mnist"``, ``"cifar10"``), or yours.
 
     ``data_dir`` and ``kwargs`` are passed to the loader; ``data_dir`` is ignored for spirals,
     which are generated. Names are matched case-insensitively with ``-`` read as ``_``.
-    Raises ``ValueError`` for an unknown name.
+    A ``Dataset`` is returned as it is (it takes no ``kwargs``); a callable is called with
+    ``kwargs`` (and ``data_dir=`` when one is given) and must return a ``Dataset``, e.g. one
+    made by :meth:`Dataset.from_tensors`. Raises ``ValueError`` for an unknown name.
     """
+    if isinstance(name, Dataset):
+        if kwargs:
+            raise ValueError(
+                f"dataset {name.name!r} is a ready Dataset: it takes no dataset_kwargs, got "
+                f"{sorted(kwargs)}"
+            )
+        return name
+    if callable(name):
+        if data_dir is not None:
+            kwargs["data_dir"] = data_dir
+        data = name(**kwargs)
+        if not isinstance(data, Dataset):
+            raise TypeError(
+                f"dataset factory {getattr(name, '__qualname__', name)!r} returned "
+                f"{type(data).__name__}, not an esper_gym.data.Dataset (see Dataset.from_tensors)"
+            )
+        return data
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
     if key == "spirals":
         return make_spirals(**kwargs)
@@ -115,7 +240,10 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, **kwar
         return load_fashion_mnist(data_dir, **kwargs)
     if key == "cifar10":
         return load_cifar10(data_dir, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+    raise ValueError(
+        f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}, a Dataset or a "
+        "callable returning one"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +603,10 @@ def _read_cifar_pickle(path: pathlib.Path) -> Any:
 
 def _check_val_size(val_size: int) -> int:
     if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
-        raise ValueError(f"val_size must be a non-negative int, got {val_size!r}")
+        raise ValueError(
+            f"val_size={val_size!r} (the validation split, a dataset_kwargs key) must be a "
+            "non-negative int"
+        )
     return val_size
 
 
@@ -496,7 +627,11 @@ def _split_and_normalise(
     """
     n = len(train_x)
     if val_size >= n:
-        raise ValueError(f"{name}: val_size={val_size} leaves no training data (only {n} images)")
+        raise ValueError(
+            f"{name}: val_size={val_size} (the validation split taken from the training images; "
+            f"task.dataset_kwargs={{val_size: ...}}) leaves no training data: there are only "
+            f"{n} training images"
+        )
     mean, std = _uint8_channel_stats(train_x[: n - val_size])
 
     def normalise(images: np.ndarray) -> torch.Tensor:

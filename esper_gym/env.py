@@ -13,7 +13,7 @@ import torch
 from gymnasium import spaces
 
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT, Action, ActionLayout
-from esper_gym.data import Dataset, load_dataset
+from esper_gym.data import Dataset
 from esper_gym.hosts import build_host, edge_numels, host_macs, kernel_macs
 from esper_gym.kasmina import (
     ADVANCE_TO,
@@ -151,8 +151,7 @@ class MorphogeneticEnv(gym.Env):
     @property
     def data(self) -> Dataset:
         if self._data is None:  # lazily, so that vector-env workers load their own copy
-            kwargs = dict(self.task.dataset_kwargs)
-            self._data = load_dataset(self.task.dataset, data_dir=self.task.data_dir, **kwargs)
+            self._data = self.task.load_data()
         return self._data
 
     @property
@@ -182,7 +181,7 @@ class MorphogeneticEnv(gym.Env):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
             self.model = build_host(
-                self.task.host,
+                self.task.host_builder(),
                 data.input_shape,
                 data.num_classes,
                 self.task.seed_slots,

@@ -11,7 +11,7 @@ python -m esper_gym.evaluate -m reward.weights.param_cost=0,0.2,1  # writes resu
 What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
 1. Builds one job per (agent, task, seed): seeds `first_seed + i`, the held-out seeds of
    `esper_gym.train`'s evaluation (disjoint from its training seeds), the same for every agent.
-   An agent is a baseline name (`agents.baselines.make_agent`; `random` is seeded with the
+   An agent is a baseline name (`esper_gym.agents.baselines.make_agent`; `random` is seeded with the
    episode seed) or any name with a Tamiyo checkpoint in `checkpoints` (a `checkpoint.pt` or
    the train run dir holding it), acting greedily. A task is a registered task name or a
    `variants` entry (`{task: <registered>, <Task field>: value, ...}`, e.g. `spirals_deep`:
@@ -49,7 +49,7 @@ from typing import Any
 
 import pandas as pd
 
-from esper_gym import plots, stats
+from esper_gym import config_dir, plots, stats
 from esper_gym.episode import play_episode
 from esper_gym.tasks import TASKS, Task, get_task
 
@@ -168,7 +168,7 @@ def make_jobs(
 ) -> list[Job]:
     """Every (agent, task, seed) job; `seeds` is a count (seeds `first_seed + i`) or a list.
     A name with a checkpoint is a Tamiyo policy; any other name must be a baseline."""
-    from agents.baselines import AGENTS
+    from esper_gym.agents.baselines import AGENTS
 
     checkpoints = {k: v for k, v in (checkpoints or {}).items() if v}
     for agent in agents:
@@ -239,7 +239,7 @@ def check_compatible(policy, env) -> None:
 
 
 def load_checkpoint(checkpoint: str | os.PathLike):
-    from agents.tamiyo import load_checkpoint as load
+    from esper_gym.agents.tamiyo import load_checkpoint as load
 
     return load(checkpoint)
 
@@ -252,7 +252,7 @@ def check_checkpoint(ckpt, path, env) -> None:
     """Refuse a checkpoint that cannot act on `env`: other sizes (`check_compatible`) or another
     blueprint library (its GERMINATE actions would pick other blueprints). The task may differ:
     that is zero-shot transfer."""
-    from agents.tamiyo import check_env_record, env_record
+    from esper_gym.agents.tamiyo import check_env_record, env_record
 
     check_compatible(ckpt.policy, env)
     check_env_record(ckpt.env, env_record(env), path, same_task=False)
@@ -266,7 +266,7 @@ def make_actor(job: Job, env):
         policy = ckpt.policy.eval()
         greedy = job.greedy
         return lambda obs, info=None: policy.act(obs, greedy=greedy)
-    from agents.baselines import make_agent
+    from esper_gym.agents.baselines import make_agent
 
     kwargs = {"seed": job.seed} if job.agent == "random" else {}
     return make_agent(job.agent, env, **kwargs).act
@@ -657,13 +657,14 @@ def _with_library(spec: TaskSpec, names, add) -> TaskSpec:
 
 
 def main() -> None:
-    """Hydra entry point (conf/evaluate.yaml); see the module docstring."""
+    """Hydra entry point (conf/evaluate.yaml, `esper_gym.config_dir()`); see the module
+    docstring."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     register_configs()
 
-    @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+    @hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
     def _main(cfg) -> float:
         result = run_from_config(cfg, HydraConfig.get().runtime.output_dir)
         # The objective a sweeper optimises: the first agent's IQM return over all its episodes.

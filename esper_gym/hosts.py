@@ -4,6 +4,7 @@ Hosts are deliberately small (capacity-limited) so that growth can pay; the READ
 table measures each against its ceiling (the same host with every slot grown from the start).
 A host builder has the signature `builder(input_shape, num_classes, slots, config, **kwargs)`
 and returns an `nn.Module` whose KasminaLayers, in registration order, follow the data flow.
+Your own network needs no Kasmina code: `wrap(MyNet(), slots, config)` makes it growable.
 """
 
 from __future__ import annotations
@@ -76,6 +77,77 @@ def cnn(
 
 HOSTS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
 
+GROWABLE = (nn.Linear, nn.Conv2d)  # the host layers a KasminaLayer can wrap
+
+
+def wrap(
+    model: nn.Module,
+    slots: int,
+    config: SeedConfig,
+    targets: Sequence[type[nn.Module] | str] = GROWABLE,
+) -> nn.Module:
+    """Make a plain network growable: replace its target layers by KasminaLayers, in place.
+
+    As PEFT injects adapters, a target is a module type (`nn.Linear`, `nn.Conv2d` or a
+    subclass: every such module matches) or a name: a module's qualified name (`"head.fc"`)
+    or its end (`"fc"` matches `"head.fc"` and `"fc"`). Each match becomes
+    `KasminaLayer(module, slots, <qualified name>, config)` at the same place, keeping its
+    parameters; layers already wrapped are left alone. Returns `model` (a matching `model`
+    itself comes back wrapped). A host builder can therefore be
+    `lambda input_shape, num_classes, slots, config: wrap(MyNet(), slots, config)`.
+
+    The final classifier layer is wrapped too when it matches, as in the shipped hosts (their
+    output Linear is a KasminaLayer): a seed there adds capacity right where the logits form.
+    To keep it plain, name the targets (`targets=("conv1", "conv2", "fc1")`).
+
+    The env reads the wrapped layers in registration order as the chain of the observation
+    graph, so define them in the order data flows through them (`build_host` checks it with
+    a dry forward). A forward that reads a target's attributes (`self.fc.weight`) must read
+    them from the host (`self.fc.host.weight`).
+    """
+    types = tuple(t for t in targets if isinstance(t, type))
+    names = [t for t in targets if isinstance(t, str)]
+    bad = [t for t in targets if not isinstance(t, (type, str))]
+    bad += [t for t in types if not issubclass(t, GROWABLE)]
+    if bad or not targets:
+        raise ValueError(
+            f"targets={tuple(targets)!r}: each must be nn.Linear, nn.Conv2d (or a subclass) or "
+            "a module name"
+        )
+    wrapped = [
+        f"{n}." if n else "" for n, m in model.named_modules() if isinstance(m, KasminaLayer)
+    ]
+    matched, used_names = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(w) for w in wrapped):  # the host inside a KasminaLayer
+            continue
+        hits = [n for n in names if name == n or name.endswith(f".{n}")]
+        if isinstance(module, KasminaLayer):  # already growable: wrapping again is a no-op
+            used_names.update(hits)
+            continue
+        if hits and not isinstance(module, GROWABLE):
+            raise ValueError(
+                f"target {hits[0]!r} names {name!r}, a {type(module).__name__}: only nn.Linear "
+                "and nn.Conv2d layers can grow"
+            )
+        used_names.update(hits)
+        if hits or isinstance(module, types):
+            matched.append(name)
+    unused = [n for n in names if n not in used_names]
+    if unused or not (matched or wrapped):
+        layers = [n for n, m in model.named_modules() if isinstance(m, GROWABLE)]
+        raise ValueError(
+            f"targets {unused or list(targets)} match no layer of {type(model).__name__}; its "
+            f"Linear/Conv2d layers: {layers or 'none'}"
+        )
+    for name in matched:
+        if not name:
+            return KasminaLayer(model, slots, type(model).__name__.lower(), config)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, KasminaLayer(getattr(parent, attr), slots, name, config))
+    return model
+
 
 def build_host(
     name: str | Callable[..., nn.Module],
@@ -97,15 +169,33 @@ def build_host(
     else:
         raise ValueError(f"unknown host {name!r}; allowed: {', '.join(HOSTS)} or a callable")
     model = builder(tuple(input_shape), num_classes, slots, config, **kwargs)
+    label = getattr(builder, "__qualname__", repr(builder)) if callable(name) else repr(name)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"host {label} returned {type(model).__name__}, not an nn.Module")
     layers = kasmina_layers(model)
     if not layers:
-        raise ValueError(f"host {name!r} has no KasminaLayer: nothing could grow")
+        raise ValueError(
+            f"host {label} has no KasminaLayer: nothing could grow (esper_gym.hosts.wrap makes "
+            "a plain network growable)"
+        )
+    called: list[nn.Module] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, _: called.append(m)) for layer in layers]
     for layer in layers:
         layer.record = True  # the slow path records out_shape; the fast path skips all bookkeeping
-    with torch.no_grad():
-        model(torch.zeros(1, *input_shape))
-    for layer in layers:
-        layer.record = False
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for layer, hook in zip(layers, hooks):
+            layer.record = False
+            hook.remove()
+    if called != layers:
+        # The observation's edges and the action layout follow registration order.
+        raise ValueError(
+            f"host {label}: its growable layers run in the order {[m.name for m in called]} but "
+            f"are registered in the order {[m.name for m in layers]}; define each in the order "
+            "data flows through them, and call each once per forward"
+        )
     return model
 
 

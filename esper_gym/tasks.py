@@ -2,17 +2,25 @@
 
 A `Task` is plain data. `get_task("spirals", decision_interval=10)` returns a registered task
 with fields replaced; every field can also be given to `gym.make` as a keyword argument.
+
+Your own host and data: `host` and `dataset` also take a callable (a host builder; a function
+returning a `Dataset`), a `Dataset` object, or the import path of a callable as a string
+(`"mylab.models:make_host"` or `"mylab.models.make_host"`), which is what a config file names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from esper_gym.data import DATASET_NAMES, Dataset, load_dataset
+from esper_gym.hosts import HOSTS
 from esper_gym.kasmina import SeedConfig
 from esper_gym.kernels.blueprints import BLUEPRINTS, DEFAULT_LIBRARY, FAULT_LIBRARY
 
@@ -21,7 +29,7 @@ OPTIMIZERS = ("adam", "sgd")
 COUNTS = (
     "batch_size",
     "decision_interval",
-    "val_size",
+    "eval_size",
     "contribution_size",
     "param_budget",
     "max_nodes",
@@ -34,6 +42,31 @@ COUNTS = (
 AMOUNTS = ("lr", "max_epochs", "seed_lr")
 
 
+def _is_import_path(value: str) -> bool:
+    return ":" in value or "." in value
+
+
+def import_object(path: str) -> Any:
+    """The object an import path names: `"package.module:attr"` or `"package.module.attr"`."""
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    else:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError("an import path looks like 'package.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"cannot import {module_name!r} ({exc}); is it installed or on PYTHONPATH?"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass(frozen=True)
 class Task:
     """One benchmark task.
@@ -41,10 +74,16 @@ class Task:
     Budgets: the episode trains the host for `max_epochs` passes over the training split,
     `decision_interval` optimizer steps per env step. `param_budget` caps the parameters of one
     kernel (the generator scales a blueprint down to fit it).
+
+    Data: `dataset` is a registered name, a `Dataset`, a callable returning one (called with
+    `dataset_kwargs`, see `esper_gym.data.load_dataset`) or its import path. The dataset's own
+    validation split is set by its loader (`dataset_kwargs` `val_size`, `n_val` for spirals);
+    `eval_size` is how many of those examples each evaluation uses (all of them when the split
+    is smaller). `val_size` is the old name of `eval_size`, kept for a while with a warning.
     """
 
     name: str = "spirals"
-    dataset: str = "spirals"
+    dataset: str | Dataset | Callable[..., Dataset] = "spirals"
     dataset_kwargs: Mapping[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
     host: str | Callable = "mlp"
@@ -55,7 +94,7 @@ class Task:
     batch_size: int = 128
     decision_interval: int = 20
     max_epochs: float = 20.0
-    val_size: int = 1024
+    eval_size: int = 1024
     # Seeds' contributions (accuracy with the seed on minus off) are measured every step on
     # the first `contribution_size` samples of the validation subset: one small extra pass per
     # live seed instead of a full one. The reward does not read them; observations and agents do.
@@ -71,8 +110,19 @@ class Task:
     max_faults: int = 3
     latency_budget_ms: float | None = None
     device: str = "cpu"
+    val_size: int | None = None  # deprecated: the old name of eval_size
 
     def __post_init__(self) -> None:
+        if self.val_size is not None:
+            # Renamed: loaders' `val_size` (in dataset_kwargs) is the validation split itself.
+            warnings.warn(
+                f"task {self.name!r}: Task.val_size is now eval_size (examples per evaluation); "
+                "a dataset's validation split is its dataset_kwargs val_size",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "eval_size", self.val_size)
+            object.__setattr__(self, "val_size", None)
         # Checked here so that a bad value fails at gym.make with its name, not at reset or
         # deep in the first episode (a float batch size slices tensors, inf epochs overflow).
         for key in COUNTS:
@@ -108,6 +158,54 @@ class Task:
             self.seed_config()  # validates the seed fields (latency budget, blend schedule)
         except ValueError as exc:
             raise ValueError(f"task {self.name!r}: {exc}") from None
+        self.host_builder()  # an unknown host name or import path fails here, not at reset
+        if isinstance(self.dataset, str) and _is_import_path(self.dataset):
+            self._resolve("dataset", self.dataset)
+        elif isinstance(self.dataset, str):
+            if self.dataset.strip().lower().replace("-", "_") not in DATASET_NAMES:
+                raise ValueError(
+                    f"task {self.name!r}: dataset={self.dataset!r}; allowed: "
+                    f"{', '.join(DATASET_NAMES)}, the import path of a function returning a "
+                    "Dataset ('module:function'), a Dataset or a callable"
+                )
+        elif not (isinstance(self.dataset, Dataset) or callable(self.dataset)):
+            raise ValueError(
+                f"task {self.name!r}: dataset={self.dataset!r} is not a name, a Dataset or a "
+                "callable returning one"
+            )
+
+    def _resolve(self, key: str, path: str) -> Any:
+        try:
+            obj = import_object(path)
+        except ValueError as exc:
+            raise ValueError(f"task {self.name!r}: {key}={path!r}: {exc}") from None
+        if not (callable(obj) or isinstance(obj, Dataset)):
+            raise ValueError(f"task {self.name!r}: {key}={path!r} is not callable")
+        return obj
+
+    def host_builder(self) -> Callable:
+        """The host builder: `host` itself, a registered one, or the one its import path names."""
+        if callable(self.host):
+            return self.host
+        if isinstance(self.host, str) and _is_import_path(self.host):
+            return self._resolve("host", self.host)
+        if self.host not in HOSTS:
+            raise ValueError(
+                f"task {self.name!r}: host={self.host!r}; allowed: {', '.join(HOSTS)}, a "
+                "builder(input_shape, num_classes, slots, config) or its import path "
+                "('module:function')"
+            )
+        return HOSTS[self.host]
+
+    def load_data(self) -> Dataset:
+        """The task's Dataset (`dataset` resolved and loaded with `dataset_kwargs`)."""
+        source = self.dataset
+        if isinstance(source, str) and _is_import_path(source):
+            source = self._resolve("dataset", source)
+        try:
+            return load_dataset(source, data_dir=self.data_dir, **dict(self.dataset_kwargs))
+        except TypeError as exc:  # a keyword the loader does not take: say which knob
+            raise TypeError(f"task {self.name!r}: dataset_kwargs: {exc}") from exc
 
     def seed_config(self) -> SeedConfig:
         return SeedConfig(
@@ -150,7 +248,7 @@ TASKS: dict[str, Task] = {
             batch_size=128,
             decision_interval=50,
             max_epochs=2.0,
-            val_size=2000,
+            eval_size=2000,
             param_budget=20_000,
             seed_lr=2e-3,
             blend_steps=100,
@@ -165,7 +263,7 @@ TASKS: dict[str, Task] = {
             batch_size=128,
             decision_interval=50,
             max_epochs=2.0,
-            val_size=2000,
+            eval_size=2000,
             param_budget=5_000,
             seed_lr=3e-3,
             blend_steps=100,
@@ -180,7 +278,7 @@ TASKS: dict[str, Task] = {
             batch_size=128,
             decision_interval=100,
             max_epochs=10.0,
-            val_size=2000,
+            eval_size=2000,
             param_budget=20_000,
             seed_lr=2e-3,
             blend_steps=200,

@@ -115,11 +115,12 @@ def _mirror(cls: type, name: str, *, head: list, exclude=(), all_optional=False)
 
 
 # task/: the registered task plus Task field overrides. `blueprints` comes from blueprints/ and
-# `device` from env/, so each has one place to be set.
+# `device` from env/, so each has one place to be set. A `name` that is not registered is a task
+# of the user's own (their config dir): Task's defaults plus the fields set, env_id null.
 TaskConf = _mirror(
     Task,
     "TaskConf",
-    head=[("name", str, field(default=MISSING)), ("env_id", str, field(default=MISSING))],
+    head=[("name", str, field(default=MISSING)), ("env_id", str | None, field(default=None))],
     exclude=("name", "blueprints", "device"),
     all_optional=True,
 )
@@ -156,20 +157,20 @@ class EnvConf:
 
 
 class AgentKind(enum.Enum):
-    baseline = "baseline"  # agents.baselines: no training
-    tamiyo = "tamiyo"  # agents.tamiyo.train (PPO over the model graph)
-    sb3 = "sb3"  # agents.sb3 factory -> model.learn
+    baseline = "baseline"  # esper_gym.agents.baselines: no training
+    tamiyo = "tamiyo"  # esper_gym.agents.tamiyo.train (PPO over the model graph)
+    sb3 = "sb3"  # esper_gym.agents.sb3 factory -> model.learn
 
 
 @dataclass
 class PPOConf:
-    """agents.tamiyo.PPOConfig, less `seed`, `num_envs`, `async_envs` (from `seed` and env/).
+    """esper_gym.agents.tamiyo.PPOConfig, less `seed`, `num_envs`, `async_envs` (from `seed` and env/).
 
-    Written out rather than generated: importing agents.tamiyo (torch_geometric) costs seconds
+    Written out rather than generated: importing esper_gym.agents.tamiyo (torch_geometric) costs seconds
     that a baseline run or a config check should not pay. tests/test_config.py checks that the
     fields and defaults match PPOConfig's."""
 
-    _target_: str = "agents.tamiyo.PPOConfig"
+    _target_: str = "esper_gym.agents.tamiyo.PPOConfig"
     total_steps: int = 20_000
     rollout_steps: int = 64
     gamma: float = 0.99
@@ -197,8 +198,8 @@ class PPOConf:
 
 @dataclass
 class AgentConf:
-    """`build`: a `_target_` factory called with `env=` (baselines: agents.baselines.make_agent,
-    sb3: agents.sb3.make_ppo / make_maskable_ppo, with `_partial_: true`); `ppo`: Tamiyo's
+    """`build`: a `_target_` factory called with `env=` (baselines: esper_gym.agents.baselines.make_agent,
+    sb3: esper_gym.agents.sb3.make_ppo / make_maskable_ppo, with `_partial_: true`); `ppo`: Tamiyo's
     PPOConfig; `total_timesteps`: the sb3 training budget."""
 
     name: str = MISSING
@@ -284,7 +285,7 @@ def _plain(node: Any) -> Any:
 def task_overrides(cfg: DictConfig) -> dict[str, Any]:
     """The gym.make keyword arguments that replace Task fields: the set task.* fields, the
     blueprint library and the device."""
-    registered = TASKS[cfg.task.name]
+    registered = TASKS.get(cfg.task.name) or Task(name=cfg.task.name)
     overrides = {}
     for key, value in _plain(cfg.task).items():
         if key in ("name", "env_id") or value is None:
@@ -306,6 +307,8 @@ def task_overrides(cfg: DictConfig) -> dict[str, Any]:
 def build_task(cfg: DictConfig) -> Task:
     _check_task_name(cfg)
     try:
+        if cfg.task.name not in TASKS:  # the user's own task: Task's defaults, fields replaced
+            return Task(name=cfg.task.name, **task_overrides(cfg))
         return get_task(cfg.task.name, **task_overrides(cfg))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"task.*: {exc}") from exc
@@ -314,7 +317,13 @@ def build_task(cfg: DictConfig) -> Task:
 def _check_task_name(cfg: DictConfig) -> None:
     name, env_id = cfg.task.name, cfg.task.env_id
     if name not in TASKS:
-        raise ConfigError(f"task.name={name!r} is not a registered task; known: {', '.join(TASKS)}")
+        if env_id is not None:
+            raise ConfigError(
+                f"task.name={name!r} is not a registered task ({', '.join(TASKS)}), so it is "
+                f"a task of your own, built from the task.* fields: leave task.env_id null "
+                f"(it is {env_id!r})"
+            )
+        return
     if env_id not in esper_gym.ENV_IDS:
         raise ConfigError(
             f"task.env_id={env_id!r} is not registered; known: {', '.join(esper_gym.ENV_IDS)}"
@@ -353,7 +362,7 @@ def validate(cfg: DictConfig) -> Task:
             raise ConfigError(f"{key}={value} must be an integer >= 0 (it seeds numpy)")
     if cfg.threads is not None:
         _positive(cfg.threads, "threads")
-    from agents.baselines import AGENTS
+    from esper_gym.agents.baselines import AGENTS
 
     unknown = [name for name in cfg.eval.compare if name not in AGENTS]
     if unknown:
@@ -379,18 +388,27 @@ def validate(cfg: DictConfig) -> Task:
     return task
 
 
-def make_env(env_id: str, threads: int | None = None, **kwargs: Any) -> gym.Env:
-    """gym.make, after setting torch's thread count (async env workers are fresh processes)."""
+# A task of the user's own has no registered id: the env class itself, with no TimeLimit
+# (its episodes end when the training budget is spent).
+CUSTOM_SPEC = gym.envs.registration.EnvSpec("Esper/Custom-v0", entry_point=esper_gym.ENTRY_POINT)
+
+
+def make_env(env_id: str | None, threads: int | None = None, **kwargs: Any) -> gym.Env:
+    """gym.make, after setting torch's thread count (async env workers are fresh processes).
+    `env_id=None`: the unregistered env (kwargs then carry the whole `task`)."""
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    return gym.make(env_id, **kwargs)
+    return gym.make(env_id or CUSTOM_SPEC, **kwargs)
 
 
 def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
     """A picklable no-argument env constructor for the configured task (vector envs need it)."""
-    kwargs = dict(task_overrides(cfg))
+    # A task of the user's own goes whole; it holds strings only (host and dataset by import
+    # path), so it pickles into env workers.
+    registered = cfg.task.name in TASKS
+    kwargs = dict(task_overrides(cfg)) if registered else {"task": build_task(cfg)}
     kwargs["reward_weights"] = build_reward_weights(cfg)
     kwargs["kernel_dir"] = cfg.env.kernel_dir
     return functools.partial(make_env, cfg.task.env_id, cfg.threads, **kwargs)
@@ -424,7 +442,7 @@ def _checkpoint_file(resume: str, suffix: str) -> pathlib.Path:
 
 def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
     """Train (or continue) Tamiyo; returns (act, global_step, checkpoint path)."""
-    from agents.tamiyo import load_checkpoint, train
+    from esper_gym.agents.tamiyo import load_checkpoint, train
 
     config = instantiate(
         cfg.agent.ppo,
@@ -468,8 +486,8 @@ def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
         vec_env_cls=SubprocVecEnv if use_async else DummyVecEnv,
         vec_env_kwargs={"start_method": "spawn"} if use_async else None,
     )
-    from agents.sb3 import load_model, save_model
-    from agents.tamiyo import env_record
+    from esper_gym.agents.sb3 import load_model, save_model
+    from esper_gym.agents.tamiyo import env_record
 
     probe = make()
     record = env_record(probe)  # the task and library: checked on resume, saved with the model
@@ -504,7 +522,7 @@ def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
 
 def baseline_act(name: str, env: gym.Env, seed: int, build: Callable | None = None):
     """A baseline's act(obs): from the agent config's factory, else make_agent's defaults."""
-    from agents.baselines import make_agent
+    from esper_gym.agents.baselines import make_agent
 
     agent = build(env=env) if build is not None else None
     if agent is None:
@@ -578,6 +596,8 @@ def run(cfg: DictConfig, run_dir: str | pathlib.Path) -> dict[str, Any]:
         players = {agent_name: act}
         for name in cfg.eval.compare:
             players.setdefault(name, None)
+        if not seeds:  # eval.episodes=0: nothing to evaluate, and no table of NaN means
+            players = {}
         for name, player in players.items():
             if player is None:  # a baseline: the configured one keeps its settings
                 build = instantiate(cfg.agent.build) if name == agent_name else None
@@ -611,16 +631,17 @@ def format_results(results: dict[str, Any]) -> str:
         f"global_step={results['global_step']} checkpoint={results['checkpoint']}",
         f"{'agent':<12}" + "".join(f"{c:>16}" for c in cols),
     ]
+    if not results["eval"]:
+        lines[1] = "no evaluation (eval.episodes=0): no episodes were played after training"
     for name, res in results["eval"].items():
         mean = res["mean"]
         lines.append(f"{name:<12}" + "".join(f"{mean.get(c, math.nan):>16.4g}" for c in cols))
     return "\n".join(lines)
 
 
-# conf/ sits at the repo root (a source checkout or an editable install). The path is made
-# absolute because Hydra resolves a relative one against the calling module when main() is
-# imported and called (pkg://conf, which does not exist) rather than run with `python -m`.
-CONF_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
+# An absolute path: Hydra resolves a relative one against the calling module when main() is
+# imported and called (the console script) rather than run with `python -m`.
+CONF_DIR = str(esper_gym.config_dir())
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

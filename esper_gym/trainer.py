@@ -75,7 +75,13 @@ class HostTrainer:
             or not (type(m).__module__.startswith("torch.nn.") or isinstance(m, _MODE_FREE))
         ]
         self.x_train, self.y_train = data.x_train, data.y_train
-        n_val = min(task.val_size, len(data.x_val))
+        if len(data.x_val) == 0:
+            raise ValueError(
+                f"task {task.name!r}: dataset {data.name!r} has an empty validation split, which "
+                "the env evaluates on every step; give it one (dataset_kwargs val_size, or n_val "
+                "for spirals)"
+            )
+        n_val = min(task.eval_size, len(data.x_val))  # a smaller split is used whole
         self.x_val = data.x_val[:n_val].to(self.device)
         self.y_val = data.y_val[:n_val].to(self.device)
         self.steps_done = 0

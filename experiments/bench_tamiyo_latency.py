@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 import esper_gym  # noqa: F401  (registers the ids)
-from agents.baselines import RandomAgent
-from agents.tamiyo import TamiyoPolicy, load_checkpoint, obs_to_batch
+from esper_gym.agents.baselines import RandomAgent
+from esper_gym.agents.tamiyo import TamiyoPolicy, load_checkpoint, obs_to_batch
 from esper_gym.observation import to_pyg
 
 GOAL_MS = 5.0

@@ -3,7 +3,7 @@
     python experiments/tamiyo_vs_baselines.py [--steps 4096] [--seeds 0 1 2] [--eval-episodes 10]
     python experiments/tamiyo_vs_baselines.py --env-kwargs '{}'   # the full spirals task
 
-For each training seed, Tamiyo (PPO, `agents.tamiyo.train`) learns on `--env`; then every agent
+For each training seed, Tamiyo (PPO, `esper_gym.agents.tamiyo.train`) learns on `--env`; then every agent
 plays the same held-out episodes (env seeds 10_000 + i, never used in training). Tamiyo is
 scored acting greedily (`tamiyo`) and sampling its policy (`tamiyo_sampled`). An agent's score
 for a seed is its mean return over those episodes; the table shows mean ± std of that score
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 import esper_gym  # noqa: F401  (registers the ids)
-from agents.baselines import make_agent, run_episode
-from agents.tamiyo import PPOConfig, train
+from esper_gym.agents.baselines import make_agent, run_episode
+from esper_gym.agents.tamiyo import PPOConfig, train
 
 EVAL_SEED0 = 10_000
 # The CI task: spirals with one slot per layer and three blueprints (A = 1 + 8 * 5 = 41 instead

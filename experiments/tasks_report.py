@@ -3,7 +3,7 @@
 - static: the host as built, never grown (NoOp agent);
 - ceiling: the host with every slot grown from step 0 (`reset(options={"grow": ...})`), i.e.
   the capacity that full growth would add, trained for the same budget;
-- heuristic: the hand-written growth rule of agents/baselines.py.
+- heuristic: the hand-written growth rule of esper_gym/agents/baselines.py.
 
 Prints a Markdown table of test accuracy (mean ± std) and parameters per task.
 
@@ -21,7 +21,7 @@ import gymnasium as gym
 import torch
 
 import esper_gym
-from agents.baselines import make_agent, run_episode
+from esper_gym.agents.baselines import make_agent, run_episode
 
 GROW = ("residual_mlp", "conv3x3")  # the kernels full growth would add, linear / conv layers
 

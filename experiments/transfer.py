@@ -4,7 +4,7 @@ Tamiyo reads the model as a graph, so one policy can steer a host with a differe
 layers, as long as the spaces match (same `max_nodes`, `seed_slots` and blueprint library: node
 features and per-node actions then have the same sizes). This script:
 
-1. trains Tamiyo (agents.tamiyo.train, PPO) on `Esper/Spirals-v0` (MLP hidden (16, 16): 3 graph
+1. trains Tamiyo (esper_gym.agents.tamiyo.train, PPO) on `Esper/Spirals-v0` (MLP hidden (16, 16): 3 graph
    nodes) for `--train-steps` env steps, logging its training curve to `train_metrics.csv`
    (skipped with `--checkpoint`: reuse a checkpoint, e.g. from `python -m esper_gym.train`);
 2. evaluates it greedily, next to the heuristic, random and noop baselines, on the same
@@ -77,8 +77,8 @@ class CsvLog:
 
 
 def train(args, run_dir: pathlib.Path) -> pathlib.Path:
-    from agents.tamiyo import PPOConfig
-    from agents.tamiyo import train as ppo
+    from esper_gym.agents.tamiyo import PPOConfig
+    from esper_gym.agents.tamiyo import train as ppo
 
     config = PPOConfig(
         total_steps=args.train_steps,

@@ -15,7 +15,7 @@ SMALL = {
     "dataset_kwargs": {"n_train": 1024, "n_val": 256, "n_test": 256},
     "max_epochs": 6.0,
     "decision_interval": 8,
-    "val_size": 256,
+    "eval_size": 256,
     "blend_steps": 8,
     "embargo_steps": 8,
 }
@@ -33,12 +33,12 @@ def small_kwargs(env_id: str, tmp_path: pathlib.Path) -> dict:
     if "Spirals" in env_id:
         return dict(SMALL)
     if "FashionMNIST" in env_id:
-        return {"max_epochs": 0.04, "decision_interval": 4, "val_size": 256}
+        return {"max_epochs": 0.04, "decision_interval": 4, "eval_size": 256}
     if "CIFAR10" in env_id:
         return {
             "data_dir": str(write_tiny_cifar(tmp_path)),
             "dataset_kwargs": {"val_size": 20},
-            "val_size": 20,
+            "eval_size": 20,
             "batch_size": 16,
             "max_epochs": 1.0,
             "decision_interval": 2,

@@ -153,7 +153,7 @@ def test_experiments_override_task_agent_and_budgets():
 
 
 def test_ppo_schema_mirrors_ppoconfig():
-    from agents.tamiyo import PPOConfig
+    from esper_gym.agents.tamiyo import PPOConfig
 
     mine = {f.name: f.default for f in dataclasses.fields(train.PPOConf) if f.name != "_target_"}
     theirs = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
@@ -173,6 +173,23 @@ def test_unknown_task_option_fails_naming_the_group():
 def test_unknown_task_name_fails_naming_the_key():
     with pytest.raises(train.ConfigError, match=r"task\.name='imagenet'"):
         train.validate(load("task.name=imagenet"))
+
+
+def test_a_task_of_your_own_is_built_from_its_fields():
+    cfg = load(
+        "task.name=mine",
+        "task.env_id=null",
+        "task.host=tests.test_library:my_host",
+        "task.dataset=tests.test_library:make_blobs",
+        "task.dataset_kwargs={n_train:400}",
+    )
+    task = train.validate(cfg)
+    assert (task.name, task.host, task.lr) == ("mine", "tests.test_library:my_host", 1e-2)
+    assert task.dataset_kwargs == {"n_train": 400} and task.decision_interval == 20  # defaults
+    env = train.env_factory(cfg)()
+    assert env.unwrapped.task == task and env.spec.max_episode_steps is None
+    with pytest.raises(train.ConfigError, match=r"task\.\*: task 'mine': host='nolab:net'"):
+        train.validate(load("task.name=mine", "task.env_id=null", "task.host=nolab:net"))
 
 
 def test_env_id_and_task_name_must_agree():

@@ -1,7 +1,7 @@
 """The benchmark pipeline (esper_gym.evaluate) and its figures (esper_gym.plots).
 
 The CSV is checked against the episodes themselves: every row is replayed independently with
-gym.make + agents.baselines.run_episode, and the numbers must be identical.
+gym.make + esper_gym.agents.baselines.run_episode, and the numbers must be identical.
 """
 
 import json
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agents.baselines import make_agent, run_episode
 from esper_gym import plots
+from esper_gym.agents.baselines import make_agent, run_episode
 from esper_gym.evaluate import (
     CSV_COLUMNS,
     Job,
@@ -155,7 +155,7 @@ def test_hydra_entry_point_with_task_overrides(tmp_path, kernel_dir):
         f"env.kernel_dir={kernel_dir}",
         "task_overrides.spirals.max_epochs=2",
         "task_overrides.spirals.decision_interval=8",
-        "task_overrides.spirals.val_size=256",
+        "task_overrides.spirals.eval_size=256",
         "task_overrides.spirals.dataset_kwargs={n_train:1024,n_val:256,n_test:256}",
         "reward.weights.accuracy=1.0",
         f"hydra.run.dir={tmp_path / 'hydra'}",
@@ -200,7 +200,7 @@ def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spa
 ):
     import torch
 
-    from agents.tamiyo import TamiyoPolicy, env_record, save_checkpoint
+    from esper_gym.agents.tamiyo import TamiyoPolicy, env_record, save_checkpoint
 
     spirals, deep = resolve_tasks(
         ["spirals", "spirals_deep"],
@@ -230,7 +230,7 @@ def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spa
 def _checkpoint_on(tmp_path, spec, kernel_dir, record=True):
     import torch
 
-    from agents.tamiyo import TamiyoPolicy, env_record, save_checkpoint
+    from esper_gym.agents.tamiyo import TamiyoPolicy, env_record, save_checkpoint
 
     env = make_env(spec, kernel_dir=kernel_dir)
     torch.manual_seed(0)

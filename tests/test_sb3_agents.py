@@ -10,11 +10,16 @@ import pytest
 import torch
 
 import esper_gym  # noqa: F401  (registers the ids)
-from agents.sb3 import GraphFeaturesExtractor, ObservedActionMask, make_maskable_ppo, make_ppo
-from agents.tamiyo import GraphEncoder, obs_to_batch
+from esper_gym.agents.sb3 import (
+    GraphFeaturesExtractor,
+    ObservedActionMask,
+    make_maskable_ppo,
+    make_ppo,
+)
+from esper_gym.agents.tamiyo import GraphEncoder, obs_to_batch
 
 torch.set_num_threads(1)
-SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, val_size=256)
+SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, eval_size=256)
 PPO_KW = dict(n_steps=64, batch_size=32, n_epochs=2, seed=0, verbose=0)
 STEPS = 192
 
@@ -137,8 +142,8 @@ def _pickled(obj) -> dict:
 
 @pytest.fixture(scope="module")
 def sb3_checkpoint(kernel_dir, tmp_path_factory):
-    from agents.sb3 import save_model
-    from agents.tamiyo import env_record
+    from esper_gym.agents.sb3 import save_model
+    from esper_gym.agents.tamiyo import env_record
 
     env = small_env(kernel_dir)
     model = make_maskable_ppo(env, hidden=16, layers=1, n_steps=16, batch_size=16, seed=0)
@@ -149,7 +154,7 @@ def sb3_checkpoint(kernel_dir, tmp_path_factory):
 
 
 def _fresh(kernel_dir):
-    from agents.tamiyo import env_record
+    from esper_gym.agents.tamiyo import env_record
 
     env = small_env(kernel_dir)
     return make_maskable_ppo(
@@ -172,7 +177,7 @@ def test_safe_load_resumes_our_own_checkpoint_without_unpickling(
 ):
     import stable_baselines3.common.save_util as save_util
 
-    from agents.sb3 import load_model
+    from esper_gym.agents.sb3 import load_model
 
     path, trained = sb3_checkpoint
 
@@ -191,7 +196,7 @@ def test_safe_load_resumes_our_own_checkpoint_without_unpickling(
 
 @pytest.mark.parametrize("key", ["lr_schedule", "policy_class", "_last_obs"])
 def test_payload_in_an_entry_sb3_pickles_is_neutralised(sb3_checkpoint, kernel_dir, tmp_path, key):
-    from agents.sb3 import load_model
+    from esper_gym.agents.sb3 import load_model
 
     marker = tmp_path / "ran"
     hostile = tmp_path / "hostile.zip"
@@ -204,7 +209,7 @@ def test_payload_in_an_entry_sb3_pickles_is_neutralised(sb3_checkpoint, kernel_d
 
 
 def test_payload_in_any_other_entry_is_refused(sb3_checkpoint, kernel_dir, tmp_path):
-    from agents.sb3 import UnsafeCheckpointError, load_model
+    from esper_gym.agents.sb3 import UnsafeCheckpointError, load_model
 
     marker = tmp_path / "ran"
     hostile = tmp_path / "hostile.zip"
@@ -223,7 +228,7 @@ def test_payload_in_any_other_entry_is_refused(sb3_checkpoint, kernel_dir, tmp_p
 def test_unexpected_and_duplicated_members_are_refused(sb3_checkpoint, kernel_dir, tmp_path):
     import warnings
 
-    from agents.sb3 import UnsafeCheckpointError, load_model
+    from esper_gym.agents.sb3 import UnsafeCheckpointError, load_model
 
     fresh, record = _fresh(kernel_dir)
     extra = tmp_path / "extra.zip"
@@ -239,7 +244,7 @@ def test_unexpected_and_duplicated_members_are_refused(sb3_checkpoint, kernel_di
 
 
 def test_checkpoint_of_another_task_is_refused_naming_it(sb3_checkpoint, kernel_dir):
-    from agents.sb3 import load_model
+    from esper_gym.agents.sb3 import load_model
 
     fresh, record = _fresh(kernel_dir)
     other = {**record, "task": "fashion_mnist"}

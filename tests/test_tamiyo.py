@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from agents.tamiyo import (
+from esper_gym.actions import ActionLayout
+from esper_gym.agents.tamiyo import (
     MASKED,
     PPOConfig,
     TamiyoPolicy,
@@ -21,7 +22,6 @@ from agents.tamiyo import (
     save_checkpoint,
     train,
 )
-from esper_gym.actions import ActionLayout
 from esper_gym.kernels.blueprints import DEFAULT_LIBRARY
 from esper_gym.observation import GLOBAL_FEATURES, GraphSpec, observation_space, to_pyg
 
@@ -321,7 +321,7 @@ def test_resume_continues_global_step_optimizer_and_schedule(tmp_path):
 
 # --- the real environment ----------------------------------------------------------------------
 
-SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, val_size=256)
+SMALL_SPIRALS = dict(max_epochs=1, decision_interval=10, eval_size=256)
 LOGGED = (
     "losses/policy",
     "losses/value",
@@ -399,7 +399,7 @@ def test_tamiyo_beats_random_and_noop_on_spirals(tmp_path):
     that is what PPO optimises, and the argmax can sit on WAIT while most of the mass is spread
     over several growth actions (experiments/tamiyo_vs_baselines.py reports both)."""
     import esper_gym  # noqa: F401
-    from agents.baselines import NoOpAgent, RandomAgent, run_episode
+    from esper_gym.agents.baselines import NoOpAgent, RandomAgent, run_episode
 
     class Sampled:
         def __init__(self, policy):

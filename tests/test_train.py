@@ -29,7 +29,7 @@ TINY = [
     "task.max_epochs=6",
     "task.decision_interval=8",
     "task.dataset_kwargs={n_train:1024,n_val:256,n_test:256}",
-    "task.val_size=256",
+    "task.eval_size=256",
     "task.blend_steps=8",
     "task.embargo_steps=8",
 ]
@@ -133,7 +133,7 @@ def test_tamiyo_logs_to_wandb_offline_and_resumes(tmp_path):
     train(tmp_path, *common, *evaluate, "agent.ppo.total_steps=16", f"hydra.run.dir={first}")
 
     # The checkpoint holds the global step it reached.
-    from agents.tamiyo import load_checkpoint
+    from esper_gym.agents.tamiyo import load_checkpoint
 
     assert load_checkpoint(first / "checkpoint.pt").global_step == 16
     results = json.loads((first / "results.json").read_text())
@@ -167,7 +167,7 @@ def test_tamiyo_logs_to_wandb_offline_and_resumes(tmp_path):
     run_id = run["run"].run_id
 
     # Resume: same run id, training continues from step 16 up to the new budget.
-    train(
+    proc = train(
         tmp_path,
         *common,
         "eval.episodes=0",
@@ -176,6 +176,7 @@ def test_tamiyo_logs_to_wandb_offline_and_resumes(tmp_path):
         f"hydra.run.dir={second}",
     )
     assert load_checkpoint(second / "checkpoint.pt").global_step == 32
+    assert "no evaluation (eval.episodes=0)" in proc.stdout and "nan" not in proc.stdout
     (run_dir,) = glob.glob(str(second / "wandb" / "offline-run-*"))
     resumed = read_wandb_run(run_dir)
     assert resumed["run"].run_id == run_id
@@ -292,7 +293,7 @@ def test_cifar_experiment_runs_on_tiny_cifar(tmp_path):
             "+experiment=cifar",
             f"task.data_dir={data}",
             "task.dataset_kwargs={val_size:20}",
-            "task.val_size=20",
+            "task.eval_size=20",
             "task.batch_size=16",
             "task.max_epochs=1",
             "task.decision_interval=2",
@@ -314,3 +315,39 @@ def test_cifar_experiment_runs_on_tiny_cifar(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["task"] == "cifar10" and results["global_step"] == 8
+
+
+def readme_block(first_line: str) -> str:
+    """The README code block whose first line is `first_line` (the recipe a user copies)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n{first_line}\n") + 1
+    return text[start : text.index("```", start)]
+
+
+def test_readme_recipe_own_host_and_dataset_from_own_config_dir(tmp_path):
+    """The README's "your own model and data" recipe, as written there: mylab.py and
+    my_conf/task/mine.yaml in the user's folder, then the command from that folder."""
+    (tmp_path / "mylab.py").write_text(readme_block("# mylab.py"))
+    (tmp_path / "my_conf" / "task").mkdir(parents=True)
+    yaml = readme_block("# my_conf/task/mine.yaml")
+    (tmp_path / "my_conf" / "task" / "mine.yaml").write_text(yaml)
+    (command,) = [
+        line
+        for line in readme_block("# from the folder that holds mylab.py and my_conf/").split("\n")
+        if line.startswith("python -m esper_gym.train")
+    ]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, *command.split()[1:]]
+    cmd += ["eval.episodes=1", "eval.compare=[noop]", "logger.progress=false"]
+    cmd += [f"env.kernel_dir={tmp_path / 'kernels'}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's esper_gym
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["task"] == "mine"
+    (episode,) = results["eval"]["heuristic"]["episodes"]
+    (static,) = results["eval"]["noop"]["episodes"]
+    # MyNet 8-32-4: (8*32 + 32) + (32*4 + 4) parameters, its two Linear layers growable
+    assert episode["host_params"] == static["host_params"] == 420
+    assert episode["params_added"] > 0 and static["params_added"] == 0
+    assert 0.5 < static["test_acc"] <= 1  # four well separated blobs: far above chance

@@ -1,7 +1,7 @@
 """Stable-Baselines3 agents on the model graph: PPO and sb3-contrib's MaskablePPO.
 
 Both use `GraphFeaturesExtractor`, which runs Tamiyo's message-passing trunk
-(`agents.tamiyo.GraphEncoder`) over the Dict observation and hands SB3 a fixed-size graph
+(`esper_gym.agents.tamiyo.GraphEncoder`) over the Dict observation and hands SB3 a fixed-size graph
 embedding; SB3's own MLP heads then map it to the flat action logits and the value. That loses
 Tamiyo's per-node heads (the action head is sized for one `max_nodes`), which is the point of
 having both: the SB3 agents are the off-the-shelf reference.
@@ -37,7 +37,7 @@ from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3 import PPO
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from agents.tamiyo import GraphEncoder, check_env_record, obs_to_batch
+from esper_gym.agents.tamiyo import GraphEncoder, check_env_record, obs_to_batch
 
 
 class GraphFeaturesExtractor(BaseFeaturesExtractor):

@@ -16,7 +16,7 @@ policy trained on one host runs on another with a different depth (or `max_nodes
 the slots and blueprints per node (`per_node`) match.
 
 Contents, in reading order: `obs_to_batch` (observation -> graph batch), `GraphEncoder` (the
-trunk, reused by agents/sb3.py), `TamiyoPolicy`, checkpoints, `PPOConfig` and `train` (CleanRL's
+trunk, reused by esper_gym/agents/sb3.py), `TamiyoPolicy`, checkpoints, `PPOConfig` and `train` (CleanRL's
 PPO with action masks).
 """
 
@@ -37,8 +37,8 @@ from torch.distributions import Categorical
 from torch_geometric.nn import GINEConv
 from torch_geometric.nn.aggr import AttentionalAggregation
 
-from agents.baselines import layout_from_spaces
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT
+from esper_gym.agents.baselines import layout_from_spaces
 
 # Logit given to masked and padded actions. exp(-1e9 - logsumexp) is exactly 0.0 in float32,
 # so masked actions have probability 0, and unlike -inf it keeps entropy and log-probs finite.
