@@ -9,6 +9,7 @@ from esper_gym.hosts import build_host
 from esper_gym.kasmina import kasmina_layers
 from esper_gym.kernels import BlueprintGenerator, KernelCache, KernelStore, load_or_compile
 from esper_gym.kernels.archive import read_members
+from esper_gym.kernels.blueprints import EXTRA_LIBRARY
 from esper_gym.kernels.compiler import ALLOWED_OPS, op_schema_problem
 from esper_gym.tasks import TASKS
 
@@ -24,9 +25,11 @@ def shipped_slots():
         model = build_host(
             task.host, input_shape, classes, 1, task.seed_config(), **dict(task.host_kwargs)
         )
-        generator = BlueprintGenerator(task.blueprints)
+        # Templates a config option adds (blueprints=with_activation) ship too.
+        library = (*task.blueprints, *EXTRA_LIBRARY)
+        generator = BlueprintGenerator(library)
         for layer in kasmina_layers(model):
-            for name in task.blueprints:
+            for name in library:
                 if generator.fits(layer.out_shape, name, task.param_budget):
                     seen[(layer.out_shape, name)] = task.param_budget
     return [(shape, name, budget) for (shape, name), budget in sorted(seen.items())]
@@ -37,7 +40,7 @@ SLOTS = shipped_slots()
 
 def test_the_shipped_hosts_offer_every_template_somewhere():
     names = {name for _, name, _ in SLOTS}
-    offered = {name for task in TASKS.values() for name in task.blueprints}
+    offered = {name for task in TASKS.values() for name in task.blueprints} | set(EXTRA_LIBRARY)
     assert names == offered, offered - names
     assert len({shape for shape, _, _ in SLOTS}) >= 6
 

@@ -12,6 +12,7 @@ from esper_gym.kernels import (
     BLUEPRINTS,
     DEFAULT_LIBRARY,
     FAULT_LIBRARY,
+    EXTRA_LIBRARY,
     BlueprintGenerator,
     KernelMetadata,
     KernelRejected,
@@ -55,8 +56,9 @@ def test_libraries():
     assert len(DEFAULT_LIBRARY) == 8 and len(set(DEFAULT_LIBRARY)) == 8
     assert DEFAULT_LIBRARY[0] == "residual_mlp" and DEFAULT_LIBRARY[-1] == "attention"
     assert FAULT_LIBRARY == ("fault_raise", "fault_nan", "fault_shape", "fault_slow")
-    assert set(BLUEPRINTS) == set(DEFAULT_LIBRARY) | set(FAULT_LIBRARY)
-    assert not any(BLUEPRINTS[n].is_fault for n in DEFAULT_LIBRARY)
+    assert EXTRA_LIBRARY == ("activation",)  # appended by blueprints=with_activation
+    assert set(BLUEPRINTS) == set(DEFAULT_LIBRARY) | set(EXTRA_LIBRARY) | set(FAULT_LIBRARY)
+    assert not any(BLUEPRINTS[n].is_fault for n in DEFAULT_LIBRARY + EXTRA_LIBRARY)
     assert all(BLUEPRINTS[n].is_fault for n in FAULT_LIBRARY)
     for name in FAULT_LIBRARY:
         assert set(BLUEPRINTS[name].host_kinds) == {"linear", "conv"}

@@ -13,6 +13,7 @@ from torch import nn
 from esper_gym.kernels.blueprints import (
     BLUEPRINTS,
     DEFAULT_LIBRARY,
+    EXTRA_LIBRARY,
     FAULT_LIBRARY,
     Blueprint,
     blueprint_from_dict,
@@ -33,12 +34,13 @@ from esper_gym.kernels.compiler import (
     recipe_key,
     validate_artifact,
 )
-from esper_gym.kernels.generator import BlueprintGenerator
-from esper_gym.kernels.store import KernelStore
+from esper_gym.kernels.generator import BlueprintGenerator, ProposalContext
+from esper_gym.kernels.store import KernelStore, SeedOutcome
 
 __all__ = [
     "BLUEPRINTS",
     "DEFAULT_LIBRARY",
+    "EXTRA_LIBRARY",
     "FAULT_LIBRARY",
     "SAFE_PICKLE_GLOBALS",
     "ArtifactInfo",
@@ -52,6 +54,8 @@ __all__ = [
     "KernelRejected",
     "KernelStore",
     "KernelTemplate",
+    "ProposalContext",
+    "SeedOutcome",
     "blueprint_from_dict",
     "compile_blueprint",
     "host_kind",
@@ -88,6 +92,7 @@ def load_or_compile(
         if meta is None:
             artifact, meta = compile_blueprint(blueprint, shape, seed=seed)
             store.put(artifact, meta)
+            cache.stats.compiles += 1
         sha = meta.sha256
     kernel = cache.kernel(sha, expected_shape=shape, device=device)
     cache.recipes[key] = sha

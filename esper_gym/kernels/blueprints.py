@@ -38,6 +38,18 @@ def _groups(channels: int) -> int:
     return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
+# Activations a template may be built with: each exports to one op of the compiler's allow-list.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _scale_(layer: nn.Module, scale: float) -> None:
+    # The first layer's default init times `init_scale`: how strongly a new kernel reads h.
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.mul_(scale)
+
+
 def _zero_(*layers: nn.Module) -> None:
     # The last layer of every real kernel starts at zero so its delta is exactly zero at birth.
     for layer in layers:
@@ -65,6 +77,18 @@ class Blueprint(abc.ABC):
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"{self.name}: {f.name} must be >= 1, got {value}")
+        # Karn (and any user) builds variants from these fields: a bad one must fail here, by
+        # name, not inside torch.export.
+        scale = getattr(self, "init_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 1e3:
+            raise ValueError(
+                f"{self.name}: init_scale must be a number in (0, 1000), got {scale!r}"
+            )
+        activation = getattr(self, "activation", "gelu")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"{self.name}: activation={activation!r}; allowed: {', '.join(ACTIVATIONS)}"
+            )
 
     def unsupported_reason(self, shape: Sequence[int]) -> str | None:
         """Why this blueprint cannot serve a slot of `shape`, or None if it can."""
@@ -114,21 +138,25 @@ class Blueprint(abc.ABC):
 
 @dataclass(frozen=True)
 class ResidualMLP(Blueprint):
-    """Linear(D, hidden) -> GELU -> Linear(hidden, D), the last one zero-initialised."""
+    """Linear(D, hidden) -> activation -> Linear(hidden, D), the last one zero-initialised;
+    the first one's default init is scaled by `init_scale`."""
 
     name: ClassVar[str] = "residual_mlp"
     host_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     size_field: ClassVar[str | None] = "hidden"
     hidden: int = 64
+    activation: str = "gelu"
+    init_scale: float = 1.0
 
     def sizes(self, shape):
         return range(1, 4 * shape[0] + 1)
 
     def _build(self, shape):
         (d,) = shape
-        out = nn.Linear(self.hidden, d)
+        first, out = nn.Linear(d, self.hidden), nn.Linear(self.hidden, d)
+        _scale_(first, self.init_scale)
         _zero_(out)
-        return nn.Sequential(nn.Linear(d, self.hidden), nn.GELU(), out)
+        return nn.Sequential(first, ACTIVATIONS[self.activation](), out)
 
     def _param_count(self, shape):
         (d,) = shape
@@ -137,12 +165,14 @@ class ResidualMLP(Blueprint):
 
 @dataclass(frozen=True)
 class LowRank(Blueprint):
-    """Adapter B(A(h)) of rank `rank`, no biases, B zero-initialised; 1x1 convs on conv slots."""
+    """Adapter B(A(h)) of rank `rank`, no biases, B zero-initialised, A's init scaled by
+    `init_scale`; 1x1 convs on conv slots."""
 
     name: ClassVar[str] = "low_rank"
     host_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
     size_field: ClassVar[str | None] = "rank"
     rank: int = 4
+    init_scale: float = 1.0
 
     def sizes(self, shape):
         return range(1, shape[0] + 1)
@@ -154,6 +184,7 @@ class LowRank(Blueprint):
         else:
             down = nn.Conv2d(c, self.rank, 1, bias=False)
             up = nn.Conv2d(self.rank, c, 1, bias=False)
+        _scale_(down, self.init_scale)
         _zero_(up)
         return nn.Sequential(down, up)
 
@@ -163,25 +194,30 @@ class LowRank(Blueprint):
 
 @dataclass(frozen=True)
 class Conv3x3(Blueprint):
-    """conv3x3(C, width) -> GroupNorm? -> ReLU -> conv3x3(width, C), the last zero-initialised."""
+    """conv3x3(C, width) -> GroupNorm? -> activation -> conv3x3(width, C), the last
+    zero-initialised, the first's init scaled by `init_scale`."""
 
     name: ClassVar[str] = "conv3x3"
     host_kinds: ClassVar[tuple[str, ...]] = ("conv",)
     size_field: ClassVar[str | None] = "width"
     width: int = 16
     norm: bool = True
+    activation: str = "relu"
+    init_scale: float = 1.0
 
     def sizes(self, shape):
         return range(1, 4 * shape[0] + 1)
 
     def _build(self, shape):
         c, w = shape[0], self.width
-        layers: list[nn.Module] = [nn.Conv2d(c, w, 3, padding=1, bias=not self.norm)]
+        first = nn.Conv2d(c, w, 3, padding=1, bias=not self.norm)
+        _scale_(first, self.init_scale)
+        layers: list[nn.Module] = [first]
         if self.norm:
             layers.append(nn.GroupNorm(_groups(w), w))
         out = nn.Conv2d(w, c, 3, padding=1)
         _zero_(out)
-        return nn.Sequential(*layers, nn.ReLU(), out)
+        return nn.Sequential(*layers, ACTIVATIONS[self.activation](), out)
 
     def _param_count(self, shape):
         c, w = shape[0], self.width
@@ -366,6 +402,39 @@ class Attention(Blueprint):
         return 3 * e * self.dim + 3 * self.dim + self.dim * e + e
 
 
+class _LearnedActivation(nn.Module):
+    def __init__(self, channels: int, spatial: bool, init_scale: float):
+        super().__init__()
+        shape = (channels, 1, 1) if spatial else (channels,)
+        self.slope = nn.Parameter(torch.full(shape, float(init_scale)))
+        self.shift = nn.Parameter(torch.zeros(shape))
+        self.gain = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # Per channel: gain * h * sigmoid(slope * h + shift), a learnable swish/gate (slope 0:
+        # linear, large: ReLU-like, shift: a threshold). gain = 0 makes the delta exactly 0 at
+        # birth while its gradient, silu-shaped, is not.
+        return self.gain * h * torch.sigmoid(self.slope * h + self.shift)
+
+
+@dataclass(frozen=True)
+class Activation(Blueprint):
+    """A learnable per-channel activation: delta = gain * h * sigmoid(slope * h + shift), with
+    gain, slope, shift one per feature (linear) or channel (conv); gain starts at 0, slope at
+    `init_scale`, shift at 0. 3 * C parameters: the cheapest nonlinearity a linear host can grow.
+    """
+
+    name: ClassVar[str] = "activation"
+    host_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
+    init_scale: float = 1.0
+
+    def _build(self, shape):
+        return _LearnedActivation(shape[0], len(shape) == 3, self.init_scale)
+
+    def _param_count(self, shape):
+        return 3 * shape[0]
+
+
 # --- fault injectors ---------------------------------------------------------------------------
 
 
@@ -482,6 +551,7 @@ BLUEPRINTS: dict[str, type[Blueprint]] = {
         Norm,
         Bottleneck,
         Attention,
+        Activation,
         FaultRaise,
         FaultNaN,
         FaultShape,
@@ -500,6 +570,10 @@ DEFAULT_LIBRARY: tuple[str, ...] = (
     "bottleneck",
     "attention",
 )
+# Not in DEFAULT_LIBRARY, whose order is the action layout of every shipped task and checkpoint:
+# `blueprints=with_activation` (or `gym.make(..., blueprints=(*DEFAULT_LIBRARY, "activation"))`)
+# appends it.
+EXTRA_LIBRARY: tuple[str, ...] = ("activation",)
 FAULT_LIBRARY: tuple[str, ...] = ("fault_raise", "fault_nan", "fault_shape", "fault_slow")
 
 

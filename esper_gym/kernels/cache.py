@@ -34,6 +34,7 @@ class CacheStats:
     that fails otherwise (unknown sha, rejected artifact) counts nothing. `evictions` counts
     entries dropped to stay within max_bytes, including a program too big to keep at all.
     `bytes` (sum of held artifacts' size_bytes) and `entries` describe what is held now.
+    `compiles` counts artifacts `load_or_compile` had to compile (the store had no recipe).
     """
 
     hits: int = 0
@@ -42,6 +43,7 @@ class CacheStats:
     compat_misses: int = 0
     bytes: int = 0
     entries: int = 0
+    compiles: int = 0
 
 
 @dataclass

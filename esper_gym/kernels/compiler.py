@@ -248,6 +248,7 @@ ALLOWED_OPS = frozenset(
         "relu.default",
         "reshape.default",
         "scaled_dot_product_attention.default",
+        "sigmoid.default",
         "slice.Tensor",
         "sum.default",
         "sym_size.int",

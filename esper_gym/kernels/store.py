@@ -2,7 +2,9 @@
 
 Layout under `root`:
     objects/<sha[:2]>/<sha>.pt2   artifact bytes, named by their sha256
-    index.sqlite                  sha256 -> metadata JSON, recipe_key -> sha256 (WAL mode)
+    index.sqlite                  sha256 -> metadata JSON, recipe_key -> sha256 (WAL mode), and
+                                  `outcomes`: what each seed grown from a kernel achieved
+                                  (`record_outcome` / `outcomes`, the history Karn learns from)
 
 Several processes (the workers of a vector env) may share one root. Files are written to a
 temp file, fsynced and os.replace'd into place, so a reader never sees a partial artifact; index
@@ -12,13 +14,17 @@ rows are written after the file with INSERT OR IGNORE, so two writers of the sam
 A store may be shared or downloaded, so its contents are untrusted: objects are read only when
 they are regular files (no symlink, FIFO or device) under real directories of the root, at most
 MAX_ARCHIVE_BYTES; index rows must agree with each other and with the file's sha256; temp files
-left by killed writers are swept when the store is opened.
+left by killed writers are swept when the store is opened. Outcome rows are plain columns and
+JSON text: each is type- and range-checked when read and a malformed one is skipped (counted in
+`outcomes(...).skipped`), never evaluated or unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import re
 import sqlite3
@@ -26,7 +32,9 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from esper_gym.kernels.archive import MAX_ARCHIVE_BYTES
 from esper_gym.kernels.compiler import KernelMetadata, KernelRejected
@@ -35,7 +43,119 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kernels (sha256 TEXT PRIMARY KEY, meta TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS recipes (recipe_key TEXT PRIMARY KEY, sha256 TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS outcomes (id INTEGER PRIMARY KEY AUTOINCREMENT, task TEXT, "
+    "kind TEXT, blueprint TEXT, shape TEXT, features TEXT, contribution REAL, params INTEGER, "
+    "host_params INTEGER, fate TEXT, age INTEGER)",
 )
+FATES = ("fossilized", "culled", "live")  # "live": still running when its episode ended
+# Bounds of a readable outcome row: a hostile store must not make Karn allocate or fit junk.
+_MAX_JSON = 4096
+_MAX_FEATURES = 64
+
+
+@dataclass(frozen=True)
+class SeedOutcome:
+    """What one seed achieved: its blueprint (kind and hyper-parameters, `Blueprint.to_dict`),
+    its slot's shape, its node's features when it germinated, its last measured contribution
+    (validation accuracy with it on minus off, 0..1 scale), its parameter count, the host's, how
+    it ended (FATES) and how many optimizer steps it lived."""
+
+    task: str
+    kind: str
+    blueprint: dict[str, Any]
+    shape: tuple[int, ...]
+    features: dict[str, float]
+    contribution: float
+    params: int
+    host_params: int
+    fate: str
+    age: int
+
+    def __post_init__(self) -> None:
+        problem = _outcome_problem(self)
+        if problem is not None:
+            raise ValueError(f"bad seed outcome: {problem}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _outcome_problem(o: SeedOutcome) -> str | None:
+    if not isinstance(o.task, str) or not isinstance(o.kind, str) or not o.kind:
+        return f"task {o.task!r} and kind {o.kind!r} must be strings"
+    if not isinstance(o.blueprint, dict) or o.blueprint.get("name") != o.kind:
+        return f"blueprint {o.blueprint!r} must be a dict named {o.kind!r}"
+    if not all(
+        isinstance(k, str) and (_is_num(v) or isinstance(v, str)) for k, v in o.blueprint.items()
+    ):
+        return f"blueprint {o.blueprint!r} may hold only numbers and strings"
+    if not (isinstance(o.shape, tuple) and 1 <= len(o.shape) <= 3):
+        return f"shape {o.shape!r} must be a tuple of 1 to 3 sizes"
+    if not all(_is_int(s) and 0 < s <= 1 << 20 for s in o.shape):
+        return f"shape {o.shape!r} must hold sizes in 1..2**20"
+    if not isinstance(o.features, dict) or len(o.features) > _MAX_FEATURES:
+        return f"features must be a dict of at most {_MAX_FEATURES} numbers"
+    if not all(isinstance(k, str) and _is_num(v) for k, v in o.features.items()):
+        return "features must map names to finite numbers"
+    if not _is_num(o.contribution) or not -1.0 <= o.contribution <= 1.0:
+        return f"contribution {o.contribution!r} must be a finite number in [-1, 1]"
+    if not (_is_int(o.params) and 0 <= o.params < 1 << 40):
+        return f"params {o.params!r} must be an integer >= 0"
+    if not (_is_int(o.host_params) and 0 < o.host_params < 1 << 40):
+        return f"host_params {o.host_params!r} must be an integer > 0"
+    if o.fate not in FATES:
+        return f"fate {o.fate!r}; allowed: {', '.join(FATES)}"
+    if not (_is_int(o.age) and o.age >= 0):
+        return f"age {o.age!r} must be an integer >= 0"
+    return None
+
+
+def _json_field(text: Any, name: str) -> Any:
+    if not isinstance(text, str) or len(text) > _MAX_JSON:
+        raise ValueError(f"{name} must be JSON text of at most {_MAX_JSON} characters")
+    # json.loads only builds dicts, lists, strings and numbers; constants like NaN are refused.
+    return json.loads(text, parse_constant=lambda c: _raise(f"{name}: {c} is not allowed"))
+
+
+def _raise(message: str):
+    raise ValueError(message)
+
+
+def outcome_from_row(row: tuple) -> SeedOutcome:
+    """A SeedOutcome from an `outcomes` row (without its id); ValueError naming what is wrong."""
+    if len(row) != 10:
+        raise ValueError(f"an outcome row has 10 columns, this one {len(row)}")
+    task, kind, blueprint, shape, features, contribution, params, host_params, fate, age = row
+    shape = _json_field(shape, "shape")
+    if not isinstance(shape, list):
+        raise ValueError(f"shape {shape!r} must be a list")
+    return SeedOutcome(
+        task=task,
+        kind=kind,
+        blueprint=_json_field(blueprint, "blueprint"),
+        shape=tuple(shape),
+        features=_json_field(features, "features"),
+        contribution=contribution,
+        params=params,
+        host_params=host_params,
+        fate=fate,
+        age=age,
+    )
+
+
+class Outcomes(list):
+    """The readable outcome rows, oldest first; `skipped`: how many rows were malformed,
+    `problems`: the first few reasons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped = 0
+        self.problems: list[str] = []
 
 
 # A writer's temp file older than this was left by a killed process (a write takes ms).
@@ -209,6 +329,52 @@ class KernelStore:
                 f"whose metadata is for kernel {meta.sha256}, recipe {meta.recipe_key}"
             )
         return meta
+
+    def record_outcome(self, outcome: SeedOutcome) -> None:
+        """Append one seed's outcome to the history (any process may write concurrently)."""
+        o = outcome
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO outcomes (task, kind, blueprint, shape, features, contribution, "
+                "params, host_params, fate, age) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    o.task,
+                    o.kind,
+                    json.dumps(o.blueprint, sort_keys=True),
+                    json.dumps(list(o.shape)),
+                    json.dumps(o.features, sort_keys=True),
+                    float(o.contribution),
+                    int(o.params),
+                    int(o.host_params),
+                    o.fate,
+                    int(o.age),
+                ),
+            )
+
+    def outcomes(self, kind: str | None = None, limit: int | None = None) -> Outcomes:
+        """The recorded outcomes (of blueprint `kind`, or all), oldest first; at most the
+        `limit` newest. A row that fails its checks is skipped and counted, never trusted."""
+        query = (
+            "SELECT task, kind, blueprint, shape, features, contribution, params, host_params, "
+            "fate, age FROM outcomes"
+        )
+        args: tuple = ()
+        if kind is not None:
+            query, args = query + " WHERE kind = ?", (kind,)
+        query += " ORDER BY id DESC"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        with self._db() as db:
+            rows = db.execute(query, args).fetchall()
+        result = Outcomes()
+        for row in reversed(rows):
+            try:
+                result.append(outcome_from_row(row))
+            except (ValueError, TypeError, RecursionError) as exc:
+                result.skipped += 1
+                if len(result.problems) < 10:
+                    result.problems.append(str(exc)[:200])
+        return result
 
     def shas(self) -> list[str]:
         with self._db() as db:
