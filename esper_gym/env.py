@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pathlib
@@ -23,8 +24,16 @@ from esper_gym.kasmina import (
     SeedState,
     kasmina_layers,
 )
-from esper_gym.kernels import BlueprintGenerator, KernelCache, KernelStore, load_or_compile
+from esper_gym.kernels import (
+    BlueprintGenerator,
+    KernelCache,
+    KernelStore,
+    ProposalContext,
+    SeedOutcome,
+    load_or_compile,
+)
 from esper_gym.observation import (
+    MEASURED_NODE_FEATURES,
     GraphSpec,
     build_observation,
     node_features,
@@ -35,6 +44,9 @@ from esper_gym.tasks import Task, get_task
 from esper_gym.trainer import HostTrainer
 
 LIVE = frozenset({*CULLABLE, SeedState.FOSSILIZED})
+TELEMETRY = ("off", "measured")
+# How a tracked seed's life ended, by the state its event moved it to.
+FATE = {"FOSSILIZED": "fossilized", "CULLED": "culled"}
 
 
 def default_kernel_dir() -> pathlib.Path:
@@ -77,13 +89,19 @@ class MorphogeneticEnv(gym.Env):
     KasminaLayers with their health signals (activation mean/variance, dead units, gradient
     and weight norms, added parameters) and per-slot seed state (state, alpha, age, faults,
     measured contribution). `esper_gym.observation.to_pyg(obs)` gives a PyG batch.
+    `telemetry="measured"` appends measured features: per node its layer's and its seeds'
+    forward time and its fault rate, globally the kernel cache's hit rate and the artifacts
+    loaded and compiled this episode (`esper_gym.observation.MEASURED_*`). It is off by
+    default because wall-clock time breaks bit-exact reproducibility: the same seed and actions
+    then give different observations on a busier machine.
 
     ## Rewards
     Weighted sum of accuracy gain, parameter and latency rent, loss spikes, kernel faults,
     invalid actions, interventions and divergence (`esper_gym.reward`); each component is in
     `info["reward_components"]`. Weights: `reward_weights=RewardWeights(...)` or a dict; or
     replace the whole computation with `reward_fn` (any callable taking a `StepOutcome` and
-    returning `(reward, components)`).
+    returning `(reward, components)`). `reward_fn=RewardComputer(latency="measured")` prices
+    latency on measured kernel time (wall clock: not reproducible bit for bit) instead of MACs.
 
     ## Starting state
     A freshly initialised host (every slot DORMANT), evaluated once before any training.
@@ -101,13 +119,29 @@ class MorphogeneticEnv(gym.Env):
     `gym.make("Esper/Spirals-v0", **kwargs)`: `task` (a registered name or a `Task`), any
     `Task` field (e.g. `seed_slots=2, max_epochs=5, decision_interval=10, device="cuda"`),
     `reward_weights`, `reward_fn`, `kernel_dir` (default `$ESPER_KERNEL_DIR` or
-    `~/.cache/esper_gym/kernels`), `render_mode="ansi"`.
+    `~/.cache/esper_gym/kernels`), `generator` (what a GERMINATE of a kind compiles: the
+    protocol is in `esper_gym.kernels.generator`; default the template `BlueprintGenerator`,
+    `esper_gym.kernels.karn.KarnGenerator` learns from the store's history), `telemetry`
+    ("off" or "measured"), `render_mode="ansi"`.
+
+    ## Telemetry and the seed history
+    Every info has `cache_hits`, `cache_misses`, `cache_hit_rate` (NaN before any lookup),
+    `kernel_loads` (artifacts loaded from the store), `kernel_compiles` (this episode so far)
+    and `seed_latency_ms` (`"<layer>.<slot>"` -> its kernel's measured time on the interval's
+    recorded batch, for running seeds). When a seed germinated by the agent is fossilized or
+    culled, or is still live at the episode's end, its `SeedOutcome` (blueprint and
+    hyper-parameters, slot shape, node features at germination, last measured contribution,
+    params) is written to the kernel store (`store.outcomes()`), counted in
+    `info["outcomes_recorded"]`, and handed to `generator.observe` if it has one.
 
     ## Reproducibility
     `reset(seed=s)` draws the host init, the data order and every other draw from
     `self.np_random` (torch generators seeded from it; the global torch RNG is left as it
     was), so the same seed and actions give the same observations, rewards and infos. Only
-    `info["wall_s"]` (seconds the step took) is wall-clock.
+    the wall-clock telemetry in info (`seed_latency_ms`) is not, plus the observation with
+    `telemetry="measured"` and the reward with a measured latency cost. A generator that
+    learns (Karn) draws from `self.np_random` too, and its proposals depend on the store's
+    history: reproducible for the same store contents.
 
     ## Version history
     * v0: initial release.
@@ -122,6 +156,8 @@ class MorphogeneticEnv(gym.Env):
         reward_fn=None,
         kernel_dir: str | os.PathLike | None = None,
         render_mode: str | None = None,
+        generator=None,
+        telemetry: str = "off",
         **task_overrides: Any,
     ) -> None:
         self.task = get_task(task, **task_overrides)
@@ -132,11 +168,27 @@ class MorphogeneticEnv(gym.Env):
             reward_weights = RewardWeights(**reward_weights)
         self.reward_fn = reward_fn or RewardComputer(reward_weights)
         self.kernel_dir = pathlib.Path(kernel_dir) if kernel_dir else default_kernel_dir()
-        self.generator = BlueprintGenerator(self.task.blueprints)
+        if generator is None:
+            generator = BlueprintGenerator(self.task.blueprints)
+        missing = [m for m in ("propose", "fits") if not callable(getattr(generator, m, None))]
+        if missing:
+            raise TypeError(
+                f"generator={generator!r} lacks {missing}: a generator has propose(shape, "
+                "kind, param_budget, context) and fits(shape, kind, param_budget) "
+                "(esper_gym.kernels.generator)"
+            )
+        self.generator = generator
+        # A generator written to the older protocol (no context argument) still works.
+        self._context = "context" in inspect.signature(generator.propose).parameters
+        if telemetry not in TELEMETRY:
+            raise ValueError(f"telemetry={telemetry!r}; allowed: {', '.join(TELEMETRY)}")
+        self.telemetry = telemetry
         self.layout = ActionLayout(
             self.task.max_nodes, self.task.seed_slots, len(self.task.blueprints)
         )
-        self.spec_graph = GraphSpec(self.task.max_nodes, self.task.seed_slots)
+        self.spec_graph = GraphSpec(
+            self.task.max_nodes, self.task.seed_slots, measured=telemetry == "measured"
+        )
         self.action_space = spaces.Discrete(self.layout.size)
         self.observation_space = observation_space(self.spec_graph, self.layout.size)
         self._data: Dataset | None = None
@@ -146,6 +198,10 @@ class MorphogeneticEnv(gym.Env):
         self.trainer: HostTrainer | None = None
         self.terminated = False
         self._mask = np.zeros(self.layout.size, np.int8)
+        self._seeds: dict[tuple[int, int], dict] = {}  # seeds the agent germinated, tracked
+        self._cache_base = (0, 0, 0)
+        self._layer_faults: dict[str, int] = {}
+        self.outcomes_recorded = 0
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -200,6 +256,8 @@ class MorphogeneticEnv(gym.Env):
         self.host_macs = host_macs(self.model)
         self.budget = self.task.budget_steps(len(data.x_train))
         self.episode_steps = self.budget // self.task.decision_interval
+        # Cache counters are the env's lifetime's; info reports this episode's (grow included).
+        self._cache_base = (0, 0, 0) if self._cache is None else self._cache_counts()
         if grow:
             self._grow_all(grow)
         self._observe_untrained()
@@ -208,6 +266,10 @@ class MorphogeneticEnv(gym.Env):
         self.best_acc, self.plateau, self.acc_delta = self.val_acc, 0, 0.0
         self.faults_total, self.steps = 0, 0
         self.terminated = False
+        self._seeds = {}
+        self._layer_index = {layer.name: i for i, layer in enumerate(self.layers)}
+        self._layer_faults = {layer.name: 0 for layer in self.layers}
+        self.outcomes_recorded = 0
         self._update_mask()
         return self._observation(), self._info(events=[], faults=[], invalid=False, action=None)
 
@@ -275,6 +337,9 @@ class MorphogeneticEnv(gym.Env):
             events += e
             faults += f
         self.faults_total += len(faults)
+        for fault in faults:
+            if fault.layer in self._layer_faults:
+                self._layer_faults[fault.layer] += 1
         before = self.val_acc
         if stats.diverged:
             self.val_loss = float("nan")
@@ -298,10 +363,12 @@ class MorphogeneticEnv(gym.Env):
             intervened=decision.kind != WAIT,
             diverged=stats.diverged,
             episode_steps=self.episode_steps,
+            latency_ratio=self._latency_ratio(),
         )
         reward, components = self.reward_fn(outcome)
         terminated = stats.diverged or self.trainer.steps_done >= self.budget
         self.terminated = terminated
+        self._track_outcomes(events, terminated)
         self._update_mask()
         info = self._info(events, faults, invalid, decision, components, stats)
         if terminated and not stats.diverged:
@@ -319,8 +386,23 @@ class MorphogeneticEnv(gym.Env):
             layer.cull(action.slot, reason="agent")
         elif action.kind == GERMINATE:
             name = self.task.blueprints[action.blueprint]
+            features = self._node_context(layer)
             try:
-                blueprint = self.generator.propose(layer.out_shape, name, self.task.param_budget)
+                if self._context:
+                    context = ProposalContext(
+                        features=features,
+                        host_params=self.host_params,
+                        task=self.task.name,
+                        store=self.store,
+                        rng=self.np_random,
+                    )
+                    blueprint = self.generator.propose(
+                        layer.out_shape, name, self.task.param_budget, context=context
+                    )
+                else:
+                    blueprint = self.generator.propose(
+                        layer.out_shape, name, self.task.param_budget
+                    )
                 kernel, meta = load_or_compile(
                     blueprint, layer.out_shape, self.store, self.cache, device=self.task.device
                 )
@@ -336,7 +418,101 @@ class MorphogeneticEnv(gym.Env):
                     )
                 ]
             layer.germinate(action.slot, kernel, name, meta.sha256)
+            self._seeds[(action.layer, action.slot)] = {
+                "blueprint": blueprint.to_dict(),
+                "features": features,
+                "params": layer.slots[action.slot].params,
+                "start": self.trainer.steps_done,
+                "contribution": 0.0,
+            }
         return []
+
+    # ------------------------------------------------------- seed history, telemetry
+    def _node_context(self, layer) -> dict[str, float]:
+        """The node's health now, plus where the episode is: what a generator is given and
+        what an outcome records as the seed's features at germination."""
+        sig = layer.health()
+        return {
+            "act_mean": sig.act_mean,
+            "act_var": sig.act_var,
+            "dead_ratio": sig.dead_ratio,
+            "grad_norm": sig.grad_norm,
+            "weight_norm": sig.weight_norm,
+            "fan_in": float(sig.fan_in),
+            "fan_out": float(sig.fan_out),
+            "progress": self.trainer.steps_done / self.budget,
+            "val_acc": self.val_acc,
+        }
+
+    def _track_outcomes(self, events: list[dict], terminated: bool) -> None:
+        """Record the outcome of every tracked seed that was fossilized or culled this step
+        (or is still live at the end), then note the live ones' latest contributions."""
+        ended = []
+        for event in events:
+            key = (self._layer_index.get(event["layer"], -1), event["slot"])
+            if event["to"] in FATE and key in self._seeds:
+                seed = self._seeds.pop(key)
+                slot = self.layers[key[0]].slots[key[1]]
+                # A fossil was measured after this step; a culled seed's measure died with it.
+                if event["to"] == "FOSSILIZED":
+                    seed["contribution"] = slot.contribution
+                ended.append((key, seed, FATE[event["to"]]))
+        for key, seed in self._seeds.items():
+            seed["contribution"] = self.layers[key[0]].slots[key[1]].contribution
+        if terminated:
+            ended += [(key, seed, "live") for key, seed in self._seeds.items()]
+            self._seeds = {}
+        for (n, _), seed, fate in ended:
+            contribution = seed["contribution"]
+            outcome = SeedOutcome(
+                task=self.task.name,
+                kind=seed["blueprint"]["name"],
+                blueprint=seed["blueprint"],
+                shape=tuple(self.layers[n].out_shape),
+                features={k: float(_finite_or(v, 0.0)) for k, v in seed["features"].items()},
+                contribution=min(max(_finite_or(contribution, 0.0), -1.0), 1.0),
+                params=int(seed["params"]),
+                host_params=int(self.host_params),
+                fate=fate,
+                age=self.trainer.steps_done - seed["start"],
+            )
+            self.store.record_outcome(outcome)
+            self.outcomes_recorded += 1
+            observe = getattr(self.generator, "observe", None)
+            if callable(observe):
+                observe(outcome)
+
+    def _cache_counts(self) -> tuple[int, int, int]:
+        stats = self.cache.stats
+        return stats.hits, stats.misses, stats.compiles
+
+    def _telemetry(self) -> dict[str, Any]:
+        now = (0, 0, 0) if self._cache is None else self._cache_counts()
+        hits, misses, compiles = (a - b for a, b in zip(now, self._cache_base))
+        return {
+            "cache_hits": hits,
+            "cache_misses": misses,
+            "cache_hit_rate": hits / (hits + misses) if hits + misses else math.nan,
+            "kernel_loads": misses,
+            "kernel_compiles": compiles,
+            "seed_latency_ms": {
+                f"{layer.name}.{slot.index}": slot.latency_ms
+                for layer in self.layers
+                for slot in layer.slots
+                if slot.state in RUNNING
+            },
+        }
+
+    def _latency_ratio(self) -> float:
+        """Running seeds' kernel time / the host layers' own time, on the recorded batch."""
+        seeds = sum(
+            s.latency_ms for layer in self.layers for s in layer.slots if s.state in RUNNING
+        )
+        if seeds == 0.0:
+            return 0.0
+        total = sum(layer._latency_s * 1e3 for layer in self.layers)
+        host = total - seeds
+        return seeds / host if host > 0 else 0.0
 
     # -------------------------------------------------------------- observation
     def _added_params(self) -> int:
@@ -384,10 +560,31 @@ class MorphogeneticEnv(gym.Env):
             live / slots_total,
             math.log1p(self.faults_total),
         ]
+        if self.telemetry == "measured":
+            nodes, globals_ = self._measured_features(signals, nodes, globals_)
         obs = build_observation(
             self.spec_graph, nodes, edge_numels(self.model), globals_, self._mask
         )
         return obs
+
+    def _measured_features(self, signals, nodes: np.ndarray, globals_: list[float]):
+        extra = np.zeros((len(signals), len(MEASURED_NODE_FEATURES)), np.float32)
+        for i, (sig, layer) in enumerate(zip(signals, self.layers)):
+            seeds = sum(s.latency_ms for s in layer.slots if s.state in RUNNING)
+            extra[i] = (
+                math.log1p(max(sig.latency_ms, 0.0)),
+                math.log1p(seeds),
+                self._layer_faults.get(layer.name, 0) / max(self.steps, 1),
+            )
+        t = self._telemetry()
+        rate = t["cache_hit_rate"]
+        globals_ = [
+            *globals_,
+            0.0 if math.isnan(rate) else rate,
+            math.log1p(t["kernel_loads"]),
+            math.log1p(t["kernel_compiles"]),
+        ]
+        return np.concatenate([nodes, extra], axis=1), globals_
 
     def _info(self, events, faults, invalid, action, components=None, stats=None) -> dict:
         return {
@@ -407,6 +604,8 @@ class MorphogeneticEnv(gym.Env):
             "fault_kinds": [f.kind for f in faults],
             "faults_total": self.faults_total,
             "reward_components": components or {},
+            **self._telemetry(),
+            "outcomes_recorded": self.outcomes_recorded,
             "diverged": bool(stats.diverged) if stats else False,
             "divergence": (
                 f"host loss became NaN/Inf within optimizer steps "

@@ -13,7 +13,10 @@ each layer to the next one. Every feature is computed from the live training run
 | action_mask | (A,)                | int8    | 1 where the action is valid now (see actions.py)   |
 
 F = len(NODE_FEATURES) + slots * len(SLOT_FEATURES). Wall-clock measurements are not part of
-the observation so that a seeded episode is exactly reproducible.
+the observation by default, so that a seeded episode is exactly reproducible; with
+`telemetry="measured"` (`GraphSpec.measured`) each node row ends with MEASURED_NODE_FEATURES and
+the globals with MEASURED_GLOBAL_FEATURES (after every other feature, so indices of the
+others do not move).
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ GLOBAL_FEATURES = (
     "live_seeds",  # seeds in a live or fossil state / slots
     "log_faults",  # log1p(faults so far)
 )
+# telemetry="measured" only: wall-clock and cache counters (not reproducible bit for bit).
+MEASURED_NODE_FEATURES = (
+    "log_latency_ms",  # the layer's forward (host + seeds) on the recorded batch, log1p(ms)
+    "log_seed_latency_ms",  # its seeds' kernel calls on that batch, log1p(ms)
+    "fault_rate",  # its faults this episode / env steps
+)
+MEASURED_GLOBAL_FEATURES = (
+    "cache_hit_rate",  # kernel cache hits / lookups this episode (0 before any)
+    "log_kernel_loads",  # log1p(artifacts loaded from the store this episode)
+    "log_kernel_compiles",  # log1p(blueprints compiled this episode)
+)
 EDGE_FEATURES = 2
 # Features are logs, ratios and clipped values; the bound only guards against a diverging host.
 BOUND = np.float32(1e3)
@@ -71,10 +85,16 @@ BOUND = np.float32(1e3)
 class GraphSpec:
     max_nodes: int
     slots: int
+    measured: bool = False  # telemetry="measured": the MEASURED_* features are appended
 
     @property
     def node_dim(self) -> int:
-        return len(NODE_FEATURES) + self.slots * len(SLOT_FEATURES)
+        extra = len(MEASURED_NODE_FEATURES) if self.measured else 0
+        return len(NODE_FEATURES) + self.slots * len(SLOT_FEATURES) + extra
+
+    @property
+    def global_dim(self) -> int:
+        return len(GLOBAL_FEATURES) + (len(MEASURED_GLOBAL_FEATURES) if self.measured else 0)
 
     @property
     def max_edges(self) -> int:
@@ -89,7 +109,7 @@ def observation_space(spec: GraphSpec, n_actions: int) -> spaces.Dict:
             "edges": spaces.Box(0, n - 1, (e, 2), np.int64),
             "edge_attr": spaces.Box(-BOUND, BOUND, (e, EDGE_FEATURES), np.float32),
             "node_mask": spaces.Box(0, 1, (n,), np.int8),
-            "globals": spaces.Box(-BOUND, BOUND, (len(GLOBAL_FEATURES),), np.float32),
+            "globals": spaces.Box(-BOUND, BOUND, (spec.global_dim,), np.float32),
             "action_mask": spaces.Box(0, 1, (n_actions,), np.int8),
         }
     )

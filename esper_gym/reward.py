@@ -4,7 +4,7 @@
 |-----------------|-------------------------------------------------------|----------------|
 | accuracy        | + w * (val_acc_t - val_acc_{t-1})  (accuracy in 0..1) | 10.0           |
 | param_cost      | - w * log2(1 + kernel params / host params) / T       | 0.05           |
-| latency_cost    | - w * log2(1 + kernel MACs / host MACs) / T           | 0.05           |
+| latency_cost    | - w * log2(1 + kernel MACs / host MACs) / T  (or measured time, below) | 0.05 |
 | stability       | - w * loss spikes in the interval                     | 0.05           |
 | fault           | - w * kernel faults in the interval                   | 0.2            |
 | invalid_action  | - w * (the action was masked, so it ran as WAIT)      | 0.1            |
@@ -24,7 +24,15 @@ is present, so parking a seed that does nothing only costs; and a seed in TRAINI
 change the host's output, so a germinate -> cull cycle leaves accuracy exactly where WAIT would
 and pays the intervention cost on every action. Tests in tests/test_reward.py try each exploit.
 
-Any object with the same call signature can replace `RewardComputer` (the env takes `reward_fn`).
+`RewardComputer(weights, latency="measured")` prices latency on measured wall-clock time
+instead: log2(1 + kernel time / host time), both timed on the interval's recorded batch
+(`StepOutcome.latency_ratio`). It charges what kernels really cost on this machine (a kernel
+with few MACs but many small ops is slow), at the price of reproducibility: the same seed and
+actions no longer give bit-identical rewards.
+
+Any object with the same call signature can replace `RewardComputer`: the env takes
+`reward_fn`, Hydra `reward.computer._target_=mylab.MyReward` (called with `weights=` when its
+constructor takes a `weights` argument).
 """
 
 from __future__ import annotations
@@ -70,20 +78,36 @@ class StepOutcome:
     intervened: bool
     diverged: bool
     episode_steps: int = 1
+    # measured kernel time / host layers' time on the interval's recorded batch (wall clock)
+    latency_ratio: float = 0.0
+
+
+LATENCY_SOURCES = ("macs", "measured")
 
 
 class RewardComputer:
-    def __init__(self, weights: RewardWeights | None = None) -> None:
+    """The weighted sum of the module docstring. `latency`: what latency_cost prices, "macs"
+    (counted multiply-adds: reproducible) or "measured" (wall-clock kernel time)."""
+
+    def __init__(self, weights: RewardWeights | dict | None = None, latency: str = "macs") -> None:
+        if isinstance(weights, dict):
+            weights = RewardWeights(**weights)
         self.weights = weights or RewardWeights()
+        if latency not in LATENCY_SOURCES:
+            raise ValueError(f"reward latency={latency!r}; allowed: {', '.join(LATENCY_SOURCES)}")
+        self.latency = latency
 
     def __call__(self, outcome: StepOutcome) -> tuple[float, dict[str, float]]:
         w, o = self.weights, outcome
         gain = 0.0 if o.diverged else o.val_acc - o.val_acc_before
         per_step = 1.0 / max(o.episode_steps, 1)
+        latency = o.latency_ratio if self.latency == "measured" else o.macs_ratio
+        # A wall-clock ratio can be NaN/inf on a clock glitch: never let it poison the return.
+        latency = latency if math.isfinite(latency) and latency > 0 else 0.0
         components = {
             "accuracy": w.accuracy * gain,
             "param_cost": -w.param_cost * math.log2(1.0 + o.param_ratio) * per_step,
-            "latency_cost": -w.latency_cost * math.log2(1.0 + o.macs_ratio) * per_step,
+            "latency_cost": -w.latency_cost * math.log2(1.0 + latency) * per_step,
             "stability": -w.stability * o.loss_spikes,
             "fault": -w.fault * o.faults,
             "invalid_action": -w.invalid_action * float(o.invalid_action),

@@ -14,7 +14,12 @@ from gymnasium import spaces
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action, ActionLayout
 from esper_gym.episode import play_episode
 from esper_gym.kasmina.lifecycle import SeedState
-from esper_gym.observation import GLOBAL_FEATURES, NODE_FEATURES, SLOT_FEATURES
+from esper_gym.observation import (
+    GLOBAL_FEATURES,
+    MEASURED_NODE_FEATURES,
+    NODE_FEATURES,
+    SLOT_FEATURES,
+)
 
 G = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
 N = {name: i for i, name in enumerate(NODE_FEATURES)}
@@ -25,7 +30,10 @@ def layout_from_spaces(
     observation_space: spaces.Dict, action_space: spaces.Discrete
 ) -> ActionLayout:
     max_nodes, node_dim = observation_space["nodes"].shape
-    slots = (node_dim - len(NODE_FEATURES)) // len(SLOT_FEATURES)
+    rest = node_dim - len(NODE_FEATURES)
+    if rest % len(SLOT_FEATURES) == len(MEASURED_NODE_FEATURES):  # telemetry="measured"
+        rest -= len(MEASURED_NODE_FEATURES)
+    slots = rest // len(SLOT_FEATURES)
     per_node = (int(action_space.n) - 1) // max_nodes
     return ActionLayout(max_nodes, slots, per_node // slots - 2)
 

@@ -152,6 +152,7 @@ class SeedSlot:
     embargo_left: int = 0
     contribution: float = 0.0
     calls: int = 0  # successful kernel calls, so a test (or a user) can see the kernel ran
+    latency_ms: float = 0.0  # wall-clock time of its kernel call on the last recorded batch
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     optimizer: torch.optim.Optimizer | None = None
     alpha_override: float | None = None  # set by `seed_override` while measuring contribution
@@ -264,9 +265,12 @@ class KasminaLayer(nn.Module):
         if tapped:
             x = _Tap.apply(h, slot.grad_ok, "in")
         budget = self.config.latency_budget_ms
+        start = time.perf_counter()
         out, fault, msg = guarded_call(
             self.kernels[str(slot.index)], x, None if budget is None else budget / 1e3
         )
+        if self.record:  # guarded_call's finiteness check has synced the device already
+            slot.latency_ms = (time.perf_counter() - start) * 1e3
         if fault is not None:
             self._fault(slot, fault, msg)
         if out is None:
@@ -316,6 +320,7 @@ class KasminaLayer(nn.Module):
         slot.blueprint, slot.kernel_sha = blueprint, kernel_sha
         slot.params = sum(p.numel() for p in kernel.parameters())
         slot.alpha, slot.age, slot.blend_t, slot.contribution, slot.calls = 0.0, 0, 0, 0.0, 0
+        slot.latency_ms = 0.0
         slot.breaker = CircuitBreaker(self.config.max_faults)
         params = [p for p in kernel.parameters() if p.requires_grad]
         # A trainer that steps every seed of the model in one fused optimizer sets
