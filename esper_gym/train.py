@@ -60,7 +60,7 @@ import hydra
 import numpy as np
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import esper_gym
@@ -134,7 +134,36 @@ RewardWeightsConf = _mirror(
 
 @dataclass
 class RewardConf:
+    """`weights`: RewardWeights; `computer`: a `_target_` node, the reward callable (default
+    esper_gym.reward.RewardComputer), called with `weights=` if its constructor takes it."""
+
     weights: RewardWeightsConf = field(default_factory=RewardWeightsConf)
+    computer: Any = None
+
+
+def _signature_schema(cls: type, name: str) -> type:
+    """A schema dataclass for a `_target_` node of `cls`: `_target_` then every parameter of
+    its constructor, typed (`_conf_type`) and defaulted as there (generator/ options)."""
+    hints = typing.get_type_hints(cls.__init__)
+    out = [("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        tp = _conf_type(hints.get(param.name, Any))
+        default = param.default
+        if isinstance(default, (list, tuple)):
+            out.append((param.name, tp, field(default_factory=lambda d=default: list(d))))
+        else:
+            out.append((param.name, tp, field(default=default)))
+    return dataclasses.make_dataclass(name, out)
+
+
+def _generator_schemas() -> dict[str, type]:
+    from esper_gym.kernels import BlueprintGenerator
+    from esper_gym.kernels.karn import KarnGenerator
+
+    return {
+        "template_schema": _signature_schema(BlueprintGenerator, "TemplateGeneratorConf"),
+        "karn_schema": _signature_schema(KarnGenerator, "KarnGeneratorConf"),
+    }
 
 
 @dataclass
@@ -151,6 +180,9 @@ class EnvConf:
     kernel_dir: str | None = None  # None: $ESPER_KERNEL_DIR or ~/.cache/esper_gym/kernels
     device: str = "cpu"
     num_envs: int = 1
+    # off | measured: measured wall-clock and cache features in the observation (not
+    # reproducible bit for bit; see MorphogeneticEnv)
+    telemetry: str = "off"
     # sync: one process (gymnasium SyncVectorEnv, SB3 DummyVecEnv); async: one process per env
     # (AsyncVectorEnv / SubprocVecEnv, spawn context)
     vectorization: str = "sync"
@@ -243,6 +275,7 @@ class TrainConf:
     agent: Any = MISSING
     reward: Any = MISSING
     blueprints: Any = MISSING
+    generator: Any = MISSING
     logger: Any = MISSING
 
 
@@ -263,6 +296,10 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConf)
     for group, node in GROUP_SCHEMAS.items():
         cs.store(group=group, name="schema", node=node)
+    # generator/: one schema per generator class (their parameters differ); an option of your
+    # own may use one, or none (its target's constructor then checks the values).
+    for name, node in _generator_schemas().items():
+        cs.store(group="generator", name=name, node=node)
 
 
 register_configs()
@@ -342,6 +379,62 @@ def build_reward_weights(cfg: DictConfig) -> RewardWeights:
         raise ConfigError(f"reward.weights: {exc.__cause__ or exc}") from exc
 
 
+def build_reward_fn(cfg: DictConfig, weights: RewardWeights | None = None):
+    """The reward callable of `reward.computer` (`weights=` passed if its constructor takes
+    it); ConfigError naming the key if it cannot be built or is not callable."""
+    weights = weights or build_reward_weights(cfg)
+    node = cfg.reward.get("computer")
+    if node is None:
+        from esper_gym.reward import RewardComputer
+
+        return RewardComputer(weights)
+    target = node.get("_target_") if OmegaConf.is_dict(node) else None
+    if not target:
+        raise ConfigError(f"reward.computer={_plain(node)!r} needs a _target_ (a class path)")
+    try:
+        target_obj = get_object(target)
+    except Exception as exc:
+        raise ConfigError(
+            f"reward.computer._target_={target!r} cannot be imported ({exc.__cause__ or exc}); "
+            "put its module on PYTHONPATH"
+        ) from exc
+    try:
+        params = inspect.signature(target_obj).parameters
+        takes = "weights" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        takes = False
+    kwargs = {"weights": weights} if takes and "weights" not in node else {}
+    try:
+        fn = instantiate(node, **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"reward.computer ({target}): {exc.__cause__ or exc}") from exc
+    if not callable(fn):
+        raise ConfigError(
+            f"reward.computer._target_={target!r} built {type(fn).__name__}, which is not "
+            "callable: it must take a StepOutcome and return (reward, components)"
+        )
+    return fn
+
+
+def build_generator(cfg: DictConfig):
+    """The blueprint generator of `generator` (None without the group: the env's default);
+    ConfigError naming the key if it cannot be built."""
+    node = cfg.get("generator")
+    if node is None:
+        return None
+    try:
+        generator = instantiate(node)
+    except Exception as exc:
+        raise ConfigError(f"generator ({node.get('_target_')}): {exc.__cause__ or exc}") from exc
+    missing = [m for m in ("propose", "fits") if not callable(getattr(generator, m, None))]
+    if missing:
+        raise ConfigError(
+            f"generator._target_={node.get('_target_')!r} lacks {missing} "
+            "(the protocol: esper_gym.kernels.generator)"
+        )
+    return generator
+
+
 def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
     if value is None or isinstance(value, bool) or not (value >= 0 if allow_zero else value > 0):
         bound = ">= 0" if allow_zero else "> 0"
@@ -351,10 +444,13 @@ def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
 def validate(cfg: DictConfig) -> Task:
     """Everything that can be checked before any work; returns the resolved Task."""
     task = build_task(cfg)
-    build_reward_weights(cfg)
+    build_reward_fn(cfg)
+    build_generator(cfg)
     _positive(cfg.env.num_envs, "env.num_envs")
     if cfg.env.vectorization not in ("sync", "async"):
         raise ConfigError(f"env.vectorization={cfg.env.vectorization!r}; allowed: sync, async")
+    if cfg.env.telemetry not in ("off", "measured"):
+        raise ConfigError(f"env.telemetry={cfg.env.telemetry!r}; allowed: off, measured")
     _positive(cfg.eval.episodes, "eval.episodes", allow_zero=True)
     # Episode seeds go to numpy, which refuses negative ones: fail here, not after training.
     for key, value in (("seed", cfg.seed), ("eval.first_seed", cfg.eval.first_seed)):
@@ -409,8 +505,13 @@ def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
     # path), so it pickles into env workers.
     registered = cfg.task.name in TASKS
     kwargs = dict(task_overrides(cfg)) if registered else {"task": build_task(cfg)}
-    kwargs["reward_weights"] = build_reward_weights(cfg)
+    kwargs["reward_fn"] = build_reward_fn(cfg)
+    generator = build_generator(cfg)
+    if generator is not None:
+        kwargs["generator"] = generator
     kwargs["kernel_dir"] = cfg.env.kernel_dir
+    if cfg.env.get("telemetry") not in (None, "off"):
+        kwargs["telemetry"] = cfg.env.telemetry
     return functools.partial(make_env, cfg.task.env_id, cfg.threads, **kwargs)
 
 
