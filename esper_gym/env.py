@@ -125,10 +125,11 @@ class MorphogeneticEnv(gym.Env):
     ("off" or "measured"), `render_mode="ansi"`.
 
     ## Telemetry and the seed history
-    Every info has `cache_hits`, `cache_misses`, `cache_hit_rate` (NaN before any lookup),
-    `kernel_loads` (artifacts loaded from the store), `kernel_compiles` (this episode so far)
-    and `seed_latency_ms` (`"<layer>.<slot>"` -> its kernel's measured time on the interval's
-    recorded batch, for running seeds). When a seed germinated by the agent is fossilized or
+    `info["telemetry"]` holds `cache_hits`, `cache_misses`, `cache_hit_rate` (NaN before any
+    lookup), `kernel_loads` (artifacts loaded from the store), `kernel_compiles` (all this
+    episode so far) and `seed_latency_ms` (`"<layer>.<slot>"` -> its kernel's measured time on
+    the interval's recorded batch, for running seeds). It depends on the machine and on what
+    the store and cache already held, so it is the one info entry a replay may not reproduce. When a seed germinated by the agent is fossilized or
     culled, or is still live at the episode's end, its `SeedOutcome` (blueprint and
     hyper-parameters, slot shape, node features at germination, last measured contribution,
     params) is written to the kernel store (`store.outcomes()`), counted in
@@ -138,7 +139,7 @@ class MorphogeneticEnv(gym.Env):
     `reset(seed=s)` draws the host init, the data order and every other draw from
     `self.np_random` (torch generators seeded from it; the global torch RNG is left as it
     was), so the same seed and actions give the same observations, rewards and infos. Only
-    the wall-clock telemetry in info (`seed_latency_ms`) is not, plus the observation with
+    `info["telemetry"]` is not, nor the observation with
     `telemetry="measured"` and the reward with a measured latency cost. A generator that
     learns (Karn) draws from `self.np_random` too, and its proposals depend on the store's
     history: reproducible for the same store contents.
@@ -604,7 +605,7 @@ class MorphogeneticEnv(gym.Env):
             "fault_kinds": [f.kind for f in faults],
             "faults_total": self.faults_total,
             "reward_components": components or {},
-            **self._telemetry(),
+            "telemetry": self._telemetry(),
             "outcomes_recorded": self.outcomes_recorded,
             "diverged": bool(stats.diverged) if stats else False,
             "divergence": (

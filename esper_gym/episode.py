@@ -13,7 +13,7 @@ from esper_gym.actions import WAIT, Action
 
 WAIT_NAME = Action(WAIT).describe()  # what info["action"] says for a WAIT
 # Episode totals the env's info carries (the last info's are the episode's).
-TELEMETRY = ("cache_hit_rate", "cache_hits", "kernel_loads", "kernel_compiles", "outcomes_recorded")
+TELEMETRY = ("cache_hit_rate", "cache_hits", "kernel_loads", "kernel_compiles")
 
 
 def play_episode(
@@ -24,10 +24,10 @@ def play_episode(
     Metrics: return, length, final val/test accuracy, params (host + kernels), host_params,
     params_added, faults, invalid actions, interventions (valid non-WAIT actions), diverged,
     wall_s, n_layers, layers (names joined by ";"), seed_slots, decision_interval, budget_steps,
-    the kernel telemetry (cache_hit_rate, cache_hits, kernel_loads, kernel_compiles over the
+    `telemetry/<name>` (cache_hit_rate, cache_hits, kernel_loads, kernel_compiles over the
     episode; seed_latency_ms: mean measured kernel time per running seed and step, NaN if no
-    seed ran; outcomes_recorded: seed outcomes written to the store) and `reward/<component>`
-    summed over the episode. Events: every `info["events"]` dict of
+    seed ran: machine- and store-dependent, like wall_s), outcomes_recorded (seed outcomes
+    written to the store) and `reward/<component>` summed over the episode. Events: every `info["events"]` dict of
     the episode, in order.
     """
     start = time.perf_counter()
@@ -45,7 +45,7 @@ def play_episode(
         faults += info["faults"]
         interventions += int(info["action"] != WAIT_NAME and not info["invalid_action"])
         events += info["events"]
-        latencies += info.get("seed_latency_ms", {}).values()
+        latencies += info["telemetry"]["seed_latency_ms"].values()
         for key, value in info["reward_components"].items():
             components[key] = components.get(key, 0.0) + value
         done = terminated or truncated
@@ -68,8 +68,9 @@ def play_episode(
         "seed_slots": u.task.seed_slots,
         "decision_interval": u.task.decision_interval,
         "budget_steps": u.budget,
-        **{k: info[k] for k in TELEMETRY if k in info},
-        "seed_latency_ms": sum(latencies) / len(latencies) if latencies else math.nan,
+        **{f"telemetry/{k}": info["telemetry"][k] for k in TELEMETRY},
+        "telemetry/seed_latency_ms": sum(latencies) / len(latencies) if latencies else math.nan,
+        "outcomes_recorded": info["outcomes_recorded"],
         **{f"reward/{k}": v for k, v in components.items()},
     }
     return metrics, events

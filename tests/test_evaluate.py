@@ -219,9 +219,11 @@ def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spa
     # Same seed, same greedy policy: the same episode.
     again = run_job(Job("tamiyo", spirals, seed=3, checkpoint=str(ckpt), kernel_dir=kernel_dir))
     first = run_job(Job("tamiyo", spirals, seed=3, checkpoint=str(ckpt), kernel_dir=kernel_dir))
-    assert {k: v for k, v in again["row"].items() if k != "wall_s"} == {
-        k: v for k, v in first["row"].items() if k != "wall_s"
-    }
+
+    def replayable(row):  # wall-clock and cache-state telemetry differ between replays
+        return {k: v for k, v in row.items() if k != "wall_s" and not k.startswith("telemetry/")}
+
+    assert replayable(again["row"]) == replayable(first["row"])
     one_slot = make_env(TaskSpec("s1", "spirals", {**TASK, "seed_slots": 1}), kernel_dir=kernel_dir)
     with pytest.raises(ValueError, match="does not fit"):
         check_compatible(policy, one_slot)

@@ -11,8 +11,8 @@ import torch
 from esper_gym.kernels import (
     BLUEPRINTS,
     DEFAULT_LIBRARY,
-    FAULT_LIBRARY,
     EXTRA_LIBRARY,
+    FAULT_LIBRARY,
     BlueprintGenerator,
     KernelMetadata,
     KernelRejected,
