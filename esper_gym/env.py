@@ -125,11 +125,13 @@ class MorphogeneticEnv(gym.Env):
     ("off" or "measured"), `render_mode="ansi"`.
 
     ## Telemetry and the seed history
-    `info["telemetry"]` holds `cache_hits`, `cache_misses`, `cache_hit_rate` (NaN before any
-    lookup), `kernel_loads` (artifacts loaded from the store), `kernel_compiles` (all this
-    episode so far) and `seed_latency_ms` (`"<layer>.<slot>"` -> its kernel's measured time on
-    the interval's recorded batch, for running seeds). It depends on the machine and on what
-    the store and cache already held, so it is the one info entry a replay may not reproduce. When a seed germinated by the agent is fossilized or
+    `env.telemetry_stats()` (and, with `telemetry="measured"`, `info["telemetry"]`) holds
+    `cache_hits`, `cache_misses`, `cache_hit_rate` (NaN before any lookup), `kernel_loads`
+    (artifacts loaded from the store), `kernel_compiles` (all this episode so far) and
+    `seed_latency_ms` (`"<layer>.<slot>"` -> its kernel's measured time on the interval's
+    recorded batch, for running seeds). It depends on the machine and on what the store and
+    cache already held, which is why it is not in the default info: that one is reproducible.
+    `esper_gym.episode.play_episode` reports it per episode (`telemetry/*`, W&B episode logs). When a seed germinated by the agent is fossilized or
     culled, or is still live at the episode's end, its `SeedOutcome` (blueprint and
     hyper-parameters, slot shape, node features at germination, last measured contribution,
     params) is written to the kernel store (`store.outcomes()`), counted in
@@ -139,7 +141,7 @@ class MorphogeneticEnv(gym.Env):
     `reset(seed=s)` draws the host init, the data order and every other draw from
     `self.np_random` (torch generators seeded from it; the global torch RNG is left as it
     was), so the same seed and actions give the same observations, rewards and infos. Only
-    `info["telemetry"]` is not, nor the observation with
+    `info["telemetry"]` (only there with `telemetry="measured"`) is not, nor the observation with
     `telemetry="measured"` and the reward with a measured latency cost. A generator that
     learns (Karn) draws from `self.np_random` too, and its proposals depend on the store's
     history: reproducible for the same store contents.
@@ -487,7 +489,8 @@ class MorphogeneticEnv(gym.Env):
         stats = self.cache.stats
         return stats.hits, stats.misses, stats.compiles
 
-    def _telemetry(self) -> dict[str, Any]:
+    def telemetry_stats(self) -> dict[str, Any]:
+        """This episode's kernel telemetry so far (see "Telemetry" in the class docstring)."""
         now = (0, 0, 0) if self._cache is None else self._cache_counts()
         hits, misses, compiles = (a - b for a, b in zip(now, self._cache_base))
         return {
@@ -577,7 +580,7 @@ class MorphogeneticEnv(gym.Env):
                 math.log1p(seeds),
                 self._layer_faults.get(layer.name, 0) / max(self.steps, 1),
             )
-        t = self._telemetry()
+        t = self.telemetry_stats()
         rate = t["cache_hit_rate"]
         globals_ = [
             *globals_,
@@ -605,8 +608,10 @@ class MorphogeneticEnv(gym.Env):
             "fault_kinds": [f.kind for f in faults],
             "faults_total": self.faults_total,
             "reward_components": components or {},
-            "telemetry": self._telemetry(),
             "outcomes_recorded": self.outcomes_recorded,
+            # Wall clock and cache state: only when asked for, so that by default the same
+            # seed and actions give the same infos (gymnasium's check_env compares them).
+            **({"telemetry": self.telemetry_stats()} if self.telemetry == "measured" else {}),
             "diverged": bool(stats.diverged) if stats else False,
             "divergence": (
                 f"host loss became NaN/Inf within optimizer steps "

@@ -45,11 +45,12 @@ def play_episode(
         faults += info["faults"]
         interventions += int(info["action"] != WAIT_NAME and not info["invalid_action"])
         events += info["events"]
-        latencies += info["telemetry"]["seed_latency_ms"].values()
+        latencies += env.unwrapped.telemetry_stats()["seed_latency_ms"].values()
         for key, value in info["reward_components"].items():
             components[key] = components.get(key, 0.0) + value
         done = terminated or truncated
     u = env.unwrapped
+    telemetry = u.telemetry_stats()
     metrics = {
         "val_acc": info["val_acc"],
         "test_acc": info.get("test_acc", math.nan),
@@ -68,7 +69,7 @@ def play_episode(
         "seed_slots": u.task.seed_slots,
         "decision_interval": u.task.decision_interval,
         "budget_steps": u.budget,
-        **{f"telemetry/{k}": info["telemetry"][k] for k in TELEMETRY},
+        **{f"telemetry/{k}": telemetry[k] for k in TELEMETRY},
         "telemetry/seed_latency_ms": sum(latencies) / len(latencies) if latencies else math.nan,
         "outcomes_recorded": info["outcomes_recorded"],
         **{f"reward/{k}": v for k, v in components.items()},

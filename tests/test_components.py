@@ -331,7 +331,10 @@ def test_activation_blueprint_is_a_per_channel_gate_that_starts_at_zero(tmp_path
 
 
 def test_telemetry_counts_compiles_loads_hits_and_times_seeds(tmp_path):
-    env = make(str(tmp_path))
+    plain = make(str(tmp_path))
+    _, info = plain.reset(seed=0)
+    assert "telemetry" not in info and plain.telemetry_stats()["kernel_compiles"] == 0
+    env = make(str(tmp_path), telemetry="measured")
     _, info = env.reset(seed=0)
     t = info["telemetry"]
     assert (t["cache_hits"], t["kernel_loads"], t["kernel_compiles"]) == (0, 0, 0)
@@ -398,7 +401,7 @@ def test_latency_cost_on_measured_time(tmp_path):
     env.reset(seed=0)
     germinate(env, 1, 0)
     _, _, _, _, info = advance(env, 1, 0)
-    ms = info["telemetry"]["seed_latency_ms"]["fc1.0"]
+    ms = env.telemetry_stats()["seed_latency_ms"]["fc1.0"]
     assert ms > 0 and info["reward_components"]["latency_cost"] < 0
 
 

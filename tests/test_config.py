@@ -66,7 +66,7 @@ def targets(node, path=""):
 
 
 def test_groups_are_the_documented_ones():
-    expected = {"env", "task", "agent", "reward", "blueprints", "logger", "experiment"}
+    expected = {"env", "task", "agent", "reward", "blueprints", "generator", "logger", "experiment"}
     assert expected | {"hydra/launcher"} <= set(groups())
     for group in expected:
         assert options(group), group
