@@ -302,6 +302,11 @@ def test_ridge_predictor_recovers_a_linear_rule():
     y = x @ np.array([1.0, -2.0, 0.0, 0.5]) + 3.0
     model = ContributionPredictor(alpha=1e-6).fit(x, y)
     assert np.allclose(model.predict(x), y, atol=1e-4)
+    assert ContributionPredictor().fit(x, y).chosen_alpha <= 1.0  # signal: a light penalty
+    noise = rng.normal(size=200)  # features that predict nothing: shrunk to the mean
+    shrunk = ContributionPredictor().fit(x, noise)
+    assert shrunk.chosen_alpha >= 100
+    assert np.abs(shrunk.predict(x) - noise.mean()).max() < 0.1 * noise.std()
     with pytest.raises(RuntimeError, match="predict before fit"):
         ContributionPredictor().predict(x)
 

@@ -77,11 +77,18 @@ def outcome_features(outcome: SeedOutcome) -> np.ndarray:
     )
 
 
+ALPHAS = tuple(10.0**k for k in range(-2, 6))  # the penalties "auto" chooses from
+
+
 @dataclasses.dataclass
 class ContributionPredictor:
-    """Ridge regression on standardised features (the intercept is not penalised)."""
+    """Ridge regression on standardised features (the intercept is not penalised). `alpha`:
+    the penalty, or None to choose it from ALPHAS by leave-one-out error (closed form), so a
+    history whose features do not predict its contributions shrinks to their mean instead of
+    fitting its noise."""
 
-    alpha: float = 1.0
+    alpha: float | None = None
+    chosen_alpha: float | None = None  # the penalty the last fit used
     coef: np.ndarray | None = None
     intercept: float = 0.0
     mean: np.ndarray | None = None
@@ -98,9 +105,26 @@ class ContributionPredictor:
         self.scale = np.where(std > 1e-12, std, 1.0)  # a constant column stays 0 after centring
         z = (x - self.mean) / self.scale
         self.intercept = float(y.mean())
-        gram = z.T @ z + self.alpha * np.eye(z.shape[1])
-        self.coef = np.linalg.solve(gram, z.T @ (y - self.intercept))
+        # Via the SVD z = U diag(s) V': coefficients and the hat matrix's diagonal for any
+        # alpha at the cost of one decomposition.
+        u, sv, vt = np.linalg.svd(z, full_matrices=False)
+        uty = u.T @ (y - self.intercept)
+        alpha = self.alpha if self.alpha is not None else self._loo_alpha(u, sv, uty, y)
+        self.chosen_alpha = alpha
+        self.coef = vt.T @ (sv / (sv**2 + alpha) * uty)
         return self
+
+    def _loo_alpha(self, u, sv, uty, y) -> float:
+        n, best, best_err = len(y), ALPHAS[-1], math.inf
+        for alpha in ALPHAS:
+            shrink = sv**2 / (sv**2 + alpha)
+            fitted = u @ (shrink * uty) + self.intercept
+            hat = (u**2) @ shrink + 1.0 / n  # + the intercept's share
+            residual = (y - fitted) / np.maximum(1.0 - hat, 1e-9)
+            err = float(np.mean(residual**2))
+            if err < best_err:
+                best, best_err = alpha, err
+        return best
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self.coef is None:
@@ -109,7 +133,9 @@ class ContributionPredictor:
         return z @ self.coef + self.intercept
 
 
-def fit_outcomes(outcomes: Sequence[SeedOutcome], alpha: float = 1.0) -> ContributionPredictor:
+def fit_outcomes(
+    outcomes: Sequence[SeedOutcome], alpha: float | None = None
+) -> ContributionPredictor:
     x = np.stack([outcome_features(o) for o in outcomes])
     y = np.asarray([o.contribution for o in outcomes])
     return ContributionPredictor(alpha).fit(x, y)
@@ -119,7 +145,7 @@ class KarnGenerator(BlueprintGenerator):
     """The template generator's `fits`, with `propose` choosing a variant the history says pays
     (module docstring). `explore`: fraction of proposals drawn at random; `min_history`:
     outcomes needed before the predictor is trusted; `history`: newest outcomes fitted on;
-    `alpha`: ridge penalty."""
+    `alpha`: ridge penalty (None: chosen by leave-one-out error)."""
 
     def __init__(
         self,
@@ -127,7 +153,7 @@ class KarnGenerator(BlueprintGenerator):
         explore: float = 0.1,
         min_history: int = 16,
         history: int = 5000,
-        alpha: float = 1.0,
+        alpha: float | None = None,
         objective: str = "per_param",
     ) -> None:
         super().__init__(library)
@@ -140,12 +166,15 @@ class KarnGenerator(BlueprintGenerator):
         for name, value in (("min_history", min_history), ("history", history)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"karn {name}={value!r} must be an integer >= 1")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"karn alpha={alpha!r} must be a number > 0")
+        if alpha is not None and (
+            isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
+        ):
+            raise ValueError(f"karn alpha={alpha!r} must be a number > 0 or None (chosen by CV)")
         if objective not in OBJECTIVES:
             raise ValueError(f"karn objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
         self.explore, self.min_history, self.history = float(explore), min_history, history
-        self.alpha, self.objective = float(alpha), objective
+        self.alpha = None if alpha is None else float(alpha)
+        self.objective = objective
         self.prices = RewardWeights()
         self.last_choice = ""  # "template", "explore" or "predicted": for reports and tests
 
