@@ -131,8 +131,10 @@ class MorphogeneticEnv(gym.Env):
     `seed_latency_ms` (`"<layer>.<slot>"` -> its kernel's measured time on the interval's
     recorded batch, for running seeds). It depends on the machine and on what the store and
     cache already held, which is why it is not in the default info: that one is reproducible.
-    `esper_gym.episode.play_episode` reports it per episode (`telemetry/*`, W&B episode logs). When a seed germinated by the agent is fossilized or
-    culled, or is still live at the episode's end, its `SeedOutcome` (blueprint and
+    `esper_gym.episode.play_episode` reports it per episode (`telemetry/*`, W&B episode logs).
+
+    When a seed germinated by the agent is fossilized or culled, or is still live at the
+    episode's end, its `SeedOutcome` (blueprint and
     hyper-parameters, slot shape, node features at germination, last measured contribution,
     params) is written to the kernel store (`store.outcomes()`), counted in
     `info["outcomes_recorded"]`, and handed to `generator.observe` if it has one.
@@ -141,8 +143,8 @@ class MorphogeneticEnv(gym.Env):
     `reset(seed=s)` draws the host init, the data order and every other draw from
     `self.np_random` (torch generators seeded from it; the global torch RNG is left as it
     was), so the same seed and actions give the same observations, rewards and infos. Only
-    `info["telemetry"]` (only there with `telemetry="measured"`) is not, nor the observation with
-    `telemetry="measured"` and the reward with a measured latency cost. A generator that
+    `info["telemetry"]` (only there with `telemetry="measured"`) is not, nor the observation
+    with `telemetry="measured"` and the reward with a measured latency cost. A generator that
     learns (Karn) draws from `self.np_random` too, and its proposals depend on the store's
     history: reproducible for the same store contents.
 

@@ -32,7 +32,7 @@ from esper_gym.observation import (
 )
 from esper_gym.reward import RewardComputer, StepOutcome
 from tests.conftest import SMALL
-from tests.test_train import ROOT, TINY
+from tests.test_train import ROOT, TINY, read_wandb_run
 
 RESIDUAL = DEFAULT_LIBRARY.index("residual_mlp")
 
@@ -501,7 +501,8 @@ def test_a_corrupt_artifact_in_the_store_is_a_load_fault_inside_the_env(tmp_path
 
 def test_own_reward_class_and_karn_from_the_command_line(tmp_path):
     """`reward.computer._target_=<a class on PYTHONPATH>`: the returns in results.json are its
-    rewards; `generator=karn`: the store holds the seed outcome history afterwards."""
+    rewards; `generator=karn`: the store holds the seed outcome history afterwards; the
+    episode's telemetry reaches the W&B (offline) episode log."""
     (tmp_path / "mylab.py").write_text(
         "class MyReward:\n"
         "    def __call__(self, outcome):\n"
@@ -509,9 +510,11 @@ def test_own_reward_class_and_karn_from_the_command_line(tmp_path):
         "        return 0.25 + gain, {'bonus': 0.25, 'gain': gain}\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "HYDRA_FULL_ERROR": "1"}
+    env["WANDB_SILENT"] = "true"
+    env.pop("WANDB_MODE", None)
     run_dir, kernels = tmp_path / "run", tmp_path / "kernels"
     cmd = [sys.executable, "-m", "esper_gym.train", "agent=heuristic", "generator=karn"]
-    cmd += ["reward.computer._target_=mylab.MyReward", "logger=none", "eval.episodes=1"]
+    cmd += ["reward.computer._target_=mylab.MyReward", "logger=wandb", "eval.episodes=1"]
     cmd += ["eval.compare=[]", "logger.progress=false", *TINY]
     cmd += [f"env.kernel_dir={kernels}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -524,6 +527,11 @@ def test_own_reward_class_and_karn_from_the_command_line(tmp_path):
     outcomes = KernelStore(kernels).outcomes()
     assert len(outcomes) == episode["outcomes_recorded"] >= 1 and outcomes.skipped == 0
     assert all(o.task == "spirals" and o.host_params == episode["host_params"] for o in outcomes)
+    (wandb_dir,) = (run_dir / "wandb").glob("offline-run-*")
+    (row,) = [r for r in read_wandb_run(str(wandb_dir))["history"] if "eval/heuristic/return" in r]
+    assert row["eval/heuristic/telemetry/kernel_compiles"] == episode["telemetry/kernel_compiles"]
+    assert row["eval/heuristic/reward/bonus"] == pytest.approx(episode["reward/bonus"])
+    assert "eval/heuristic/telemetry/cache_hit_rate" in row
 
 
 def test_a_reward_class_that_is_not_there_is_named(tmp_path):
