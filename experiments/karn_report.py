@@ -48,7 +48,14 @@ def predictor_error(history, heldout) -> dict:
     pred = model.predict(x)
     scale = float(np.abs(y).mean())
     mean_pred = np.full_like(y, np.mean([o.contribution for o in history]))
+    seen = np.asarray([o.contribution for o in history])
+    log_params = np.log2([max(o.params, 1) for o in history])
     return {
+        "history_kinds": sorted({o.kind for o in history}),
+        "history_mean": float(seen.mean()),
+        "history_std": float(seen.std()),
+        # Does the signal Karn learns from grow with the kernel's size?
+        "history_corr_log_params": float(np.corrcoef(log_params, seen)[0, 1]),
         "history_outcomes": len(history),
         "heldout_outcomes": len(heldout),
         "mean_abs_contribution": scale,
@@ -144,6 +151,9 @@ def render(report: dict) -> str:
         f"{e['relative_error_of_mean']:.0%})",
         f"  MAE {e['mae']:.4f} on contributions of mean |{e['mean_abs_contribution']:.4f}| "
         f"(accuracy, 0..1); R^2 {e['r2']:.2f}; Spearman {e['spearman']:.2f}",
+        f"  history ({', '.join(e['history_kinds'])}): contribution mean {e['history_mean']:+.4f}, "
+        f"std {e['history_std']:.4f}, correlation with log2(params) "
+        f"{e['history_corr_log_params']:+.2f}",
         "",
         f"Karn vs template, {a['seeds']} paired seeds (explore {a['explore']}): IQM [95% CI]",
         f"  {'arm':<18}{'return':>26}{'test acc.':>26}{'params added':>28}",
