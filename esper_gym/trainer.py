@@ -174,7 +174,9 @@ class HostTrainer:
             self.seed_optimizer = self.optimizer
         for kid in [k for k in self._seed_groups if k not in wanted]:
             group = self._seed_groups.pop(kid)
-            self.seed_optimizer.param_groups.remove(group)
+            groups = self.seed_optimizer.param_groups
+            # By identity: `list.remove` would compare the groups' tensors with ==.
+            del groups[next(i for i, g in enumerate(groups) if g is group)]
             for p in group["params"]:
                 self.seed_optimizer.state.pop(p, None)
         for kid, (layer, params) in wanted.items():

@@ -68,11 +68,16 @@ def test_running_seeds_share_one_optimizer_with_state_carried_over(tmp_path):
     assert [int(opt.state[p]["step"]) for p in first.parameters()] == [6] * len(steps)
     assert [int(opt.state[p]["step"]) for p in second.parameters()] == [2] * len(steps)
 
+    third = _germinate(u, 2, 0)  # the same size as `second`: groups that compare alike
+    u.layers[2].advance(0)
+    u.trainer.run_interval(1)
+    u.layers[1].cull(0)  # dropped from between two groups of equal shapes
     u.layers[0].cull(0)
     u.trainer.run_interval(1)
     held = {id(p) for g in u.trainer.seed_optimizer.param_groups[1:] for p in g["params"]}
-    assert held == {id(p) for p in second.parameters()}
+    assert held == {id(p) for p in third.parameters()}
     assert not any(p in u.trainer.seed_optimizer.state for p in first.parameters())
+    assert not any(p in u.trainer.seed_optimizer.state for p in second.parameters())
 
 
 def test_an_sgd_host_gives_the_seeds_an_adam_of_their_own(tmp_path):
