@@ -71,7 +71,8 @@ def test_running_seeds_share_one_optimizer_with_state_carried_over(tmp_path):
     third = _germinate(u, 2, 0)  # the same size as `second`: groups that compare alike
     u.layers[2].advance(0)
     u.trainer.run_interval(1)
-    u.layers[1].cull(0)  # dropped from between two groups of equal shapes
+    u.layers[1].cull(0)  # dropped after a group of equal shapes (`first`): found by identity
+    u.trainer.run_interval(1)
     u.layers[0].cull(0)
     u.trainer.run_interval(1)
     held = {id(p) for g in u.trainer.seed_optimizer.param_groups[1:] for p in g["params"]}
