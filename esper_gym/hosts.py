@@ -160,9 +160,10 @@ def wrap(
     output Linear is a KasminaLayer): a seed there adds capacity right where the logits form.
     To keep it plain, name the targets (`targets=("conv1", "conv2", "fc1")`).
 
-    The env reads the wrapped layers in registration order as the chain of the observation
-    graph, so define them in the order data flows through them (`build_host` checks it with
-    a dry forward). A forward that reads a target's attributes (`self.fc.weight`) must read
+    The env reads the wrapped layers in registration order as the nodes of the observation
+    graph (and the action layout), so define them in the order data flows through them
+    (`build_host` checks it with a dry forward); the edges are traced from the forward
+    (`data_flow_edges`), skip connections included. A forward that reads a target's attributes (`self.fc.weight`) must read
     them from the host (`self.fc.host.weight`).
     """
     types = tuple(t for t in targets if isinstance(t, type))
@@ -250,7 +251,7 @@ def build_host(
             layer.record = False
             hook.remove()
     if called != layers:
-        # The observation's edges and the action layout follow registration order.
+        # The observation's nodes and the action layout follow registration order.
         raise ValueError(
             f"host {label}: its growable layers run in the order {[m.name for m in called]} but "
             f"are registered in the order {[m.name for m in layers]}; define each in the order "
