@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -22,11 +23,14 @@ def play_episode(
     Metrics: return, length, final val/test accuracy, params (host + kernels), host_params,
     params_added, faults, invalid actions, interventions (valid non-WAIT actions), diverged,
     wall_s, n_layers, layers (names joined by ";"), seed_slots, decision_interval, budget_steps
-    and `reward/<component>` summed over the episode. Events: every `info["events"]` dict of
+    and `reward/<component>` summed over the episode; `contexts` (the env's split, or
+    "fixed"), `context_index` (-1 without contexts) and `context` (info["context"] as JSON);
+    and the decision metrics of `decision_metrics`. Events: every `info["events"]` dict of
     the episode, in order.
     """
     start = time.perf_counter()
     obs, info = env.reset(seed=seed)
+    context = info.get("context")
     events = list(info["events"])
     total, steps, invalid, faults, interventions = 0.0, 0, 0, 0, 0
     components: dict[str, float] = {}
@@ -61,6 +65,43 @@ def play_episode(
         "seed_slots": u.task.seed_slots,
         "decision_interval": u.task.decision_interval,
         "budget_steps": u.budget,
+        "contexts": context["split"] if context else "fixed",
+        "context_index": context["index"] if context else -1,
+        "context": json.dumps(context, sort_keys=True) if context else "",
+        **decision_metrics(info.get("seeds", [])),
         **{f"reward/{k}": v for k, v in components.items()},
     }
     return metrics, events
+
+
+def useful(seed: dict) -> bool:
+    """A germination that paid: its seed ended FOSSILIZED with a positive measured contribution."""
+    return seed["outcome"] == "FOSSILIZED" and seed["contribution"] > 0
+
+
+def false_positive(seed: dict) -> bool:
+    """A germination that cost parameters and did not pay: culled, or ended contributing <= 0."""
+    return seed["params"] > 0 and (seed["outcome"] == "CULLED" or seed["contribution"] <= 0)
+
+
+def decision_metrics(seeds: list[dict]) -> dict[str, Any]:
+    """What an episode's germinations came to, from the env's final `info["seeds"]`.
+
+    `germinations`, `useful_seeds` (`useful`), `false_positives` (`false_positive`), their
+    shares `decision_quality` and `false_positive_rate` (NaN without germinations),
+    `first_useful_progress` (training progress 0..1 at which the first useful seed was
+    germinated; NaN if none) and `plan`: the growth plan as "step:layer:blueprint" joined by
+    ";" (what reactivity compares across contexts).
+    """
+    n = len(seeds)
+    good = [s for s in seeds if useful(s)]
+    bad = sum(false_positive(s) for s in seeds)
+    return {
+        "germinations": n,
+        "useful_seeds": len(good),
+        "false_positives": bad,
+        "decision_quality": len(good) / n if n else math.nan,
+        "false_positive_rate": bad / n if n else math.nan,
+        "first_useful_progress": min((s["progress"] for s in good), default=math.nan),
+        "plan": ";".join(f"{s['step']}:{s['layer']}:{s['blueprint']}" for s in seeds),
+    }
