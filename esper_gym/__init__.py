@@ -20,6 +20,7 @@ ENV_IDS = {
     "Esper/SpiralsFaulty-v0": ("spirals_faulty", 1000),
     "Esper/FashionMNIST-v0": ("fashion_mnist", 1000),
     "Esper/FashionMNISTCNN-v0": ("fashion_mnist_cnn", 1000),
+    "Esper/FashionMNISTResNet-v0": ("fashion_mnist_resnet", 1000),
     "Esper/CIFAR10-v0": ("cifar10", 2000),
 }
 

@@ -13,6 +13,7 @@ import codecs
 import functools
 import gzip
 import hashlib
+import math
 import os
 import pathlib
 import pickle
@@ -41,6 +42,7 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "make_spirals",
+    "shift_dataset",
 ]
 
 DATASET_NAMES = ("spirals", "fashion_mnist", "cifar10")
@@ -234,15 +236,85 @@ def load_dataset(
             )
         return data
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+    shift = {k: kwargs.pop(k) for k in SHIFT_KWARGS if k in kwargs}
     if key == "spirals":
-        return make_spirals(**kwargs)
-    if key == "fashion_mnist":
-        return load_fashion_mnist(data_dir, **kwargs)
-    if key == "cifar10":
-        return load_cifar10(data_dir, **kwargs)
-    raise ValueError(
-        f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}, a Dataset or a "
-        "callable returning one"
+        data = make_spirals(**kwargs)
+    elif key == "fashion_mnist":
+        data = load_fashion_mnist(data_dir, **kwargs)
+    elif key == "cifar10":
+        data = load_cifar10(data_dir, **kwargs)
+    else:
+        raise ValueError(
+            f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}, a Dataset or "
+            "a callable returning one"
+        )
+    return shift_dataset(data, **shift) if shift else data
+
+
+# dataset_kwargs every built-in dataset takes on top of its loader's own (see shift_dataset).
+SHIFT_KWARGS = ("classes", "label_noise", "input_noise", "shift_seed")
+
+
+def shift_dataset(
+    data: Dataset,
+    classes: int | None = None,
+    label_noise: float = 0.0,
+    input_noise: float = 0.0,
+    shift_seed: int = 0,
+) -> Dataset:
+    """A harder variant of `data` (the knobs of the contextual benchmark, esper_gym.contexts).
+
+    - ``classes=k``: keep only the examples of classes ``0..k-1`` in every split (labels
+      unchanged, ``num_classes=k``);
+    - ``label_noise=p``: each *training* label is replaced, with probability ``p``, by a
+      different class drawn uniformly; validation and test labels stay clean, so accuracy
+      still measures the true task (the agent sees a noisy training loss, a clean val_acc);
+    - ``input_noise=s``: Gaussian noise of standard deviation ``s`` (inputs are normalised, so
+      in units of the data's std) added once to every split's inputs (a fixed corruption, the
+      same for every epoch: a blurrier task, not an augmentation).
+
+    Draws come from a generator seeded with ``shift_seed``: the same arguments always give the
+    same dataset. The input is never modified (loaders share cached instances).
+    """
+    if classes is not None and (
+        isinstance(classes, bool)
+        or not isinstance(classes, int)
+        or not 2 <= classes <= data.num_classes
+    ):
+        raise ValueError(
+            f"classes={classes!r} must be an int in [2, {data.num_classes}] ({data.name} has "
+            f"{data.num_classes} classes)"
+        )
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise={label_noise!r} must be in [0, 1)")
+    if not 0.0 <= input_noise < math.inf:
+        raise ValueError(f"input_noise={input_noise!r} must be a finite number >= 0")
+    gen = torch.Generator().manual_seed(shift_seed)
+    num_classes = classes or data.num_classes
+    splits = {}
+    for split in ("train", "val", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if classes is not None:
+            keep = y < classes
+            x, y = x[keep], y[keep]
+        if input_noise > 0:
+            x = x + input_noise * torch.randn(x.shape, generator=gen)
+        if split == "train" and label_noise > 0:
+            flip = torch.rand(len(y), generator=gen) < label_noise
+            # A uniform *other* class: an offset in 1..k-1, so a flipped label is always wrong.
+            offset = torch.randint(1, num_classes, (len(y),), generator=gen)
+            y = torch.where(flip, (y + offset) % num_classes, y)
+        splits[split] = (x, y)
+    return Dataset(
+        name=data.name,
+        x_train=splits["train"][0],
+        y_train=splits["train"][1],
+        x_val=splits["val"][0],
+        y_val=splits["val"][1],
+        x_test=splits["test"][0],
+        y_test=splits["test"][1],
+        num_classes=num_classes,
+        input_shape=data.input_shape,
     )
 
 

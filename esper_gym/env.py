@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from esper_gym import contexts as ctx
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT, Action, ActionLayout
 from esper_gym.data import Dataset
-from esper_gym.hosts import build_host, edge_numels, host_macs, kernel_macs
+from esper_gym.hosts import build_host, data_flow_edges, host_macs, kernel_macs
 from esper_gym.kasmina import (
     ADVANCE_TO,
     CULLABLE,
@@ -84,16 +85,35 @@ class MorphogeneticEnv(gym.Env):
 
     ## Observation space
     `Dict` of fixed shapes (see `esper_gym.observation` for every feature):
-    `nodes (max_nodes, F)`, `edges (max_nodes-1, 2)`, `edge_attr (max_nodes-1, 2)`,
-    `node_mask (max_nodes,)`, `globals (10,)`, `action_mask (A,)`. Nodes are the host's
-    KasminaLayers with their health signals (activation mean/variance, dead units, gradient
-    and weight norms, added parameters) and per-slot seed state (state, alpha, age, faults,
-    measured contribution). `esper_gym.observation.to_pyg(obs)` gives a PyG batch.
+    `nodes (max_nodes, F)`, `edges (2 * max_nodes, 2)`, `edge_attr (2 * max_nodes, 2)`,
+    `node_mask (max_nodes,)`, `globals (10 [+ context factors],)`, `action_mask (A,)`. Nodes
+    are the host's KasminaLayers with their health signals (activation mean/variance, dead
+    units, gradient and weight norms, added parameters) and per-slot seed state (state, alpha,
+    age, faults, measured contribution). Edges are the host's real data flow between those
+    layers, traced from its forward at reset (`esper_gym.hosts.data_flow_edges`: torch.fx,
+    or the autograd graph of a dry forward where fx cannot trace): a chain for an MLP, plus a
+    skip edge per residual block for the residual hosts (`Esper/FashionMNISTResNet-v0`,
+    `Esper/CIFAR10-v0`). Padding edges have `edge_attr[:, 0] == 0`.
+    `esper_gym.observation.to_pyg(obs)` gives a PyG batch.
+
+    ## Contexts
+    `contexts=None` (default): every episode is the registered task (only the seed changes).
+    `contexts="train"` or `"test"`: each `reset` draws a context of that split from
+    `self.np_random` (`esper_gym.contexts`: host width/depth, learning rate, budget, decision
+    interval, parameter budget, label/input noise, class subsets), rebuilds the task, data and
+    host from it, and reports it in `info["context"]` (a plain dict: the factors, `split`,
+    `index` in the split, and the Task `fields` they resolved to). Train and test contexts are
+    disjoint combinations of the same factor levels. `reset(options={"context": i})` plays
+    context `i` of the split instead of a drawn one. The agent does not see the context unless
+    `show_context=True`, which appends it to `globals` (one number in [0, 1] per factor) and so
+    widens that space. Spaces are the same for every context (max_nodes fits the largest host);
+    datasets are loaded once per (dataset, dataset_kwargs) and kept for later resets.
     `telemetry="measured"` appends measured features: per node its layer's and its seeds'
     forward time and its fault rate, globally the kernel cache's hit rate and the artifacts
-    loaded and compiled this episode (`esper_gym.observation.MEASURED_*`). It is off by
-    default because wall-clock time breaks bit-exact reproducibility: the same seed and actions
-    then give different observations on a busier machine.
+    loaded and compiled this episode (`esper_gym.observation.MEASURED_*`, before any context
+    features). It is off by default because wall-clock time breaks bit-exact
+    reproducibility: the same seed and actions then give different observations on a busier
+    machine.
 
     ## Rewards
     Weighted sum of accuracy gain, parameter and latency rent, loss spikes, kernel faults,
@@ -107,10 +127,14 @@ class MorphogeneticEnv(gym.Env):
     A freshly initialised host (every slot DORMANT), evaluated once before any training.
     `reset(options={"grow": "residual_mlp"})` (a name or a preference list) instead starts with
     every slot FOSSILIZED with the first blueprint that fits it: the ceiling host.
+    The reset draws the context (with `contexts`) before the host init.
 
     ## Episode end
     Terminated when the training budget (`max_epochs` over the training split) is spent, or
     when the host's loss becomes NaN/Inf (`info["diverged"] = True`, divergence penalty).
+    The last step's info has `"seeds"`: one record per GERMINATE of the episode (step, layer
+    index and name, slot, blueprint, params, last measured contribution, outcome: the final
+    state, or CULLED), what `esper_gym.episode` scores decision quality from.
     Truncated only by the `TimeLimit` of the registration (`max_episode_steps`). `step()` after
     termination raises RuntimeError ("episode is over ... call reset()"): it would train past
     the budget.
@@ -122,7 +146,9 @@ class MorphogeneticEnv(gym.Env):
     `~/.cache/esper_gym/kernels`), `generator` (what a GERMINATE of a kind compiles: the
     protocol is in `esper_gym.kernels.generator`; default the template `BlueprintGenerator`,
     `esper_gym.kernels.karn.KarnGenerator` learns from the store's history), `telemetry`
-    ("off" or "measured"), `render_mode="ansi"`.
+    ("off" or "measured"), `render_mode="ansi"`, `contexts=None|"train"|"test"`,
+    `show_context=False`. With contexts, the Task fields given here are the base the
+    context's scales multiply (`max_epochs=4` then `epochs_scale=0.5` trains 2 epochs).
 
     ## Telemetry and the seed history
     `env.telemetry_stats()` (and, with `telemetry="measured"`, `info["telemetry"]`) holds
@@ -142,11 +168,11 @@ class MorphogeneticEnv(gym.Env):
     ## Reproducibility
     `reset(seed=s)` draws the host init, the data order and every other draw from
     `self.np_random` (torch generators seeded from it; the global torch RNG is left as it
-    was), so the same seed and actions give the same observations, rewards and infos. Only
-    `info["telemetry"]` (only there with `telemetry="measured"`) is not, nor the observation
-    with `telemetry="measured"` and the reward with a measured latency cost. A generator that
-    learns (Karn) draws from `self.np_random` too, and its proposals depend on the store's
-    history: reproducible for the same store contents.
+    was), so the same seed and actions give the same context, observations, rewards and
+    infos. Only `info["telemetry"]` (only there with `telemetry="measured"`) is not, nor the
+    observation with `telemetry="measured"` and the reward with a measured latency cost. A
+    generator that learns (Karn) draws from `self.np_random` too, and its proposals depend on
+    the store's history: reproducible for the same store contents.
 
     ## Version history
     * v0: initial release.
@@ -163,9 +189,18 @@ class MorphogeneticEnv(gym.Env):
         render_mode: str | None = None,
         generator=None,
         telemetry: str = "off",
+        contexts: str | None = None,
+        show_context: bool = False,
         **task_overrides: Any,
     ) -> None:
         self.task = get_task(task, **task_overrides)
+        self.base_task = self.task  # what each context is applied to
+        self.contexts = None if contexts is None else ctx.check_split(contexts)
+        self.context_space = None if contexts is None else ctx.context_space(self.task)
+        if show_context and self.context_space is None:
+            raise ValueError("show_context=True needs contexts='train' or 'test'")
+        self.show_context = bool(show_context)
+        self.context: dict | None = None
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; allowed: None, 'ansi'")
         self.render_mode = render_mode
@@ -191,12 +226,17 @@ class MorphogeneticEnv(gym.Env):
         self.layout = ActionLayout(
             self.task.max_nodes, self.task.seed_slots, len(self.task.blueprints)
         )
+        extra = len(self.context_space.factors) if self.show_context else 0
         self.spec_graph = GraphSpec(
-            self.task.max_nodes, self.task.seed_slots, measured=telemetry == "measured"
+            self.task.max_nodes, self.task.seed_slots, extra, measured=telemetry == "measured"
         )
         self.action_space = spaces.Discrete(self.layout.size)
         self.observation_space = observation_space(self.spec_graph, self.layout.size)
         self._data: Dataset | None = None
+        self._datasets: dict[tuple, Dataset] = {}  # contexts: one load per (dataset, kwargs)
+        self._edges: dict[tuple, list[tuple[int, int]]] = {}  # traced once per host config
+        self._context_features: list[float] = []
+        self.seed_log: list[dict] = []
         self._store: KernelStore | None = None
         self._cache: KernelCache | None = None
         self.model: torch.nn.Module | None = None
@@ -212,8 +252,23 @@ class MorphogeneticEnv(gym.Env):
     @property
     def data(self) -> Dataset:
         if self._data is None:  # lazily, so that vector-env workers load their own copy
-            self._data = self.task.load_data()
+            self._data = self._load(self.task)
         return self._data
+
+    def _load(self, task: Task) -> Dataset:
+        source = task.dataset if isinstance(task.dataset, str) else id(task.dataset)
+        key = (source, task.data_dir, repr(sorted(dict(task.dataset_kwargs).items())))
+        if key not in self._datasets:
+            self._datasets[key] = task.load_data()
+        return self._datasets[key]
+
+    def _graph_edges(self, data: Dataset) -> list[tuple[int, int]]:
+        host = self.task.host if isinstance(self.task.host, str) else id(self.task.host)
+        key = (host, repr(sorted(dict(self.task.host_kwargs).items())), data.input_shape,
+               data.num_classes, self.task.seed_slots)  # fmt: skip
+        if key not in self._edges:
+            self._edges[key] = data_flow_edges(self.model, data.input_shape)
+        return self._edges[key]
 
     @property
     def store(self) -> KernelStore:
@@ -236,7 +291,18 @@ class MorphogeneticEnv(gym.Env):
     # --------------------------------------------------------------------- reset
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         grow = _grow_option(options, self.task.blueprints)  # before any work: a typo fails fast
+        pick = _context_option(options, self.context_space, self.contexts)
         super().reset(seed=seed)
+        if self.context_space is not None:
+            # Drawn first, so that the host init and data order below come from the same
+            # stream whatever the context: same seed, same context, same episode.
+            index, context = self.context_space.sample(self.contexts, self.np_random)
+            if pick is not None:
+                index, context = pick, self.context_space.contexts(self.contexts)[pick]
+            self.task = ctx.apply_context(self.base_task, context)
+            self._data = None
+            self.context = ctx.describe(self.task, self.contexts, index, context)
+            self._context_features = self.context_space.features(context)
         data = self.data
         torch_seed = int(self.np_random.integers(0, 2**62))
         with torch.random.fork_rng(devices=[]):
@@ -255,6 +321,8 @@ class MorphogeneticEnv(gym.Env):
                 f"host has {len(self.layers)} growable layers; raise max_nodes "
                 f"(now {self.task.max_nodes})"
             )
+        self.graph_edges = self._graph_edges(data)
+        self.seed_log = []
         order = torch.Generator().manual_seed(torch_seed + 1)
         self.trainer = HostTrainer(self.model, data, self.task, order)
         self.host_params = sum(p.numel() for p in self.model.parameters())
@@ -276,7 +344,10 @@ class MorphogeneticEnv(gym.Env):
         self._layer_faults = {layer.name: 0 for layer in self.layers}
         self.outcomes_recorded = 0
         self._update_mask()
-        return self._observation(), self._info(events=[], faults=[], invalid=False, action=None)
+        info = self._info(events=[], faults=[], invalid=False, action=None)
+        if self.context is not None:
+            info["context"] = self.context
+        return self._observation(), info
 
     def _grow_all(self, names: tuple[str, ...]) -> None:
         """Start with every slot FOSSILIZED, holding the first blueprint of `names` that
@@ -351,6 +422,7 @@ class MorphogeneticEnv(gym.Env):
         else:
             self.val_acc, self.val_loss = self.trainer.evaluate()
             self.trainer.measure_contributions(self.val_acc)
+        self._update_seed_log(events)
         self.train_loss = stats.mean_loss
         self.acc_delta = self.val_acc - before
         if self.val_acc > self.best_acc:
@@ -378,6 +450,8 @@ class MorphogeneticEnv(gym.Env):
         info = self._info(events, faults, invalid, decision, components, stats)
         if terminated and not stats.diverged:
             info["test_acc"], _ = self.trainer.evaluate(self.data.x_test, self.data.y_test)
+        if terminated:
+            info["seeds"] = [{**r, "outcome": r["outcome"] or r["state"]} for r in self.seed_log]
         return self._observation(), float(reward), bool(terminated), False, info
 
     def _apply(self, action: Action) -> list:
@@ -430,6 +504,20 @@ class MorphogeneticEnv(gym.Env):
                 "start": self.trainer.steps_done,
                 "contribution": 0.0,
             }
+            self.seed_log.append(
+                {
+                    "step": self.steps,
+                    "progress": self.trainer.steps_done / self.budget,
+                    "layer": action.layer,
+                    "layer_name": layer.name,
+                    "slot": action.slot,
+                    "blueprint": name,
+                    "params": layer.slots[action.slot].params,
+                    "contribution": 0.0,
+                    "state": SeedState.GERMINATED.name,
+                    "outcome": None,
+                }
+            )
         return []
 
     # ------------------------------------------------------- seed history, telemetry
@@ -520,6 +608,21 @@ class MorphogeneticEnv(gym.Env):
         host = total - seeds
         return seeds / host if host > 0 else 0.0
 
+    def _update_seed_log(self, events: list[dict]) -> None:
+        """Follow each germinated seed to its end: a cull closes its record (keeping the last
+        contribution measured before it), otherwise it tracks its slot's state and contribution."""
+        culled = {(e["layer"], e["slot"]) for e in events if e["to"] == SeedState.CULLED.name}
+        for record in self.seed_log:
+            if record["outcome"] is not None:
+                continue
+            key = (record["layer_name"], record["slot"])
+            if key in culled:
+                record["outcome"] = SeedState.CULLED.name
+                continue
+            slot = self.layers[record["layer"]].slots[record["slot"]]
+            record["state"] = slot.state.name
+            record["contribution"] = float(slot.contribution)
+
     # -------------------------------------------------------------- observation
     def _added_params(self) -> int:
         return sum(s.params for layer in self.layers for s in layer.slots)
@@ -568,10 +671,12 @@ class MorphogeneticEnv(gym.Env):
         ]
         if self.telemetry == "measured":
             nodes, globals_ = self._measured_features(signals, nodes, globals_)
-        obs = build_observation(
-            self.spec_graph, nodes, edge_numels(self.model), globals_, self._mask
+        if self.show_context:
+            globals_ += self._context_features
+        numels = [math.prod(self.layers[src].out_shape) for src, _ in self.graph_edges]
+        return build_observation(
+            self.spec_graph, nodes, self.graph_edges, numels, globals_, self._mask
         )
-        return obs
 
     def _measured_features(self, signals, nodes: np.ndarray, globals_: list[float]):
         extra = np.zeros((len(signals), len(MEASURED_NODE_FEATURES)), np.float32)
@@ -639,7 +744,20 @@ class MorphogeneticEnv(gym.Env):
         return "\n".join(lines)
 
 
-RESET_OPTIONS = ("grow",)
+RESET_OPTIONS = ("grow", "context")
+
+
+def _context_option(options, space, split) -> int | None:
+    """The context index of `reset(options={"context": i})`, None without it."""
+    if not isinstance(options, dict) or options.get("context") is None:
+        return None
+    index = options["context"]
+    if space is None:
+        raise ValueError("reset option context needs an env made with contexts='train'/'test'")
+    n = len(space.contexts(split))
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        raise ValueError(f"reset option context={index!r} must be an int in [0, {n - 1}]")
+    return int(index)
 
 
 def _grow_option(options, blueprints: tuple[str, ...]) -> tuple[str, ...]:

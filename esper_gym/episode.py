@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -27,11 +28,15 @@ def play_episode(
     `telemetry/<name>` (cache_hit_rate, cache_hits, kernel_loads, kernel_compiles over the
     episode; seed_latency_ms: mean measured kernel time per running seed and step, NaN if no
     seed ran: machine- and store-dependent, like wall_s), outcomes_recorded (seed outcomes
-    written to the store) and `reward/<component>` summed over the episode. Events: every `info["events"]` dict of
+    written to the store) and `reward/<component>` summed over the episode; `contexts` (the
+    env's split, or "fixed"), `context_index` (-1 without contexts) and `context`
+    (info["context"] as JSON); and the decision metrics of `decision_metrics`. Events: every
+    `info["events"]` dict of
     the episode, in order.
     """
     start = time.perf_counter()
     obs, info = env.reset(seed=seed)
+    context = info.get("context")
     events = list(info["events"])
     total, steps, invalid, faults, interventions = 0.0, 0, 0, 0, 0
     components: dict[str, float] = {}
@@ -72,6 +77,43 @@ def play_episode(
         **{f"telemetry/{k}": telemetry[k] for k in TELEMETRY},
         "telemetry/seed_latency_ms": sum(latencies) / len(latencies) if latencies else math.nan,
         "outcomes_recorded": info["outcomes_recorded"],
+        "contexts": context["split"] if context else "fixed",
+        "context_index": context["index"] if context else -1,
+        "context": json.dumps(context, sort_keys=True) if context else "",
+        **decision_metrics(info.get("seeds", [])),
         **{f"reward/{k}": v for k, v in components.items()},
     }
     return metrics, events
+
+
+def useful(seed: dict) -> bool:
+    """A germination that paid: its seed ended FOSSILIZED with a positive measured contribution."""
+    return seed["outcome"] == "FOSSILIZED" and seed["contribution"] > 0
+
+
+def false_positive(seed: dict) -> bool:
+    """A germination that cost parameters and did not pay: culled, or ended contributing <= 0."""
+    return seed["params"] > 0 and (seed["outcome"] == "CULLED" or seed["contribution"] <= 0)
+
+
+def decision_metrics(seeds: list[dict]) -> dict[str, Any]:
+    """What an episode's germinations came to, from the env's final `info["seeds"]`.
+
+    `germinations`, `useful_seeds` (`useful`), `false_positives` (`false_positive`), their
+    shares `decision_quality` and `false_positive_rate` (NaN without germinations),
+    `first_useful_progress` (training progress 0..1 at which the first useful seed was
+    germinated; NaN if none) and `plan`: the growth plan as "step:layer:blueprint" joined by
+    ";" (what reactivity compares across contexts).
+    """
+    n = len(seeds)
+    good = [s for s in seeds if useful(s)]
+    bad = sum(false_positive(s) for s in seeds)
+    return {
+        "germinations": n,
+        "useful_seeds": len(good),
+        "false_positives": bad,
+        "decision_quality": len(good) / n if n else math.nan,
+        "false_positive_rate": bad / n if n else math.nan,
+        "first_useful_progress": min((s["progress"] for s in good), default=math.nan),
+        "plan": ";".join(f"{s['step']}:{s['layer']}:{s['blueprint']}" for s in seeds),
+    }

@@ -5,6 +5,7 @@ python -m esper_gym.evaluate                                   # baselines, spir
 python -m esper_gym.evaluate agents=[tamiyo,heuristic,random,noop] checkpoints.tamiyo=outputs/<run>
 python -m esper_gym.evaluate tasks=[spirals] seeds=2 task_overrides.spirals.max_epochs=4
 python -m esper_gym.evaluate tasks=[spirals,spirals_deep] ...  # a variant: another host graph
+python -m esper_gym.evaluate 'tasks=[spirals]' contexts=test   # held-out contexts (esper_gym.contexts)
 python -m esper_gym.evaluate -m reward.weights.param_cost=0,0.2,1  # writes result.json per job
 ```
 
@@ -16,13 +17,16 @@ What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
    the train run dir holding it), acting greedily. A task is a registered task name or a
    `variants` entry (`{task: <registered>, <Task field>: value, ...}`, e.g. `spirals_deep`:
    spirals on a 3-hidden-layer host); `task_overrides.<name>.<field>` replaces Task fields.
+   `contexts=train|test` makes every env draw a context of that split at each reset (from the
+   episode seed: every agent meets the same contexts); null plays the fixed tasks.
 2. Runs the jobs in a process pool of `n_jobs` spawned workers (1: in this process), each
    episode exactly reproducible from its seed: the numbers do not depend on `n_jobs`.
 3. Writes to `out_dir`: `episodes.csv` (one row per episode, columns `CSV_COLUMNS` then
    `reward/<component>` summed over the episode), `events.jsonl` (every seed-lifecycle event of
    every episode, tagged with agent/task/seed), `summary.csv` (per task and agent: IQM and 95%
-   stratified-bootstrap CI of each metric, and whether its interval overlaps the best agent's),
-   `results.md` (the Markdown table), `pareto.png`, `lifecycle.png` (one episode's seed
+   stratified-bootstrap CI of each metric, and whether its interval overlaps the best agent's;
+   then the decision metrics of `decision_summary`), `results.md` (the Markdown tables, headed
+   by the contexts played), `pareto.png`, `lifecycle.png` (one episode's seed
    timeline), `learning_curves.png` / `reward_sweep.png` when their inputs are given, and
    `result.json` (config, summary rows, file names: what a multirun sweep plot reads).
 4. With `logger=wandb`, logs every episode, the IQMs, the table and the figures to W&B.
@@ -47,6 +51,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from esper_gym import config_dir, plots, stats
@@ -77,6 +82,16 @@ CSV_COLUMNS = (
     "decision_interval",
     "budget_steps",
     "checkpoint",
+    "contexts",
+    "context_index",
+    "context",
+    "germinations",
+    "useful_seeds",
+    "false_positives",
+    "decision_quality",
+    "false_positive_rate",
+    "first_useful_progress",
+    "plan",
 )
 # Metrics of the summary table: per (task, agent), IQM and CI of each.
 SUMMARY_METRICS = ("test_acc", "val_acc", "params_added", "return", "faults", "wall_s")
@@ -156,6 +171,7 @@ class Job:
     kernel_dir: str | None = None
     greedy: bool = True
     threads: int | None = 1
+    contexts: str | None = None  # "train"/"test": each reset draws a context of that split
 
 
 def make_jobs(
@@ -188,7 +204,7 @@ def make_jobs(
     for path in ckpts.values():  # refused here, before any episode of any job runs
         ckpt = load_checkpoint(path)
         for task in tasks:
-            check_checkpoint(ckpt, path, make_env(task))
+            check_checkpoint(ckpt, path, make_env(task, contexts=job_kwargs.get("contexts")))
     return [
         Job(agent, task, seed, ckpts.get(agent), **job_kwargs)
         for task in tasks
@@ -210,12 +226,15 @@ def checkpoint_file(path: str | os.PathLike) -> pathlib.Path:
 # ------------------------------------------------------------------------ episodes
 
 
-def make_env(task: TaskSpec, reward_weights=None, kernel_dir=None):
+def make_env(task: TaskSpec, reward_weights=None, kernel_dir=None, contexts=None):
     """The env of a TaskSpec (MorphogeneticEnv; no TimeLimit: every task ends by its budget)."""
     from esper_gym.env import MorphogeneticEnv
 
     return MorphogeneticEnv(
-        task=task.build(), reward_weights=dict(reward_weights or {}) or None, kernel_dir=kernel_dir
+        task=task.build(),
+        reward_weights=dict(reward_weights or {}) or None,
+        kernel_dir=kernel_dir,
+        contexts=contexts,
     )
 
 
@@ -278,7 +297,7 @@ def run_job(job: Job) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(job.threads)
-    env = make_env(job.task, job.reward_weights, job.kernel_dir)
+    env = make_env(job.task, job.reward_weights, job.kernel_dir, job.contexts)
     act = make_actor(job, env)
     metrics, events = play_episode(env, act, job.seed)
     env.close()
@@ -358,6 +377,7 @@ def evaluate(
     kernel_dir: str | None = None,
     greedy: bool = True,
     threads: int | None = 1,
+    contexts: str | None = None,
     reps: int = 2000,
     confidence: float = 0.95,
     bootstrap_seed: int = 0,
@@ -374,7 +394,14 @@ def evaluate(
     """Run every (agent, task, seed) episode and write the tables and figures to `out_dir`
     (see the module docstring). `timeline` picks the episode of `lifecycle.png`
     ({agent, task, seed}; default: the first agent that is not noop, first task, first seed).
-    `logger` (a RunLogger, already started) gets the episodes, IQMs, table and figures."""
+    `logger` (a RunLogger, already started) gets the episodes, IQMs, table and figures.
+    `contexts` ("train", "test" or None) is the context split every episode draws from."""
+    if contexts is not None:
+        from esper_gym.contexts import check_split, context_space
+
+        check_split(contexts)
+        for task in tasks:  # a task without a context distribution fails before any episode
+            context_space(task.build())
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = make_jobs(
@@ -387,6 +414,7 @@ def evaluate(
         kernel_dir=kernel_dir,
         greedy=greedy,
         threads=threads,
+        contexts=contexts,
     )
     results = run_jobs(jobs, n_jobs, progress)
     episodes = episodes_frame(results)
@@ -398,7 +426,15 @@ def evaluate(
                 f.write(json.dumps(e) + "\n")
 
     summary = stats.summarize(episodes, SUMMARY_METRICS, rank_by, reps, confidence, bootstrap_seed)
-    table = stats.markdown_table(summary, rank_by=rank_by, confidence=confidence)
+    decisions = decision_summary(episodes)
+    summary = summary.merge(decisions, on=["task", "agent"], how="left")
+    summary.insert(2, "contexts", contexts or "fixed")
+    table = (
+        f"Contexts: {CONTEXT_LABEL[contexts]}\n\n"
+        + stats.markdown_table(summary, rank_by=rank_by, confidence=confidence)
+        + "\n"
+        + decision_table(decisions)
+    )
     summary.to_csv(out / "summary.csv", index=False)
     (out / "results.md").write_text(table)
     files |= {"summary": "summary.csv", "table": "results.md"}
@@ -436,10 +472,106 @@ def evaluate(
                 for r in summary.to_dict("records")
                 for m in SUMMARY_METRICS
             }
+            | {
+                f"{r['task']}/{r['agent']}/{m}": r[m]
+                for r in decisions.to_dict("records")
+                for m in DECISION_METRICS
+            }
         )
         plots.log_figures(logger, figures, tables={"summary": summary, "episodes": episodes})
     print(table)
     return EvalResult(episodes, summary, table, files)
+
+
+CONTEXT_LABEL = {
+    None: "fixed (each task as registered; only the seed changes)",
+    "train": "train (contexts drawn from each task's train split, esper_gym.contexts)",
+    "test": "test (held-out contexts: combinations never in the train split, esper_gym.contexts)",
+}
+# Per (task, agent), from the germinations of all its episodes (esper_gym.episode).
+DECISION_METRICS = (
+    "germinations",
+    "decision_quality",
+    "false_positive_rate",
+    "first_useful_progress",
+    "useful_episodes",
+    "distinct_contexts",
+    "distinct_plans",
+    "plan_entropy",
+)
+
+
+def decision_summary(episodes: pd.DataFrame) -> pd.DataFrame:
+    """Decision quality per (task, agent), pooled over its episodes:
+
+    - `germinations`: GERMINATE actions executed, all episodes;
+    - `decision_quality`: share of them whose seed ended FOSSILIZED with a positive measured
+      contribution (the seeds' target: > 80%); NaN without germinations;
+    - `false_positive_rate`: share that cost parameters and were culled or ended contributing
+      <= 0 (target: < 5%);
+    - `first_useful_progress`: median training progress (0..1) at which the episode's first
+      useful seed was germinated, over the episodes that had one; `useful_episodes`: their share;
+    - reactivity: `distinct_contexts` played, `distinct_plans` (distinct (step, layer,
+      blueprint) germination sequences) and `plan_entropy` (Shannon entropy of the plans, in
+      bits; 0 when every episode grew the same way, log2(episodes) when no two agreed). An
+      open-loop schedule has one plan whatever the context.
+    """
+    rows = []
+    for (task, agent), g in episodes.groupby(["task", "agent"], sort=False):
+        n_germ = int(g["germinations"].sum())
+        first = g["first_useful_progress"].dropna()
+        counts = g["plan"].fillna("").value_counts().to_numpy(dtype=float)
+        p = counts / counts.sum()
+        rows.append(
+            {
+                "task": task,
+                "agent": agent,
+                "germinations": n_germ,
+                "decision_quality": g["useful_seeds"].sum() / n_germ if n_germ else float("nan"),
+                "false_positive_rate": (
+                    g["false_positives"].sum() / n_germ if n_germ else float("nan")
+                ),
+                "first_useful_progress": float(first.median()) if len(first) else float("nan"),
+                "useful_episodes": len(first) / len(g),
+                "distinct_contexts": int(g["context_index"].nunique()),
+                "distinct_plans": len(counts),
+                "plan_entropy": float(-(p * np.log2(p)).sum()) + 0.0,
+            }
+        )
+    return pd.DataFrame(rows, columns=["task", "agent", *DECISION_METRICS])
+
+
+def decision_table(decisions: pd.DataFrame) -> str:
+    """`decision_summary` as Markdown."""
+
+    def pct(v: float) -> str:
+        return "n/a" if pd.isna(v) else f"{100 * v:.0f}%"
+
+    lines = [
+        "| task | agent | germinations | decision quality | false positives | first useful "
+        "growth (progress) | episodes with useful growth | contexts | distinct plans | plan "
+        "entropy (bits) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in decisions.to_dict("records"):
+        first = (
+            "n/a" if pd.isna(r["first_useful_progress"]) else f"{r['first_useful_progress']:.2f}"
+        )
+        lines.append(
+            f"| {r['task']} | {r['agent']} | {r['germinations']} | {pct(r['decision_quality'])} "
+            f"| {pct(r['false_positive_rate'])} | {first} | {pct(r['useful_episodes'])} "
+            f"| {r['distinct_contexts']} | {r['distinct_plans']} | {r['plan_entropy']:.2f} |"
+        )
+    lines += [
+        "",
+        "Decision quality: share of germinations whose seed ended FOSSILIZED with a positive "
+        "measured contribution (target > 80%). False positives: share that cost parameters and "
+        "were culled or ended contributing <= 0 (target < 5%). First useful growth: median "
+        "training progress at which an episode's first useful seed was germinated. Plans: "
+        "(step, layer, blueprint) germination sequences; distinct plans and their entropy "
+        "across episodes (contexts) measure reactivity.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def pick_timeline(
@@ -567,6 +699,7 @@ def _schemas():
             ("n_jobs", int, field(default=2)),
             ("threads", Optional[int], field(default=1)),  # noqa: UP045
             ("greedy", bool, field(default=True)),
+            ("contexts", Optional[str], field(default=None)),  # noqa: UP045
             ("checkpoints", Dict[str, Optional[str]], field(default_factory=dict)),  # noqa: UP006, UP045
             ("task_overrides", overrides_conf, sub(overrides_conf)),
             ("variants", Dict[str, variant_conf], field(default_factory=dict)),  # noqa: UP006
@@ -632,6 +765,7 @@ def run_from_config(cfg, run_dir: str | os.PathLike) -> EvalResult:
             kernel_dir=cfg.env.kernel_dir,
             greedy=cfg.greedy,
             threads=cfg.threads,
+            contexts=cfg.contexts,
             reps=cfg.bootstrap.reps,
             confidence=cfg.bootstrap.confidence,
             bootstrap_seed=cfg.bootstrap.seed,

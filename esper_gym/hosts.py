@@ -75,7 +75,67 @@ def cnn(
     return nn.Sequential(*modules)
 
 
-HOSTS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+class ResidualCNN(nn.Module):
+    """Stages of [strided Conv3x3 -> ReLU, then `blocks` residual blocks], then a Linear.
+
+    A residual block is `relu(x + conv_b(relu(conv_a(x))))` with an identity shortcut, so the
+    tensor entering a block also reaches the layer after it: the observation graph has a skip
+    edge from each stage's strided conv (or the previous block's output, itself a sum) to the
+    next growable layer. Every conv and the output Linear are KasminaLayers, registered in the
+    order they run.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        slots: int,
+        config: SeedConfig,
+        channels: Sequence[int] = (8, 16),
+        blocks: int = 1,
+    ) -> None:
+        super().__init__()
+        if not channels or blocks < 0:
+            raise ValueError(
+                f"channels={tuple(channels)!r} must be non-empty, blocks={blocks} >= 0"
+            )
+        c, h, w = input_shape
+        self.stages = nn.ModuleList()
+        for i, out in enumerate(channels):
+            stage = nn.ModuleDict(
+                {"down": KasminaLayer(nn.Conv2d(c, out, 3, 2, 1), slots, f"down{i}", config)}
+            )
+            for b in range(blocks):
+                for part in ("a", "b"):
+                    name = f"res{i}{part}" if blocks == 1 else f"res{i}_{b}{part}"
+                    conv = nn.Conv2d(out, out, 3, 1, 1)
+                    stage[f"{b}{part}"] = KasminaLayer(conv, slots, name, config)
+            self.stages.append(stage)
+            c, h, w = out, (h + 1) // 2, (w + 1) // 2
+        self.blocks = blocks
+        self.fc = KasminaLayer(nn.Linear(c * h * w, num_classes), slots, "fc", config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = torch.relu(stage["down"](x))
+            for b in range(self.blocks):
+                x = torch.relu(x + stage[f"{b}b"](torch.relu(stage[f"{b}a"](x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def resnet(
+    input_shape: Sequence[int],
+    num_classes: int,
+    slots: int,
+    config: SeedConfig,
+    channels: Sequence[int] = (8, 16),
+    blocks: int = 1,
+) -> ResidualCNN:
+    """A small residual CNN (`ResidualCNN`): len(channels) * (1 + 2 * blocks) + 1 layers."""
+    return ResidualCNN(input_shape, num_classes, slots, config, channels, blocks)
+
+
+HOSTS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
 
 GROWABLE = (nn.Linear, nn.Conv2d)  # the host layers a KasminaLayer can wrap
 
@@ -100,9 +160,10 @@ def wrap(
     output Linear is a KasminaLayer): a seed there adds capacity right where the logits form.
     To keep it plain, name the targets (`targets=("conv1", "conv2", "fc1")`).
 
-    The env reads the wrapped layers in registration order as the chain of the observation
-    graph, so define them in the order data flows through them (`build_host` checks it with
-    a dry forward). A forward that reads a target's attributes (`self.fc.weight`) must read
+    The env reads the wrapped layers in registration order as the nodes of the observation
+    graph (and the action layout), so define them in the order data flows through them
+    (`build_host` checks it with a dry forward); the edges are traced from the forward
+    (`data_flow_edges`), skip connections included. A forward that reads a target's attributes (`self.fc.weight`) must read
     them from the host (`self.fc.host.weight`).
     """
     types = tuple(t for t in targets if isinstance(t, type))
@@ -190,7 +251,7 @@ def build_host(
             layer.record = False
             hook.remove()
     if called != layers:
-        # The observation's edges and the action layout follow registration order.
+        # The observation's nodes and the action layout follow registration order.
         raise ValueError(
             f"host {label}: its growable layers run in the order {[m.name for m in called]} but "
             f"are registered in the order {[m.name for m in layers]}; define each in the order "
@@ -215,6 +276,96 @@ def plain_copy(model: nn.Module) -> nn.Module:
 def edge_numels(model: nn.Module) -> list[int]:
     """Numel (per sample) of the tensor that flows from each KasminaLayer to the next."""
     return [math.prod(layer.out_shape) for layer in kasmina_layers(model)[:-1]]
+
+
+class _LeafKasmina(torch.fx.Tracer):
+    # A KasminaLayer is one node of the data-flow graph: trace around it, not into it (its
+    # forward branches on seed state, which fx cannot follow and which is not data flow).
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, KasminaLayer) or super().is_leaf_module(m, qualname)
+
+
+def data_flow_edges(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+    """The real data-flow edges between the model's KasminaLayers, as (source, target) indices
+    into `kasmina_layers(model)`, sorted.
+
+    (i, j) is an edge when layer j's input is computed from layer i's output without passing
+    through another growable layer: a chain gives (i, i + 1), a residual block adds an edge
+    that skips the block. Found with `torch.fx` (KasminaLayers as leaves); a forward fx cannot
+    trace (data-dependent control flow, non-tensor tricks) falls back to `_autograd_edges`,
+    which reads the same relation off the autograd graph of one dry forward.
+    """
+    try:
+        return _fx_edges(model)
+    except Exception:  # fx refuses many real forwards (control flow on values, etc.)
+        return _autograd_edges(model, input_shape)
+
+
+def _fx_edges(model: nn.Module) -> list[tuple[int, int]]:
+    layers = kasmina_layers(model)
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    graph = _LeafKasmina().trace(model)
+    node_layer: dict[torch.fx.Node, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            module = model.get_submodule(node.target)
+            if id(module) in index:
+                node_layer[node] = index[id(module)]
+    if sorted(node_layer.values()) != list(range(len(layers))):
+        raise ValueError("fx graph does not call every KasminaLayer exactly once")
+    edges = set()
+    sources: dict[torch.fx.Node, frozenset[int]] = {}  # nearest growable layers upstream
+    for node in graph.nodes:  # topological order
+        upstream = frozenset().union(*(sources[n] for n in node.all_input_nodes))
+        if node in node_layer:
+            edges |= {(i, node_layer[node]) for i in upstream}
+            sources[node] = frozenset({node_layer[node]})
+        else:
+            sources[node] = upstream
+    return sorted(edges)
+
+
+def _autograd_edges(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Edges from one dry forward: each layer's input autograd node is walked back until it
+    meets the output node of another KasminaLayer (the nearest growable ancestors)."""
+    layers = kasmina_layers(model)
+    outputs: dict[object, int] = {}  # grad_fn of a layer's output -> layer index
+    inputs: dict[int, object] = {}  # layer index -> grad_fn of its input
+
+    def pre(i):
+        def hook(_m, args):
+            inputs[i] = args[0].grad_fn
+
+        return hook
+
+    def post(i):
+        def hook(_m, _args, out):
+            outputs[out.grad_fn] = i
+
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(pre(i)) for i, layer in enumerate(layers)]
+    hooks += [layer.register_forward_hook(post(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            x = torch.zeros(1, *input_shape, requires_grad=True)
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    edges = set()
+    for j, start in inputs.items():
+        stack, seen = [start], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if fn in outputs and outputs[fn] != j:
+                edges.add((outputs[fn], j))
+                continue
+            stack += [nxt for nxt, _ in fn.next_functions]
+    return sorted(edges)
 
 
 def host_macs(model: nn.Module) -> int:

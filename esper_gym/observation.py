@@ -1,15 +1,17 @@
 """The model graph as a fixed-shape Dict observation, and its conversion to a PyG batch.
 
-Nodes are the host's KasminaLayers in data-flow order (padded to `max_nodes`); an edge joins
-each layer to the next one. Every feature is computed from the live training run.
+Nodes are the host's KasminaLayers in data-flow order (padded to `max_nodes`); edges are the
+host's real data flow between them, traced from its forward (`esper_gym.hosts.data_flow_edges`):
+a chain gives (i, i + 1), a residual block adds the edge that skips it. Every feature is computed
+from the live training run.
 
 | key         | shape               | dtype   | content                                            |
 |-------------|---------------------|---------|----------------------------------------------------|
 | nodes       | (max_nodes, F)      | float32 | NODE_FEATURES, then SLOT_FEATURES for each slot   |
-| edges       | (max_nodes - 1, 2)  | int64   | (source, target) node indices; padding is (0, 0)  |
-| edge_attr   | (max_nodes - 1, 2)  | float32 | [1 for a real edge / 0 for padding, log1p(numel)/10 of the tensor] |
+| edges       | (2 * max_nodes, 2)  | int64   | (source, target) node indices; padding is (0, 0)  |
+| edge_attr   | (2 * max_nodes, 2)  | float32 | [1 for a real edge / 0 for padding, log1p(numel)/10 of the tensor] |
 | node_mask   | (max_nodes,)        | int8    | 1 for a real layer                                 |
-| globals     | (G,)                | float32 | GLOBAL_FEATURES                                    |
+| globals     | (G,)                | float32 | GLOBAL_FEATURES, then the context (show_context)  |
 | action_mask | (A,)                | int8    | 1 where the action is valid now (see actions.py)   |
 
 F = len(NODE_FEATURES) + slots * len(SLOT_FEATURES). Wall-clock measurements are not part of
@@ -85,6 +87,7 @@ BOUND = np.float32(1e3)
 class GraphSpec:
     max_nodes: int
     slots: int
+    extra_globals: int = 0  # context features appended to globals (show_context)
     measured: bool = False  # telemetry="measured": the MEASURED_* features are appended
 
     @property
@@ -93,12 +96,15 @@ class GraphSpec:
         return len(NODE_FEATURES) + self.slots * len(SLOT_FEATURES) + extra
 
     @property
-    def global_dim(self) -> int:
-        return len(GLOBAL_FEATURES) + (len(MEASURED_GLOBAL_FEATURES) if self.measured else 0)
+    def max_edges(self) -> int:
+        # A chain needs max_nodes - 1; the rest is room for skip edges (a residual block adds
+        # one): the residual hosts of 8 layers have 8 edges, of 11 layers (two blocks) 16.
+        return 2 * self.max_nodes
 
     @property
-    def max_edges(self) -> int:
-        return max(self.max_nodes - 1, 1)
+    def global_dim(self) -> int:
+        measured = len(MEASURED_GLOBAL_FEATURES) if self.measured else 0
+        return len(GLOBAL_FEATURES) + measured + self.extra_globals
 
 
 def observation_space(spec: GraphSpec, n_actions: int) -> spaces.Dict:
@@ -157,20 +163,33 @@ def node_features(
 def build_observation(
     spec: GraphSpec,
     nodes: np.ndarray,
+    edge_list: Sequence[tuple[int, int]],
     edge_numel: Sequence[int],
     globals_: Sequence[float],
     action_mask: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Pad the live graph to the fixed shapes of `observation_space(spec, ...)`."""
+    """Pad the live graph to the fixed shapes of `observation_space(spec, ...)`.
+
+    `edge_list` holds (source, target) node indices, `edge_numel` the per-sample size of the
+    tensor each edge carries."""
     n = nodes.shape[0]
     if n > spec.max_nodes:
         raise ValueError(f"host has {n} growable layers; max_nodes={spec.max_nodes}")
     padded = np.zeros((spec.max_nodes, spec.node_dim), np.float32)
     padded[:n] = np.clip(np.nan_to_num(nodes, posinf=BOUND, neginf=-BOUND), -BOUND, BOUND)
+    if len(edge_list) > spec.max_edges:
+        raise ValueError(
+            f"host graph has {len(edge_list)} edges; the observation holds {spec.max_edges} "
+            f"(2 * max_nodes): raise max_nodes (now {spec.max_nodes})"
+        )
+    if len(edge_numel) != len(edge_list):
+        raise ValueError(f"{len(edge_list)} edges but {len(edge_numel)} edge sizes")
     edges = np.zeros((spec.max_edges, 2), np.int64)
     edge_attr = np.zeros((spec.max_edges, EDGE_FEATURES), np.float32)
-    for i, numel in enumerate(edge_numel[: n - 1]):
-        edges[i] = (i, i + 1)
+    for i, ((src, dst), numel) in enumerate(zip(edge_list, edge_numel)):
+        if not (0 <= src < n and 0 <= dst < n):
+            raise ValueError(f"edge ({src}, {dst}) names a node outside 0..{n - 1}")
+        edges[i] = (src, dst)
         edge_attr[i] = (1.0, _log(numel))
     mask = np.zeros(spec.max_nodes, np.int8)
     mask[:n] = 1

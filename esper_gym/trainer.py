@@ -8,6 +8,7 @@ order (a `torch.Generator` the env seeds), and the evaluation on a fixed validat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,10 @@ class HostTrainer:
         self.optimizer = make_optimizer(task, self.host_params)
         for layer in self.layers:
             layer.external_optimizer = True
+        # The optimizer holding the running seeds' param groups: the host's own when the task's
+        # optimizer is Adam (one fused step for everything), else an Adam of their own.
         self.seed_optimizer: torch.optim.Optimizer | None = None
+        self._seed_groups: dict[int, dict] = {}  # id(kernel) -> its param group
         self._seeds: list[tuple[KasminaLayer, object, list[torch.Tensor]]] = []
         self._seed_key: tuple = ()
         self._val_hits: torch.Tensor | None = None
@@ -122,7 +126,7 @@ class HostTrainer:
                     layer.capture_grad()
             if safe:
                 self.optimizer.step()
-                if self.seed_optimizer is not None:
+                if self.seed_optimizer not in (None, self.optimizer):
                     self.seed_optimizer.step()
                     self.seed_optimizer.zero_grad(set_to_none=True)
             for layer in self.layers:
@@ -144,8 +148,11 @@ class HostTrainer:
         return IntervalStats(steps, mean, values[-1], spikes, diverged)
 
     def _sync_seed_optimizer(self) -> None:
-        """One fused Adam over the running seeds, rebuilt when their set changes (germinate,
-        advance into TRAINING, cull): a param group per seed, Adam state carried over."""
+        """Keep a param group per running seed (at the seed's learning rate, no weight decay) in
+        one optimizer: the host's own when it is Adam, so that one fused step updates host and
+        seeds together; else one fused Adam of their own. Groups are added and dropped as the
+        set of running seeds changes (germinate, advance into TRAINING, cull); each seed's Adam
+        state lives as long as it runs."""
         live = [
             (layer, slot, layer.kernels[str(slot.index)])
             for layer in self.layers
@@ -156,20 +163,31 @@ class HostTrainer:
         key = tuple(id(kernel) for _, _, kernel in live)
         if key == self._seed_key:
             return
-        old = self.seed_optimizer
-        self._seeds = [
-            (layer, slot, [p for p in kernel.parameters() if p.requires_grad])
+        self._seed_key = key
+        seeds = [
+            (layer, slot, id(kernel), [p for p in kernel.parameters() if p.requires_grad])
             for layer, slot, kernel in live
         ]
-        self._seeds = [seed for seed in self._seeds if seed[2]]
-        groups = [{"params": params, "lr": layer.config.lr} for layer, _, params in self._seeds]
-        self.seed_optimizer = torch.optim.Adam(groups, fused=True) if groups else None
-        if old is not None and self.seed_optimizer is not None:
-            for group in groups:
-                for p in group["params"]:
-                    if p in old.state:
-                        self.seed_optimizer.state[p] = old.state[p]
-        self._seed_key = key
+        self._seeds = [(layer, slot, params) for layer, slot, _, params in seeds if params]
+        wanted = {kid: (layer, params) for layer, _, kid, params in seeds if params}
+        if self.seed_optimizer is None and self.task.optimizer == "adam":
+            self.seed_optimizer = self.optimizer
+        for kid in [k for k in self._seed_groups if k not in wanted]:
+            group = self._seed_groups.pop(kid)
+            groups = self.seed_optimizer.param_groups
+            # By identity: `list.remove` would compare the groups' tensors with ==.
+            del groups[next(i for i, g in enumerate(groups) if g is group)]
+            for p in group["params"]:
+                self.seed_optimizer.state.pop(p, None)
+        for kid, (layer, params) in wanted.items():
+            if kid in self._seed_groups:
+                continue
+            group = {"params": params, "lr": layer.config.lr, "weight_decay": 0.0}
+            if self.seed_optimizer is None:  # an SGD host: the seeds get an Adam of their own
+                self.seed_optimizer = torch.optim.Adam([group], fused=True)
+            else:
+                self.seed_optimizer.add_param_group(group)
+            self._seed_groups[kid] = self.seed_optimizer.param_groups[-1]
 
     def _host_grads_safe(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
         """One finiteness check per step over the host's and the seeds' gradients (one fused
@@ -190,8 +208,11 @@ class HostTrainer:
         grads = host + [g for seed in seeds for g in seed]
         if not grads:
             return True
-        flags = torch.isfinite(torch.stack([loss.detach(), *torch._foreach_norm(grads)])).tolist()
-        if all(flags):
+        values = torch.stack([loss.detach(), *torch._foreach_norm(grads)])
+        if math.isfinite(values.sum().item()):  # the common case: one reduction, one sync
+            return True
+        flags = torch.isfinite(values).tolist()
+        if all(flags):  # finite norms whose sum overflowed
             return True
         at = 1 + len(host)
         for (layer, slot, params), seed in zip(self._seeds, seeds):

@@ -218,9 +218,11 @@ def test_torch_only_ever_loads_the_rebuilt_archive(monkeypatch, norm16):
     original, rebuilt = read_members(artifact), read_members(seen[0])
     assert list(rebuilt) == list(original)
     for name, content in original.items():
-        if name != SAMPLE_INPUTS:  # the nested archive is rebuilt the same way
+        if name != SAMPLE_INPUTS:
             assert rebuilt[name] == content
-    assert read_members(rebuilt[SAMPLE_INPUTS]) == read_members(original[SAMPLE_INPUTS])
+    # The sample inputs are checked, then never given to torch (it would unpickle them with a
+    # fallback to weights_only=False): an empty member makes it skip them.
+    assert rebuilt[SAMPLE_INPUTS] == b"" and program.example_inputs is None
     assert seen[0] == pack_members(rebuilt)
     x = torch.randn(3, *SHAPE)
     assert torch.equal(program.module()(x), torch.zeros_like(x))
@@ -436,3 +438,161 @@ def test_poisoned_store_in_an_episode_is_a_load_fault_and_nothing_runs(tmp_path)
         assert not terminated and info["val_acc"] > 0
     assert victim.read_bytes() == b"intact"
     assert layer.slots[0].calls == 0
+
+
+# --- found by a red-team pass: resource bounds and an index that lies ------------------------------
+
+
+def test_zero_strides_cannot_declare_a_huge_weight_over_a_few_bytes(norm16):
+    content = zip_members(norm16[0])
+    config = json.loads(content[WEIGHTS_CONFIG])
+    entry = next(iter(config["config"].values()))
+    content["archive/data/weights/" + entry["path_name"]] = b"\0" * 4
+    entry["tensor_meta"]["sizes"] = [{"as_int": 16384}, {"as_int": 16384}]
+    entry["tensor_meta"]["strides"] = [{"as_int": 0}, {"as_int": 0}]
+    content[WEIGHTS_CONFIG] = json.dumps(config).encode()
+    with pytest.raises(KernelRejected, match="needs 1073741824 bytes, has 4"):
+        validate_artifact(plain_zip(content))
+
+
+def _with_doublings(artifact, times):
+    """Allowed ops only: cat(h, h) `times` times, then slice back to the slot's width, so the
+    output shape is right and every call allocates 2**times the activation."""
+    import copy
+
+    content = zip_members(artifact)
+    doc = json.loads(content[MODEL_JSON])
+    graph = doc["graph_module"]["graph"]
+    values = graph["tensor_values"]
+    first = graph["nodes"][0]["inputs"][0]["arg"]["as_tensor"]["name"]
+    prev, width, new = first, SHAPE[0], []
+
+    def node(target, inputs, out):
+        return {
+            "target": target,
+            "inputs": inputs,
+            "outputs": [{"as_tensor": {"name": out}}],
+            "metadata": {},
+            "is_hop_single_tensor_return": None,
+            "name": out,
+        }
+
+    for i in range(times):
+        out, width = f"dbl{i}", width * 2
+        new.append(
+            node(
+                "torch.ops.aten.cat.default",
+                [
+                    {"name": "tensors", "arg": {"as_tensors": [{"name": prev}] * 2}, "kind": 1},
+                    {"name": "dim", "arg": {"as_int": 1}, "kind": 1},
+                ],
+                out,
+            )
+        )
+        values[out] = copy.deepcopy(values[first])
+        values[out]["sizes"][1] = {"as_int": width}
+        values[out]["strides"][0] = {"as_int": width}
+        prev = out
+    cut = [
+        {"name": "self", "arg": {"as_tensor": {"name": prev}}, "kind": 1},
+        {"name": "dim", "arg": {"as_int": 1}, "kind": 1},
+        {"name": "start", "arg": {"as_int": 0}, "kind": 1},
+        {"name": "end", "arg": {"as_int": SHAPE[0]}, "kind": 1},
+    ]
+    new.append(node("torch.ops.aten.slice.Tensor", cut, "cut"))
+    values["cut"] = copy.deepcopy(values[first])
+    values["cut"]["strides"][0] = {"as_int": width}
+    graph["nodes"][0]["inputs"][0]["arg"]["as_tensor"]["name"] = "cut"
+    graph["nodes"][:0] = new
+    content[MODEL_JSON] = json.dumps(doc).encode()
+    return plain_zip(content)
+
+
+def test_a_graph_that_allocates_without_bound_is_refused_before_it_runs(tmp_path, norm16):
+    artifact, meta = norm16
+    harmless = _with_doublings(artifact, 2)  # 4x the activation: a real kernel may do that
+    x = torch.randn(3, *SHAPE)
+    assert load_artifact(harmless).module()(x).shape == x.shape
+    bomb = _with_doublings(artifact, 30)  # 8 GiB per sample
+    assert validate_artifact(bomb).output_shape == SHAPE  # statically it looks fine
+    with pytest.raises(KernelRejected, match="bytes of intermediates per sample"):
+        load_artifact(bomb)
+    store = KernelStore(tmp_path / "store")
+    store.put(bomb, _meta_for(bomb, meta))
+    with pytest.raises(KernelRejected, match="intermediates"):
+        KernelCache(store).kernel(hashlib.sha256(bomb).hexdigest(), expected_shape=SHAPE)
+
+
+def test_graph_size_is_capped(norm16):
+    with pytest.raises(KernelRejected, match="nodes"):
+        validate_artifact(_with_doublings(norm16[0], 300))
+
+
+def test_deeply_nested_json_is_refused_not_a_crash(norm16):
+    for path in (MODEL_JSON, "archive/data/constants/model_constants_config.json"):
+        content = zip_members(norm16[0])
+        content[path] = b"[" * 100_000 + b"]" * 100_000
+        with pytest.raises(KernelRejected, match=r"malformed content|unreadable"):
+            validate_artifact(plain_zip(content))
+
+
+def test_index_file_must_be_the_stores_own(tmp_path):
+    outside = tmp_path / "outside.sqlite"
+    root = tmp_path / "store"
+    (root / "objects").mkdir(parents=True)
+    (root / "index.sqlite").symlink_to(outside)
+    with pytest.raises(KernelRejected, match=r"index\.sqlite: not a regular file"):
+        KernelStore(root)
+    assert not outside.exists()
+
+
+def test_sql_in_the_index_is_refused(tmp_path):
+    import sqlite3
+
+    root = tmp_path / "store"
+    (root / "objects").mkdir(parents=True)
+    db = sqlite3.connect(root / "index.sqlite")
+    db.executescript(
+        "CREATE TABLE kernels (sha256 TEXT PRIMARY KEY, meta TEXT NOT NULL);"
+        "CREATE VIEW recipes(recipe_key, sha256) AS WITH RECURSIVE c(x) AS "
+        "(SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT printf('%d', x), 's' FROM c;"
+    )
+    db.close()
+    with pytest.raises(
+        KernelRejected, match=r"unexpected schema objects \[\('view', 'recipes'\)\]"
+    ):
+        KernelStore(root)  # before: the first find() never returned
+
+
+def test_an_index_cannot_serve_another_kernel_for_a_recipe(tmp_path):
+    from esper_gym.kernels import KernelIncompatible, load_or_compile, recipe_key
+
+    asked = BLUEPRINTS["residual_mlp"]()
+    key = recipe_key(asked, SHAPE)
+    # A fault kernel filed under the recipe: its index row would switch the shape check off.
+    store = KernelStore(tmp_path / "a")
+    art, meta = compile_blueprint(BLUEPRINTS["fault_shape"](), SHAPE)
+    store.put(art, dataclasses.replace(meta, recipe_key=key))
+    with pytest.raises(KernelIncompatible, match=r"returns shape \(17,\)"):
+        load_or_compile(asked, SHAPE, store, KernelCache(store))
+    # Another template under a row that names the right blueprint.
+    store = KernelStore(tmp_path / "b")
+    art, meta = compile_blueprint(BLUEPRINTS["low_rank"](), SHAPE)
+    store.put(art, dataclasses.replace(meta, recipe_key=key, blueprint=asked.to_dict()))
+    with pytest.raises(KernelRejected, match="are not those of residual_mlp"):
+        load_or_compile(asked, SHAPE, store, KernelCache(store))
+    # A row that admits it is another blueprint.
+    store = KernelStore(tmp_path / "c")
+    store.put(art, dataclasses.replace(meta, recipe_key=key))
+    with pytest.raises(KernelRejected, match="the store serves"):
+        load_or_compile(asked, SHAPE, store, KernelCache(store))
+
+
+def test_a_stale_temp_directory_does_not_stop_the_store(tmp_path, norm16):
+    store = KernelStore(tmp_path / "store")
+    store.put(*norm16)
+    odd = store.path(norm16[1].sha256).parent / ".tmp-dir"
+    odd.mkdir()
+    old = time.time() - 2 * 3600
+    os.utime(odd, (old, old))
+    assert len(KernelStore(tmp_path / "store")) == 1 and odd.is_dir()

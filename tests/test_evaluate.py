@@ -122,7 +122,17 @@ def test_summary_and_table_agree_with_the_csv(small_run):
     assert (summary["vs_best"] == "best").sum() == 1
     md = (out / "results.md").read_text()
     assert md == result.table
-    assert sum(line.startswith("| spirals |") for line in md.splitlines()) == 3
+    # One row per agent in the IQM table, one in the decision-quality table below it.
+    assert sum(line.startswith("| spirals |") for line in md.splitlines()) == 6
+    assert md.startswith("Contexts: fixed") and "| decision quality |" in md
+    for row in summary.to_dict("records"):
+        episodes = df[(df["agent"] == row["agent"]) & (df["task"] == row["task"])]
+        assert row["germinations"] == episodes["germinations"].sum()
+        if row["germinations"]:
+            assert row["decision_quality"] == pytest.approx(
+                episodes["useful_seeds"].sum() / row["germinations"]
+            )
+        assert row["contexts"] == "fixed" and row["distinct_contexts"] == 1
     saved = json.loads((out / "result.json").read_text())
     assert saved["episodes_csv"] == "episodes.csv" and len(saved["summary"]) == 3
 

@@ -175,7 +175,7 @@ def test_task_dataset_and_host_by_name_object_callable_or_import_path():
         ({"dataset": "mnist"}, r"task 'mine': dataset='mnist'; allowed: spirals, fashion_mnist"),
         ({"dataset": "nolab.data:load"}, r"dataset='nolab.data:load': cannot import 'nolab.data'"),
         ({"dataset": "tests.test_library:nope"}, r"'tests.test_library' has no attribute 'nope'"),
-        ({"host": "resnet"}, r"task 'mine': host='resnet'; allowed: mlp, cnn, a builder"),
+        ({"host": "vit"}, r"task 'mine': host='vit'; allowed: mlp, cnn, resnet, a builder"),
         ({"host": "tests.test_library:SMALL"}, r"host='tests.test_library:SMALL' is not callable"),
         ({"dataset": 3}, r"dataset=3 is not a name, a Dataset or a callable"),
     ],

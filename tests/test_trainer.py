@@ -54,7 +54,9 @@ def test_running_seeds_share_one_optimizer_with_state_carried_over(tmp_path):
     u.trainer.run_interval(4)
     assert any(not torch.equal(a, b) for a, b in zip(before, first.parameters()))
     opt = u.trainer.seed_optimizer
-    assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == u.task.seed_lr
+    assert opt is u.trainer.optimizer  # an Adam host: one fused step for host and seeds
+    seed_groups = opt.param_groups[1:]
+    assert len(seed_groups) == 1 and seed_groups[0]["lr"] == u.task.seed_lr
     steps = [int(opt.state[p]["step"]) for p in first.parameters()]
     assert steps == [4] * len(steps)
 
@@ -62,14 +64,33 @@ def test_running_seeds_share_one_optimizer_with_state_carried_over(tmp_path):
     u.layers[1].advance(0)
     u.trainer.run_interval(2)
     opt = u.trainer.seed_optimizer
-    assert len(opt.param_groups) == 2
+    assert len(opt.param_groups) == 3
     assert [int(opt.state[p]["step"]) for p in first.parameters()] == [6] * len(steps)
     assert [int(opt.state[p]["step"]) for p in second.parameters()] == [2] * len(steps)
 
+    third = _germinate(u, 2, 0)  # the same size as `second`: groups that compare alike
+    u.layers[2].advance(0)
+    u.trainer.run_interval(1)
+    u.layers[1].cull(0)  # dropped after a group of equal shapes (`first`): found by identity
+    u.trainer.run_interval(1)
     u.layers[0].cull(0)
     u.trainer.run_interval(1)
-    held = {id(p) for g in u.trainer.seed_optimizer.param_groups for p in g["params"]}
-    assert held == {id(p) for p in second.parameters()}
+    held = {id(p) for g in u.trainer.seed_optimizer.param_groups[1:] for p in g["params"]}
+    assert held == {id(p) for p in third.parameters()}
+    assert not any(p in u.trainer.seed_optimizer.state for p in first.parameters())
+    assert not any(p in u.trainer.seed_optimizer.state for p in second.parameters())
+
+
+def test_an_sgd_host_gives_the_seeds_an_adam_of_their_own(tmp_path):
+    env = gym.make("Esper/Spirals-v0", kernel_dir=tmp_path, optimizer="sgd")
+    env.reset(seed=0)
+    u = env.unwrapped
+    kernel = _germinate(u, 0, 0)
+    u.layers[0].advance(0)
+    u.trainer.run_interval(3)
+    opt = u.trainer.seed_optimizer
+    assert isinstance(opt, torch.optim.Adam) and opt is not u.trainer.optimizer
+    assert [int(opt.state[p]["step"]) for p in kernel.parameters()] == [3] * 4
 
 
 def test_a_seed_with_nan_gradients_is_faulted_not_stepped(tmp_path):

@@ -87,13 +87,41 @@ def load_or_compile(
     shape = tuple(int(s) for s in shape)
     key = recipe_key(blueprint, shape, seed=seed)
     sha = cache.recipes.get(key)
-    if sha is None or sha not in cache:
+    known = sha is not None and sha in cache
+    if not known:
         meta = store.find(key)
         if meta is None:
             artifact, meta = compile_blueprint(blueprint, shape, seed=seed)
             store.put(artifact, meta)
             cache.stats.compiles += 1
         sha = meta.sha256
-    kernel = cache.kernel(sha, expected_shape=shape, device=device)
-    cache.recipes[key] = sha
+    kernel = cache.kernel(
+        sha, expected_shape=shape, device=device, check_output=not blueprint.is_fault
+    )
+    if not known:
+        _check_serves(kernel, blueprint, shape)
+        cache.recipes[key] = sha
     return kernel.to(device), kernel.meta
+
+
+def _check_serves(kernel: Kernel, blueprint: Blueprint, shape: tuple[int, ...]) -> None:
+    """The store's index is untrusted: the kernel it names for a recipe must be that recipe's.
+
+    Its metadata must name the blueprint and shape asked for, and its tensors must have the
+    names and shapes `blueprint.build(shape)` has (another template or size under a truthful
+    looking row is refused). The weights' values cannot be checked short of recompiling.
+    """
+    meta = kernel.meta
+    if meta.blueprint != blueprint.to_dict() or tuple(meta.input_shape) != shape:
+        raise KernelRejected(
+            f"kernel {meta.sha256}: the store serves {meta.blueprint} for shape "
+            f"{tuple(meta.input_shape)}; asked for {blueprint.to_dict()} for shape {shape}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        reference = blueprint.build(shape).state_dict()
+    got = {name: tuple(t.shape) for name, t in kernel.named_state().items()}
+    want = {name: tuple(t.shape) for name, t in reference.items()}
+    if got != want:
+        raise KernelRejected(
+            f"kernel {meta.sha256}: its tensors {got} are not those of {blueprint.name} {want}"
+        )

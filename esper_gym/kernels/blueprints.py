@@ -153,9 +153,12 @@ class ResidualMLP(Blueprint):
 
     def _build(self, shape):
         (d,) = shape
-        first, out = nn.Linear(d, self.hidden), nn.Linear(self.hidden, d)
-        _scale_(first, self.init_scale)
+        # `out` is made first, as before these hyper-parameters existed: the same seed then
+        # draws the same initial weights for the default variant.
+        out = nn.Linear(self.hidden, d)
         _zero_(out)
+        first = nn.Linear(d, self.hidden)
+        _scale_(first, self.init_scale)
         return nn.Sequential(first, ACTIVATIONS[self.activation](), out)
 
     def _param_count(self, shape):

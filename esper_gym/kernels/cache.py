@@ -104,12 +104,18 @@ class KernelCache:
         sha: str,
         expected_shape: Sequence[int] | None = None,
         device: str | torch.device = "cpu",
+        check_output: bool | None = None,
     ) -> Kernel:
-        """A fresh trainable kernel of `sha` (checked as in `get`), cloned from memory."""
-        entry = self._entry(sha, expected_shape, device)
+        """A fresh trainable kernel of `sha` (checked as in `get`), cloned from memory.
+
+        `check_output` (default: unless the index calls it a fault blueprint) says whether its
+        output shape must equal `expected_shape`; a caller that knows which blueprint it asked
+        for passes it, so that an index row cannot switch the check off.
+        """
+        entry = self._entry(sha, expected_shape, device, check_output)
         return entry.template.instantiate(entry.artifact, entry.meta)
 
-    def _entry(self, sha: str, expected_shape, device) -> _Entry:
+    def _entry(self, sha: str, expected_shape, device, check_output=None) -> _Entry:
         entry = self._entries.get(sha)
         if entry is not None:
             meta, info = entry.meta, entry.info
@@ -118,8 +124,10 @@ class KernelCache:
             # Static checks (nothing executed yet) and the rebuilt archive torch may read.
             info, canonical = validated_archive(artifact, meta)
         problem = _device_problem(device)
+        if check_output is None:
+            check_output = not is_fault_blueprint(meta)
         if problem is None and expected_shape is not None:
-            problem = shape_problem(info, expected_shape, check_output=not is_fault_blueprint(meta))
+            problem = shape_problem(info, expected_shape, check_output=check_output)
         if problem is not None:
             self.stats.compat_misses += 1
             raise KernelIncompatible(f"kernel {sha}: {problem}")

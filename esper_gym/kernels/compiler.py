@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import pickletools
 import re
 import time
@@ -220,6 +221,12 @@ _PICKLE_STRING_OPS = frozenset(
 )
 _PICKLE_MEMO_OPS = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
 
+MAX_NODES = 256
+# A kernel's intermediates for one sample may not exceed this (checked on the meta device
+# before a kernel first runs): allowed ops can still allocate without bound (cat of x with
+# itself, doubled 30 times).
+MAX_BYTES_PER_SAMPLE = 4 * 2**20
+
 # The only ops a kernel graph may call: the aten overloads the shipped blueprints export to
 # (derived by compiling every template on every slot shape the hosts have; a test keeps this
 # exact). Everything else is refused, however harmless: the open `torch.ops.aten.*` namespace
@@ -368,8 +375,8 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
         raise KernelRejected(f"not a readable zip archive in torch's layout: {e}") from None
 
 
-def _canonical_torch_save(data: bytes, where: str) -> bytes:
-    """Check the torch.save zip of the sample inputs; return a fresh copy of what was checked."""
+def _check_torch_save(data: bytes, where: str) -> None:
+    """Check the torch.save zip of the sample inputs (then dropped: torch never sees it)."""
     members = _members(data, where)
     roots = set()
     for name in members:
@@ -382,7 +389,6 @@ def _canonical_torch_save(data: bytes, where: str) -> bytes:
     for name, content in members.items():
         if name.endswith(".pkl") or content.startswith(b"\x80"):
             scan_pickle(content, f"{where}:{name}")
-    return pack_members(members)
 
 
 def _check_expr(expr: Any, where: str) -> None:
@@ -459,8 +465,14 @@ def _check_program(doc: Any, where: str) -> ArtifactInfo:
         ranges = doc["range_constraints"]
     except (KeyError, ValueError, TypeError) as e:
         raise KernelRejected(f"{where}: unreadable program ({e!r})") from None
-    if not isinstance(nodes, list):
+    if not isinstance(nodes, list) or not isinstance(graph.get("tensor_values"), dict):
         raise KernelRejected(f"{where}: unreadable program (nodes)")
+    # Loading costs time per node and per value: the shipped templates use a few dozen.
+    if len(nodes) > MAX_NODES or len(graph["tensor_values"]) > 2 * MAX_NODES:
+        raise KernelRejected(
+            f"{where}: {len(nodes)} nodes, {len(graph['tensor_values'])} values; at most "
+            f"{MAX_NODES} and {2 * MAX_NODES}"
+        )
     for node in nodes:
         _check_node(node, where)
     if not isinstance(ranges, dict) or not all(
@@ -529,13 +541,28 @@ def _check_tensor_meta(meta: Any, nbytes: int, where: str) -> None:
         raise KernelRejected(f"{where}: tensor_meta sizes, strides and offset must be ints >= 0")
     element = _FLOAT_BYTES[dtype]
     extent = 0 if 0 in sizes else offset + 1 + sum((s - 1) * st for s, st in zip(sizes, strides))
-    if extent * element > nbytes:
-        raise KernelRejected(f"{where}: tensor_meta needs {extent * element} bytes, has {nbytes}")
+    # The dense size too: a kernel clones its tensors, so zero strides over 4 bytes would
+    # otherwise become gigabytes at germination.
+    dense = math.prod(sizes)
+    if max(extent, dense) * element > nbytes:
+        need = max(extent, dense) * element
+        raise KernelRejected(f"{where}: tensor_meta needs {need} bytes, has {nbytes}")
 
 
 def _inspect(artifact: bytes) -> tuple[ArtifactInfo, bytes]:
     """inspect_artifact, plus a fresh archive holding exactly the bytes that were checked."""
-    members = _members(artifact, "artifact")
+    try:
+        return _inspect_members(_members(artifact, "artifact"))
+    except KernelRejected:
+        raise
+    except (ValueError, RecursionError, AttributeError, TypeError, KeyError) as e:
+        # Malformed JSON of any shape (deep nesting, lists where dicts belong) is refused too.
+        raise KernelRejected(
+            f"artifact: malformed content ({type(e).__name__}: {e})"[:300]
+        ) from None
+
+
+def _inspect_members(members: dict[str, bytes]) -> tuple[ArtifactInfo, bytes]:
     for name in members:
         if not _ARCHIVE_MEMBER.fullmatch(name):
             raise KernelRejected(f"artifact: unexpected member {name!r} outside the pt2 layout")
@@ -553,12 +580,11 @@ def _inspect(artifact: bytes) -> tuple[ArtifactInfo, bytes]:
                 raise KernelRejected(f"artifact: payload {name!r} is not referenced by a config")
         elif name != _SAMPLE_INPUTS and members[name].startswith(b"\x80"):
             scan_pickle(members[name], name)
-    members[_SAMPLE_INPUTS] = _canonical_torch_save(members[_SAMPLE_INPUTS], _SAMPLE_INPUTS)
-    try:
-        doc = json.loads(members[_MODEL_JSON])
-    except ValueError as e:
-        raise KernelRejected(f"{_MODEL_JSON}: unreadable program ({e!r})") from None
-    info = _check_program(doc, _MODEL_JSON)
+    _check_torch_save(members[_SAMPLE_INPUTS], _SAMPLE_INPUTS)
+    # Kernels never use the example inputs, and torch unpickles them with a fallback to
+    # weights_only=False; an empty member makes torch skip them, so no pickle reaches torch.
+    members[_SAMPLE_INPUTS] = b""
+    info = _check_program(json.loads(members[_MODEL_JSON]), _MODEL_JSON)
     return info, pack_members(members)
 
 
@@ -648,9 +674,12 @@ def load_artifact(
     meta: KernelMetadata | None = None,
     expected_shape: Sequence[int] | None = None,
 ) -> torch.export.ExportedProgram:
-    """validate_artifact, then torch.export.load of the rebuilt archive (never of `artifact`)."""
+    """validate_artifact, then torch.export.load of the rebuilt archive (never of `artifact`),
+    then a dry run of the graph on shapes (`KernelTemplate.from_program`) before anyone runs it."""
     _, canonical = validated_archive(artifact, meta, expected_shape)
-    return torch.export.load(io.BytesIO(canonical))
+    program = torch.export.load(io.BytesIO(canonical))
+    KernelTemplate.from_program(program)
+    return program
 
 
 class Kernel(nn.Module):
@@ -746,6 +775,7 @@ class KernelTemplate:
             raise KernelRejected("a kernel's graph takes its state, then one tensor")
         if [s.kind for s in signature.output_specs] != [OutputKind.USER_OUTPUT]:
             raise KernelRejected("a kernel's graph returns one tensor and mutates nothing")
+        _dry_run(program.graph_module, tensors, user[0].arg.name)
         return cls(program.graph_module, tuple(names), tuple(tensors))
 
     def instantiate(self, artifact: bytes | None = None, meta: KernelMetadata | None = None):
@@ -759,6 +789,45 @@ class KernelTemplate:
                     copy = nn.Parameter(copy, requires_grad=tensor.requires_grad)
                 clones[id(tensor)] = copy
         return Kernel(self.graph, self.names, [clones[id(t)] for t in self.tensors], artifact, meta)
+
+
+def _dry_run(graph: torch.fx.GraphModule, tensors: list, input_name: str, batch: int = 256):
+    """Run the graph once on the meta device (shapes only: no memory, no arithmetic) before
+    it ever runs for real: KernelRejected if its intermediates need more than
+    MAX_BYTES_PER_SAMPLE per sample, or its output is not the shape its graph declares."""
+    node = next(n for n in graph.graph.nodes if n.op == "placeholder" and n.name == input_name)
+    feature_shape = tuple(int(d) for d in node.meta["val"].shape[1:])
+    (out_node,) = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    declared = tuple(int(d) for d in out_node.meta["val"].shape[1:])
+    budget = batch * MAX_BYTES_PER_SAMPLE
+    used = 0
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n):
+            nonlocal used
+            out = super().run_node(n)
+            for value in torch.utils._pytree.tree_leaves(out):
+                if isinstance(value, torch.Tensor) and n.op == "call_function":
+                    used += value.numel() * value.element_size()
+            if used > budget:
+                raise KernelRejected(
+                    f"kernel needs over {used // batch} bytes of intermediates per sample at "
+                    f"node {n.name}; at most {MAX_BYTES_PER_SAMPLE} allowed"
+                )
+            return out
+
+    state = [torch.empty_like(t, device="meta") for t in tensors]
+    x = torch.empty((batch, *feature_shape), device="meta")
+    try:
+        (out,) = Probe(graph).run(*state, x)
+    except KernelRejected:
+        raise
+    except Exception as e:  # a graph that cannot even run on shapes is not a kernel
+        raise KernelRejected(
+            f"kernel graph fails on shapes: {type(e).__name__}: {e}"[:300]
+        ) from None
+    if tuple(out.shape) != (batch, *declared):
+        raise KernelRejected(f"kernel returns {tuple(out.shape)}, its graph declares {declared}")
 
 
 def instantiate(

@@ -43,8 +43,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kernels (sha256 TEXT PRIMARY KEY, meta TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS recipes (recipe_key TEXT PRIMARY KEY, sha256 TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS outcomes (id INTEGER PRIMARY KEY AUTOINCREMENT, task TEXT, "
-    "kind TEXT, blueprint TEXT, shape TEXT, features TEXT, contribution REAL, params INTEGER, "
+    "CREATE TABLE IF NOT EXISTS outcomes (id INTEGER PRIMARY KEY, task TEXT, kind TEXT, "
+    "blueprint TEXT, shape TEXT, features TEXT, contribution REAL, params INTEGER, "
     "host_params INTEGER, fate TEXT, age INTEGER)",
 )
 FATES = ("fossilized", "culled", "live")  # "live": still running when its episode ended
@@ -207,13 +207,37 @@ class KernelStore:
             db.execute("PRAGMA journal_mode=WAL")
             for statement in _SCHEMA:
                 db.execute(statement)
+            # The index file is the store's too: a view or trigger in it would be SQL of the
+            # store author's that runs in every query (an endless recursive view hangs `find`).
+            schema = db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+            expected = {("table", s.split()[5], s.replace(" IF NOT EXISTS", "")) for s in _SCHEMA}
+            extra = [
+                (kind, name)
+                for kind, name, sql in schema
+                if (kind, name, sql) not in expected
+                and not (kind == "index" and sql is None and name.startswith("sqlite_autoindex_"))
+            ]
+            if extra:
+                raise KernelRejected(
+                    f"store index at {self.root}: unexpected schema objects {extra}"
+                )
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         # One short-lived connection per call: a store object is pickled into spawned workers
         # and used from any thread, and a connection must never be shared across either.
         # Opening one costs ~0.1 ms, nothing next to loading a kernel.
-        db = sqlite3.connect(self.root / "index.sqlite", timeout=self.busy_timeout_s)
+        index = self.root / "index.sqlite"
+        for path in (
+            index,
+            *(index.with_name(index.name + x) for x in ("-wal", "-shm", "-journal")),
+        ):
+            # sqlite follows symlinks: the index (or its side files) must be the store's own.
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    raise KernelRejected(f"{path}: not a regular file")
+        db = sqlite3.connect(index, timeout=self.busy_timeout_s)
+        db.execute("PRAGMA trusted_schema=OFF")
         try:
             with db:  # commit on success, roll back on error
                 yield db
@@ -233,7 +257,8 @@ class KernelStore:
                 continue
             for tmp in shard.glob(".tmp-*"):
                 with contextlib.suppress(FileNotFoundError):
-                    if not tmp.is_symlink() and now - tmp.lstat().st_mtime > STALE_TMP_S:
+                    info = tmp.lstat()
+                    if stat.S_ISREG(info.st_mode) and now - info.st_mtime > STALE_TMP_S:
                         tmp.unlink()
 
     def path(self, sha: str) -> Path:
