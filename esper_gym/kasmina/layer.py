@@ -240,7 +240,7 @@ class KasminaLayer(nn.Module):
         for slot in self._running:
             delta = self._seed_delta(slot, h)
             if delta is not None:
-                out = out + delta
+                out = torch.add(out, delta[0], alpha=delta[1])  # h + alpha * k(h), one op
         if self.record:
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
@@ -248,7 +248,8 @@ class KasminaLayer(nn.Module):
             self._stats = activation_stats(out)
         return out
 
-    def _seed_delta(self, slot: SeedSlot, h: torch.Tensor) -> torch.Tensor | None:
+    def _seed_delta(self, slot: SeedSlot, h: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(kernel output, its weight alpha) to add to `h`, or None when the seed adds nothing."""
         training = slot.state == SeedState.TRAINING and slot.alpha_override is None
         if training:
             if not torch.is_grad_enabled():
@@ -277,10 +278,10 @@ class KasminaLayer(nn.Module):
             return None
         slot.calls += 1
         if training:
-            return _Fit.apply(out, self.config.fit_step, slot.fit_loss)
+            return _Fit.apply(out, self.config.fit_step, slot.fit_loss), 1.0
         if tapped:
             out = _Tap.apply(out, slot.grad_ok, "out")
-        return alpha * out
+        return out, alpha
 
     # ---------------------------------------------------------------- lifecycle
     def _set_state(self, slot: SeedSlot, new: SeedState, reason: str = "") -> None:
