@@ -65,7 +65,9 @@ class HostTrainer:
         # The optimizer holding the running seeds' param groups: the host's own when the task's
         # optimizer is Adam (one fused step for everything), else an Adam of their own.
         self.seed_optimizer: torch.optim.Optimizer | None = None
-        self._seed_groups: dict[int, dict] = {}  # id(kernel) -> its param group
+        # kernel -> its param group; keyed by the object (not its id) so that a pickled copy of
+        # the env, whose kernels are new objects, still finds its groups and their Adam state.
+        self._seed_groups: dict[nn.Module, dict] = {}
         self._seeds: list[tuple[KasminaLayer, object, list[torch.Tensor]]] = []
         self._seed_key: tuple = ()
         self._val_hits: torch.Tensor | None = None
@@ -165,7 +167,7 @@ class HostTrainer:
             return
         self._seed_key = key
         seeds = [
-            (layer, slot, id(kernel), [p for p in kernel.parameters() if p.requires_grad])
+            (layer, slot, kernel, [p for p in kernel.parameters() if p.requires_grad])
             for layer, slot, kernel in live
         ]
         self._seeds = [(layer, slot, params) for layer, slot, _, params in seeds if params]

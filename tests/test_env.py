@@ -87,10 +87,15 @@ def test_env_pickles_mid_episode_and_continues_identically(kernel_dir):
     env.step(germ)
     env.step(env.layout.encode(Action(ADVANCE, 0, 0)))
     clone = pickle.loads(pickle.dumps(env))
-    o1, r1, *_, i1 = env.step(0)
-    o2, r2, *_, i2 = clone.step(0)
-    assert r1 == r2 and strip(i1) == strip(i2)
-    np.testing.assert_array_equal(o1["nodes"], o2["nodes"])
+    for _ in range(2):
+        o1, r1, *_, i1 = env.step(0)
+        o2, r2, *_, i2 = clone.step(0)
+        assert r1 == r2 and strip(i1) == strip(i2)
+        np.testing.assert_array_equal(o1["nodes"], o2["nodes"])
+    # The training seed's weights too (its Adam state must survive the copy, not restart).
+    k1, k2 = env.layers[0].kernels["0"], clone.layers[0].kernels["0"]
+    for p1, p2 in zip(k1.parameters(), k2.parameters(), strict=True):
+        assert torch.equal(p1, p2)
 
 
 def test_async_vector_env_runs_two_workers(kernel_dir):
