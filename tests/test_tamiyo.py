@@ -328,6 +328,7 @@ LOGGED = (
     "losses/entropy",
     "losses/approx_kl",
     "losses/clip_frac",
+    "losses/ratio_start",
     "losses/explained_variance",
     "actions/wait",
     "actions/germinate",
@@ -428,3 +429,52 @@ def test_tamiyo_beats_random_and_noop_on_spirals(tmp_path):
     mean = {name: float(np.mean(s)) for name, s in scores.items()}
     assert mean["tamiyo"] > mean["random"], scores
     assert mean["tamiyo"] > mean["noop"], scores
+
+
+def test_truncated_episodes_bootstrap_from_the_final_obs(tmp_path):
+    # Same-step autoreset hands Dict final observations over as a per-env array of dicts;
+    # with max_episode_steps=3 every episode is truncated, so the bootstrap path runs each time.
+    import esper_gym  # noqa: F401  (registers the ids)
+
+    make_env = functools.partial(
+        gym.make,
+        "Esper/Spirals-v0",
+        kernel_dir=tmp_path / "kernels",
+        max_episode_steps=3,
+        **SMALL_SPIRALS,
+    )
+    logs = []
+    cfg = PPOConfig(total_steps=48, num_envs=2, rollout_steps=12, update_epochs=1, seed=0)
+    train(cfg, make_env, log=lambda m, s: logs.append(m))
+    assert [m["charts/episodes"] for m in logs] == [8, 8]
+    assert all(m["charts/episodic_length"] == 3 for m in logs)
+
+
+def test_the_policy_updated_is_the_policy_that_acted():
+    # With dropout on in the network, acting and the update's first forward must still agree:
+    # the first ratio of every update is exactly 1.
+    logs = []
+    train(
+        bandit_config(total_steps=256, dropout=0.3, uncertainty_samples=0),
+        GraphBandit,
+        log=lambda m, s: logs.append(m),
+    )
+    assert len(logs) == 2
+    assert all(m["losses/ratio_start"] < 1e-5 for m in logs), [
+        m["losses/ratio_start"] for m in logs
+    ]
+
+
+def test_return_statistics_preserve_the_value_in_return_units():
+    from esper_gym.agents.tamiyo import _update_return_stats
+
+    env = GraphBandit()
+    policy = TamiyoPolicy.for_space(env.observation_space, hidden=32, layers=2, dropout=0.0)
+    obs = [env.reset(seed=s)[0] for s in range(6)]
+    batch = obs_to_batch({k: np.stack([o[k] for o in obs]) for k in obs[0]})
+    before = policy.eval()(batch)[1]
+    for returns in (torch.randn(64) * 5 + 20, torch.randn(64) * 0.1 - 3):
+        _update_return_stats(policy, returns)
+        after = policy(batch)[1]
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert float(policy.ret_mean) != 0.0 and float(policy.ret_var) != 1.0

@@ -445,7 +445,12 @@ def _index(obs: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
 
 
 def _final_obs(info: dict, i: int) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v[i]) for k, v in info["final_obs"].items()}
+    """Env i's last observation before a same-step autoreset. Gymnasium's vector envs give
+    `final_obs` as a per-env object array of dicts for Dict spaces (a dict of arrays is
+    accepted too)."""
+    final = info["final_obs"]
+    obs = final[i] if not isinstance(final, dict) else {k: v[i] for k, v in final.items()}
+    return {k: np.asarray(v) for k, v in obs.items()}
 
 
 def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
@@ -463,15 +468,16 @@ def train(
     """PPO (CleanRL's ppo.py, with action masks and graph observations) -> trained policy.
 
     Every update calls `log(metrics, global_step)` with: losses/{policy,value,entropy,
-    approx_kl,clip_frac,explained_variance}, actions/{wait,germinate,advance,cull} (counts in
+    approx_kl,clip_frac,ratio_start,explained_variance}, actions/{wait,germinate,advance,cull} (counts in
     the rollout), charts/{steps_per_s,lr,episodes,episodic_return,episodic_length} (the two
     last only when an episode ended in the rollout), uncertainty/{value_std,entropy}.
 
     With `checkpoint_path` the run is saved every `config.checkpoint_every` updates and at the
     end. `resume_from` continues that run: weights, optimizer, global_step, return statistics
     and torch RNG come back; episodes in flight at the save are lost (envs are reset, with
-    seeds offset by global_step so that they are new episodes). Dropout is on during updates
-    (so MC dropout means something) and off while acting; approx_kl includes that noise.
+    seeds offset by global_step so that they are new episodes). Dropout is off both while
+    acting and during updates (the policy updated is the one that acted: the first ratio of
+    each update is exactly 1, logged as losses/ratio_start); MC dropout is a separate pass.
     """
     # One env in this process describes them all (an Esper env loads no data until reset), and
     # a checkpoint of another task or blueprint library is refused before any worker starts.
@@ -572,12 +578,13 @@ def train(
             _update_return_stats(policy, returns.flatten())
         value_scale = (policy.ret_var + 1e-8).sqrt() if config.norm_returns else torch.ones(())
 
-        # --- update: dropout on -------------------------------------------------------------
+        # --- update: the policy that acted (dropout off), so the first ratio is exactly 1 ----
         b_obs = {k: v.reshape(batch_size, *v.shape[2:]) for k, v in obs_buf.items()}
         b_actions, b_logprobs = actions.flatten(), logprobs.flatten()
         b_adv, b_returns, b_values = advantages.flatten(), returns.flatten(), values.flatten()
-        policy.train()
+        policy.eval()  # MC-dropout uncertainty is a separate pass (policy.uncertainty)
         clip_fracs, approx_kl = [], torch.zeros(())
+        ratio_start = None
         for _epoch in range(config.update_epochs):
             perm = torch.randperm(batch_size)
             for lo in range(0, batch_size, minibatch_size):
@@ -588,6 +595,8 @@ def train(
                 entropy = dist.entropy().mean()
                 log_ratio = new_logprob - b_logprobs[mb]
                 ratio = log_ratio.exp()
+                if ratio_start is None:  # before any step: must be 1 (acting == updating)
+                    ratio_start = (ratio.detach() - 1).abs().max().item()
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - log_ratio).mean()
                     clip_fracs.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
@@ -628,6 +637,7 @@ def train(
             "losses/entropy": entropy.item(),
             "losses/approx_kl": approx_kl.item(),
             "losses/clip_frac": torch.stack(clip_fracs).mean().item(),
+            "losses/ratio_start": ratio_start,
             "losses/explained_variance": explained_variance(b_values.numpy(), b_returns.numpy()),
             **{f"actions/{k}": kinds.count(k) for k in (WAIT, GERMINATE, ADVANCE, CULL)},
             "charts/steps_per_s": batch_size / (time.perf_counter() - start),
@@ -655,7 +665,22 @@ def train(
 
 @torch.no_grad()
 def _update_return_stats(policy: TamiyoPolicy, x: torch.Tensor) -> None:
-    """Running mean/var of returns (parallel Welford), kept as buffers so they checkpoint."""
+    """Running mean/var of returns (parallel Welford), kept as buffers so they checkpoint.
+
+    The value head's last layer is rescaled with them (PopArt's "preserving outputs"): the
+    value in return units, `head * std + mean`, is the same before and after, so the values
+    stored during the rollout stay comparable to the new predictions (else the first update's
+    clipped value loss sees every sample shifted and has no gradient)."""
+    old_mean, old_std = policy.ret_mean.clone(), (policy.ret_var + 1e-8).sqrt()
+    _welford(policy, x)
+    new_std = (policy.ret_var + 1e-8).sqrt()
+    last = policy.value_head[-1]
+    last.weight.mul_(old_std / new_std)
+    last.bias.mul_(old_std).add_(old_mean - policy.ret_mean).div_(new_std)
+
+
+@torch.no_grad()
+def _welford(policy: TamiyoPolicy, x: torch.Tensor) -> None:
     count, mean, var = policy.ret_count, policy.ret_mean, policy.ret_var
     b_count, b_mean, b_var = x.numel(), x.mean(), x.var(unbiased=False)
     if count == 0:
