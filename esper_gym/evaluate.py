@@ -25,8 +25,11 @@ What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
    `reward/<component>` summed over the episode), `events.jsonl` (every seed-lifecycle event of
    every episode, tagged with agent/task/seed), `summary.csv` (per task and agent: IQM and 95%
    stratified-bootstrap CI of each metric, and whether its interval overlaps the best agent's;
-   then the decision metrics of `decision_summary`), `results.md` (the Markdown tables, headed
-   by the contexts played), `pareto.png`, `lifecycle.png` (one episode's seed
+   against the strongest non-privileged baseline of the task (`reference`): P(improvement)
+   `p_improve[_lo,_hi]` and the paired per-seed difference `paired_diff`, `paired_lo`,
+   `paired_hi` of the return; then the decision metrics of `decision_summary`), `results.md`
+   (the Markdown tables, headed by the contexts played), `pareto.png`,
+   `performance_profiles.png`, `lifecycle.png` (one episode's seed
    timeline), `learning_curves.png` / `reward_sweep.png` when their inputs are given, and
    `result.json` (config, summary rows, file names: what a multirun sweep plot reads).
 4. With `logger=wandb`, logs every episode, the IQMs, the table and the figures to W&B.
@@ -425,7 +428,15 @@ def evaluate(
             for e in r["events"]:
                 f.write(json.dumps(e) + "\n")
 
-    summary = stats.summarize(episodes, SUMMARY_METRICS, rank_by, reps, confidence, bootstrap_seed)
+    summary = stats.summarize(
+        episodes,
+        SUMMARY_METRICS,
+        rank_by,
+        reps,
+        confidence,
+        bootstrap_seed,
+        baselines=comparison_baselines(agents),
+    )
     decisions = decision_summary(episodes)
     summary = summary.merge(decisions, on=["task", "agent"], how="left")
     summary.insert(2, "contexts", contexts or "fixed")
@@ -442,6 +453,9 @@ def evaluate(
     figures: dict[str, pathlib.Path] = {}
     if make_plots:
         figures["pareto"] = plots.pareto(episodes, out / "pareto.png", reps=reps)
+        figures["profiles"] = plots.performance_profiles(
+            episodes, out / "performance_profiles.png", reps=reps
+        )
         pick = pick_timeline(episodes, timeline)
         if pick is not None:
             figures["lifecycle"] = timeline_figure(results, pick, out / "lifecycle.png")
@@ -481,6 +495,15 @@ def evaluate(
         plots.log_figures(logger, figures, tables={"summary": summary, "episodes": episodes})
     print(table)
     return EvalResult(episodes, summary, table, files)
+
+
+def comparison_baselines(agents: Sequence[str]) -> list[str]:
+    """The agents that may be the reference of the P(improvement) and paired columns: the
+    non-privileged baselines (esper_gym.agents.baselines), never a checkpoint or a privileged
+    agent (one that sees the future is an upper reference, not a bar to beat)."""
+    from esper_gym.agents.baselines import AGENTS, PRIVILEGED
+
+    return [a for a in agents if a in AGENTS and a not in PRIVILEGED]
 
 
 CONTEXT_LABEL = {

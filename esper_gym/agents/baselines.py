@@ -133,6 +133,9 @@ class HeuristicAgent:
 
 
 AGENTS = {"noop": NoOpAgent, "random": RandomAgent, "heuristic": HeuristicAgent}
+# Agents with access no deployed controller has (e.g. forks of the running episode): upper
+# references, never the "strongest baseline" a learned controller is compared with.
+PRIVILEGED: frozenset[str] = frozenset()
 
 
 def make_agent(name: str, env, **kwargs):
