@@ -23,7 +23,9 @@ What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
    episode exactly reproducible from its seed: the numbers do not depend on `n_jobs`.
 3. Writes to `out_dir`: `episodes.csv` (one row per episode, columns `CSV_COLUMNS` then
    `reward/<component>` summed over the episode), `events.jsonl` (every seed-lifecycle event of
-   every episode, tagged with agent/task/seed), `summary.csv` (per task and agent: IQM and 95%
+   every episode, tagged with agent/task/seed), `replays.json` (env id, env kwargs, context,
+   seed, actions, return and test accuracy of every episode: `python -m esper_gym.validate`
+   replays them and checks the numbers), `summary.csv` (per task and agent: IQM and 95%
    stratified-bootstrap CI of each metric, and whether its interval overlaps the best agent's;
    against the strongest non-privileged baseline of the task (`reference`): P(improvement)
    `p_improve[_lo,_hi]` and the paired per-seed difference `paired_diff`, `paired_lo`,
@@ -57,7 +59,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esper_gym import config_dir, plots, stats
+from esper_gym import config_dir, plots, stats, validate
 from esper_gym.episode import play_episode
 from esper_gym.tasks import TASKS, Task, get_task
 
@@ -302,7 +304,13 @@ def run_job(job: Job) -> dict[str, Any]:
         torch.set_num_threads(job.threads)
     env = make_env(job.task, job.reward_weights, job.kernel_dir, job.contexts)
     act = make_actor(job, env)
-    metrics, events = play_episode(env, act, job.seed)
+    actions: list[int] = []
+
+    def recorded(obs, info=None) -> int:  # every action, for the replay file (validate.py)
+        actions.append(int(act(obs)))
+        return actions[-1]
+
+    metrics, events = play_episode(env, recorded, job.seed)
     env.close()
     row = {
         "agent": job.agent,
@@ -313,7 +321,20 @@ def run_job(job: Job) -> dict[str, Any]:
         **metrics,
     }
     tag = {"agent": job.agent, "task": job.task.label, "seed": job.seed}
-    return {"row": row, "events": [{**tag, **e} for e in events]}
+    replay = validate.record(
+        agent=job.agent,
+        task=job.task.label,
+        base_task=job.task.base,
+        overrides=job.task.overrides,
+        reward_weights=job.reward_weights,
+        contexts=job.contexts,
+        context_index=metrics["context_index"],
+        seed=job.seed,
+        actions=actions,
+        episode_return=metrics["return"],
+        test_acc=metrics["test_acc"],
+    )
+    return {"row": row, "events": [{**tag, **e} for e in events], "replay": replay}
 
 
 def run_jobs(jobs: Sequence[Job], n_jobs: int = 1, progress: bool = True) -> list[dict]:
@@ -421,8 +442,9 @@ def evaluate(
     )
     results = run_jobs(jobs, n_jobs, progress)
     episodes = episodes_frame(results)
-    files = {"episodes": "episodes.csv", "events": "events.jsonl"}
+    files = {"episodes": "episodes.csv", "events": "events.jsonl", "replays": validate.FILE_NAME}
     episodes.to_csv(out / files["episodes"], index=False)
+    validate.write(out / files["replays"], [r["replay"] for r in results])
     with open(out / files["events"], "w") as f:
         for r in results:
             for e in r["events"]:
