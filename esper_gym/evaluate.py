@@ -333,6 +333,7 @@ def run_job(job: Job) -> dict[str, Any]:
         actions=actions,
         episode_return=metrics["return"],
         test_acc=metrics["test_acc"],
+        threads=job.threads,
     )
     return {"row": row, "events": [{**tag, **e} for e in events], "replay": replay}
 

@@ -7,8 +7,9 @@ python -m esper_gym.validate replays.json --device cuda          # GPU: within G
 
 `evaluate` writes `replays.json` beside `episodes.csv`: for every episode its env id, the env
 kwargs it was built with (Task fields, reward weights, context split), the context index, the
-seed, every action taken, the reported return and test accuracy. An episode is a pure function
-of (env, seed, actions), so replaying the actions must give the reported numbers back: exactly
+seed, every action taken, the reported return and test accuracy, and the torch thread count
+(CPU reductions depend on it). An episode is a pure function of (env, seed, actions), so
+replaying the actions must give the reported numbers back: exactly
 on CPU (same floats, bit for bit), and within `GPU_TOLERANCE` on CUDA, where kernels are not
 bitwise deterministic. Any policy's result can be checked this way without its code or weights:
 what CompilerGym's `validate` gives a leaderboard.
@@ -50,6 +51,7 @@ EPISODE_FIELDS = {  # field -> what it must be
     "actions": "a list of integers",
     "return": "a finite number",
     "test_acc": "a number in [0, 1]",
+    "threads": "null or an integer in [1, 1024]",
 }
 MAX_EPISODES = 100_000
 MAX_ACTIONS = 100_000
@@ -93,6 +95,7 @@ def record(
     actions: Sequence[int],
     episode_return: float,
     test_acc: float,
+    threads: int | None,
 ) -> dict[str, Any]:
     """One episode as it goes into the replay file (JSON-ready)."""
     fields = {k: _jsonable(v) for k, v in overrides.items() if k not in EXCLUDED_TASK_FIELDS}
@@ -111,6 +114,8 @@ def record(
         "actions": [int(a) for a in actions],
         "return": float(episode_return),
         "test_acc": float(test_acc),
+        # CPU float reductions depend on the thread count: the replay runs with the same.
+        "threads": threads,
     }
 
 
@@ -206,6 +211,8 @@ def check_episode(i: int, ep: Any) -> None:
         raise bad("return")
     if not _is_num(ep["test_acc"]) or not 0 <= ep["test_acc"] <= 1:
         raise bad("test_acc")
+    if ep["threads"] is not None and (not _is_int(ep["threads"]) or not 1 <= ep["threads"] <= 1024):
+        raise bad("threads")
     _check_env_kwargs(where, ep["env_kwargs"])
 
 
@@ -271,8 +278,12 @@ def replay(
 ) -> dict[str, float]:
     """Play `ep`'s actions from its seed; `ReplayError` if they do not reproduce its numbers."""
     import gymnasium as gym
+    import torch
 
     where = _where(i, ep)
+    threads = torch.get_num_threads()
+    if ep["threads"] is not None:
+        torch.set_num_threads(ep["threads"])
     kwargs = {k: _tuples(v) for k, v in ep["env_kwargs"].items()}
     try:
         env = gym.make(
@@ -311,6 +322,7 @@ def replay(
             )
     finally:
         env.close()
+        torch.set_num_threads(threads)
     got = {"return": total, "test_acc": float(info.get("test_acc", math.nan))}
     tol = GPU_TOLERANCE if device != "cpu" else {"return": 0.0, "test_acc": 0.0}
     for name in ("return", "test_acc"):

@@ -62,8 +62,20 @@ def test_every_episode_is_recorded_and_replays_exactly_on_cpu(replays, kernel_di
         assert ep["env_kwargs"]["contexts"] == "test"
         assert ep["env_kwargs"]["max_epochs"] == SMALL["max_epochs"]
         assert "device" not in ep["env_kwargs"]
+        assert ep["threads"] == 1
     assert validate.validate(path, kernel_dir) == 4
-    assert validate.main([str(path), "--kernel-dir", kernel_dir, "-q"]) == 0
+
+
+def test_the_command_line_replays_in_a_fresh_process(replays, kernel_dir):
+    # A fresh interpreter has torch's default thread count: the recorded one must be restored.
+    import subprocess
+    import sys
+
+    path = replays / validate.FILE_NAME
+    cmd = [sys.executable, "-m", "esper_gym.validate", str(path), "--kernel-dir", kernel_dir]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 episodes" in done.stdout and "reproduced" in done.stdout
 
 
 def test_one_altered_action_is_refused(replays, tmp_path, kernel_dir, capsys):
@@ -116,6 +128,7 @@ def test_extra_missing_or_out_of_range_actions_and_wrong_context_are_refused(
         (lambda ep: ep.update({"actions": []}), "'actions'"),
         (lambda ep: ep.update({"return": "6.1"}), "'return'"),
         (lambda ep: ep.update({"test_acc": 1.5}), "'test_acc'"),
+        (lambda ep: ep.update({"threads": 0}), "'threads'"),
         (lambda ep: ep.update({"env_id": "CartPole-v1"}), "'env_id'"),
         (lambda ep: ep.update({"pickle": "x"}), r"unknown fields \['pickle'\]"),
         (lambda ep: ep.pop("actions"), r"missing fields \['actions'\]"),
