@@ -65,7 +65,9 @@ class HostTrainer:
         # The optimizer holding the running seeds' param groups: the host's own when the task's
         # optimizer is Adam (one fused step for everything), else an Adam of their own.
         self.seed_optimizer: torch.optim.Optimizer | None = None
-        self._seed_groups: dict[int, dict] = {}  # id(kernel) -> its param group
+        # Keyed by the kernel modules themselves, not their id(): a deep copy (env.fork) then
+        # maps the keys to the copy's kernels along with everything else.
+        self._seed_groups: dict[nn.Module, dict] = {}  # kernel -> its param group
         self._seeds: list[tuple[KasminaLayer, object, list[torch.Tensor]]] = []
         self._seed_key: tuple = ()
         self._val_hits: torch.Tensor | None = None
@@ -160,12 +162,12 @@ class HostTrainer:
             for slot in layer.slots
             if slot.state in RUNNING and slot.optimizer is None and str(slot.index) in layer.kernels
         ]
-        key = tuple(id(kernel) for _, _, kernel in live)
-        if key == self._seed_key:
+        key = tuple(kernel for _, _, kernel in live)
+        if len(key) == len(self._seed_key) and all(a is b for a, b in zip(key, self._seed_key)):
             return
         self._seed_key = key
         seeds = [
-            (layer, slot, id(kernel), [p for p in kernel.parameters() if p.requires_grad])
+            (layer, slot, kernel, [p for p in kernel.parameters() if p.requires_grad])
             for layer, slot, kernel in live
         ]
         self._seeds = [(layer, slot, params) for layer, slot, _, params in seeds if params]
