@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -287,6 +288,26 @@ class MorphogeneticEnv(gym.Env):
         state = self.__dict__.copy()
         state["_store"] = state["_cache"] = None
         return state
+
+    def fork(self) -> MorphogeneticEnv:
+        """An independent copy of the running episode, for lookahead ("try before you commit").
+
+        Copied: host and seed kernels (weights, lifecycle states, alphas), optimizers, trainer
+        (data order and position in it), `np_random` and the torch generators, reward and
+        episode state. Shared, because nothing writes them during an episode: the datasets and
+        the kernel store and cache (loaded artifacts; a germination instantiates its own
+        module). Stepping the fork leaves this env's trajectory unchanged, and stepping both
+        with the same actions gives the same trajectory (tests/test_env.py)."""
+        if self.trainer is None:
+            raise RuntimeError("fork() copies a running episode: call reset() first")
+        memo: dict[int, object] = {id(self._store): self._store, id(self._cache): self._cache}
+        for data in self._datasets.values():
+            memo[id(data)] = data
+            memo |= {id(v): v for v in vars(data).values() if isinstance(v, torch.Tensor)}
+        # (nn.Parameter's deepcopy drops .grad: harmless, every step zeroes grads before
+        # backward.) HostTrainer keys its seed param groups by kernel object, not id(), so the
+        # copy's keys follow its own kernels.
+        return copy.deepcopy(self, memo)
 
     # --------------------------------------------------------------------- reset
     def reset(self, *, seed: int | None = None, options: dict | None = None):

@@ -23,10 +23,15 @@ What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
    episode exactly reproducible from its seed: the numbers do not depend on `n_jobs`.
 3. Writes to `out_dir`: `episodes.csv` (one row per episode, columns `CSV_COLUMNS` then
    `reward/<component>` summed over the episode), `events.jsonl` (every seed-lifecycle event of
-   every episode, tagged with agent/task/seed), `summary.csv` (per task and agent: IQM and 95%
+   every episode, tagged with agent/task/seed), `replays.json` (env id, env kwargs, context,
+   seed, actions, return and test accuracy of every episode: `python -m esper_gym.validate`
+   replays them and checks the numbers), `summary.csv` (per task and agent: IQM and 95%
    stratified-bootstrap CI of each metric, and whether its interval overlaps the best agent's;
-   then the decision metrics of `decision_summary`), `results.md` (the Markdown tables, headed
-   by the contexts played), `pareto.png`, `lifecycle.png` (one episode's seed
+   against the strongest non-privileged baseline of the task (`reference`): P(improvement)
+   `p_improve[_lo,_hi]` and the paired per-seed difference `paired_diff`, `paired_lo`,
+   `paired_hi` of the return; then the decision metrics of `decision_summary`), `results.md`
+   (the Markdown tables, headed by the contexts played), `pareto.png`,
+   `performance_profiles.png`, `lifecycle.png` (one episode's seed
    timeline), `learning_curves.png` / `reward_sweep.png` when their inputs are given, and
    `result.json` (config, summary rows, file names: what a multirun sweep plot reads).
 4. With `logger=wandb`, logs every episode, the IQMs, the table and the figures to W&B.
@@ -54,7 +59,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esper_gym import config_dir, plots, stats
+from esper_gym import config_dir, plots, stats, validate
 from esper_gym.episode import play_episode
 from esper_gym.tasks import TASKS, Task, get_task
 
@@ -299,7 +304,13 @@ def run_job(job: Job) -> dict[str, Any]:
         torch.set_num_threads(job.threads)
     env = make_env(job.task, job.reward_weights, job.kernel_dir, job.contexts)
     act = make_actor(job, env)
-    metrics, events = play_episode(env, act, job.seed)
+    actions: list[int] = []
+
+    def recorded(obs, info=None) -> int:  # every action, for the replay file (validate.py)
+        actions.append(int(act(obs)))
+        return actions[-1]
+
+    metrics, events = play_episode(env, recorded, job.seed)
     env.close()
     row = {
         "agent": job.agent,
@@ -310,7 +321,21 @@ def run_job(job: Job) -> dict[str, Any]:
         **metrics,
     }
     tag = {"agent": job.agent, "task": job.task.label, "seed": job.seed}
-    return {"row": row, "events": [{**tag, **e} for e in events]}
+    replay = validate.record(
+        agent=job.agent,
+        task=job.task.label,
+        base_task=job.task.base,
+        overrides=job.task.overrides,
+        reward_weights=job.reward_weights,
+        contexts=job.contexts,
+        context_index=metrics["context_index"],
+        seed=job.seed,
+        actions=actions,
+        episode_return=metrics["return"],
+        test_acc=metrics["test_acc"],
+        threads=job.threads,
+    )
+    return {"row": row, "events": [{**tag, **e} for e in events], "replay": replay}
 
 
 def run_jobs(jobs: Sequence[Job], n_jobs: int = 1, progress: bool = True) -> list[dict]:
@@ -418,14 +443,23 @@ def evaluate(
     )
     results = run_jobs(jobs, n_jobs, progress)
     episodes = episodes_frame(results)
-    files = {"episodes": "episodes.csv", "events": "events.jsonl"}
+    files = {"episodes": "episodes.csv", "events": "events.jsonl", "replays": validate.FILE_NAME}
     episodes.to_csv(out / files["episodes"], index=False)
+    validate.write(out / files["replays"], [r["replay"] for r in results])
     with open(out / files["events"], "w") as f:
         for r in results:
             for e in r["events"]:
                 f.write(json.dumps(e) + "\n")
 
-    summary = stats.summarize(episodes, SUMMARY_METRICS, rank_by, reps, confidence, bootstrap_seed)
+    summary = stats.summarize(
+        episodes,
+        SUMMARY_METRICS,
+        rank_by,
+        reps,
+        confidence,
+        bootstrap_seed,
+        baselines=comparison_baselines(agents),
+    )
     decisions = decision_summary(episodes)
     summary = summary.merge(decisions, on=["task", "agent"], how="left")
     summary.insert(2, "contexts", contexts or "fixed")
@@ -442,6 +476,9 @@ def evaluate(
     figures: dict[str, pathlib.Path] = {}
     if make_plots:
         figures["pareto"] = plots.pareto(episodes, out / "pareto.png", reps=reps)
+        figures["profiles"] = plots.performance_profiles(
+            episodes, out / "performance_profiles.png", reps=reps
+        )
         pick = pick_timeline(episodes, timeline)
         if pick is not None:
             figures["lifecycle"] = timeline_figure(results, pick, out / "lifecycle.png")
@@ -481,6 +518,15 @@ def evaluate(
         plots.log_figures(logger, figures, tables={"summary": summary, "episodes": episodes})
     print(table)
     return EvalResult(episodes, summary, table, files)
+
+
+def comparison_baselines(agents: Sequence[str]) -> list[str]:
+    """The agents that may be the reference of the P(improvement) and paired columns: the
+    non-privileged baselines (esper_gym.agents.baselines), never a checkpoint or a privileged
+    agent (one that sees the future is an upper reference, not a bar to beat)."""
+    from esper_gym.agents.baselines import AGENTS, PRIVILEGED
+
+    return [a for a in agents if a in AGENTS and a not in PRIVILEGED]
 
 
 CONTEXT_LABEL = {

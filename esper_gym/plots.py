@@ -25,11 +25,12 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: files only, also on a machine without a display
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
 from esper_gym.kasmina.lifecycle import SeedState
-from esper_gym.stats import iqm, stratified_bootstrap_ci
+from esper_gym.stats import iqm, performance_profile, stratified_bootstrap_ci
 
 PathLike = str | os.PathLike
 
@@ -121,6 +122,40 @@ def pareto(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Accuracy vs growth (IQM, 95% bootstrap CI)")
+    return _save(fig, path)
+
+
+def performance_profiles(
+    episodes: pd.DataFrame,
+    path: PathLike,
+    metric: str = "return",
+    reps: int = 2000,
+    seed: int = 0,
+    points: int = 101,
+) -> pathlib.Path:
+    """rliable's performance profile, one panel per task: for each threshold tau on `metric`,
+    the fraction of an agent's runs scoring above tau, with a 95% bootstrap band. A curve that
+    lies above another everywhere is stochastically dominant: better at every threshold, not
+    only on average. One panel per task because returns are not on a common scale across tasks."""
+    tasks = list(dict.fromkeys(episodes["task"]))
+    colors = agent_colors(dict.fromkeys(episodes["agent"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        block = episodes[episodes["task"] == task]
+        lo_x, hi_x = block[metric].min(), block[metric].max()
+        pad = 0.05 * (hi_x - lo_x) or 0.5
+        taus = np.linspace(lo_x - pad, hi_x + pad, points)
+        for agent, group in block.groupby("agent", sort=False):
+            prof, lo, hi = performance_profile([group[metric]], taus, reps, seed=seed)
+            ax.plot(taus, prof, color=colors[agent], label=f"{agent} (n={len(group)})")
+            ax.fill_between(taus, lo, hi, color=colors[agent], alpha=0.15, linewidth=0)
+        ax.set_title(task)
+        ax.set_xlabel(f"{metric.replace('_', ' ')} threshold tau")
+        ax.set_ylabel(f"fraction of runs with {metric} > tau")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle("Performance profiles (rliable score distributions, 95% bootstrap bands)")
     return _save(fig, path)
 
 

@@ -1,20 +1,30 @@
-"""Honest aggregate statistics for a few seeds: interquartile mean and stratified bootstrap CIs.
+"""Honest aggregate statistics for a few seeds, as rliable reports them.
 
-This follows the rliable practice (Agarwal et al., 2021, "Deep RL at the edge of the statistical
-precipice"): with 5-10 runs per task, report the interquartile mean (IQM) rather than the mean
-(outlier-prone) or the median (high variance), with a 95% percentile confidence interval from a
-*stratified* bootstrap: runs are resampled with replacement within each task, never across
-tasks, so every resample keeps the task mix of the experiment.
+This follows rliable (Agarwal et al., 2021, "Deep RL at the edge of the statistical
+precipice"), and uses its definitions so that the numbers can be set beside published ones:
+the interquartile mean (IQM) is rliable's `aggregate_iqm`, i.e. scipy's `trim_mean(x, 0.25)`
+(a quarter of the runs cut whole from each end), and the probability of improvement is
+rliable's `probability_of_improvement` (the Mann-Whitney U statistic over n*m, averaged over
+tasks). CIs are 95% percentile intervals from a *stratified* bootstrap: runs are resampled with
+replacement within each task, never across tasks, as rliable's `StratifiedBootstrap` does.
+
+Why the bootstrap loop is ours and not `rliable.library`: rliable 1.2.0 pins `arch < 8`, and
+every arch < 8 fails to import under pandas >= 3 (a changed `deprecate_kwarg`); arch 8 rejects
+the `random_state=` that rliable passes; and rliable draws its resamples from numpy's global RNG,
+so its CIs are not reproducible from a seed. So the resampling is a few lines of numpy here, with
+a seeded Generator, and the statistics it evaluates are rliable's (the vectorised forms used
+inside the bootstrap are pinned equal to rliable's functions by tests/test_stats.py).
 
 | function                     | what it is                                                        |
 |------------------------------|-------------------------------------------------------------------|
-| `iqm(x, axis)`               | mean of the middle 50% with fractional trimming                   |
+| `iqm(x, axis)`               | rliable's IQM: scipy `trim_mean(x, 0.25)` along `axis`            |
 | `stratified_bootstrap_ci`    | percentile CI of a statistic, resampling within each stratum      |
+| `probability_of_improvement` | P(X > Y) with a stratified bootstrap CI (X and Y resampled apart) |
+| `paired_difference`          | mean per-seed difference X - Y on common seeds, with its CI       |
+| `performance_profile`        | fraction of runs scoring above each threshold, with CI bands      |
 | `overlaps(a, b)`             | whether two closed intervals share a point                       |
 | `summarize(df, ...)`         | per (task, agent) IQM + CI of several metrics, and an all-tasks row |
 | `markdown_table(summary)`    | the README table, with a column saying which intervals overlap    |
-
-Everything statistical here is numpy; pandas only shapes the tables.
 """
 
 from __future__ import annotations
@@ -25,35 +35,29 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from rliable import metrics as rly_metrics
+from scipy.stats import trim_mean
 
 ALL_TASKS = "all tasks"
 
 
-def _trim_weights(n: int) -> np.ndarray:
-    """Weights of the n sorted values in the IQM: the share of each value's quantile cell
-    [i/n, (i+1)/n] that falls inside [0.25, 0.75], normalised to sum to 1.
-
-    Fractional trimming: with n = 5 the 2nd and 4th values count 3/4 as much as the middle one,
-    instead of being kept or dropped whole (which makes the IQM jump as n changes)."""
-    if n < 1:
-        raise ValueError("IQM of an empty sample")
-    lo = np.arange(n) / n
-    hi = (np.arange(n) + 1) / n
-    share = np.clip(np.minimum(hi, 0.75) - np.maximum(lo, 0.25), 0.0, None)
-    return share / share.sum()
-
-
 def iqm(x, axis: int = -1) -> np.ndarray | float:
-    """Interquartile mean of `x` along `axis`: the mean of the middle 50% of the values, with
-    fractional trimming (see `_trim_weights`). NaN in, NaN out. A float for 1-D input.
-
-    Equal to the plain mean for n <= 2 and for n = 4 the mean of the two middle values."""
+    """Interquartile mean of `x` along `axis`: rliable's `aggregate_iqm`, which is scipy's
+    `trim_mean(x, 0.25)` (int(n/4) values cut from each end, then the mean). A float for 1-D
+    input. With n < 4 nothing is cut: the plain mean."""
     a = np.asarray(x, dtype=float)
     if a.size == 0:
         raise ValueError("IQM of an empty sample")
-    a = np.sort(np.moveaxis(a, axis, -1), axis=-1)
-    out = a @ _trim_weights(a.shape[-1])
+    out = trim_mean(a, 0.25, axis=axis)
     return float(out) if np.ndim(out) == 0 else out
+
+
+def _poi(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """P(X > Y) + P(X = Y)/2 over all pairs of the last axes of x (..., n) and y (..., m): the
+    Mann-Whitney U / (n m) of rliable's `probability_of_improvement`, vectorised over leading
+    (bootstrap) axes."""
+    d = x[..., :, None] - y[..., None, :]
+    return (d > 0).mean(axis=(-2, -1)) + 0.5 * (d == 0).mean(axis=(-2, -1))
 
 
 @dataclass(frozen=True)
@@ -84,20 +88,14 @@ def stratified_bootstrap_ci(
     bootstrap. Deterministic for a given `seed`. A stratum of one value contributes it to every
     resample (the CI then has no width from it: one seed says nothing about spread).
     """
-    groups = [np.asarray(s, dtype=float).ravel() for s in strata]
-    if not groups or any(g.size == 0 for g in groups):
-        raise ValueError("every stratum needs at least one value")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence} must be in (0, 1)")
-    if reps < 1:
-        raise ValueError(f"reps={reps} must be >= 1")
+    groups = _strata(strata, "bootstrap")
+    tail = _check(reps, confidence)
     rng = np.random.default_rng(seed)
     # (reps, n_k) indices per stratum, all resamples at once: 2000 x a few seeds is tiny.
     samples = np.concatenate(
         [g[rng.integers(0, g.size, size=(reps, g.size))] for g in groups], axis=1
     )
     stats = np.asarray(statistic(samples, axis=-1), dtype=float)
-    tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(stats, [tail, 100 - tail])
     estimate = float(statistic(np.concatenate(groups), axis=-1))
     return Interval(estimate, float(lo), float(hi))
@@ -109,6 +107,95 @@ def overlaps(a: Sequence[float], b: Sequence[float]) -> bool:
     Overlapping 95% intervals do not prove two agents equal; separate ones are the evidence
     that the difference is not seed noise."""
     return bool(a[0] <= b[1] and b[0] <= a[1])
+
+
+def _strata(strata: Sequence[Sequence[float]], what: str) -> list[np.ndarray]:
+    groups = [np.asarray(g, dtype=float).ravel() for g in strata]
+    if not groups or any(g.size == 0 for g in groups):
+        raise ValueError(f"{what}: every stratum (task) needs at least one value")
+    return groups
+
+
+def _check(reps: int, confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must be in (0, 1)")
+    if reps < 1:
+        raise ValueError(f"reps={reps} must be >= 1")
+    return (1 - confidence) / 2 * 100
+
+
+def probability_of_improvement(
+    x_strata: Sequence[Sequence[float]],
+    y_strata: Sequence[Sequence[float]],
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """P(X > Y): the probability that a run of agent X scores above a run of agent Y on the same
+    task (ties count 1/2), averaged over tasks; 0.5 means neither is better. Stratum k of x and
+    of y are the runs of the two agents on task k. The estimate is rliable's
+    `probability_of_improvement`; the CI resamples X's and Y's runs independently within each
+    task (rliable's `StratifiedIndependentBootstrap`). Unpaired: see `paired_difference`."""
+    xs, ys = _strata(x_strata, "P(improvement)"), _strata(y_strata, "P(improvement)")
+    if len(xs) != len(ys):
+        raise ValueError(f"x has {len(xs)} tasks and y {len(ys)}: they must be the same tasks")
+    tail = _check(reps, confidence)
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(reps)
+    for x, y in zip(xs, ys):
+        boot += _poi(
+            x[rng.integers(0, x.size, (reps, x.size))], y[rng.integers(0, y.size, (reps, y.size))]
+        )
+    boot /= len(xs)
+    estimate = np.mean(
+        [rly_metrics.probability_of_improvement(x[:, None], y[:, None]) for x, y in zip(xs, ys)]
+    )
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return Interval(float(estimate), float(lo), float(hi))
+
+
+def paired_difference(
+    diff_strata: Sequence[Sequence[float]],
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Mean of per-seed differences X - Y, with a stratified bootstrap CI over seeds.
+
+    Stratum k holds, for task k, one difference per seed that both agents played. The same seed
+    gives every agent the same context, data order and host initialisation, so most of the
+    spread across seeds (a hard context, a lucky init) cancels in the difference: the paired CI
+    is far narrower than two unpaired CIs whenever the agents' scores are correlated over seeds.
+    The mean, not the IQM, because the differences are one sample each, not agents' scores to
+    be set beside published IQMs."""
+    return stratified_bootstrap_ci(diff_strata, _mean, reps, confidence, seed)
+
+
+def _mean(x, axis: int = -1):
+    return np.mean(x, axis=axis)
+
+
+def performance_profile(
+    strata: Sequence[Sequence[float]],
+    taus: Sequence[float],
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """rliable's score distribution: for each threshold tau, the fraction of runs (all tasks
+    pooled) scoring above tau, and its stratified-bootstrap CI band. Returns (profile, lo, hi),
+    each of len(taus)."""
+    groups = _strata(strata, "performance profile")
+    tail = _check(reps, confidence)
+    t = np.asarray(taus, dtype=float)
+    rng = np.random.default_rng(seed)
+    samples = np.concatenate(
+        [g[rng.integers(0, g.size, size=(reps, g.size))] for g in groups], axis=1
+    )
+    boot = (samples[:, :, None] > t).mean(axis=1)  # (reps, taus)
+    profile = (np.concatenate(groups)[:, None] > t).mean(axis=0)
+    lo, hi = np.percentile(boot, [tail, 100 - tail], axis=0)
+    return profile, lo, hi
 
 
 # --------------------------------------------------------------------------- tables
@@ -124,6 +211,8 @@ def summarize(
     confidence: float = 0.95,
     seed: int = 0,
     all_tasks: bool = True,
+    baselines: Sequence[str] | None = None,
+    compare_on: str = "return",
 ) -> pd.DataFrame:
     """One row per (task, agent) of a tidy episodes table (columns task, agent, seed, metrics).
 
@@ -134,6 +223,14 @@ def summarize(
 
     Per task, `best` marks the agent with the highest `rank_by` IQM and `vs_best` says whether
     its `rank_by` interval overlaps the best agent's: "best", "overlaps" or "separate".
+
+    With `baselines` (the agent names that count as non-privileged baselines), every row also
+    compares the agent with the task's `reference`: the baseline with the highest `compare_on`
+    IQM in that row's task (for the all-tasks row: the highest all-tasks IQM). `p_improve`,
+    `p_improve_lo`, `p_improve_hi`: P(agent > reference) on `compare_on` with its CI;
+    `paired_diff`, `paired_lo`, `paired_hi`: the mean per-seed difference agent - reference over
+    the seeds both played, with its CI; `paired_n`: those seeds. NaN on the reference's own row
+    and where no baseline was run.
     """
     missing = [c for c in ("task", "agent", *metrics) if c not in df.columns]
     if missing:
@@ -174,7 +271,64 @@ def summarize(
             out.at[i, "vs_best"] = (
                 "best" if i == best else ("overlaps" if overlaps(ci, best_ci) else "separate")
             )
+    if baselines is not None:
+        _compare_to_reference(out, df, baselines, compare_on, reps, confidence, seed)
     return out
+
+
+COMPARISON_COLUMNS = (
+    "reference",
+    "p_improve",
+    "p_improve_lo",
+    "p_improve_hi",
+    "paired_diff",
+    "paired_lo",
+    "paired_hi",
+    "paired_n",
+)
+
+
+def _compare_to_reference(out, df, baselines, metric, reps, confidence, seed) -> None:
+    """Fill COMPARISON_COLUMNS of `summarize`'s table `out` in place (see `summarize`)."""
+    if metric not in df.columns:
+        raise KeyError(f"compare_on={metric!r} is not a column of the episodes table")
+    for col in COMPARISON_COLUMNS:
+        out[col] = None if col == "reference" else float("nan")
+    for task, idx in out.groupby("task", sort=False).groups.items():
+        block = out.loc[idx]
+        candidates = block[block["agent"].isin(list(baselines))]
+        if candidates.empty:
+            continue
+        ref = candidates.at[candidates[f"{metric}_iqm"].idxmax(), "agent"]
+        rows = df if task == ALL_TASKS else df[df["task"] == task]
+        ref_rows = rows[rows["agent"] == ref]
+        for i in idx:
+            out.at[i, "reference"] = ref
+            agent = out.at[i, "agent"]
+            if agent == ref:
+                continue
+            mine = rows[rows["agent"] == agent]
+            tasks = list(dict.fromkeys(mine["task"]))
+            xs = [mine.loc[mine["task"] == t, metric].to_numpy(float) for t in tasks]
+            ys = [ref_rows.loc[ref_rows["task"] == t, metric].to_numpy(float) for t in tasks]
+            if any(y.size == 0 for y in ys):
+                continue
+            poi = probability_of_improvement(xs, ys, reps, confidence, seed)
+            # Pair by (task, seed): the same seed is the same context, data and init.
+            both = mine.merge(ref_rows, on=["task", "seed"], suffixes=("", "_ref"))
+            if both.duplicated(["task", "seed"]).any():
+                raise ValueError(f"agent {agent!r} or {ref!r} has a seed twice on one task")
+            diffs = [
+                (g[metric] - g[f"{metric}_ref"]).to_numpy(float)
+                for _, g in both.groupby("task", sort=False)
+            ]
+            row = {"p_improve": poi.estimate, "p_improve_lo": poi.lo, "p_improve_hi": poi.hi}
+            if diffs:
+                pd_ci = paired_difference(diffs, reps, confidence, seed)
+                row |= {"paired_diff": pd_ci.estimate, "paired_lo": pd_ci.lo}
+                row |= {"paired_hi": pd_ci.hi, "paired_n": len(both)}
+            for k, v in row.items():
+                out.at[i, k] = v
 
 
 def overlap_matrix(summary: pd.DataFrame, task: str, metric: str = "test_acc") -> pd.DataFrame:
@@ -225,6 +379,9 @@ def markdown_table(
     saying, per task, whether each agent's `rank_by` interval overlaps the best agent's."""
     headers = ["task", "agent", "n", *(COLUMNS.get(m, (m, "float"))[0] for m in metrics)]
     headers.append(f"vs best ({COLUMNS.get(rank_by, (rank_by,))[0]}) ¹")
+    compared = "reference" in summary.columns and summary["reference"].notna().any()
+    if compared:
+        headers += ["reference ²", "P(> reference) ²", "paired diff. ²"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, r in summary.iterrows():
         cells = [str(r["task"]), f"**{r['agent']}**" if r["best"] else str(r["agent"])]
@@ -236,6 +393,13 @@ def markdown_table(
                 f"{_fmt(r[f'{m}_hi'], kind)}]"
             )
         cells.append(str(r["vs_best"]))
+        if compared:
+            cells.append(str(r["reference"]) if pd.notna(r["reference"]) else "n/a")
+            for m in ("p_improve", "paired"):
+                est = r["p_improve" if m == "p_improve" else "paired_diff"]
+                cells.append(
+                    "–" if pd.isna(est) else f"{est:.2f} [{r[f'{m}_lo']:.2f}, {r[f'{m}_hi']:.2f}]"
+                )
         lines.append("| " + " | ".join(cells) + " |")
     pct = round(confidence * 100)
     lines += [
@@ -246,4 +410,11 @@ def markdown_table(
         "be seed noise; `separate`: it does not. "
         f"`{ALL_TASKS}`: IQM over every (task, seed) episode, seeds resampled within each task.",
     ]
+    if compared:
+        lines.append(
+            "² Against the reference: the strongest non-privileged baseline of the task (highest "
+            "IQM return). P(> reference): probability that a run of the agent beats a run of the "
+            "reference (0.5: neither), rliable's definition. Paired diff.: mean per-seed "
+            "return difference agent - reference on common seeds (same context, data and init)."
+        )
     return "\n".join(lines) + "\n"

@@ -65,8 +65,8 @@ class HostTrainer:
         # The optimizer holding the running seeds' param groups: the host's own when the task's
         # optimizer is Adam (one fused step for everything), else an Adam of their own.
         self.seed_optimizer: torch.optim.Optimizer | None = None
-        # kernel -> its param group; keyed by the object (not its id) so that a pickled copy of
-        # the env, whose kernels are new objects, still finds its groups and their Adam state.
+        # kernel -> its param group; keyed by the object (not its id) so that a copy of the env
+        # (pickle, env.fork), whose kernels are new objects, keeps its groups and Adam state.
         self._seed_groups: dict[nn.Module, dict] = {}
         self._seeds: list[tuple[KasminaLayer, object, list[torch.Tensor]]] = []
         self._seed_key: tuple = ()
@@ -162,8 +162,8 @@ class HostTrainer:
             for slot in layer.slots
             if slot.state in RUNNING and slot.optimizer is None and str(slot.index) in layer.kernels
         ]
-        key = tuple(id(kernel) for _, _, kernel in live)
-        if key == self._seed_key:
+        key = tuple(kernel for _, _, kernel in live)
+        if len(key) == len(self._seed_key) and all(a is b for a, b in zip(key, self._seed_key)):
             return
         self._seed_key = key
         seeds = [

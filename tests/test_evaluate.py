@@ -120,6 +120,19 @@ def test_summary_and_table_agree_with_the_csv(small_run):
         assert row["test_acc_hi"] >= row["test_acc_iqm"] - 1e-12
         assert row["n"] == 2
     assert (summary["vs_best"] == "best").sum() == 1
+    # The reference is the baseline with the highest IQM return; its paired columns are empty
+    # and every other agent's paired_diff is the mean of its per-seed return differences.
+    ref = summary.loc[summary["return_iqm"].idxmax(), "agent"]
+    assert (summary["reference"] == ref).all()
+    by_seed = df.pivot(index="seed", columns="agent", values="return")
+    for row in summary.to_dict("records"):
+        if row["agent"] == ref:
+            assert np.isnan(row["paired_diff"]) and np.isnan(row["p_improve"])
+            continue
+        diff = (by_seed[row["agent"]] - by_seed[ref]).mean()
+        assert row["paired_diff"] == pytest.approx(diff)
+        assert row["paired_lo"] <= row["paired_diff"] <= row["paired_hi"]
+        assert 0.0 <= row["p_improve_lo"] <= row["p_improve"] <= row["p_improve_hi"] <= 1.0
     md = (out / "results.md").read_text()
     assert md == result.table
     # One row per agent in the IQM table, one in the decision-quality table below it.
@@ -140,6 +153,7 @@ def test_summary_and_table_agree_with_the_csv(small_run):
 def test_figures_are_written_and_events_recorded(small_run):
     out, result = small_run
     assert_png(out / "pareto.png")
+    assert_png(out / "performance_profiles.png")
     assert_png(out / "lifecycle.png")
     df = result.episodes
     growing = df[df["params_added"] > 0].iloc[0]

@@ -1,15 +1,22 @@
-"""esper_gym.stats: IQM with fractional trimming, stratified bootstrap CIs, overlap logic."""
+"""esper_gym.stats: rliable's IQM and P(improvement), stratified bootstrap CIs, paired
+differences, performance profiles, overlap logic."""
 
 import numpy as np
 import pandas as pd
 import pytest
+from rliable import metrics as rly_metrics
+from scipy.stats import trim_mean
 
 from esper_gym.stats import (
     ALL_TASKS,
+    _poi,
     iqm,
     markdown_table,
     overlap_matrix,
     overlaps,
+    paired_difference,
+    performance_profile,
+    probability_of_improvement,
     stratified_bootstrap_ci,
     summarize,
 )
@@ -29,18 +36,20 @@ def test_iqm_of_multiples_of_four_drops_whole_quarters():
     assert iqm(x) == pytest.approx(np.mean([0, 10, 20, 1000]))
 
 
-def test_iqm_uses_fractional_trimming_for_five_values():
-    # Quantile cells of 0.2: [0.2, 0.4] overlaps [0.25, 0.75] by 0.15, [0.4, 0.6] by 0.2,
-    # [0.6, 0.8] by 0.15: weights 0.3, 0.4, 0.3 on the 2nd, 3rd and 4th values.
-    x = [10.0, 1.0, 2.0, 4.0, -10.0]  # sorted: -10, 1, 2, 4, 10
-    assert iqm(x) == pytest.approx(0.3 * 1 + 0.4 * 2 + 0.3 * 4)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7, 10, 13])
+def test_iqm_is_rliables_and_scipys_trim_mean(n):
+    # The definition published IQMs use: int(n/4) values cut whole from each end. With n = 5
+    # that is the mean of the middle three (the old fractional trimming gave 0.3/0.4/0.3).
+    x = np.random.default_rng(n).normal(size=n)
+    assert iqm(x) == pytest.approx(trim_mean(x, 0.25))
+    assert iqm(x) == pytest.approx(rly_metrics.aggregate_iqm(x[:, None]))
+    assert iqm([10.0, 1.0, 2.0, 4.0, -10.0]) == pytest.approx((1 + 2 + 4) / 3)
 
 
 def test_iqm_small_samples_and_constants():
     assert iqm([7.0]) == 7.0
     assert iqm([1.0, 3.0]) == pytest.approx(2.0)
-    # n = 3: cells of 1/3; the ends overlap by 1/12 each, the middle by 1/3.
-    assert iqm([0.0, 3.0, 6.0]) == pytest.approx((0 + 4 * 3 + 6) / 6)
+    assert iqm([0.0, 3.0, 6.0]) == pytest.approx(3.0)  # n < 4: nothing cut
     assert iqm(np.full(9, 0.42)) == pytest.approx(0.42)
 
 
@@ -192,3 +201,75 @@ def test_markdown_table_has_one_row_per_summary_row_and_the_footnote():
     assert "**b**" in rows[1] and "best" in rows[1]
     assert "separate" in rows[0]
     assert "stratified bootstrap" in md
+
+
+# --- probability of improvement, paired differences, profiles ----------------------------------
+
+
+def test_vectorised_poi_equals_rliables():
+    rng = np.random.default_rng(4)
+    for n, m in ((5, 5), (3, 7), (10, 4)):
+        x, y = rng.integers(0, 4, n).astype(float), rng.integers(0, 4, m).astype(float)  # ties
+        assert _poi(x, y) == pytest.approx(
+            rly_metrics.probability_of_improvement(x[:, None], y[:, None])
+        )
+
+
+def test_p_improvement_of_a_dominating_agent_is_one():
+    x = [[1.0, 1.1, 1.2, 1.3, 1.4], [5.0, 5.1, 5.2]]
+    y = [[0.0, 0.1, 0.2, 0.3, 0.4], [4.0, 4.1, 4.2]]
+    ci = probability_of_improvement(x, y, reps=500)
+    assert (ci.estimate, ci.lo, ci.hi) == (1.0, 1.0, 1.0)
+    back = probability_of_improvement(y, x, reps=500)
+    assert (back.estimate, back.lo, back.hi) == (0.0, 0.0, 0.0)
+    same = probability_of_improvement([[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0]], reps=500)
+    assert same.estimate == pytest.approx(0.5) and same.lo < 0.5 < same.hi
+    with pytest.raises(ValueError, match="same tasks"):
+        probability_of_improvement(x, y[:1])
+
+
+def test_paired_ci_is_narrower_than_unpaired_on_correlated_seeds():
+    # The seed (context, init) moves both agents by up to +-1; agent a is 0.1 better on each.
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0.0, 1.0, 12)
+    a = shared + 0.1 + rng.normal(0, 0.01, 12)
+    b = shared
+    ci_a = stratified_bootstrap_ci([a], reps=2000)
+    ci_b = stratified_bootstrap_ci([b], reps=2000)
+    assert ci_a.overlaps(ci_b)  # unpaired: cannot tell them apart
+    paired = paired_difference([a - b], reps=2000)
+    assert paired.estimate == pytest.approx(np.mean(a - b))
+    assert 0.08 < paired.lo < paired.hi < 0.12  # paired: a is better, and by about 0.1
+    assert (paired.hi - paired.lo) < 0.05 * min(ci_a.hi - ci_a.lo, ci_b.hi - ci_b.lo)
+
+
+def test_performance_profile_counts_runs_above_each_threshold():
+    prof, lo, hi = performance_profile([[1.0, 2.0, 3.0, 4.0]], [0.0, 1.5, 3.5, 5.0], reps=300)
+    assert prof.tolist() == [1.0, 0.75, 0.25, 0.0]
+    assert np.all(lo <= prof) and np.all(prof <= hi)
+    assert (lo[0], hi[0], lo[-1], hi[-1]) == (1.0, 1.0, 0.0, 0.0)
+
+
+def test_summarize_compares_with_the_strongest_non_privileged_baseline():
+    # Per seed: a shared offset; "agent" = "strong" + 0.5 on every seed, "weak" below both.
+    off = [0.0, 3.0, -2.0, 1.0, 5.0]
+    df = _episodes(
+        {
+            ("t1", "agent"): [o + 0.5 for o in off],
+            ("t1", "strong"): off,
+            ("t1", "weak"): [o - 1.0 for o in off],
+            ("t1", "oracle"): [o + 9.0 for o in off],
+        }
+    )
+    s = summarize(df, reps=500, baselines=["strong", "weak"]).set_index(["task", "agent"])
+    row = s.loc[("t1", "agent")]
+    assert row["reference"] == "strong"  # the oracle is not a baseline: never the reference
+    assert row["paired_diff"] == pytest.approx(5.0)  # return = 10 x test_acc
+    assert row["paired_lo"] == pytest.approx(5.0) and row["paired_hi"] == pytest.approx(5.0)
+    assert row["paired_n"] == 5
+    assert 0.5 < row["p_improve"] < 1.0  # unpaired: the seed offsets blur the comparison
+    assert np.isnan(s.loc[("t1", "strong"), "paired_diff"])
+    assert s.loc[("t1", "weak"), "paired_diff"] == pytest.approx(-10.0)
+    assert s.loc[("t1", "oracle"), "p_improve"] == pytest.approx(1.0)
+    md = markdown_table(s.reset_index())
+    assert "P(> reference)" in md and "5.00 [5.00, 5.00]" in md

@@ -1,4 +1,4 @@
-"""Baseline policies: NoOp, Random (masked) and a Heuristic growth rule.
+"""Baseline policies: NoOp, Random (masked), a Heuristic growth rule and an open-loop Schedule.
 
 They see only the observation (and its action mask), like every agent. The layout of the flat
 action space is recovered from the spaces, so one agent works on every task.
@@ -7,6 +7,7 @@ action space is recovered from the spaces, so one agent works on every task.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from gymnasium import spaces
@@ -140,15 +141,150 @@ class HeuristicAgent:
         return 0
 
 
-AGENTS = {"noop": NoOpAgent, "random": RandomAgent, "heuristic": HeuristicAgent}
+LAYER_RULES = ("first", "middle", "last", "next")
+PLANS_FILE = "schedule_plans.yaml"  # in esper_gym.config_dir(): experiments/tune_schedule.py
+
+
+@dataclass(frozen=True)
+class Germination:
+    """One entry of a schedule: at training progress `at` (0..1), germinate `blueprint` in the
+    layer that `layer` names: first, middle or last host layer, or `next` (the layer after the
+    previous germination's, wrapping; the first layer for the first germination)."""
+
+    at: float
+    blueprint: str
+    layer: str = "first"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.at, bool) or not isinstance(self.at, int | float):
+            raise ValueError(f"germination at={self.at!r} must be a progress fraction in [0, 1)")
+        if not 0 <= self.at < 1:
+            raise ValueError(f"germination at={self.at} must be a progress fraction in [0, 1)")
+        if self.layer not in LAYER_RULES:
+            raise ValueError(f"layer rule {self.layer!r}; allowed: {', '.join(LAYER_RULES)}")
+
+
+def parse_plan(plan) -> tuple[Germination, ...]:
+    """A plan from config: a list of {at, blueprint, layer} mappings (or Germinations)."""
+    if isinstance(plan, str | bytes) or not hasattr(plan, "__iter__"):
+        raise ValueError(f"a schedule plan is a list of {{at, blueprint, layer}}, got {plan!r}")
+    out = [g if isinstance(g, Germination) else Germination(**dict(g)) for g in plan]
+    return tuple(sorted(out, key=lambda g: g.at))
+
+
+def tuned_plan(task: str) -> tuple[Germination, ...]:
+    """The plan experiments/tune_schedule.py chose for `task` (conf/schedule_plans.yaml)."""
+    import yaml
+
+    from esper_gym import config_dir
+
+    path = config_dir() / PLANS_FILE
+    plans = yaml.safe_load(path.read_text()) or {}
+    if task not in plans:
+        raise ValueError(
+            f"no tuned schedule for task {task!r} in {path} (tuned: {', '.join(plans) or 'none'});"
+            f" run `python experiments/tune_schedule.py --task {task} --contexts train`, or pass"
+            " plan=[{at, blueprint, layer}, ...]"
+        )
+    return parse_plan(plans[task]["plan"])
+
+
+class ScheduleAgent:
+    """An open-loop plan: germinate each entry's blueprint when training progress reaches its
+    `at`, advance every live seed as soon as the mask allows, never cull, otherwise WAIT.
+
+    No decision reads telemetry (accuracy, loss, health, contributions): only the progress
+    clock, the seed states and the mask, so it plays the same plan in every context. A learned
+    controller that does not beat the best such plan has learned a schedule, not to react.
+    A due germination whose layer has no slot the mask allows goes to the next layer that has
+    one (in order, wrapping); if none does, it waits until one does (a seed finishing frees its
+    slot, the param budget may forbid it for good)."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        plan,
+        blueprints: tuple[str, ...] | None = None,
+    ) -> None:
+        from esper_gym.kernels.blueprints import DEFAULT_LIBRARY
+
+        self.layout = layout_from_spaces(observation_space, action_space)
+        self.blueprints = tuple(blueprints or DEFAULT_LIBRARY)[: self.layout.blueprints]
+        self.plan = parse_plan(plan)
+        for g in self.plan:
+            if g.blueprint not in self.blueprints:
+                raise ValueError(
+                    f"schedule blueprint {g.blueprint!r} is not in the task's library; "
+                    f"allowed: {', '.join(self.blueprints)}"
+                )
+        self.reset()
+
+    def reset(self) -> None:
+        self.done = 0  # plan entries germinated so far
+        self.last_layer = -1
+
+    def act(self, obs: Mapping[str, np.ndarray], info: dict | None = None) -> int:
+        mask, nodes = obs["action_mask"], obs["nodes"]
+        n_nodes = int(obs["node_mask"].sum())
+        progress = float(obs["globals"][G["progress"]])
+        if progress == 0 and self.done:  # a new episode (progress restarts): replay the plan
+            self.reset()
+        lay = self.layout
+        if self.done < len(self.plan) and progress >= self.plan[self.done].at:
+            g = self.plan[self.done]
+            b = self.blueprints.index(g.blueprint)
+            first = {
+                "first": 0,
+                "middle": (n_nodes - 1) // 2,
+                "last": n_nodes - 1,
+                "next": (self.last_layer + 1) % n_nodes,
+            }[g.layer]
+            for k in range(n_nodes):
+                n = (first + k) % n_nodes
+                for s in range(lay.slots):
+                    a = lay.encode(Action(GERMINATE, n, s, b))
+                    if mask[a]:
+                        self.done += 1
+                        self.last_layer = n
+                        return a
+        for n in range(n_nodes):
+            for s in range(lay.slots):
+                state = SeedState(int(np.argmax(_slot_states(nodes[n], s))))
+                a = lay.encode(Action(ADVANCE, n, s))
+                if state in _LIVE and mask[a]:
+                    return a
+        return 0
+
+
+_LIVE = (SeedState.GERMINATED, SeedState.TRAINING, SeedState.BLENDING, SeedState.PROBATION)
+
+
+def _slot_states(node: np.ndarray, s: int) -> np.ndarray:
+    base = len(NODE_FEATURES) + s * len(SLOT_FEATURES)
+    return node[base : base + len(SeedState)]
+
+
+AGENTS = {
+    "noop": NoOpAgent,
+    "random": RandomAgent,
+    "heuristic": HeuristicAgent,
+    "schedule": ScheduleAgent,
+}
+# Agents with access no deployed controller has (e.g. forks of the running episode): upper
+# references, never the "strongest baseline" a learned controller is compared with.
+PRIVILEGED: frozenset[str] = frozenset()
 
 
 def make_agent(name: str, env, **kwargs):
     """A baseline by name for `env` (uses only its spaces and, for the heuristic, its blueprints)."""
     if name not in AGENTS:
         raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(AGENTS)}")
-    if name == "heuristic" and "blueprints" not in kwargs:
+    if name in ("heuristic", "schedule") and "blueprints" not in kwargs:
         kwargs["blueprints"] = env.unwrapped.task.blueprints
+    if name == "schedule" and kwargs.get("plan") is None:
+        # The plan tuned on the task's train contexts (the base task: contexts vary its fields).
+        kwargs["plan"] = tuned_plan(env.unwrapped.base_task.name)
     return AGENTS[name](env.observation_space, env.action_space, **kwargs)
 
 
