@@ -216,6 +216,17 @@ class HostTrainer:
         flags = torch.isfinite(values).tolist()
         if all(flags):  # finite norms whose sum overflowed
             return True
+        if flags[0] and not all(flags[1 : 1 + len(host)]):
+            # A coupled seed's backward poisoned the host: the NaN also flows into every seed
+            # upstream of it, so those seeds are not at fault; only the culprits are culled.
+            for layer, slot in self._culprits(x, y):
+                layer.quarantine(
+                    slot.index,
+                    "host_grad",
+                    "its backward sent NaN/Inf into the host's gradients; host step skipped",
+                )
+            self.model.zero_grad(set_to_none=True)  # the whole step is skipped, seeds' too
+            return False
         at = 1 + len(host)
         for (layer, slot, params), seed in zip(self._seeds, seeds):
             if not all(flags[at : at + len(seed)]):
@@ -223,16 +234,7 @@ class HostTrainer:
                     p.grad = None
                 layer._fault(slot, "nonfinite_grad", "kernel gradient contains NaN or Inf")
             at += len(seed)
-        if all(flags[1 : 1 + len(host)]) or not flags[0]:
-            return True
-        for layer, slot in self._culprits(x, y):
-            layer.quarantine(
-                slot.index,
-                "host_grad",
-                "its backward sent NaN/Inf into the host's gradients; host step skipped",
-            )
-        self.model.zero_grad(set_to_none=True)  # the whole step is skipped, seeds' too
-        return False
+        return True
 
     def _culprits(self, x: torch.Tensor, y: torch.Tensor) -> list:
         """(layer, slot) of the coupled seeds whose backward turned a finite gradient into a

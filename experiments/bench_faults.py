@@ -64,7 +64,13 @@ from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.kasmina import SeedState
 from esper_gym.kernels import compile_blueprint
 from esper_gym.kernels.blueprints import BLUEPRINTS, FAULT_LIBRARY
-from esper_gym.kernels.hostile import case_collision, file_writer, input_mutator
+from esper_gym.kernels.hostile import (
+    Float64Delta,
+    NanBackward,
+    case_collision,
+    file_writer,
+    input_mutator,
+)
 from esper_gym.tasks import TASKS
 
 ENV_ID = "Esper/SpiralsFaulty-v0"
@@ -80,30 +86,6 @@ DAMAGED = "low_rank"  # the recipe damaged in the store, germinated on fc1
 CORRUPTIONS = ("flip", "truncate", "pickle", "mutating_op", "from_file", "case_collision")
 
 
-class _NanBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 0
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full_like(g, float("nan"))
-
-
-class NanBackward(torch.nn.Module):
-    """Exact zero delta; NaN gradient into whatever it read (the host, once BLENDING)."""
-
-    def forward(self, x):
-        return _NanBackward.apply(x)
-
-
-class Float64(torch.nn.Module):
-    """Right shape, wrong dtype: `h + delta` would promote the host's activations."""
-
-    def forward(self, x):
-        return (x * 0).double()
-
-
 @dataclass(frozen=True)
 class Injected:
     """A misbehaving kernel put straight into a slot (past artifact validation)."""
@@ -117,7 +99,7 @@ class Injected:
 
 # Add a kind here: the plan, the book-keeping and the checks pick it up.
 INJECTED = {
-    "inject_float64": Injected(Float64, "dtype", "training", lambda m: m, "circuit breaker"),
+    "inject_float64": Injected(Float64Delta, "dtype", "training", lambda m: m, "circuit breaker"),
     "inject_nan_backward": Injected(NanBackward, "host_grad", "blending", lambda m: 1, "host_grad"),
 }
 FAULT_NAMES = frozenset({*FAULT_KIND, *INJECTED})

@@ -32,6 +32,7 @@ from esper_gym.kernels.compiler import op_schema_problem
 from esper_gym.kernels.hostile import (
     evil_sample_inputs,
     file_writer,
+    graph_node,
     input_mutator,
     plain_zip,
 )
@@ -467,20 +468,10 @@ def _with_doublings(artifact, times):
     first = graph["nodes"][0]["inputs"][0]["arg"]["as_tensor"]["name"]
     prev, width, new = first, SHAPE[0], []
 
-    def node(target, inputs, out):
-        return {
-            "target": target,
-            "inputs": inputs,
-            "outputs": [{"as_tensor": {"name": out}}],
-            "metadata": {},
-            "is_hop_single_tensor_return": None,
-            "name": out,
-        }
-
     for i in range(times):
         out, width = f"dbl{i}", width * 2
         new.append(
-            node(
+            graph_node(
                 "torch.ops.aten.cat.default",
                 [
                     {"name": "tensors", "arg": {"as_tensors": [{"name": prev}] * 2}, "kind": 1},
@@ -499,7 +490,7 @@ def _with_doublings(artifact, times):
         {"name": "start", "arg": {"as_int": 0}, "kind": 1},
         {"name": "end", "arg": {"as_int": SHAPE[0]}, "kind": 1},
     ]
-    new.append(node("torch.ops.aten.slice.Tensor", cut, "cut"))
+    new.append(graph_node("torch.ops.aten.slice.Tensor", cut, "cut"))
     values["cut"] = copy.deepcopy(values[first])
     values["cut"]["strides"][0] = {"as_int": width}
     graph["nodes"][0]["inputs"][0]["arg"]["as_tensor"]["name"] = "cut"

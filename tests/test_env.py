@@ -13,6 +13,7 @@ from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.data import DatasetNotFoundError
 from esper_gym.env import MorphogeneticEnv
 from esper_gym.kasmina import SeedState
+from esper_gym.kernels.hostile import Float64Delta, NanBackward
 from esper_gym.tasks import Task, get_task
 from tests.conftest import SMALL, small_kwargs, write_tiny_cifar
 
@@ -235,28 +236,6 @@ def test_cifar10_env_reads_the_pickle_batches(tmp_path, kernel_dir):
     assert env.unwrapped.data.input_shape == (3, 32, 32)
     assert obs["nodes"][0][1] == 1.0  # first node is a conv layer
     MorphogeneticEnv.step(env.unwrapped, 0)
-
-
-class _NanBackward(torch.autograd.Function):
-    """Forward: an exact zero delta. Backward: NaN into whatever the kernel read."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x * 0
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full_like(g, float("nan"))
-
-
-class NanBackward(torch.nn.Module):
-    def forward(self, x):
-        return _NanBackward.apply(x)
-
-
-class Float64Delta(torch.nn.Module):
-    def forward(self, x):
-        return (x * 0).double()
 
 
 class Zero(torch.nn.Module):

@@ -17,6 +17,7 @@ from esper_gym.kasmina import (
     check_transition,
 )
 from esper_gym.kasmina.telemetry import activation_stats
+from esper_gym.kernels.hostile import Float64Delta
 
 S = SeedState
 
@@ -334,11 +335,6 @@ class NanGrad(nn.Module):
         return x * 0 + torch.sqrt(self.w - self.w.detach()) * 0
 
 
-class Float64(nn.Module):
-    def forward(self, x):
-        return (x * 0).double()  # right shape, wrong dtype: `h + delta` would promote the host
-
-
 class OtherDevice(nn.Module):
     def forward(self, x):
         return torch.zeros_like(x, device="meta")  # right shape and dtype, wrong device
@@ -351,7 +347,7 @@ class OtherDevice(nn.Module):
         (Nan(), "nonfinite"),
         (WrongShape(), "shape"),
         (Slow(), "slow"),
-        (Float64(), "dtype"),
+        (Float64Delta(), "dtype"),
         (OtherDevice(), "device"),
     ],
 )
@@ -408,7 +404,7 @@ def test_seed_config_rejects_bad_values():
 
 def test_wrong_dtype_message_names_both_dtypes():
     layer = two_layer(blend_steps=1)[0]
-    to_state(layer, 0, S.PROBATION, Float64())
+    to_state(layer, 0, S.PROBATION, Float64Delta())
     out = layer(torch.randn(4, 2))
     assert out.dtype == torch.float32
     _, faults = layer.drain()

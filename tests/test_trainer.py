@@ -130,3 +130,25 @@ def test_contributions_use_the_fixed_subset(tmp_path):
     u.trainer.evaluate = spy
     u.trainer.measure_contributions(acc)
     assert calls == [u.task.contribution_size]  # one extra pass, on the subset only
+
+
+def test_a_poisoned_host_gradient_faults_only_its_culprit(tmp_path):
+    from esper_gym.kernels.hostile import NanBackward
+
+    u = _env(tmp_path)
+    upstream = _germinate(u, 0, 0)
+    for _ in range(2):
+        u.layers[0].advance(0)  # BLENDING: the NaN from downstream reaches its gradients too
+    u.layers[1].germinate(0, NanBackward(), "nan_backward")
+    for _ in range(2):
+        u.layers[1].advance(0)
+    u.trainer.run_interval(1)  # alpha 0 on the first blending step: the culprit does not run yet
+    assert u.layers[1].drain()[1] == []
+    before = [p.detach().clone() for p in upstream.parameters()]
+    u.trainer.run_interval(1)
+    _, upstream_faults = u.layers[0].drain()
+    _, culprit_faults = u.layers[1].drain()
+    assert upstream_faults == []  # passing the NaN on is not a fault of its own
+    assert [f.kind for f in culprit_faults] == ["host_grad"]
+    assert all(torch.equal(a, b) for a, b in zip(before, upstream.parameters()))  # step skipped
+    assert u.layers[0].slots[0].state == SeedState.BLENDING

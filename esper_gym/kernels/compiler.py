@@ -795,9 +795,14 @@ def _dry_run(graph: torch.fx.GraphModule, tensors: list, input_name: str, batch:
     """Run the graph once on the meta device (shapes only: no memory, no arithmetic) before
     it ever runs for real: KernelRejected if its intermediates need more than
     MAX_BYTES_PER_SAMPLE per sample, or its output is not the shape its graph declares."""
-    node = next(n for n in graph.graph.nodes if n.op == "placeholder" and n.name == input_name)
-    feature_shape = tuple(int(d) for d in node.meta["val"].shape[1:])
-    (out_node,) = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    placeholders = {n.name: n for n in graph.graph.nodes if n.op == "placeholder"}
+    outputs = [n for n in graph.graph.nodes if n.op == "output"]
+    if input_name not in placeholders or len(outputs) != 1 or len(outputs[0].args[0]) != 1:
+        raise KernelRejected(
+            "a kernel's graph takes its input as a placeholder, returns one tensor"
+        )
+    feature_shape = tuple(int(d) for d in placeholders[input_name].meta["val"].shape[1:])
+    (out_node,) = outputs[0].args[0]
     declared = tuple(int(d) for d in out_node.meta["val"].shape[1:])
     budget = batch * MAX_BYTES_PER_SAMPLE
     used = 0

@@ -3,7 +3,8 @@
 Each builder takes a genuine artifact and returns bytes that would do harm if torch loaded and
 ran them (`tests/test_artifact_security.py` shows that for the ones where it is cheap). The
 validator must refuse every one; the reliability benchmark (`experiments/bench_faults.py`) puts
-them in a kernel store under a genuine recipe, as a poisoned shared store would.
+them in a kernel store under a genuine recipe, as a poisoned shared store would. The modules at
+the end misbehave at run time instead, as a kernel that passed validation still may.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def case_collision(artifact: bytes, marker: str | pathlib.Path) -> bytes:
     return plain_zip(content)
 
 
+def graph_node(target: str, inputs: list, out: str) -> dict:
+    """One node of a serialized graph (model.json), calling `target`, output tensor `out`."""
+    return {
+        "target": target,
+        "inputs": inputs,
+        "outputs": [{"as_tensor": {"name": out}}],
+        "metadata": {},
+        "is_hop_single_tensor_return": None,
+        "name": out,
+    }
+
+
 def file_writer(artifact: bytes, path: str | pathlib.Path) -> bytes:
     """The graph first maps `path` (aten.from_file, shared) and fills it with b"A" (fill_): a
     write to an attacker-chosen file the first time the kernel runs."""
@@ -79,18 +92,8 @@ def file_writer(artifact: bytes, path: str | pathlib.Path) -> bytes:
     }
     graph["tensor_values"].update(mapped=byte, filled=dict(byte))
 
-    def node(target: str, inputs: list, out: str) -> dict:
-        return {
-            "target": target,
-            "inputs": inputs,
-            "outputs": [{"as_tensor": {"name": out}}],
-            "metadata": {},
-            "is_hop_single_tensor_return": None,
-            "name": out,
-        }
-
     graph["nodes"][:0] = [
-        node(
+        graph_node(
             "torch.ops.aten.from_file.default",
             [
                 {"name": "filename", "arg": {"as_string": str(path)}, "kind": 1},
@@ -100,7 +103,7 @@ def file_writer(artifact: bytes, path: str | pathlib.Path) -> bytes:
             ],
             "mapped",
         ),
-        node(
+        graph_node(
             "torch.ops.aten.fill_.Scalar",
             [
                 {"name": "self", "arg": {"as_tensor": {"name": "mapped"}}, "kind": 1},
@@ -129,3 +132,30 @@ def input_mutator(shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
+
+
+# --- kernels that pass validation and misbehave at run time ---------------------------------------
+
+
+class _NanBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 0
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+class NanBackward(nn.Module):
+    """Exact zero delta; NaN gradient into whatever it read (the host, once BLENDING)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NanBackward.apply(x)
+
+
+class Float64Delta(nn.Module):
+    """Right shape, wrong dtype: `h + delta` would promote the host's activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 0).double()
