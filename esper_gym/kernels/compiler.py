@@ -739,7 +739,8 @@ class Kernel(nn.Module):
 
 def _rebuild_kernel(artifact: bytes, meta_json: str | None, tensors: list, training: bool):
     meta = KernelMetadata.from_json(meta_json) if meta_json is not None else None
-    template = KernelTemplate.from_program(load_artifact(artifact, meta))
+    _, canonical = validated_archive(artifact, meta)
+    template = KernelTemplate.from_program(torch.export.load(io.BytesIO(canonical)))
     if len(tensors) != len(template.tensors):
         raise KernelRejected(f"pickled kernel has {len(tensors)} tensors, its graph takes more")
     kernel = Kernel(template.graph, template.names, tensors, artifact, meta)
