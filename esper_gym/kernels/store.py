@@ -202,9 +202,8 @@ class KernelStore:
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         self._real_dir(self.root / "objects")
         self._sweep_tmp()
+        self._use_wal()
         with self._db() as db:
-            # WAL lets readers proceed while a writer commits; the setting persists in the file.
-            db.execute("PRAGMA journal_mode=WAL")
             for statement in _SCHEMA:
                 db.execute(statement)
             # The index file is the store's too: a view or trigger in it would be SQL of the
@@ -221,6 +220,24 @@ class KernelStore:
                 raise KernelRejected(
                     f"store index at {self.root}: unexpected schema objects {extra}"
                 )
+
+    def _use_wal(self) -> None:
+        # WAL lets readers proceed while a writer commits; the setting persists in the file.
+        # Two processes switching a fresh index to WAL at once deadlock on the lock upgrade, and
+        # SQLite answers one of them SQLITE_BUSY at once, without its busy handler: retry that.
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.002
+        while True:
+            try:
+                with self._db() as db:
+                    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 0.1)
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
