@@ -121,15 +121,23 @@ def test_contributions_use_the_fixed_subset(tmp_path):
     u.trainer.run_interval(8)
     acc, _ = u.trainer.evaluate()
     calls = []
-    real = u.trainer.evaluate
+    real = u.trainer._accuracy
 
-    def spy(x=None, y=None):
-        calls.append(None if x is None else len(x))
+    def spy(x, y):
+        calls.append(len(x))
         return real(x, y)
 
-    u.trainer.evaluate = spy
+    u.trainer._accuracy = spy
     u.trainer.measure_contributions(acc)
     assert calls == [u.task.contribution_size]  # one extra pass, on the subset only
+    # The lean pass gives what `evaluate` gives: the TRAINING seed's effect at alpha 1.
+    n = u.task.contribution_size
+    assert u.layers[0].slots[0].state == SeedState.TRAINING
+    with u.layers[0].seed_override(0, 1.0):
+        on, _ = u.trainer.evaluate(u.trainer.x_val[:n], u.trainer.y_val[:n])
+    current, _ = u.trainer.evaluate(u.trainer.x_val[:n], u.trainer.y_val[:n])
+    assert on != current
+    assert u.layers[0].slots[0].contribution == on - current
 
 
 def test_a_poisoned_host_gradient_faults_only_its_culprit(tmp_path):
