@@ -186,6 +186,10 @@ class EnvConf:
     # sync: one process (gymnasium SyncVectorEnv, SB3 DummyVecEnv); async: one process per env
     # (AsyncVectorEnv / SubprocVecEnv, spawn context)
     vectorization: str = "sync"
+    # null: every episode is the task as configured; train: each training episode draws a train
+    # context (esper_gym.contexts) and the evaluation after training plays test contexts
+    contexts: str | None = None
+    show_context: bool = False  # append the context's factors to the observation's globals
 
 
 class AgentKind(enum.Enum):
@@ -451,6 +455,11 @@ def validate(cfg: DictConfig) -> Task:
         raise ConfigError(f"env.vectorization={cfg.env.vectorization!r}; allowed: sync, async")
     if cfg.env.telemetry not in ("off", "measured"):
         raise ConfigError(f"env.telemetry={cfg.env.telemetry!r}; allowed: off, measured")
+    if cfg.env.get("contexts") not in (None, "train"):
+        raise ConfigError(
+            f"env.contexts={cfg.env.contexts!r}; allowed: null (the configured task), train "
+            "(evaluation then plays the held-out test contexts; never train on them)"
+        )
     _positive(cfg.eval.episodes, "eval.episodes", allow_zero=True)
     # Episode seeds go to numpy, which refuses negative ones: fail here, not after training.
     for key, value in (("seed", cfg.seed), ("eval.first_seed", cfg.eval.first_seed)):
@@ -512,6 +521,10 @@ def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
     kwargs["kernel_dir"] = cfg.env.kernel_dir
     if cfg.env.get("telemetry") not in (None, "off"):
         kwargs["telemetry"] = cfg.env.telemetry
+    if cfg.env.get("contexts") is not None:
+        kwargs["contexts"] = cfg.env.contexts
+    if cfg.env.get("show_context"):
+        kwargs["show_context"] = True
     return functools.partial(make_env, cfg.task.env_id, cfg.threads, **kwargs)
 
 
@@ -692,7 +705,8 @@ def run(cfg: DictConfig, run_dir: str | pathlib.Path) -> dict[str, Any]:
         results.update(global_step=step, checkpoint=ckpt and str(ckpt))
         results["train_s"] = time.perf_counter() - start
 
-        env = make()
+        # Trained on train contexts: scored on the held-out test contexts, as evaluate does.
+        env = make(contexts="test") if cfg.env.get("contexts") == "train" else make()
         seeds = [cfg.eval.first_seed + i for i in range(cfg.eval.episodes)]
         players = {agent_name: act}
         for name in cfg.eval.compare:

@@ -244,5 +244,19 @@ def test_bad_validation_values():
         train.validate(load("eval.compare=[oracle]"))
     with pytest.raises(train.ConfigError, match=r"env\.vectorization"):
         train.validate(load("env.vectorization=threads"))
+    with pytest.raises(train.ConfigError, match=r"env\.contexts='test'.*allowed: null"):
+        train.validate(load("env.contexts=test"))  # training on held-out contexts: refused
     with pytest.raises(train.ConfigError, match=r"resume"):
         train.validate(load("agent=noop", "resume=somewhere"))
+
+
+def test_env_contexts_reach_the_training_env():
+    make = train.env_factory(load("env.contexts=train", "env.show_context=true"))
+    env = make()
+    _, info = env.reset(seed=3)
+    assert env.unwrapped.contexts == "train" and info["context"]["split"] == "train"
+    plain = train.env_factory(load())()
+    # show_context appends one value per factor to the globals.
+    extra = env.observation_space["globals"].shape[0] - plain.observation_space["globals"].shape[0]
+    assert extra > 0
+    assert make(contexts="test").unwrapped.contexts == "test"

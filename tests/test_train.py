@@ -351,3 +351,26 @@ def test_readme_recipe_own_host_and_dataset_from_own_config_dir(tmp_path):
     assert episode["host_params"] == static["host_params"] == 420
     assert episode["params_added"] > 0 and static["params_added"] == 0
     assert 0.5 < static["test_acc"] <= 1  # four well separated blobs: far above chance
+
+
+def test_trained_on_train_contexts_is_scored_on_test_contexts(tmp_path):
+    run = tmp_path / "run"
+    overrides = ["agent.ppo.total_steps=16", "agent.ppo.rollout_steps=8", "env.num_envs=1"]
+    train(
+        tmp_path,
+        *overrides,
+        "env.contexts=train",
+        "eval.episodes=2",
+        "eval.compare=[noop]",
+        "logger=none",
+        f"hydra.run.dir={run}",
+    )
+    results = json.loads((run / "results.json").read_text())
+    for name in ("tamiyo", "noop"):
+        episodes = results["eval"][name]["episodes"]
+        assert [e["contexts"] for e in episodes] == ["test", "test"]
+        assert all(e["context_index"] >= 0 for e in episodes)
+    # Paired: both agents met the same test contexts on the same seeds.
+    assert [e["context_index"] for e in results["eval"]["tamiyo"]["episodes"]] == [
+        e["context_index"] for e in results["eval"]["noop"]["episodes"]
+    ]
