@@ -6,7 +6,7 @@ python -m esper_gym.evaluate agents=[tamiyo,heuristic,random,noop] checkpoints.t
 python -m esper_gym.evaluate tasks=[spirals] seeds=2 task_overrides.spirals.max_epochs=4
 python -m esper_gym.evaluate tasks=[spirals,spirals_deep] ...  # a variant: another host graph
 python -m esper_gym.evaluate 'tasks=[spirals]' contexts=test   # held-out contexts (esper_gym.contexts)
-python -m esper_gym.evaluate 'agents=[schedule,lookahead,noop]' contexts=test oracle.selection_seeds=2
+python -m esper_gym.evaluate 'agents=[schedule,lookahead,noop]' contexts=test oracle.family.counts=[1]
 python -m esper_gym.evaluate -m reward.weights.param_cost=0,0.2,1  # writes result.json per job
 ```
 
@@ -17,8 +17,9 @@ What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
    `agent_kwargs.<name>`; `random` is seeded with the episode seed; `lookahead` is built with
    the env itself and forks it, in the worker that plays) or any name with a Tamiyo checkpoint
    in `checkpoints` (a `checkpoint.pt` or the train run dir holding it), acting greedily. A
-   task is a registered task name or a `variants` entry (`{task: <registered>, <Task field>: value, ...}`, e.g. `spirals_deep`:
-   spirals on a 3-hidden-layer host); `task_overrides.<name>.<field>` replaces Task fields.
+   task is a registered task name or a `variants` entry (`{task: <registered>, <Task field>:
+   value, ...}`, e.g. `spirals_deep`: spirals on a 3-hidden-layer host);
+   `task_overrides.<name>.<field>` replaces Task fields.
    `contexts=train|test` makes every env draw a context of that split at each reset (from the
    episode seed: every agent meets the same contexts); null plays the fixed tasks.
 2. Runs the jobs in a process pool of `n_jobs` spawned workers (1: in this process), each
@@ -970,7 +971,7 @@ def _schemas():
         "OracleConf",
         [
             ("enabled", bool, field(default=True)),
-            ("selection_seeds", int, field(default=1)),
+            ("selection_seeds", int, field(default=2)),
             ("selection_first_seed", int, field(default=2_000_000)),
             ("family", family_conf, sub(family_conf)),
         ],

@@ -15,8 +15,10 @@ which plan suits the context could gain over the best fixed plan. A context set 
 controllers only where this is well above the noise of a paired comparison.
 
 Cost: (plans in the family) x `selection_seeds` episodes per distinct scored context, plus one
-episode per scored seed. The spirals family has 57 plans and fashion_mnist's 21; a smaller
-`family` (fields replacing the tuned family's) keeps a quick run quick.
+episode per scored seed. The spirals family has 57 plans and fashion_mnist's 21; with the
+default 2 selection seeds and 5 scored seeds that is up to 570 + 210 short episodes, about 1 s
+each on one busy CPU thread (measured: 114 spirals selection episodes in 2 minutes of one
+worker). A smaller `family` (fields replacing the tuned family's) keeps a quick run quick.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class OracleConfig:
     fields keep the tuned ones, so `{counts: [1]}` searches its single-germination plans."""
 
     enabled: bool = True
-    selection_seeds: int = 1
+    selection_seeds: int = 2
     selection_first_seed: int = 2_000_000
     family: Mapping[str, Sequence] = field(default_factory=dict)
 
