@@ -18,9 +18,13 @@ TELEMETRY = ("cache_hit_rate", "cache_hits", "kernel_loads", "kernel_compiles")
 
 
 def play_episode(
-    env: gym.Env, act: Callable[[dict], int], seed: int | None = None
+    env: gym.Env,
+    act: Callable[[dict], int],
+    seed: int | None = None,
+    options: dict | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
-    """Play one episode with `act(obs) -> action`; return (metrics, lifecycle events).
+    """Play one episode with `act(obs) -> action` from `env.reset(seed=seed, options=options)`;
+    return (metrics, lifecycle events).
 
     Metrics: return, length, final val/test accuracy, params (host + kernels), host_params,
     params_added, faults, invalid actions, interventions (valid non-WAIT actions), diverged,
@@ -35,7 +39,7 @@ def play_episode(
     the episode, in order.
     """
     start = time.perf_counter()
-    obs, info = env.reset(seed=seed)
+    obs, info = env.reset(seed=seed, options=options)
     context = info.get("context")
     events = list(info["events"])
     total, steps, invalid, faults, interventions = 0.0, 0, 0, 0, 0

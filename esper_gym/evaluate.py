@@ -6,33 +6,44 @@ python -m esper_gym.evaluate agents=[tamiyo,heuristic,random,noop] checkpoints.t
 python -m esper_gym.evaluate tasks=[spirals] seeds=2 task_overrides.spirals.max_epochs=4
 python -m esper_gym.evaluate tasks=[spirals,spirals_deep] ...  # a variant: another host graph
 python -m esper_gym.evaluate 'tasks=[spirals]' contexts=test   # held-out contexts (esper_gym.contexts)
+python -m esper_gym.evaluate 'agents=[schedule,lookahead,noop]' contexts=test oracle.family.counts=[1]
 python -m esper_gym.evaluate -m reward.weights.param_cost=0,0.2,1  # writes result.json per job
 ```
 
 What a run does (`evaluate(...)`, plain values in, nothing Hydra below `main`):
 1. Builds one job per (agent, task, seed): seeds `first_seed + i`, the held-out seeds of
    `esper_gym.train`'s evaluation (disjoint from its training seeds), the same for every agent.
-   An agent is a baseline name (`esper_gym.agents.baselines.make_agent`; `random` is seeded with the
-   episode seed) or any name with a Tamiyo checkpoint in `checkpoints` (a `checkpoint.pt` or
-   the train run dir holding it), acting greedily. A task is a registered task name or a
-   `variants` entry (`{task: <registered>, <Task field>: value, ...}`, e.g. `spirals_deep`:
-   spirals on a 3-hidden-layer host); `task_overrides.<name>.<field>` replaces Task fields.
+   An agent is a baseline name (`esper_gym.agents.baselines.make_agent` with
+   `agent_kwargs.<name>`; `random` is seeded with the episode seed; `lookahead` is built with
+   the env itself and forks it, in the worker that plays) or any name with a Tamiyo checkpoint
+   in `checkpoints` (a `checkpoint.pt` or the train run dir holding it), acting greedily. A
+   task is a registered task name or a `variants` entry (`{task: <registered>, <Task field>:
+   value, ...}`, e.g. `spirals_deep`: spirals on a 3-hidden-layer host);
+   `task_overrides.<name>.<field>` replaces Task fields.
    `contexts=train|test` makes every env draw a context of that split at each reset (from the
    episode seed: every agent meets the same contexts); null plays the fixed tasks.
 2. Runs the jobs in a process pool of `n_jobs` spawned workers (1: in this process), each
    episode exactly reproducible from its seed: the numbers do not depend on `n_jobs`.
+   With `contexts` and `oracle.enabled`, the same pool also plays the per-context oracle's
+   selection episodes (every plan of the schedule family in every context a scored seed plays,
+   on `oracle.selection_seeds` seeds that are never scored: `esper_gym.oracle`), then one
+   `oracle` episode per (task, seed) with the plan chosen for its context.
 3. Writes to `out_dir`: `episodes.csv` (one row per episode, columns `CSV_COLUMNS` then
-   `reward/<component>` summed over the episode), `events.jsonl` (every seed-lifecycle event of
-   every episode, tagged with agent/task/seed), `replays.json` (env id, env kwargs, context,
-   seed, actions, return and test accuracy of every episode: `python -m esper_gym.validate`
-   replays them and checks the numbers), `summary.csv` (per task and agent: IQM and 95%
+   `reward/<component>` summed over the episode; `cost_steps`, `cost_s`: env steps the agent
+   simulated on forks and their seconds, 0 for agents that only act), `events.jsonl` (every
+   seed-lifecycle event of every episode, tagged with agent/task/seed), `replays.json` (env id,
+   env kwargs, context, seed, actions, return and test accuracy of every episode: `python -m
+   esper_gym.validate` replays them and checks the numbers), `summary.csv` (per task and agent: IQM and 95%
    stratified-bootstrap CI of each metric, and whether its interval overlaps the best agent's;
-   against the strongest non-privileged baseline of the task (`reference`): P(improvement)
-   `p_improve[_lo,_hi]` and the paired per-seed difference `paired_diff`, `paired_lo`,
-   `paired_hi` of the return; then the decision metrics of `decision_summary`), `results.md`
-   (the Markdown tables, headed by the contexts played), `pareto.png`,
-   `performance_profiles.png`, `lifecycle.png` (one episode's seed
-   timeline), `learning_curves.png` / `reward_sweep.png` when their inputs are given, and
+   `privileged`: an upper reference, not a competitor (the PRIVILEGED baselines such as
+   lookahead, and the oracle; marked † in results.md); against the strongest non-privileged
+   baseline of the task (`reference`): P(improvement) `p_improve[_lo,_hi]` and the paired
+   per-seed difference `paired_diff`, `paired_lo`, `paired_hi` of the return; then the
+   decision metrics of `decision_summary`; on the oracle's rows `value_of_reacting[_lo,_hi,_n]`:
+   oracle - schedule, paired on common seeds), `results.md` (the Markdown tables, headed by the
+   contexts played, then the cost of agents that simulate before acting and the value of
+   reacting), `oracle_selection.csv` (every selection episode, the plan chosen per context),
+   `pareto.png`, `performance_profiles.png`, `lifecycle.png` (one episode's seed timeline), `learning_curves.png` / `reward_sweep.png` when their inputs are given, and
    `result.json` (config, summary rows, file names: what a multirun sweep plot reads).
 4. With `logger=wandb`, logs every episode, the IQMs, the table and the figures to W&B.
 
@@ -60,6 +71,7 @@ import numpy as np
 import pandas as pd
 
 from esper_gym import config_dir, plots, stats, validate
+from esper_gym import oracle as oracle_lib
 from esper_gym.episode import play_episode
 from esper_gym.tasks import TASKS, Task, get_task
 
@@ -97,9 +109,19 @@ CSV_COLUMNS = (
     "false_positive_rate",
     "first_useful_progress",
     "plan",
+    "cost_steps",
+    "cost_s",
 )
 # Metrics of the summary table: per (task, agent), IQM and CI of each.
-SUMMARY_METRICS = ("test_acc", "val_acc", "params_added", "return", "faults", "wall_s")
+SUMMARY_METRICS = (
+    "test_acc",
+    "val_acc",
+    "params_added",
+    "return",
+    "faults",
+    "wall_s",
+    "cost_steps",
+)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -177,6 +199,9 @@ class Job:
     greedy: bool = True
     threads: int | None = 1
     contexts: str | None = None  # "train"/"test": each reset draws a context of that split
+    agent_kwargs: Mapping[str, Any] | None = None  # a baseline's settings (make_agent kwargs)
+    plan: tuple | None = None  # the oracle: play this schedule plan (ScheduleAgent)
+    context: int | None = None  # play this context of the split (reset option), not the drawn one
 
 
 def make_jobs(
@@ -284,16 +309,35 @@ def check_checkpoint(ckpt, path, env) -> None:
 
 def make_actor(job: Job, env):
     """`act(obs, info) -> action` for the job's agent on `env`."""
+    return make_player(job, env).act
+
+
+@dataclass
+class _Greedy:
+    policy: Any
+    greedy: bool
+
+    def act(self, obs, info=None) -> int:
+        return self.policy.act(obs, greedy=self.greedy)
+
+
+def make_player(job: Job, env):
+    """The job's agent on `env`: an object with `act(obs, info) -> action` and, for agents that
+    spend compute beyond acting (lookahead), `episode_cost() -> {cost_steps, cost_s, ...}`.
+    Baselines are built by `make_agent` with `job.agent_kwargs`; a baseline that needs the env
+    itself (NEEDS_ENV, e.g. lookahead forks it) gets `env` there, in the process that plays."""
     if job.checkpoint:
         ckpt = load_checkpoint(job.checkpoint)
         check_checkpoint(ckpt, job.checkpoint, env)
-        policy = ckpt.policy.eval()
-        greedy = job.greedy
-        return lambda obs, info=None: policy.act(obs, greedy=greedy)
-    from esper_gym.agents.baselines import make_agent
+        return _Greedy(ckpt.policy.eval(), job.greedy)
+    from esper_gym.agents.baselines import ScheduleAgent, make_agent
 
-    kwargs = {"seed": job.seed} if job.agent == "random" else {}
-    return make_agent(job.agent, env, **kwargs).act
+    if job.plan is not None:  # the oracle's plan for this context
+        return ScheduleAgent(env.observation_space, env.action_space, job.plan, env.task.blueprints)
+    kwargs = dict(job.agent_kwargs or {})
+    if job.agent == "random":
+        kwargs.setdefault("seed", job.seed)
+    return make_agent(job.agent, env, **kwargs)
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -303,15 +347,19 @@ def run_job(job: Job) -> dict[str, Any]:
 
         torch.set_num_threads(job.threads)
     env = make_env(job.task, job.reward_weights, job.kernel_dir, job.contexts)
-    act = make_actor(job, env)
+    player = make_player(job, env)
     actions: list[int] = []
 
     def recorded(obs, info=None) -> int:  # every action, for the replay file (validate.py)
-        actions.append(int(act(obs)))
+        actions.append(int(player.act(obs)))
         return actions[-1]
 
-    metrics, events = play_episode(env, recorded, job.seed)
+    options = None if job.context is None else {"context": job.context}
+    metrics, events = play_episode(env, recorded, job.seed, options)
     env.close()
+    # What the agent simulated besides the episode (forked env steps, their seconds): 0 for
+    # agents that only act.
+    cost = player.episode_cost() if hasattr(player, "episode_cost") else {}
     row = {
         "agent": job.agent,
         "task": job.task.label,
@@ -319,6 +367,8 @@ def run_job(job: Job) -> dict[str, Any]:
         "seed": job.seed,
         "checkpoint": job.checkpoint or "",
         **metrics,
+        "cost_steps": int(cost.get("cost_steps", 0)),
+        "cost_s": float(cost.get("cost_s", 0.0)),
     }
     tag = {"agent": job.agent, "task": job.task.label, "seed": job.seed}
     replay = validate.record(
@@ -363,10 +413,13 @@ def run_jobs(jobs: Sequence[Job], n_jobs: int = 1, progress: bool = True) -> lis
 
 
 def _report(done: int, total: int, row: Mapping[str, Any]) -> None:
+    if row["agent"] == oracle_lib.SELECT and done % 25 and done != total:
+        return  # the oracle's selection episodes: hundreds, one line in 25
+    cost = f"  forked {row['cost_steps']} steps {row['cost_s']:.1f}s" if row["cost_steps"] else ""
     print(
         f"[{done}/{total}] {row['task']:<16} {row['agent']:<12} seed {row['seed']:<8} "
         f"test_acc {row['test_acc']:.4f}  +params {row['params_added']:<6} "
-        f"return {row['return']:+.3f}  {row['wall_s']:.1f}s",
+        f"return {row['return']:+.3f}  {row['wall_s']:.1f}s{cost}",
         flush=True,
     )
 
@@ -415,35 +468,62 @@ def evaluate(
     logger=None,
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
+    agent_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    oracle: oracle_lib.OracleConfig | Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Run every (agent, task, seed) episode and write the tables and figures to `out_dir`
     (see the module docstring). `timeline` picks the episode of `lifecycle.png`
     ({agent, task, seed}; default: the first agent that is not noop, first task, first seed).
     `logger` (a RunLogger, already started) gets the episodes, IQMs, table and figures.
-    `contexts` ("train", "test" or None) is the context split every episode draws from."""
+    `contexts` ("train", "test" or None) is the context split every episode draws from.
+    `agent_kwargs[name]`: settings of baseline `name` (make_agent kwargs, e.g. lookahead's
+    `horizon`). `oracle` (an `esper_gym.oracle.OracleConfig` or its fields; needs `contexts`):
+    adds the per-context oracle's episodes (agent `oracle`), `oracle_selection.csv`, and per
+    task `value_of_reacting` (oracle - schedule, paired) on the oracle's summary rows."""
     if contexts is not None:
         from esper_gym.contexts import check_split, context_space
 
         check_split(contexts)
         for task in tasks:  # a task without a context distribution fails before any episode
             context_space(task.build())
+    oracle_cfg = None if oracle is None else oracle_lib.OracleConfig.from_mapping(oracle)
+    if oracle_cfg is not None and (not oracle_cfg.enabled or contexts is None):
+        oracle_cfg = None  # the fixed tasks have one context each: nothing to react to
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = make_jobs(
-        agents,
-        tasks,
-        seeds,
-        checkpoints,
-        first_seed,
+    common = dict(
         reward_weights=dict(reward_weights or {}) or None,
         kernel_dir=kernel_dir,
         greedy=greedy,
         threads=threads,
         contexts=contexts,
     )
-    results = run_jobs(jobs, n_jobs, progress)
-    episodes = episodes_frame(results)
+    jobs = make_jobs(agents, tasks, seeds, checkpoints, first_seed, **common)
+    jobs = with_agent_kwargs(jobs, agent_kwargs)
+    selection = oracle_selection_jobs(oracle_cfg, tasks, jobs, common) if oracle_cfg else []
+    done = run_jobs([*jobs, *(job for job, _ in selection)], n_jobs, progress)
+    results = done[: len(jobs)]
     files = {"episodes": "episodes.csv", "events": "events.jsonl", "replays": validate.FILE_NAME}
+    oracle_info: dict[str, Any] = {}
+    if oracle_cfg:
+        picks, chosen = oracle_choices(selection, done[len(jobs) :])
+        chosen.to_csv(out / "oracle_selection.csv", index=False)
+        files["oracle_selection"] = "oracle_selection.csv"
+        scoring = oracle_scoring_jobs(tasks, jobs, picks, common)
+        scored = run_jobs([job for job, _ in scoring], n_jobs, progress)
+        for (_, expected), r in zip(scoring, scored):
+            if r["row"]["context_index"] != expected:  # context_index() must follow env.reset
+                raise RuntimeError(
+                    f"oracle: seed {r['row']['seed']} played context {r['row']['context_index']}"
+                    f", its plan was chosen for context {expected}"
+                )
+        results += scored
+        oracle_info = {
+            "selection_seeds": oracle_cfg.selection_seed_list([j.seed for j in jobs]),
+            "plans": {t.label: len(oracle_cfg.plans(t.base)) for t in tasks},
+            "contexts": {t.label: len({c for (lbl, c) in picks if lbl == t.label}) for t in tasks},
+        }
+    episodes = episodes_frame(results)
     episodes.to_csv(out / files["episodes"], index=False)
     validate.write(out / files["replays"], [r["replay"] for r in results])
     with open(out / files["events"], "w") as f:
@@ -463,11 +543,20 @@ def evaluate(
     decisions = decision_summary(episodes)
     summary = summary.merge(decisions, on=["task", "agent"], how="left")
     summary.insert(2, "contexts", contexts or "fixed")
+    privileged = privileged_agents(summary["agent"])
+    summary.insert(3, "privileged", summary["agent"].isin(privileged))
+    if oracle_cfg:
+        reacting = oracle_lib.value_of_reacting(episodes, reps, confidence, bootstrap_seed)
+        summary = summary.merge(reacting, on=["task", "agent"], how="left")
     table = (
         f"Contexts: {CONTEXT_LABEL[contexts]}\n\n"
-        + stats.markdown_table(summary, rank_by=rank_by, confidence=confidence)
+        + stats.markdown_table(
+            summary, rank_by=rank_by, confidence=confidence, privileged=privileged
+        )
         + "\n"
         + decision_table(decisions)
+        + cost_lines(episodes)
+        + (reacting_lines(summary, oracle_info, confidence) if oracle_cfg else "")
     )
     summary.to_csv(out / "summary.csv", index=False)
     (out / "results.md").write_text(table)
@@ -495,6 +584,7 @@ def evaluate(
 
     result = {
         "config": dict(config or {}),
+        "oracle": oracle_info,
         "files": files,
         "episodes_csv": files["episodes"],
         "summary": json.loads(summary.to_json(orient="records")),
@@ -518,6 +608,150 @@ def evaluate(
         plots.log_figures(logger, figures, tables={"summary": summary, "episodes": episodes})
     print(table)
     return EvalResult(episodes, summary, table, files)
+
+
+def with_agent_kwargs(
+    jobs: Sequence[Job], agent_kwargs: Mapping[str, Mapping[str, Any]] | None
+) -> list[Job]:
+    """`jobs` with each baseline's `agent_kwargs[name]`; a name that is no baseline is refused."""
+    from esper_gym.agents.baselines import AGENTS
+
+    kwargs = {k: dict(v) for k, v in (agent_kwargs or {}).items() if v}
+    unknown = sorted(set(kwargs) - set(AGENTS))
+    if unknown:
+        raise ValueError(f"agent_kwargs for {unknown}: not baselines ({', '.join(AGENTS)})")
+    return [
+        dataclasses.replace(j, agent_kwargs=kwargs[j.agent])
+        if j.agent in kwargs and not j.checkpoint
+        else j
+        for j in jobs
+    ]
+
+
+def oracle_selection_jobs(
+    cfg: oracle_lib.OracleConfig,
+    tasks: Sequence[TaskSpec],
+    jobs: Sequence[Job],
+    common: Mapping[str, Any],
+) -> list[tuple[Job, tuple[str, int, int]]]:
+    """The oracle's selection episodes, each with its (task label, context, plan index): every
+    plan of the family, on every selection seed, in every context a scored seed of the task
+    plays (`oracle_lib.context_index`). Selection seeds never meet scored seeds."""
+    scored = sorted({j.seed for j in jobs})
+    sel_seeds = cfg.selection_seed_list(scored)
+    out = []
+    for task in tasks:
+        plans = cfg.plans(task.base)
+        built = task.build()
+        played = {oracle_lib.context_index(built, common["contexts"], s) for s in scored}
+        for c in sorted(played):
+            for i, plan in enumerate(plans):
+                for s in sel_seeds:
+                    job = Job(oracle_lib.SELECT, task, s, plan=plan, context=c, **common)
+                    out.append((job, (task.label, c, i)))
+    return out
+
+
+def oracle_choices(
+    selection: Sequence[tuple[Job, tuple[str, int, int]]], results: Sequence[Mapping]
+) -> tuple[dict[tuple[str, int], tuple], pd.DataFrame]:
+    """The plan picked per (task label, context) from the selection episodes
+    (`oracle_lib.pick`), and every selection episode as a table (task, context_index, plan_id,
+    plan, seed, return, mean_return of the plan in that context, chosen)."""
+    returns: dict[tuple[str, int], dict[int, list[float]]] = {}
+    plans: dict[tuple[str, int], dict[int, tuple]] = {}
+    rows = []
+    for (job, (label, c, i)), r in zip(selection, results):
+        returns.setdefault((label, c), {}).setdefault(i, []).append(float(r["row"]["return"]))
+        plans.setdefault((label, c), {})[i] = job.plan
+        rows.append(
+            {
+                "task": label,
+                "context_index": c,
+                "plan_id": i,
+                "plan": oracle_lib.describe(job.plan),
+                "seed": job.seed,
+                "return": float(r["row"]["return"]),
+            }
+        )
+    picks, best = {}, {}
+    for key, by_plan in returns.items():
+        family = [plans[key][i] for i in sorted(plans[key])]
+        best[key] = oracle_lib.pick(by_plan, family)
+        picks[key] = plans[key][best[key]]
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        keys = list(zip(table["task"], table["context_index"]))
+        table["mean_return"] = [np.mean(returns[k][i]) for k, i in zip(keys, table["plan_id"])]
+        table["chosen"] = [best[k] == i for k, i in zip(keys, table["plan_id"])]
+    return picks, table
+
+
+def oracle_scoring_jobs(
+    tasks: Sequence[TaskSpec],
+    jobs: Sequence[Job],
+    picks: Mapping[tuple[str, int], tuple],
+    common: Mapping[str, Any],
+) -> list[tuple[Job, int]]:
+    """One `oracle` episode per (task, scored seed): the plan picked for the seed's context,
+    played from the seed as every agent's episode is (no context option: the seed draws it)."""
+    out = []
+    for task in tasks:
+        built = task.build()
+        for s in sorted({j.seed for j in jobs if j.task == task}):
+            c = oracle_lib.context_index(built, common["contexts"], s)
+            out.append((Job(oracle_lib.ORACLE, task, s, plan=picks[(task.label, c)], **common), c))
+    return out
+
+
+def privileged_agents(names) -> list[str]:
+    """The agents of `names` that are upper references, not competitors: the privileged
+    baselines (they fork the run) and the per-context oracle (it knows the context)."""
+    from esper_gym.agents.baselines import PRIVILEGED
+
+    return [a for a in dict.fromkeys(names) if a in PRIVILEGED or a == oracle_lib.ORACLE]
+
+
+def cost_lines(episodes: pd.DataFrame) -> str:
+    """Per (task, agent) that simulated beyond its episode (lookahead): the mean forked env
+    steps, rollout seconds and wall seconds per episode, as Markdown lines ("" if none)."""
+    spent = episodes[episodes["cost_steps"] > 0]
+    if spent.empty:
+        return ""
+    lines = ["", "Cost per episode (mean over episodes), agents that simulate before acting:"]
+    for (task, agent), g in spent.groupby(["task", "agent"], sort=False):
+        lines.append(
+            f"- {agent} on {task}: {g['cost_steps'].mean():,.0f} forked env steps, "
+            f"{g['cost_s'].mean():.1f} s of rollouts, {g['wall_s'].mean():.1f} s wall"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def reacting_lines(summary: pd.DataFrame, info: Mapping[str, Any], confidence: float) -> str:
+    """The value of reacting per task (the oracle's summary rows), as Markdown lines."""
+    pct = round(confidence * 100)
+    seeds = info.get("selection_seeds", [])
+    lines = [
+        "",
+        f"Value of reacting: oracle - schedule, return, mean per-seed difference on common "
+        f"seeds [{pct}% paired bootstrap CI]. The oracle plays, per context, the plan of the "
+        f"schedule family with the best mean return on {len(seeds)} selection seed(s) "
+        f"({', '.join(map(str, seeds))}) that are never scored; it knows the context, so it is "
+        "a reference (†), not a competitor.",
+    ]
+    rows = summary[summary["agent"] == oracle_lib.ORACLE]
+    for r in rows.to_dict("records"):
+        plans = info.get("plans", {}).get(r["task"])
+        n_ctx = info.get("contexts", {}).get(r["task"])
+        where = f" ({plans} plans x {n_ctx} contexts)" if plans else ""
+        if pd.isna(r.get("value_of_reacting", float("nan"))):
+            lines.append(f"- {r['task']}: n/a (no `schedule` episodes to pair with){where}")
+            continue
+        lines.append(
+            f"- {r['task']}: {r['value_of_reacting']:+.3f} [{r['value_of_reacting_lo']:+.3f}, "
+            f"{r['value_of_reacting_hi']:+.3f}] over {int(r['value_of_reacting_n'])} seeds{where}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def comparison_baselines(agents: Sequence[str]) -> list[str]:
@@ -725,6 +959,23 @@ def _schemas():
         ("task", Optional[str], None),  # noqa: UP045
         ("seed", Optional[int], None),  # noqa: UP045
     )
+    family_conf = conf(
+        "OracleFamilyConf",
+        ("counts", Optional[List[int]], None),  # noqa: UP006, UP045
+        ("starts", Optional[List[float]], None),  # noqa: UP006, UP045
+        ("gaps", Optional[List[float]], None),  # noqa: UP006, UP045
+        ("blueprints", Optional[List[str]], None),  # noqa: UP006, UP045
+        ("layers", Optional[List[str]], None),  # noqa: UP006, UP045
+    )
+    oracle_conf = dataclasses.make_dataclass(
+        "OracleConf",
+        [
+            ("enabled", bool, field(default=True)),
+            ("selection_seeds", int, field(default=2)),
+            ("selection_first_seed", int, field(default=2_000_000)),
+            ("family", family_conf, sub(family_conf)),
+        ],
+    )
     plots_conf = dataclasses.make_dataclass(
         "PlotsConf",
         [
@@ -747,6 +998,8 @@ def _schemas():
             ("greedy", bool, field(default=True)),
             ("contexts", Optional[str], field(default=None)),  # noqa: UP045
             ("checkpoints", Dict[str, Optional[str]], field(default_factory=dict)),  # noqa: UP006, UP045
+            ("agent_kwargs", Dict[str, Dict[str, AnyT]], field(default_factory=dict)),  # noqa: UP006
+            ("oracle", oracle_conf, sub(oracle_conf)),
             ("task_overrides", overrides_conf, sub(overrides_conf)),
             ("variants", Dict[str, variant_conf], field(default_factory=dict)),  # noqa: UP006
             ("out_dir", Optional[str], field(default=None)),  # noqa: UP045
@@ -823,6 +1076,8 @@ def run_from_config(cfg, run_dir: str | os.PathLike) -> EvalResult:
             sweep_param=cfg.plots.sweep_param,
             logger=logger,
             config=plain,
+            agent_kwargs=plain["agent_kwargs"],
+            oracle=plain["oracle"],
         )
     finally:
         if logger is not None:

@@ -374,9 +374,12 @@ def markdown_table(
     metrics: Sequence[str] = ("test_acc", "params_added", "return"),
     rank_by: str = "test_acc",
     confidence: float = 0.95,
+    privileged: Sequence[str] = (),
 ) -> str:
     """The summary as a Markdown table: `IQM [lo, hi]` per metric, and a footnote-marked column
-    saying, per task, whether each agent's `rank_by` interval overlaps the best agent's."""
+    saying, per task, whether each agent's `rank_by` interval overlaps the best agent's.
+    Agents in `privileged` (upper references: they see what no deployed controller sees) are
+    marked `†` and footnoted."""
     headers = ["task", "agent", "n", *(COLUMNS.get(m, (m, "float"))[0] for m in metrics)]
     headers.append(f"vs best ({COLUMNS.get(rank_by, (rank_by,))[0]}) ¹")
     compared = "reference" in summary.columns and summary["reference"].notna().any()
@@ -384,7 +387,8 @@ def markdown_table(
         headers += ["reference ²", "P(> reference) ²", "paired diff. ²"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, r in summary.iterrows():
-        cells = [str(r["task"]), f"**{r['agent']}**" if r["best"] else str(r["agent"])]
+        name = f"{r['agent']} †" if r["agent"] in privileged else str(r["agent"])
+        cells = [str(r["task"]), f"**{name}**" if r["best"] else name]
         cells.append(str(int(r["n"])))
         for m in metrics:
             kind = COLUMNS.get(m, (m, "float"))[1]
@@ -416,5 +420,12 @@ def markdown_table(
             "IQM return). P(> reference): probability that a run of the agent beats a run of the "
             "reference (0.5: neither), rliable's definition. Paired diff.: mean per-seed "
             "return difference agent - reference on common seeds (same context, data and init)."
+        )
+    marked = [a for a in dict.fromkeys(summary["agent"]) if a in privileged]
+    if marked:
+        lines.append(
+            f"† Privileged ({', '.join(marked)}): an upper reference, not a competitor; it sees "
+            "what no deployed controller sees (lookahead: forks of this very run; oracle: the "
+            "context, and episodes of it), and is never the reference ²."
         )
     return "\n".join(lines) + "\n"

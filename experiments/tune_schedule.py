@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import itertools
 import multiprocessing
 import pathlib
 import sys
@@ -42,6 +41,7 @@ from esper_gym import config_dir  # noqa: E402
 from esper_gym.agents.baselines import LAYER_RULES, PLANS_FILE, ScheduleAgent  # noqa: E402
 from esper_gym.episode import play_episode  # noqa: E402
 from esper_gym.evaluate import TaskSpec, make_env  # noqa: E402
+from esper_gym.oracle import plan_family as family  # noqa: E402 (the oracle's family too)
 from esper_gym.stats import iqm  # noqa: E402
 
 HEADER = """\
@@ -50,19 +50,6 @@ HEADER = """\
 # (esper_gym.evaluate) plays the plan of the task. `family`, `size`, `seeds` and `episodes` say
 # what was searched; `mean_return` is the plan's mean over those train episodes.
 """
-
-
-def family(counts, starts, gaps, blueprints, layers) -> list[tuple[dict, ...]]:
-    """Every plan of the family (see the module docstring), empty plan first, no duplicates."""
-    plans: dict[tuple, tuple[dict, ...]] = {(): ()}
-    for k, start, gap, bp, rule in itertools.product(counts, starts, gaps, blueprints, layers):
-        times = [round(start + i * gap, 4) for i in range(k)]
-        if k == 0 or times[-1] >= 1:
-            continue
-        rule = "first" if k == 1 and rule == "next" else rule  # one seed: next is first
-        plan = tuple({"at": t, "blueprint": bp, "layer": rule} for t in times)
-        plans.setdefault(tuple(tuple(g.values()) for g in plan), plan)
-    return list(plans.values())
 
 
 def score(task: str, contexts: str | None, plan, seed: int, kernel_dir) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 from gymnasium import spaces
 
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action, ActionLayout
+from esper_gym.agents.lookahead import LookaheadAgent
 from esper_gym.episode import play_episode
 from esper_gym.kasmina.lifecycle import SeedState
 from esper_gym.observation import (
@@ -270,18 +271,23 @@ AGENTS = {
     "random": RandomAgent,
     "heuristic": HeuristicAgent,
     "schedule": ScheduleAgent,
+    "lookahead": LookaheadAgent,
 }
 # Agents with access no deployed controller has (e.g. forks of the running episode): upper
 # references, never the "strongest baseline" a learned controller is compared with.
-PRIVILEGED: frozenset[str] = frozenset()
+PRIVILEGED: frozenset[str] = frozenset({"lookahead"})
+NEEDS_ENV = frozenset({"lookahead"})  # built with the env itself (they fork it), not its spaces
 
 
 def make_agent(name: str, env, **kwargs):
-    """A baseline by name for `env` (uses only its spaces and, for the heuristic, its blueprints)."""
+    """A baseline by name for `env` (uses only its spaces and, for the heuristic, its blueprints;
+    the NEEDS_ENV agents get the env itself)."""
     if name not in AGENTS:
         raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(AGENTS)}")
     if name in ("heuristic", "schedule") and "blueprints" not in kwargs:
         kwargs["blueprints"] = env.unwrapped.task.blueprints
+    if name in NEEDS_ENV:
+        kwargs["env"] = env
     if name == "schedule" and kwargs.get("plan") is None:
         # The plan tuned on the task's train contexts (the base task: contexts vary its fields).
         kwargs["plan"] = tuned_plan(env.unwrapped.base_task.name)

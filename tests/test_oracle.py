@@ -1,0 +1,185 @@
+"""The per-context oracle of esper_gym.evaluate, the value of reacting, and the privileged rows."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from esper_gym import oracle as oracle_lib
+from esper_gym.evaluate import evaluate, make_env, resolve_tasks
+from esper_gym.oracle import OracleConfig, context_index, plan_family, value_of_reacting
+from tests.conftest import SMALL
+
+TASK = {**SMALL, "blueprints": ("residual_mlp", "low_rank")}
+# Two plans: the empty plan (NoOp) and one residual seed in the first layer at step 0.
+TWO_PLANS = {
+    "counts": [1],
+    "starts": [0.0],
+    "gaps": [0.1],
+    "blueprints": ["residual_mlp"],
+    "layers": ["first"],
+}
+FIRST_SEED = 11
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, kernel_dir):
+    """schedule, lookahead and noop on small spirals test contexts, 2 seeds, 2 workers, and
+    the oracle with a 2-plan family chosen on one selection seed."""
+    out = tmp_path_factory.mktemp("oracle")
+    result = evaluate(
+        ["schedule", "lookahead", "noop"],
+        resolve_tasks(["spirals"], overrides={"spirals": TASK}),
+        seeds=2,
+        out_dir=out,
+        first_seed=FIRST_SEED,
+        n_jobs=2,
+        kernel_dir=kernel_dir,
+        contexts="test",
+        reps=500,
+        make_plots=False,
+        progress=False,
+        agent_kwargs={"lookahead": {"every": 1, "horizon": 2}},
+        oracle={"selection_seeds": 1, "selection_first_seed": 500, "family": TWO_PLANS},
+    )
+    return out, result
+
+
+def test_oracle_row_chosen_on_seeds_it_is_not_scored_on(run):
+    out, _ = run
+    episodes = pd.read_csv(out / "episodes.csv")
+    selection = pd.read_csv(out / "oracle_selection.csv")
+    oracle = episodes[episodes["agent"] == "oracle"]
+    scored = set(episodes["seed"])
+    assert sorted(oracle["seed"]) == [FIRST_SEED, FIRST_SEED + 1] == sorted(scored)
+    assert set(selection["seed"]) == {500} and not set(selection["seed"]) & scored
+    # Every context a scored seed plays was searched: both plans, one chosen, the better one.
+    assert set(selection["context_index"]) == set(oracle["context_index"])
+    for _, g in selection.groupby("context_index"):
+        assert sorted(g["plan_id"]) == [0, 1]
+        assert g["plan"].tolist()[0] == "(none)" and g["chosen"].sum() == 1
+        chosen = g[g["chosen"]].iloc[0]
+        assert chosen["return"] == g["return"].max()
+        if g["return"].nunique() == 1:  # ties go to the smaller plan
+            assert chosen["plan_id"] == 0
+    # The oracle played the chosen plan on the scored seed: the empty plan grows nothing.
+    for row in oracle.to_dict("records"):
+        chosen = selection[
+            (selection["context_index"] == row["context_index"]) & selection["chosen"]
+        ]
+        grew = chosen["plan_id"].iloc[0] == 1
+        assert (row["germinations"] > 0) == grew, row
+        same = episodes[(episodes["seed"] == row["seed"]) & (episodes["agent"] == "noop")]
+        if not grew:  # the empty plan is NoOp, step for step
+            assert row["return"] == same["return"].iloc[0]
+
+
+def test_value_of_reacting_is_the_paired_mean_difference(run):
+    out, result = run
+    episodes = pd.read_csv(out / "episodes.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    by_seed = episodes.pivot(index="seed", columns="agent", values="return")
+    by_hand = (by_seed["oracle"] - by_seed["schedule"]).mean()
+    row = summary[summary["agent"] == "oracle"].iloc[0]
+    assert row["value_of_reacting"] == pytest.approx(by_hand, abs=1e-12)
+    assert row["value_of_reacting_lo"] <= row["value_of_reacting"] <= row["value_of_reacting_hi"]
+    assert row["value_of_reacting_n"] == 2
+    assert summary.loc[summary["agent"] != "oracle", "value_of_reacting"].isna().all()
+    md = (out / "results.md").read_text()
+    assert md == result.table and f"- spirals: {by_hand:+.3f} [" in md and "(2 plans x " in md
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["oracle"]["selection_seeds"] == [500] and saved["oracle"]["plans"] == {
+        "spirals": 2
+    }
+
+
+def test_privileged_rows_are_marked_and_never_the_reference(run):
+    out, _ = run
+    summary = pd.read_csv(out / "summary.csv")
+    marked = dict(zip(summary["agent"], summary["privileged"]))
+    assert marked == {"schedule": False, "lookahead": True, "noop": False, "oracle": True}
+    assert set(summary["reference"]) <= {"schedule", "noop"}
+    md = (out / "results.md").read_text()
+    assert "| lookahead † |" in md or "| **lookahead †** |" in md
+    assert "| oracle † |" in md or "| **oracle †** |" in md
+    assert "† Privileged (lookahead, oracle)" in md
+
+
+def test_lookahead_cost_is_in_the_rows_summary_and_table(run):
+    out, _ = run
+    episodes = pd.read_csv(out / "episodes.csv")
+    look = episodes[episodes["agent"] == "lookahead"]
+    # every=1, horizon=2: each step tries >= 2 candidates for <= 2 forked steps each.
+    assert (look["cost_steps"] >= look["length"]).all() and (look["cost_s"] > 0).all()
+    assert (episodes.loc[episodes["agent"] != "lookahead", "cost_steps"] == 0).all()
+    summary = pd.read_csv(out / "summary.csv").set_index("agent")
+    assert summary.at["lookahead", "cost_steps_iqm"] == pytest.approx(
+        look["cost_steps"].mean()  # two episodes: the IQM is the mean
+    )
+    assert "- lookahead on spirals: " in (out / "results.md").read_text()
+
+
+def test_context_index_is_the_context_reset_draws(kernel_dir):
+    (task,) = resolve_tasks(["spirals"], overrides={"spirals": TASK})
+    env = make_env(task, kernel_dir=kernel_dir, contexts="test")
+    for seed in (0, 11, 12, 500, 1_000_000):
+        _, info = env.reset(seed=seed)
+        assert context_index(task.build(), "test", seed) == info["context"]["index"]
+    assert context_index(task.build(), None, 3) == -1
+
+
+def test_the_family_is_the_tuned_one_unless_replaced():
+    assert len(OracleConfig().plans("spirals")) == 57
+    assert len(OracleConfig().plans("fashion_mnist")) == 21
+    two = OracleConfig(family=TWO_PLANS).plans("spirals")
+    assert two == [(), ({"at": 0.0, "blueprint": "residual_mlp", "layer": "first"},)]
+    # Unset fields keep the tuned family's: one germination, 2 starts x 2 blueprints x first/last.
+    assert len(OracleConfig(family={"counts": [1]}).plans("spirals")) == 1 + 2 * 2 * 2
+    assert plan_family([2], [0.5], [0.5], ["low_rank"], ["next"]) == [()]  # reaches progress 1
+
+
+def test_bad_oracle_settings_are_refused_with_the_value():
+    with pytest.raises(ValueError, match=r"selection seeds \[7\] are also scored seeds"):
+        OracleConfig(selection_first_seed=6, selection_seeds=2).selection_seed_list([7, 8])
+    with pytest.raises(ValueError, match=r"selection_seeds=0 must be an integer >= 1"):
+        OracleConfig(selection_seeds=0)
+    with pytest.raises(ValueError, match=r"oracle.family fields \['count'\]; allowed: counts"):
+        OracleConfig(family={"count": [1]})
+    with pytest.raises(ValueError, match=r"oracle fields \['seeds'\]"):
+        OracleConfig.from_mapping({"seeds": 3})
+    with pytest.raises(ValueError, match="no schedule family for task 'cifar10'"):
+        OracleConfig().plans("cifar10")
+
+
+def test_value_of_reacting_pairs_by_seed_and_pools_tasks():
+    rows = []
+    for task, diffs in (("a", [1.0, 3.0]), ("b", [-1.0, -1.0, 2.0])):
+        for seed, d in enumerate(diffs):
+            rows.append({"task": task, "agent": "schedule", "seed": seed, "return": 10.0 + seed})
+            rows.append({"task": task, "agent": "oracle", "seed": seed, "return": 10.0 + seed + d})
+    rows.append({"task": "a", "agent": "oracle", "seed": 9, "return": 99.0})  # no schedule pair
+    out = value_of_reacting(pd.DataFrame(rows), reps=200).set_index("task")
+    assert out.at["a", "value_of_reacting"] == pytest.approx(2.0)
+    assert out.at["a", "value_of_reacting_n"] == 2
+    assert out.at["b", "value_of_reacting"] == pytest.approx(0.0)
+    assert out.at["all tasks", "value_of_reacting"] == pytest.approx(np.mean([1, 3, -1, -1, 2]))
+    assert (out["value_of_reacting_lo"] <= out["value_of_reacting"]).all()
+    assert (out["value_of_reacting"] <= out["value_of_reacting_hi"]).all()
+    assert (out["agent"] == oracle_lib.ORACLE).all()
+
+
+def test_no_oracle_without_contexts(tmp_path, kernel_dir):
+    result = evaluate(
+        ["noop"],
+        resolve_tasks(["spirals"], overrides={"spirals": TASK}),
+        seeds=1,
+        out_dir=tmp_path,
+        kernel_dir=kernel_dir,
+        reps=50,
+        make_plots=False,
+        progress=False,
+        oracle={"family": TWO_PLANS},
+    )
+    assert list(result.episodes["agent"]) == ["noop"]
+    assert not (tmp_path / "oracle_selection.csv").exists()
