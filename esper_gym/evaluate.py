@@ -539,6 +539,7 @@ def evaluate(
         confidence,
         bootstrap_seed,
         baselines=comparison_baselines(agents),
+        privileged=privileged_agents(episodes["agent"].unique()),
     )
     decisions = decision_summary(episodes)
     summary = summary.merge(decisions, on=["task", "agent"], how="left")

@@ -213,6 +213,7 @@ def summarize(
     all_tasks: bool = True,
     baselines: Sequence[str] | None = None,
     compare_on: str = "return",
+    privileged: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One row per (task, agent) of a tidy episodes table (columns task, agent, seed, metrics).
 
@@ -222,7 +223,9 @@ def summarize(
     (only agents run on every task get it, so the rows compare like with like).
 
     Per task, `best` marks the agent with the highest `rank_by` IQM and `vs_best` says whether
-    its `rank_by` interval overlaps the best agent's: "best", "overlaps" or "separate".
+    its `rank_by` interval overlaps the best agent's: "best", "overlaps" or "separate". Agents in
+    `privileged` (upper references such as an oracle) are never `best`: they are compared with
+    the best of the others.
 
     With `baselines` (the agent names that count as non-privileged baselines), every row also
     compares the agent with the task's `reference`: the baseline with the highest `compare_on`
@@ -263,7 +266,8 @@ def summarize(
     out["vs_best"] = ""
     for _task, idx in out.groupby("task", sort=False).groups.items():
         block = out.loc[idx]
-        best = block[f"{rank_by}_iqm"].idxmax()
+        competitors = block[~block["agent"].isin(list(privileged))]
+        best = (competitors if len(competitors) else block)[f"{rank_by}_iqm"].idxmax()
         best_ci = (block.at[best, f"{rank_by}_lo"], block.at[best, f"{rank_by}_hi"])
         for i in idx:
             ci = (out.at[i, f"{rank_by}_lo"], out.at[i, f"{rank_by}_hi"])

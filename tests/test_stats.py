@@ -186,6 +186,20 @@ def test_summarize_marks_the_best_agent_and_which_intervals_overlap():
     assert m.loc["good", "close"] and not m.loc["good", "bad"] and m.loc["bad", "bad"]
 
 
+def test_a_privileged_agent_is_never_the_best():
+    df = _episodes(
+        {
+            ("t1", "oracle"): [0.95, 0.96, 0.97],
+            ("t1", "good"): [0.90, 0.91, 0.92],
+            ("t1", "bad"): [0.50, 0.51, 0.52],
+        }
+    )
+    s = summarize(df, reps=500, privileged=["oracle"]).set_index(["task", "agent"])
+    assert s.loc[("t1", "good"), "best"] and not s.loc[("t1", "oracle"), "best"]
+    assert s.loc[("t1", "oracle"), "vs_best"] == "separate"  # compared with the best competitor
+    assert summarize(df, reps=500).set_index(["task", "agent"]).loc[("t1", "oracle"), "best"]
+
+
 def test_agents_not_run_on_every_task_get_no_all_tasks_row():
     df = _episodes({("t1", "a"): [0.1, 0.2], ("t2", "a"): [0.3, 0.4], ("t1", "b"): [0.5, 0.6]})
     s = summarize(df, reps=100)
