@@ -248,6 +248,7 @@ class MorphogeneticEnv(gym.Env):
         self._cache_base = (0, 0, 0)
         self._layer_faults: dict[str, int] = {}
         self.outcomes_recorded = 0
+        self._is_fork = False  # set on copies made by fork()
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -297,7 +298,10 @@ class MorphogeneticEnv(gym.Env):
         episode state. Shared, because nothing writes them during an episode: the datasets and
         the kernel store and cache (loaded artifacts; a germination instantiates its own
         module). Stepping the fork leaves this env's trajectory unchanged, and stepping both
-        with the same actions gives the same trajectory (tests/test_env.py)."""
+        with the same actions gives the same trajectory (tests/test_env.py). A fork's seed
+        outcomes are counted in its info but not written to the shared store nor shown to the
+        generator: a lookahead's rollouts are hypothetical, and would otherwise enter what a
+        learned generator (Karn) learns from, many times over."""
         if self.trainer is None:
             raise RuntimeError("fork() copies a running episode: call reset() first")
         memo: dict[int, object] = {id(self._store): self._store, id(self._cache): self._cache}
@@ -307,7 +311,9 @@ class MorphogeneticEnv(gym.Env):
         # (nn.Parameter's deepcopy drops .grad: harmless, every step zeroes grads before
         # backward.) HostTrainer keys its seed param groups by kernel object, not id(), so the
         # copy's keys follow its own kernels.
-        return copy.deepcopy(self, memo)
+        twin = copy.deepcopy(self, memo)
+        twin._is_fork = True
+        return twin
 
     # --------------------------------------------------------------------- reset
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -590,8 +596,10 @@ class MorphogeneticEnv(gym.Env):
                 fate=fate,
                 age=self.trainer.steps_done - seed["start"],
             )
-            self.store.record_outcome(outcome)
             self.outcomes_recorded += 1
+            if self._is_fork:  # a hypothetical rollout: not evidence for the store or Karn
+                continue
+            self.store.record_outcome(outcome)
             observe = getattr(self.generator, "observe", None)
             if callable(observe):
                 observe(outcome)

@@ -63,3 +63,17 @@ def test_fork_needs_a_running_episode():
     env = MorphogeneticEnv("spirals", **TASK)
     with pytest.raises(RuntimeError, match="call reset"):
         env.fork()
+
+
+def test_a_forks_seed_outcomes_stay_out_of_the_store(kernel_dir):
+    env = MorphogeneticEnv("spirals", kernel_dir=kernel_dir, **TASK)
+    lay = env.layout
+    env.reset(seed=5)
+    _trajectory(env, [lay.encode(Action(GERMINATE, 0, 0, 0)), lay.encode(Action(ADVANCE, 0, 0))])
+    before = len(env.store.outcomes())  # the kernel store is shared by the session's tests
+    fork = env.fork()
+    _, _, _, _, info = fork.step(lay.encode(Action(CULL, 0, 0)))
+    assert info["outcomes_recorded"] == 1  # the fork counts its outcome...
+    assert len(env.store.outcomes()) == before  # ...but does not write it where Karn learns
+    _, _, _, _, info = env.step(lay.encode(Action(CULL, 0, 0)))
+    assert info["outcomes_recorded"] == 1 and len(env.store.outcomes()) == before + 1
