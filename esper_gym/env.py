@@ -87,9 +87,10 @@ class MorphogeneticEnv(gym.Env):
     ## Observation space
     `Dict` of fixed shapes (see `esper_gym.observation` for every feature):
     `nodes (max_nodes, F)`, `edges (2 * max_nodes, 2)`, `edge_attr (2 * max_nodes, 2)`,
-    `node_mask (max_nodes,)`, `globals (10 [+ context factors],)`, `action_mask (A,)`. Nodes
+    `node_mask (max_nodes,)`, `globals (11 [+ context factors],)`, `action_mask (A,)`. Nodes
     are the host's KasminaLayers with their health signals (activation mean/variance, dead
-    units, gradient and weight norms, added parameters) and per-slot seed state (state, alpha,
+    units, gradient and weight norms, added parameters, the output's effective rank and
+    gradient mass) and per-slot seed state (state, alpha,
     age, faults, measured contribution). Edges are the host's real data flow between those
     layers, traced from its forward at reset (`esper_gym.hosts.data_flow_edges`: torch.fx,
     or the autograd graph of a dry forward where fx cannot trace): a chain for an MLP, plus a
@@ -362,7 +363,7 @@ class MorphogeneticEnv(gym.Env):
             self._grow_all(grow)
         self._observe_untrained()
         self.val_acc, self.val_loss = self.trainer.evaluate()
-        self.train_loss = self.val_loss
+        self.train_loss, self.train_acc = self.val_loss, self.val_acc
         self.best_acc, self.plateau, self.acc_delta = self.val_acc, 0, 0.0
         self.faults_total, self.steps = 0, 0
         self.terminated = False
@@ -450,7 +451,7 @@ class MorphogeneticEnv(gym.Env):
             self.val_acc, self.val_loss = self.trainer.evaluate()
             self.trainer.measure_contributions(self.val_acc)
         self._update_seed_log(events)
-        self.train_loss = stats.mean_loss
+        self.train_loss, self.train_acc = stats.mean_loss, stats.train_acc
         self.acc_delta = self.val_acc - before
         if self.val_acc > self.best_acc:
             self.best_acc, self.plateau = self.val_acc, 0
@@ -694,9 +695,10 @@ class MorphogeneticEnv(gym.Env):
             self.acc_delta * 10.0,
             self.best_acc,
             self.plateau / 10.0,
-            self._added_params() / self.host_params,
+            math.log10(1.0 + self._added_params() / self.host_params),
             live / slots_total,
             math.log1p(self.faults_total),
+            self.train_acc,
         ]
         if self.telemetry == "measured":
             nodes, globals_ = self._measured_features(signals, nodes, globals_)

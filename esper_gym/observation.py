@@ -46,6 +46,8 @@ NODE_FEATURES = (
     "log_grad_norm",
     "log_weight_norm",
     "log_added_params",  # kernel parameters on this layer, log1p / 10
+    "eff_rank",  # effective rank of the output on the recorded batch / width, in [0, 1]
+    "log_out_grad",  # log1p(RMS per-sample norm of dLoss/d(output)) on the recorded batch
 )
 SLOT_FEATURES = (
     *(f"state_{s.name.lower()}" for s in SeedState),
@@ -63,9 +65,14 @@ GLOBAL_FEATURES = (
     "acc_delta",  # change of val_acc over the last step, in points / 10
     "best_acc",
     "plateau",  # steps since val_acc last improved, / 10
-    "params_ratio",  # (host + kernels) / host parameters - 1
+    # log10(1 + added / host parameters): 0 with no kernels, 1 for nine times the host's
+    # parameters (a plain ratio reached 21 on spirals while every other feature stays near ±1).
+    "log_params_ratio",
     "live_seeds",  # seeds in a live or fossil state / slots
     "log_faults",  # log1p(faults so far)
+    # Running accuracy over the last interval's training batches (each batch's forward before
+    # its update); at reset, before any training, the validation accuracy.
+    "train_acc",
 )
 # telemetry="measured" only: wall-clock and cache counters (not reproducible bit for bit).
 MEASURED_NODE_FEATURES = (
@@ -144,6 +151,8 @@ def node_features(
             math.log1p(sig.grad_norm),
             math.log1p(sig.weight_norm),
             _log(sig.params - host_params),
+            sig.eff_rank,
+            math.log1p(max(sig.out_grad, 0.0)),
         ]
         for slot in sig.slots:
             onehot = [0.0] * len(SeedState)

@@ -41,6 +41,9 @@ class IntervalStats:
     last_loss: float
     loss_spikes: int
     diverged: bool
+    # Share of the interval's training samples the model classified right in its training
+    # forward (before that step's update): the running training accuracy of the interval.
+    train_acc: float
 
 
 def make_optimizer(task: Task, params) -> torch.optim.Optimizer:
@@ -109,19 +112,22 @@ class HostTrainer:
     def run_interval(self, steps: int | None = None) -> IntervalStats:
         """Train for `steps` optimizer steps (default: the task's decision interval).
 
-        Telemetry reads the last batch of the interval. Losses stay on the device until the end
-        of the interval: one sync per interval, not per step.
+        Telemetry reads the last batch of the interval. Losses and hits stay on the device until
+        the end of the interval: one sync per interval, not per step.
         """
         steps = steps or self.task.decision_interval
         self._set_training(True)
-        losses = []
+        losses, hits, seen = [], [], 0
         for i in range(steps):
             last = i == steps - 1
             if last:  # set once: nn.Module.__setattr__ per step would cost ~8% on small hosts
                 for layer in self.layers:
                     layer.record = True
             x, y = self._next_batch()
-            loss = F.cross_entropy(self.model(x), y)
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            hits.append((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # Checked before telemetry reads the gradients: a skipped step leaves none to read.
@@ -140,7 +146,9 @@ class HostTrainer:
         for layer in self.layers:
             layer.record = False
         self.steps_done += steps
-        values = torch.stack(losses).float().cpu().tolist()
+        # One transfer for both: the losses, then the hit count (exact in float32 below 2**24).
+        values = torch.cat([torch.stack(losses).float(), torch.stack(hits).sum()[None].float()])
+        *values, correct = values.cpu().tolist()
         diverged = not all(map(_finite, values))
         spikes = 0
         for v in values:
@@ -150,7 +158,7 @@ class HostTrainer:
                 self._loss_ema = v if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * v
         finite = [v for v in values if _finite(v)]
         mean = sum(finite) / len(finite) if finite else float("nan")
-        return IntervalStats(steps, mean, values[-1], spikes, diverged)
+        return IntervalStats(steps, mean, values[-1], spikes, diverged, correct / max(seen, 1))
 
     def _sync_seed_optimizer(self) -> None:
         """Keep a param group per running seed (at the seed's learning rate, no weight decay) in

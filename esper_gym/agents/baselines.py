@@ -1,7 +1,10 @@
-"""Baseline policies: NoOp, Random (masked), a Heuristic growth rule and an open-loop Schedule.
+"""Baseline policies: NoOp, Random (masked), a Heuristic growth rule and an open-loop Schedule;
+the published growth rules (north, fragrow, gradmax) live in esper_gym.agents.rules, the
+privileged lookahead in esper_gym.agents.lookahead.
 
-They see only the observation (and its action mask), like every agent. The layout of the flat
-action space is recovered from the spaces, so one agent works on every task.
+They see only the observation (and its action mask), like every agent, except the PRIVILEGED
+ones (lookahead steps forks of the running env): upper references, not competitors. The layout
+of the flat action space is recovered from the spaces, so one agent works on every task.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from gymnasium import spaces
 
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action, ActionLayout
 from esper_gym.agents.lookahead import LookaheadAgent
+from esper_gym.agents.rules import RULES, rule_params
 from esper_gym.episode import play_episode
 from esper_gym.kasmina.lifecycle import SeedState
 from esper_gym.observation import (
@@ -271,6 +275,7 @@ AGENTS = {
     "random": RandomAgent,
     "heuristic": HeuristicAgent,
     "schedule": ScheduleAgent,
+    **RULES,  # published growth rules: north, fragrow, gradmax (esper_gym.agents.rules)
     "lookahead": LookaheadAgent,
 }
 # Agents with access no deployed controller has (e.g. forks of the running episode): upper
@@ -280,14 +285,19 @@ NEEDS_ENV = frozenset({"lookahead"})  # built with the env itself (they fork it)
 
 
 def make_agent(name: str, env, **kwargs):
-    """A baseline by name for `env` (uses only its spaces and, for the heuristic, its blueprints;
-    the NEEDS_ENV agents get the env itself)."""
+    """A baseline by name for `env` (uses only its spaces and, for the heuristic, the schedule
+    and the growth rules, its blueprints; the NEEDS_ENV agents get the env itself). A growth
+    rule takes `params`: a mapping of its thresholds, or None for the task's tuned ones
+    (conf/rule_params.yaml)."""
     if name not in AGENTS:
         raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(AGENTS)}")
-    if name in ("heuristic", "schedule") and "blueprints" not in kwargs:
+    if (name in ("heuristic", "schedule") or name in RULES) and "blueprints" not in kwargs:
         kwargs["blueprints"] = env.unwrapped.task.blueprints
     if name in NEEDS_ENV:
         kwargs["env"] = env
+    if name in RULES:  # params: None plays the values tuned on the task's train contexts
+        params = rule_params(env.unwrapped.base_task.name, name, kwargs.pop("params", None))
+        kwargs = {**params, **kwargs}
     if name == "schedule" and kwargs.get("plan") is None:
         # The plan tuned on the task's train contexts (the base task: contexts vary its fields).
         kwargs["plan"] = tuned_plan(env.unwrapped.base_task.name)

@@ -41,7 +41,12 @@ from esper_gym.kasmina.lifecycle import (
     check_transition,
 )
 from esper_gym.kasmina.recovery import CircuitBreaker, FaultRecord, guarded_call
-from esper_gym.kasmina.telemetry import HealthSignal, SlotSignal, activation_stats
+from esper_gym.kasmina.telemetry import (
+    HealthSignal,
+    SlotSignal,
+    activation_stats,
+    effective_rank,
+)
 
 BLEND_SCHEDULES = ("linear", "cosine")
 # States whose kernel reads the host's activation without detaching it: its backward reaches the
@@ -213,6 +218,7 @@ class KasminaLayer(nn.Module):
         self.coupled = False  # any slot in COUPLED: its backward reaches the host's gradients
         self._stats: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
+        self._out_grad: torch.Tensor | None = None
         self._latency_s = 0.0
 
     def train(self, mode: bool = True) -> KasminaLayer:
@@ -245,8 +251,15 @@ class KasminaLayer(nn.Module):
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
             self._latency_s = time.perf_counter() - start
-            self._stats = activation_stats(out)
+            self._stats = torch.cat([activation_stats(out), effective_rank(out)[None]])
+            if out.requires_grad:  # the backward of this batch leaves its output-gradient norm
+                out.register_hook(self._keep_out_grad)
         return out
+
+    def _keep_out_grad(self, g: torch.Tensor) -> None:
+        # g is dL/d(out) of a batch-mean loss: row i is sample i's gradient / B, so the RMS
+        # per-sample gradient norm is sqrt(B) * ||g||. Kept as a tensor: no sync here.
+        self._out_grad = torch.linalg.vector_norm(g.detach().float()) * math.sqrt(g.shape[0])
 
     def _seed_delta(self, slot: SeedSlot, h: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """(kernel output, its weight alpha) to add to `h`, or None when the seed adds nothing."""
@@ -470,8 +483,9 @@ class KasminaLayer(nn.Module):
 
     def health(self) -> HealthSignal:
         """The layer's HealthSignal from the last recorded pass (one sync, here)."""
-        stats = self._stats.tolist() if self._stats is not None else [0.0, 0.0, 0.0]
+        stats = self._stats.tolist() if self._stats is not None else [0.0, 0.0, 0.0, 0.0]
         grad = float(self._grad_norm) if self._grad_norm is not None else 0.0
+        out_grad = float(self._out_grad) if self._out_grad is not None else 0.0
         with torch.no_grad():
             weight = float(torch.linalg.vector_norm(self.host.weight))
         fan_in, fan_out = self.fan()
@@ -499,6 +513,8 @@ class KasminaLayer(nn.Module):
                 )
                 for s in self.slots
             ],
+            eff_rank=stats[3],
+            out_grad=out_grad,
         )
 
     def drain(self) -> tuple[list[dict], list[FaultRecord]]:

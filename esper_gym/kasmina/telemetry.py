@@ -36,6 +36,11 @@ class HealthSignal:
     latency_ms: float  # forward time of the layer (host + running seeds) on the recorded batch
     params: int  # host + kernel parameters
     slots: list[SlotSignal] = field(default_factory=list)
+    # Effective rank of the layer's output on the recorded batch / its width (`effective_rank`).
+    eff_rank: float = 0.0
+    # Root-mean-square over the recorded batch of each sample's loss gradient with respect to the
+    # layer's output (its "gradient mass": what a seed reading and adding to that output is fed).
+    out_grad: float = 0.0
 
 
 @torch.no_grad()
@@ -49,3 +54,33 @@ def activation_stats(h: torch.Tensor) -> torch.Tensor:
     units = h.transpose(0, 1).reshape(h.shape[1], -1)
     dead = (units.amax(dim=1) <= 0).float().mean()
     return torch.stack([h.mean(), h.var(unbiased=False), dead])
+
+
+@torch.no_grad()
+def effective_rank(h: torch.Tensor) -> torch.Tensor:
+    """Effective rank of an activation (B, D) or (B, C, H, W) divided by its width (D or C): a
+    0-dim tensor in (0, 1]; 0 for an all-zero activation or one with NaN/Inf entries.
+
+    The effective rank (Roy & Vetterli 2007) of the matrix whose columns are the units and whose
+    rows are the samples (and positions, for a conv) is exp(entropy of its singular values
+    normalised to sum to 1): 1 when one direction carries all the energy, the width when every
+    unit direction carries the same. Uncentred, like NORTH* (Maile et al. 2022), which reads the
+    same quantity as "how much of its width a layer uses". A Linear layer's output has rank at
+    most fan_in + 1 and the number of rows, so a narrow input bounds the ratio below 1.
+
+    The singular values are the square roots of the eigenvalues of the units x units Gram
+    matrix: one contraction however many conv positions, in float64 (in float32 the rounding
+    of the Gram matrix alone adds ~0.5% of spurious rank). The activation is first divided by
+    its largest magnitude (the measure is scale-free), so the squares cannot overflow; a
+    non-finite activation (a diverging host) gives a zero Gram matrix, not an exception. No
+    device sync here.
+    """
+    units = h.shape[1]
+    m = h.detach().reshape(h.shape[0], units, -1).double()
+    m = m / m.abs().amax().clamp_min(1e-300)
+    gram = torch.einsum("bcp,bdp->cd", m, m)
+    gram = torch.nan_to_num(gram, nan=0.0, posinf=0.0, neginf=0.0)
+    s = torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt()
+    total = s.sum()
+    entropy = torch.special.entr(s / total.clamp_min(1e-300)).sum()  # entr(p) = -p log p
+    return torch.where(total > 0, entropy.exp() / units, torch.zeros_like(total)).float()
