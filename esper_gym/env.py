@@ -409,6 +409,14 @@ class MorphogeneticEnv(gym.Env):
 
     # ---------------------------------------------------------------------- step
     def step(self, action):
+        decision, invalid, setup_faults = self._begin_step(action)
+        stats = self.trainer.run_interval()
+        return self._end_step(decision, invalid, setup_faults, stats)
+
+    def _begin_step(self, action) -> tuple[Action, bool, list]:
+        """Check and apply `action`: (the decision executed, whether the action was masked,
+        faults of building its kernel). `step` is `_begin_step`, the trainer's interval, then
+        `_end_step`; esper_gym.vector runs the middle for many copies at once."""
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
         if self.terminated:
@@ -424,9 +432,12 @@ class MorphogeneticEnv(gym.Env):
         index = int(action)
         invalid = not bool(self._mask[index])
         decision = Action(WAIT) if invalid else self.layout.decode(index)
-        setup_faults = self._apply(decision)
+        return decision, invalid, self._apply(decision)
 
-        stats = self.trainer.run_interval()
+    def _end_step(self, decision, invalid, setup_faults, stats, evaluated=None):
+        """The rest of `step` once the interval is trained: events, evaluation, reward,
+        observation. `evaluated` is the (val_acc, val_loss) of `trainer.evaluate()` when the
+        caller already ran it (esper_gym.vector evaluates its copies together)."""
         self.steps += 1
         events, faults = [], list(setup_faults)
         for layer in self.layers:
@@ -441,7 +452,9 @@ class MorphogeneticEnv(gym.Env):
         if stats.diverged:
             self.val_loss = float("nan")
         else:
-            self.val_acc, self.val_loss = self.trainer.evaluate()
+            if evaluated is None:
+                evaluated = self.trainer.evaluate()
+            self.val_acc, self.val_loss = evaluated
             self.trainer.measure_contributions(self.val_acc)
         self._update_seed_log(events)
         self.train_loss = stats.mean_loss

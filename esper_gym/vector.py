@@ -1,0 +1,657 @@
+"""BatchedMorphogeneticEnv: N episodes of a task in one process, trained as stacked tensors.
+
+    envs = gym.make_vec("Esper/Spirals-v0", num_envs=32, vectorization_mode="vector_entry_point")
+
+Each copy is a whole `MorphogeneticEnv`: its own host, data order, `np_random`, KasminaLayers
+(lifecycle, alpha, circuit breakers, faults), reward and observation, so that copy i behaves as
+`gym.make(id).reset(seed=seed + i)` would. What is batched is the hot path of a step, the
+decision interval: the host forward/backward of every copy in one pass (`torch.baddbmm` over
+stacked weights), seed kernels grouped and run stacked, one fused Adam step for all copies, and
+the evaluation. Everything else (actions, masks, observation, reward, outcomes) is the copy's
+own code, so a feature added to the single env flows through unchanged.
+
+## What runs together
+Copies whose hosts have the same architecture, task hyper-parameters and dataset form a batch
+(all of them, without contexts). A batch's host must be an `nn.Sequential` of `nn.Flatten`,
+parameter-free elementwise activations and KasminaLayers wrapping `nn.Linear` (the MLP hosts:
+spirals, fashion_mnist), trained with Adam; any other copy (a CNN host, an SGD task) trains
+on its own trainer in the same step: correct, not faster. Weights stay each copy's own
+parameters: each batched forward stacks them (the stack's backward hands every copy its own
+gradient), so anything that looks at one copy (telemetry, the culprit search after a poisoned
+host gradient, contributions, `env.envs[i]`) sees its real, current module.
+
+Seed kernels: the running seeds of one slot of one layer that share a kernel graph (one
+blueprint and size: the copies load it through one shared cache) and a mode (TRAINING, fitted
+to the pseudo-residual; or blended at the copy's alpha) form a group: their parameters are
+stacked and the exported graph runs once under `torch.func.vmap`. A graph vmap cannot batch
+(attention: no batching rule for `aten::sym_size.int`; the raising fault kernel) or a group
+output of the wrong shape, dtype or device falls back to one guarded call per copy, exactly as
+the single env makes it. Faults stay per copy: a non-finite output is found per copy (one sync
+per group) and recorded for that copy alone, whose delta is dropped; a group's wall time is
+shared out among its copies for the latency budget. Non-finite gradients are checked with one
+reduction over all copies; when it is not finite each copy runs the single env's own check
+(`HostTrainer._grads_checked`), so a copy's skipped step, quarantined seed or faulted seed
+gradient is that copy's alone (Adam skips parameters without a gradient).
+
+## Equivalence with single envs
+Same seeds and actions give copy i the trajectory of `gym.make(id, **kwargs)` reset with
+`seed + i`, and seeded batched runs are bit-identical to each other (tests/test_vector.py).
+Masks, events, seed states and fault records are exactly those of the single env. Host
+weights, accuracies and rewards are bit-identical as long as the kernels vmap exactly
+(`baddbmm` computes each copy's product as `F.linear` does, forward and backward, and fused
+Adam updates each tensor alone); what may differ in the last bits: reported losses (a batched
+mean or sum reduces in another order than `cross_entropy`'s own), activation statistics, a
+blended delta `h + alpha * k(h)` (multiplied, then added), and graphs that vmap with another
+reduction order (`norm`: ~1e-7). Those differences can grow through training; the tests bound
+them over whole short episodes.
+
+## Autoreset and infos
+`metadata["autoreset_mode"]` is `AutoresetMode.SAME_STEP` (what Tamiyo's PPO expects): a
+copy that terminates or is truncated (`max_episode_steps`, the registration's TimeLimit) is
+reset within the same `step`; its last observation and info are in `info["final_obs"]` and
+`info["final_info"]`, with the same layout as `gymnasium.vector.SyncVectorEnv`'s.
+
+## Shared between copies
+Datasets, traced data-flow edges, the kernel store and the kernel cache (with
+`telemetry="measured"`, cache counters are those of the shared cache). Seed outcomes are
+written to the store in one transaction per step rather than one per outcome; a generator
+that reads the store's history (Karn) sees a step's outcomes from the next step on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from torch import nn
+from torch.nn import functional as F
+
+from esper_gym.env import MorphogeneticEnv
+from esper_gym.kasmina import KasminaLayer, SeedState
+from esper_gym.kasmina.recovery import guarded_call
+from esper_gym.trainer import IntervalStats, make_optimizer
+
+# Parameter-free elementwise modules: applied to [N, B, ...] they compute what each copy would.
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity)
+_EVAL_CHUNK = 4096  # HostTrainer.evaluate's chunk: the same samples per forward
+
+
+class BatchedMorphogeneticEnv(VectorEnv):
+    """`num_envs` copies of `MorphogeneticEnv(**env_kwargs)`, stepped together.
+
+    Args:
+        num_envs: copies.
+        max_episode_steps: truncation after this many steps of an episode (the TimeLimit of
+            the registration; `gym.make_vec` passes it), None for none.
+        batched: False trains every copy on its own trainer (the reference the batched path
+            is tested against; no speed-up).
+        **env_kwargs: what `gym.make(id, ...)` takes (task, Task fields, reward_weights,
+            kernel_dir, contexts, ...), given to every copy.
+
+    Spaces are `batch_space` of the single env's. `reset(seed=s)` seeds copy i with s + i
+    (a list gives one seed per copy), as `SyncVectorEnv` does; `options` go to every copy
+    (`reset_mask` resets only some).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        max_episode_steps: int | None = None,
+        batched: bool = True,
+        **env_kwargs: Any,
+    ) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs={num_envs!r} must be an integer >= 1")
+        self.num_envs = num_envs
+        self.max_episode_steps = max_episode_steps
+        self.batched = bool(batched)
+        self.envs = [MorphogeneticEnv(**env_kwargs) for _ in range(num_envs)]
+        first = self.envs[0]
+        self.store = _BufferedStore(first.store)
+        for env in self.envs:
+            env._store, env._cache = self.store, first.cache
+            env._datasets, env._edges = first._datasets, first._edges
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.render_mode = None
+        self._elapsed = np.zeros(num_envs, dtype=np.int64)
+        self._started = False
+        self._keys: list[tuple] = [(None, None)] * num_envs  # (trainer, batch key) per copy
+        self._batches: dict[tuple, _Batch] = {}
+
+    # ------------------------------------------------------------------- reset
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        if seed is None:
+            seeds = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"{len(seeds)} seeds given for num_envs={self.num_envs}")
+        options = dict(options) if options is not None else None
+        mask = np.ones(self.num_envs, dtype=bool)
+        if options is not None and "reset_mask" in options:
+            mask = np.asarray(options.pop("reset_mask"))
+            if mask.shape != (self.num_envs,) or mask.dtype != np.bool_ or not mask.any():
+                raise ValueError(
+                    f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) "
+                    "with at least one True"
+                )
+            if not self._started and not mask.all():
+                raise ValueError("the first reset resets every copy: reset_mask must be all True")
+            options = options or None
+        if not self._started:
+            self._obs: list[dict[str, np.ndarray]] = [None] * self.num_envs
+        infos: dict[str, Any] = {}
+        for i in np.flatnonzero(mask):
+            self._obs[i], info = self.envs[i].reset(seed=seeds[i], options=options)
+            self._elapsed[i] = 0
+            infos = self._add_info(infos, info, i)
+        self._started = True
+        self.store.flush()
+        return self._stacked(), infos
+
+    # -------------------------------------------------------------------- step
+    def step(self, actions):
+        if not self._started:
+            raise RuntimeError("call reset() before step()")
+        actions = np.asarray(actions)
+        if not self.action_space.contains(actions.astype(self.action_space.dtype)):
+            raise ValueError(f"actions {actions!r} are not in {self.action_space}")
+        begun = [env._begin_step(a) for env, a in zip(self.envs, actions)]
+        stats, evaluated = self._train()
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        infos: dict[str, Any] = {}
+        for i, env in enumerate(self.envs):
+            obs, reward, term, trunc, info = env._end_step(*begun[i], stats[i], evaluated.get(i))
+            self._elapsed[i] += 1
+            if self.max_episode_steps is not None and self._elapsed[i] >= self.max_episode_steps:
+                trunc = True  # as gymnasium's TimeLimit: truncated even when also terminated
+            rewards[i], terminated[i], truncated[i] = reward, term, trunc
+            if term or trunc:
+                infos = self._add_info(infos, {"final_obs": obs, "final_info": info}, i)
+                obs, info = env.reset()
+                self._elapsed[i] = 0
+            self._obs[i] = obs
+            infos = self._add_info(infos, info, i)
+        self.store.flush()
+        return self._stacked(), rewards, terminated, truncated, infos
+
+    def _train(self) -> tuple[list[IntervalStats], dict[int, tuple[float, float]]]:
+        """Run every copy's decision interval: batches together, the rest one by one. Returns
+        each copy's interval stats and the (val_acc, val_loss) of the copies evaluated here."""
+        stats: list[IntervalStats | None] = [None] * self.num_envs
+        evaluated: dict[int, tuple[float, float]] = {}
+        for members, batch in self._plan():
+            if batch is None:
+                for i in members:
+                    stats[i] = self.envs[i].trainer.run_interval()
+                continue
+            for i, s in zip(members, batch.run_interval()):
+                stats[i] = s
+            alive = [j for j, i in enumerate(members) if not stats[i].diverged]
+            if alive:
+                for j, result in zip(alive, batch.evaluate(alive)):
+                    evaluated[members[j]] = result
+        return stats, evaluated
+
+    def _plan(self) -> list[tuple[list[int], _Batch | None]]:
+        """Copies grouped into batches (by `_batch_key`), and the copies that run alone."""
+        groups: dict[tuple | None, list[int]] = {}
+        for i, env in enumerate(self.envs):
+            trainer, key = self._keys[i]
+            if trainer is not env.trainer:  # reset since the last step: a new host
+                key = _batch_key(env) if self.batched else None
+                self._keys[i] = (env.trainer, key)
+            groups.setdefault(key, []).append(i)
+        plan = [(groups.pop(None), None)] if None in groups else []
+        for key in [k for k in self._batches if k not in groups]:
+            del self._batches[key]  # no copy has that host any more: drop its Adam state
+        for key, members in groups.items():
+            batch = self._batches.get(key)
+            if batch is None:
+                batch = self._batches[key] = _Batch(self.envs[members[0]].task)
+            batch.set_members([self.envs[i] for i in members])
+            plan.append((members, batch))
+        return plan
+
+    # ------------------------------------------------------------------ helpers
+    def _stacked(self) -> dict[str, np.ndarray]:
+        return {k: np.stack([obs[k] for obs in self._obs]) for k in self._obs[0]}
+
+    def action_masks(self) -> np.ndarray:
+        """(num_envs, A) boolean masks of the valid actions now."""
+        return np.stack([env.action_masks() for env in self.envs])
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Call (or read, if not callable) `name` on every copy, as SyncVectorEnv.call."""
+        results = []
+        for env in self.envs:
+            attr = getattr(env, name)
+            results.append(attr(*args, **kwargs) if callable(attr) else attr)
+        return tuple(results)
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        return tuple(getattr(env, name) for env in self.envs)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.store.flush()
+        for env in self.envs:
+            env.close()
+
+
+def _batch_key(env: MorphogeneticEnv) -> tuple | None:
+    """What copies must share to train as one batch; None when the host cannot be batched
+    (see the module docstring)."""
+    task, model = env.task, env.model
+    if task.optimizer != "adam" or not isinstance(model, nn.Sequential) or env.trainer._modal:
+        return None
+    parts: list[Any] = []
+    for module in model:
+        if isinstance(module, KasminaLayer):
+            if type(module.host) is not nn.Linear:
+                return None
+            parts.append((tuple(module.host.weight.shape), module.host.bias is not None))
+        elif type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1:
+            parts.append("flatten")
+        elif type(module) in _ELEMENTWISE and not any(True for _ in module.parameters()):
+            parts.append(repr(module))
+        else:
+            return None
+    config = _kasmina_config(model)
+    return (
+        id(env.data),  # the copies' data objects are shared (one load per dataset and kwargs)
+        tuple(parts),
+        config,
+        task.lr,
+        task.weight_decay,
+        task.batch_size,
+        task.decision_interval,
+        task.eval_size,
+        str(task.device),
+    )
+
+
+def _kasmina_config(model: nn.Module):
+    configs = {layer.config for layer in model.modules() if isinstance(layer, KasminaLayer)}
+    return next(iter(configs)) if len(configs) == 1 else tuple(sorted(map(repr, configs)))
+
+
+class _Batch:
+    """Copies with one host architecture, trained as stacked tensors by one fused Adam.
+
+    The Adam holds every copy's host parameters (one param group) and its running seeds'
+    (one group per seed learning rate); its state is keyed by parameter, so it is each copy's
+    own, created and dropped as the copy's seeds come and go and its host is rebuilt by a
+    reset, exactly as the copy's own trainer would."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+        self.envs: list[MorphogeneticEnv] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._opt_key: tuple = ()
+
+    def set_members(self, envs: list[MorphogeneticEnv]) -> None:
+        self.envs = envs
+        self.trainers = [env.trainer for env in envs]
+        # columns[k][j]: module k of copy j's Sequential
+        self.columns = list(zip(*(list(env.model) for env in envs)))
+
+    # ----------------------------------------------------------------- training
+    def run_interval(self) -> list[IntervalStats]:
+        """HostTrainer.run_interval for every copy at once."""
+        trainers = self.trainers
+        steps = self.task.decision_interval
+        first = trainers[0]
+        device = first.device
+        layers = [layer for t in trainers for layer in t.layers]
+        self._sync_optimizer()
+        # (steps, copies, batch): each copy's batches, drawn from its own data order
+        indices = torch.stack([t._interval_indices(steps) for t in trainers], 1)
+        idle = dict.fromkeys(layers, 0)  # optimizer steps a layer had nothing to step
+        losses = []
+        for step in range(steps):
+            record = step == steps - 1
+            x, y = first.x_train[indices[step]].to(device), first.y_train[indices[step]].to(device)
+            logits = self.forward(x, record)
+            # The batch mean per copy, bit for bit F.cross_entropy(logits_i, y_i) and its
+            # gradient; classes on dim 1 (the K-dim form) runs ~7x faster than (N*B, C) rows.
+            loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            self._check_grads(loss, x, y)
+            if record:
+                _capture_grads(layers)
+            self._sync_optimizer()
+            self.optimizer.step()
+            for layer in layers:
+                if layer._busy:
+                    layer.step_seeds()
+                else:  # step_seeds would only count the step; a layer cannot turn busy now
+                    idle[layer] += 1
+            losses.append(loss.detach())
+        for layer, count in idle.items():
+            if count:
+                _set(layer, "step_count", layer.step_count + count)
+        values = torch.stack(losses).float().cpu().t().tolist()
+        return [t._interval_stats(v) for t, v in zip(trainers, values)]
+
+    def _check_grads(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        """HostTrainer._host_grads_safe for every copy: one reduction and one sync over all
+        copies' losses and checked gradients; only when that is not finite, each copy's own
+        check (which skips that copy's step, or faults its seeds, by clearing their grads)."""
+        grads = []
+        for t in self.trainers:
+            t._sync_seed_optimizer()
+            if any(layer.coupled for layer in t.layers):
+                grads += [p.grad for p in t.host_params if p.grad is not None]
+            grads += [p.grad for _, _, params in t._seeds for p in params if p.grad is not None]
+        total = loss.detach().sum()
+        if grads:
+            total = total + torch.stack(torch._foreach_norm(grads)).sum()
+        if math.isfinite(total.item()):
+            return
+        for i, t in enumerate(self.trainers):
+            t._grads_checked(loss[i], x[i], y[i])
+
+    def _sync_optimizer(self) -> None:
+        """Make the Adam hold exactly the copies' host params and their trainers' seed groups."""
+        key = tuple((t, t._seed_key) for t in self.trainers)
+        if key == self._opt_key:
+            return
+        self._opt_key = key
+        host = [p for t in self.trainers for p in t.host_params]
+        seeds: dict[float, list[torch.Tensor]] = {}
+        for t in self.trainers:
+            for group in t._seed_groups.values():
+                seeds.setdefault(group["lr"], []).extend(group["params"])
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(self.task, host)
+        else:
+            self.optimizer.param_groups[0]["params"] = host
+        del self.optimizer.param_groups[1:]
+        for lr, params in seeds.items():
+            self.optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        live = {p for group in self.optimizer.param_groups for p in group["params"]}
+        for p in [p for p in self.optimizer.state if p not in live]:
+            del self.optimizer.state[p]
+
+    # --------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, members: list[int]) -> list[tuple[float, float]]:
+        """HostTrainer.evaluate() (the validation subset) of copies `members` (indices into
+        this batch); keeps each copy's per-sample hits for its contributions."""
+        first = self.trainers[members[0]]
+        x, y = first.x_val, first.y_val
+        m = len(members)
+        loss_sum = [0.0] * m
+        hits = []
+        for start in range(0, len(x), _EVAL_CHUNK):
+            xb, yb = x[start : start + _EVAL_CHUNK], y[start : start + _EVAL_CHUNK]
+            logits = self.forward(xb.unsqueeze(0).expand(m, *xb.shape), False, members)
+            loss = F.cross_entropy(logits.transpose(1, 2), yb.expand(m, -1), reduction="none")
+            loss_sum = [a + b for a, b in zip(loss_sum, loss.sum(1).tolist())]
+            hits.append(logits.argmax(2) == yb)
+        hits = torch.cat(hits, 1)
+        counts = hits.sum(1).tolist()
+        results = []
+        for j, i in enumerate(members):
+            self.trainers[i]._val_hits = hits[j]
+            results.append((int(counts[j]) / len(x), loss_sum[j] / len(x)))
+        return results
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, record: bool, members: list[int] | None = None):
+        """The copies' models on x of shape (copies, B, ...): one stacked pass per layer."""
+        columns = self.columns
+        if members is not None and len(members) < len(self.trainers):
+            columns = [[column[i] for i in members] for column in columns]
+        for column in columns:
+            module = column[0]
+            if isinstance(module, KasminaLayer):
+                x = _layer_forward(column, x, record)
+            elif isinstance(module, nn.Flatten):
+                x = x.flatten(2)
+            else:
+                x = module(x)  # elementwise and parameter-free (see _batch_key)
+        return x
+
+
+def _layer_forward(layers: list[KasminaLayer], x: torch.Tensor, record: bool) -> torch.Tensor:
+    """KasminaLayer.forward of each copy's layer on its slice of x (copies, B, in)."""
+    if record:
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+    weight = torch.stack([layer.host.weight for layer in layers]).transpose(1, 2)
+    if layers[0].host.bias is not None:
+        bias = torch.stack([layer.host.bias for layer in layers]).unsqueeze(1)
+        h = torch.baddbmm(bias, x, weight)  # bit for bit F.linear per copy, both ways
+    else:
+        h = torch.bmm(x, weight)
+    out = _seed_deltas(layers, h, record) if any(layer._running for layer in layers) else h
+    if record:
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        share = (time.perf_counter() - start) / len(layers)
+        stats = _activation_stats(out)
+        for j, layer in enumerate(layers):
+            _set(layer, "_latency_s", share)
+            _set(layer, "_stats", stats[j])
+    return out
+
+
+def _seed_deltas(layers: list[KasminaLayer], h: torch.Tensor, record: bool) -> torch.Tensor:
+    """h plus every running seed's delta, per copy as KasminaLayer._seed_delta adds them: in
+    slot order, each kernel reading the host's output h."""
+    grad = torch.is_grad_enabled()
+    groups: dict[tuple, list] = {}
+    for j, layer in enumerate(layers):
+        for slot in layer._running:
+            training = slot.state == SeedState.TRAINING and slot.alpha_override is None
+            if training:
+                if not grad:
+                    continue  # its value is exactly zero: nothing to add in eval
+                alpha = 1.0
+            else:
+                alpha = slot.alpha if slot.alpha_override is None else slot.alpha_override
+                if alpha == 0.0:
+                    continue
+            detach = training or slot.alpha_override is not None
+            kernel = layer.kernels[str(slot.index)]
+            key = (slot.index, id(kernel.graph), training, detach)
+            groups.setdefault(key, []).append((j, layer, slot, kernel, alpha))
+    out = h
+    for key in sorted(groups, key=lambda k: k[0]):  # slot order; stable within a slot
+        _, _, training, detach = key
+        out = _group_delta(groups[key], h.detach() if detach else h, out, training, record)
+    return out
+
+
+# Graphs vmap could not run (no batching rule); they go per copy from then on.
+_NOT_VMAPPABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _group_delta(members: list, h: torch.Tensor, out: torch.Tensor, training: bool, record):
+    """Run one group's kernels (stacked, or per copy) on their copies' rows of h, record
+    each copy's faults, and add the deltas of the copies whose call succeeded to out."""
+    rows = [j for j, *_ in members]
+    index = torch.tensor(rows, device=h.device)
+    x = h if rows == list(range(h.shape[0])) else h.index_select(0, index)
+    config = members[0][1].config
+    budget = None if config.latency_budget_ms is None else config.latency_budget_ms / 1e3
+    kernels = [kernel for *_, kernel, _ in members]
+    graph = kernels[0].graph
+    result = None
+    if len(members) > 1 and graph not in _NOT_VMAPPABLE:
+        result = _vmapped_call(graph, kernels, x)
+    kept: list[int] = []
+    if result is not None:
+        y, elapsed = result
+        share = elapsed / len(members)
+        finite = y.detach().flatten(1).sum(1).tolist()  # one sync for the group
+        for k, (_, layer, slot, _, _) in enumerate(members):
+            if record:
+                slot.latency_ms = share * 1e3
+            if not math.isfinite(finite[k]) and not bool(torch.isfinite(y[k]).all()):
+                layer._fault(slot, "nonfinite", "kernel output contains NaN or Inf")
+                continue
+            if budget is not None and share > budget:
+                layer._fault(
+                    slot, "slow", f"kernel took {share * 1e3:.1f} ms > {budget * 1e3:.1f} ms"
+                )
+            slot.calls += 1
+            kept.append(k)
+        if kept and len(kept) < len(members):
+            # Run the healthy ones again without the faulted: a dropped row's backward would
+            # still reach its kernel (0 * NaN), which the single env never runs backward.
+            sub = [members[k][3] for k in kept]
+            rows = index.new_tensor(kept)
+            y = _vmapped_call(graph, sub, x.index_select(0, rows)) if len(kept) > 1 else None
+            y = y[0] if y is not None else torch.stack([sub[0](x[kept[0]])])
+    else:
+        outs = []
+        for k, (_, layer, slot, kernel, _) in enumerate(members):
+            start = time.perf_counter()
+            y_k, fault, msg = guarded_call(kernel, x[k], budget)
+            if record:
+                slot.latency_ms = (time.perf_counter() - start) * 1e3
+            if fault is not None:
+                layer._fault(slot, fault, msg)
+            if y_k is None:
+                continue
+            slot.calls += 1
+            kept.append(k)
+            outs.append(y_k)
+        if not outs:
+            return out
+        y = torch.stack(outs)
+    if not kept:
+        return out
+    slots = [members[k][2] for k in kept]
+    if training:
+        delta = _FitGroup.apply(y, config.fit_step, [slot.fit_loss for slot in slots])
+    else:
+        alphas = [members[k][4] for k in kept]
+        delta = y
+        if any(a != 1.0 for a in alphas):
+            shape = (len(kept),) + (1,) * (y.dim() - 1)
+            delta = y * torch.tensor(alphas, dtype=y.dtype, device=y.device).view(shape)
+    target = index if len(kept) == len(members) else index[kept]
+    return out.index_add(0, target, delta)
+
+
+def _vmapped_call(graph, kernels, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """(the stacked output, wall seconds) of the group's graph under vmap, or None when vmap
+    cannot run it or its output is not x's shape, dtype and device (the per-copy path then
+    names each copy's fault as the single env would)."""
+    states = [torch.stack(tensors) for tensors in zip(*(k.flat_state() for k in kernels))]
+    start = time.perf_counter()
+    try:
+        y = torch.func.vmap(lambda state, xi: graph.forward(*state, xi)[0])(states, x)
+    except Exception:
+        _NOT_VMAPPABLE[graph] = True
+        return None
+    elapsed = time.perf_counter() - start
+    if (
+        not isinstance(y, torch.Tensor)
+        or y.shape != x.shape
+        or y.dtype != x.dtype
+        or y.device != x.device
+    ):
+        return None
+    return y, elapsed
+
+
+class _FitGroup(torch.autograd.Function):
+    """kasmina.layer._Fit for a group of copies, s of shape (copies, B, ...): value 0; each
+    copy's kernel output gets the gradient of its own fit loss (and its sink that loss)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, eta: float, sinks: list) -> torch.Tensor:
+        ctx.save_for_backward(s)
+        ctx.eta, ctx.sinks = eta, sinks
+        return torch.zeros_like(s)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (s,) = ctx.saved_tensors
+        batch = s.shape[1]
+        residual = s + ctx.eta * batch * g
+        losses = 0.5 * residual.detach().pow(2).flatten(1).sum(1) / batch
+        for sink, loss in zip(ctx.sinks, losses):
+            sink[:] = [loss]
+        return residual / batch, None, None
+
+
+def _set(layer: nn.Module, name: str, value) -> None:
+    """`setattr` of a plain (not parameter, buffer or module) attribute of a module, without
+    nn.Module.__setattr__'s checks: ~2 us per call, paid per layer per copy per step."""
+    layer.__dict__[name] = value
+
+
+@torch.no_grad()
+def _capture_grads(layers: list[KasminaLayer]) -> None:
+    """KasminaLayer.capture_grad of every layer, with one norm call for all of them (the same
+    values: torch._foreach_norm and linalg.vector_norm agree bit for bit)."""
+    grads, spans = [], []
+    for layer in layers:
+        g = [p.grad for p in layer.host.parameters() if p.grad is not None]
+        spans.append(len(g))
+        grads += g
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    if all(k == spans[0] for k in spans):
+        per_layer = torch.linalg.vector_norm(norms.view(len(layers), spans[0]), dim=1)
+        for layer, norm in zip(layers, per_layer):
+            _set(layer, "_grad_norm", norm)
+        return
+    start = 0
+    for layer, k in zip(layers, spans):
+        if k:
+            _set(layer, "_grad_norm", torch.linalg.vector_norm(norms[start : start + k]))
+        start += k
+
+
+@torch.no_grad()
+def _activation_stats(h: torch.Tensor) -> torch.Tensor:
+    """kasmina.telemetry.activation_stats of each copy of h (copies, B, ...): (copies, 3)."""
+    h = h.detach().float()
+    n, units = h.shape[0], h.shape[2]
+    dead = (h.transpose(1, 2).reshape(n, units, -1).amax(dim=2) <= 0).float().mean(1)
+    flat = h.flatten(1)
+    return torch.stack([flat.mean(1), flat.var(1, unbiased=False), dead], 1)
+
+
+class _BufferedStore:
+    """The copies' shared KernelStore, with seed outcomes held back and written in one
+    transaction by `flush` (a commit costs milliseconds; the env flushes once a step)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self._pending: list = []
+
+    def record_outcome(self, outcome) -> None:
+        self._pending.append(outcome)
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._store.record_outcomes(pending)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)

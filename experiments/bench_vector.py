@@ -1,0 +1,129 @@
+"""Batched simulator vs SyncVectorEnv: env steps per second, side by side, one thread.
+
+For each task and N, the batched env (`gym.make_vec(id, num_envs=N,
+vectorization_mode="vector_entry_point")`) and a `gymnasium.vector.SyncVectorEnv` of N
+`gym.make(id)` envs (same-step autoreset, as Tamiyo uses) run the same policy: WAIT, or a
+growing policy (masked random actions: a kind drawn among the valid ones, wait 0.3, germinate
+0.3, advance 0.35, cull 0.05, then one of its valid actions, so that seeds germinate, train,
+blend and fossilize). The two sides run interleaved in chunks of `--chunk` steps, so that load
+from other processes hits both alike; throughput is N * steps / seconds stepping (resets inside
+the timed steps count, as in training). `live` is the mean number of live seeds per copy over
+the timed steps of the batched side.
+
+    python experiments/bench_vector.py                              # N in 1 8 32 128
+    python experiments/bench_vector.py --ns 1 8 32 --steps 20 --tasks spirals
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import esper_gym
+from esper_gym.actions import ActionLayout
+
+WEIGHTS = {"wait": 0.3, "germinate": 0.3, "advance": 0.35, "cull": 0.05}
+TASK_IDS = {task: env_id for env_id, (task, _) in esper_gym.ENV_IDS.items()}
+
+
+def grow_action(mask: np.ndarray, layout: ActionLayout, rng: np.random.Generator) -> int:
+    """A masked random action, its kind drawn first (WEIGHTS) among the valid kinds."""
+    kinds: dict[str, list[int]] = {}
+    for a in np.flatnonzero(mask):
+        kinds.setdefault(layout.decode(int(a)).kind, []).append(int(a))
+    names = list(kinds)
+    p = np.array([WEIGHTS[k] for k in names])
+    kind = names[rng.choice(len(names), p=p / p.sum())]
+    return int(rng.choice(kinds[kind]))
+
+
+def make(kind: str, env_id: str, n: int, kernel_dir: str, kwargs: dict):
+    if kind == "batched":
+        return gym.make_vec(
+            env_id, num_envs=n, vectorization_mode="vector_entry_point", kernel_dir=kernel_dir,
+            **kwargs,
+        )  # fmt: skip
+    return gym.make_vec(
+        env_id,
+        num_envs=n,
+        vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+        kernel_dir=kernel_dir,
+        **kwargs,
+    )
+
+
+class Side:
+    """One vector env and its policy state."""
+
+    def __init__(self, kind, env_id, n, kernel_dir, kwargs, policy, seed):
+        self.envs = make(kind, env_id, n, kernel_dir, kwargs)
+        single = gym.make(env_id, kernel_dir=kernel_dir, **kwargs).unwrapped
+        self.layout, self.policy = single.layout, policy
+        self.rng = np.random.default_rng(seed)
+        self.obs, _ = self.envs.reset(seed=seed)
+        self.seconds, self.steps, self.live = 0.0, 0, []
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        for _ in range(steps):
+            masks = self.obs["action_mask"].astype(bool)
+            if self.policy == "wait":
+                actions = np.zeros(len(masks), dtype=np.int64)
+            else:
+                actions = np.array([grow_action(m, self.layout, self.rng) for m in masks])
+            start = time.perf_counter()
+            self.obs, _, _, _, info = self.envs.step(actions)
+            if timed:
+                self.seconds += time.perf_counter() - start
+                self.steps += 1
+                self.live.append(float(np.mean(info["seeds_live"])))
+
+    def rate(self) -> float:
+        return self.envs.num_envs * self.steps / self.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["spirals", "fashion_mnist"])
+    parser.add_argument("--ns", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--policies", nargs="+", default=["wait", "grow"])
+    parser.add_argument("--steps", type=int, default=30, help="timed vector steps per side")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed vector steps first")
+    parser.add_argument("--chunk", type=int, default=5, help="steps per side per turn")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"{'task':<14}{'policy':<7}{'N':>5}"
+        f"{'batched/s':>11}{'sync/s':>9}{'speed-up':>10}{'live':>6}"
+    )
+    with tempfile.TemporaryDirectory() as kernel_dir:
+        for task in args.tasks:
+            env_id = TASK_IDS[task]
+            for policy in args.policies:
+                for n in args.ns:
+                    sides = [
+                        Side(kind, env_id, n, kernel_dir, {}, policy, seed=0)
+                        for kind in ("batched", "sync")
+                    ]
+                    for side in sides:
+                        side.run(args.warmup, timed=False)
+                    while sides[0].steps < args.steps:
+                        for side in sides:
+                            side.run(min(args.chunk, args.steps - side.steps))
+                    batched, sync = sides
+                    print(
+                        f"{task:<14}{policy:<7}{n:>5}{batched.rate():>11.1f}{sync.rate():>9.1f}"
+                        f"{batched.rate() / sync.rate():>9.2f}x{np.mean(batched.live):>6.2f}",
+                        flush=True,
+                    )
+                    for side in sides:
+                        side.envs.close()
+
+
+if __name__ == "__main__":
+    main()
