@@ -54,12 +54,14 @@ reset within the same `step`; its last observation and info are in `info["final_
 ## Shared between copies
 Datasets, traced data-flow edges, the kernel store and the kernel cache (with
 `telemetry="measured"`, cache counters are those of the shared cache). Seed outcomes are
-written to the store in one transaction per step rather than one per outcome; a generator
-that reads the store's history (Karn) sees a step's outcomes from the next step on.
+written to the store in one transaction once `FLUSH_OUTCOMES` are pending, and at `reset`
+and `close`, rather than one commit each: a generator that reads the store's history (Karn)
+sees them that much later (a copy's own `generator.observe` is called at once, as before).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import weakref
@@ -73,13 +75,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from esper_gym.env import MorphogeneticEnv
-from esper_gym.kasmina import KasminaLayer, SeedState
+from esper_gym.kasmina import RUNNING, KasminaLayer, SeedState
 from esper_gym.kasmina.recovery import guarded_call
 from esper_gym.trainer import IntervalStats, make_optimizer
 
 # Parameter-free elementwise modules: applied to [N, B, ...] they compute what each copy would.
 _ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity)
 _EVAL_CHUNK = 4096  # HostTrainer.evaluate's chunk: the same samples per forward
+# Seed outcomes are written to the store once this many are pending (and at reset and close):
+# a SQLite commit here costs ~10 ms, a whole step of 32 copies ~50 ms.
+FLUSH_OUTCOMES = 64
 
 
 class BatchedMorphogeneticEnv(VectorEnv):
@@ -170,13 +175,18 @@ class BatchedMorphogeneticEnv(VectorEnv):
         if not self.action_space.contains(actions.astype(self.action_space.dtype)):
             raise ValueError(f"actions {actions!r} are not in {self.action_space}")
         begun = [env._begin_step(a) for env, a in zip(self.envs, actions)]
-        stats, evaluated = self._train()
+        stats = self._train()
+        drained = [env._drain(setup) for env, (_, _, setup) in zip(self.envs, begun)]
+        evaluated = self._evaluate(stats)
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         infos: dict[str, Any] = {}
         for i, env in enumerate(self.envs):
-            obs, reward, term, trunc, info = env._end_step(*begun[i], stats[i], evaluated.get(i))
+            decision, invalid, _ = begun[i]
+            obs, reward, term, trunc, info = env._end_step(
+                decision, invalid, stats[i], *drained[i], evaluated[i]
+            )
             self._elapsed[i] += 1
             if self.max_episode_steps is not None and self._elapsed[i] >= self.max_episode_steps:
                 trunc = True  # as gymnasium's TimeLimit: truncated even when also terminated
@@ -187,26 +197,37 @@ class BatchedMorphogeneticEnv(VectorEnv):
                 self._elapsed[i] = 0
             self._obs[i] = obs
             infos = self._add_info(infos, info, i)
-        self.store.flush()
+        if len(self.store._pending) >= FLUSH_OUTCOMES:
+            self.store.flush()
         return self._stacked(), rewards, terminated, truncated, infos
 
-    def _train(self) -> tuple[list[IntervalStats], dict[int, tuple[float, float]]]:
-        """Run every copy's decision interval: batches together, the rest one by one. Returns
-        each copy's interval stats and the (val_acc, val_loss) of the copies evaluated here."""
+    def _train(self) -> list[IntervalStats]:
+        """Run every copy's decision interval: batches together, the rest one by one."""
+        self._steps_plan = self._plan()
         stats: list[IntervalStats | None] = [None] * self.num_envs
-        evaluated: dict[int, tuple[float, float]] = {}
-        for members, batch in self._plan():
+        for members, batch in self._steps_plan:
             if batch is None:
                 for i in members:
                     stats[i] = self.envs[i].trainer.run_interval()
-                continue
-            for i, s in zip(members, batch.run_interval()):
-                stats[i] = s
+            else:
+                for i, s in zip(members, batch.run_interval()):
+                    stats[i] = s
+        return stats
+
+    def _evaluate(self, stats: list[IntervalStats]) -> list[tuple[float, float] | None]:
+        """MorphogeneticEnv._evaluate of every copy whose host did not diverge (None for
+        those): a batch's copies evaluate and measure contributions together."""
+        evaluated: list[tuple[float, float] | None] = [None] * self.num_envs
+        for members, batch in self._steps_plan:
             alive = [j for j, i in enumerate(members) if not stats[i].diverged]
-            if alive:
+            if batch is None:
+                for j in alive:
+                    evaluated[members[j]] = self.envs[members[j]]._evaluate()
+            elif alive:
                 for j, result in zip(alive, batch.evaluate(alive)):
                     evaluated[members[j]] = result
-        return stats, evaluated
+                batch.measure_contributions(alive)
+        return evaluated
 
     def _plan(self) -> list[tuple[list[int], _Batch | None]]:
         """Copies grouped into batches (by `_batch_key`), and the copies that run alone."""
@@ -412,6 +433,41 @@ class _Batch:
             self.trainers[i]._val_hits = hits[j]
             results.append((int(counts[j]) / len(x), loss_sum[j] / len(x)))
         return results
+
+    @torch.no_grad()
+    def measure_contributions(self, members: list[int]) -> None:
+        """HostTrainer.measure_contributions of copies `members` (after `evaluate`): pass k
+        overrides each copy's k-th running seed (found as the copy's own loop finds it, so a
+        seed its breaker culled in an earlier pass is skipped) in one stacked forward."""
+        trainers = self.trainers
+        first = trainers[members[0]]
+        n = min(self.task.contribution_size, len(first.x_val))
+        x, y = first.x_val[:n], first.y_val[:n]
+        todo = {j: [(layer, slot) for layer in trainers[j].layers for slot in layer.slots]
+                for j in members}  # fmt: skip
+        current: dict[int, float] = {}
+        while True:
+            passes = []  # (copy, layer, slot, whether it is TRAINING)
+            for j in members:
+                while todo[j] and todo[j][0][1].state not in RUNNING:
+                    todo[j].pop(0)
+                if todo[j]:
+                    layer, slot = todo[j].pop(0)
+                    passes.append((j, layer, slot, slot.state == SeedState.TRAINING))
+            if not passes:
+                return
+            for j, *_ in passes:
+                if j not in current:
+                    current[j] = float(trainers[j]._val_hits[:n].float().mean())
+            copies = [j for j, *_ in passes]
+            with contextlib.ExitStack() as stack:
+                for _, layer, slot, training in passes:
+                    stack.enter_context(layer.seed_override(slot.index, 1.0 if training else 0.0))
+                logits = self.forward(x.unsqueeze(0).expand(len(copies), *x.shape), False, copies)
+                hits = (logits.argmax(2) == y).sum(1).tolist()
+            for (j, _, slot, training), h in zip(passes, hits):
+                acc = int(h) / n
+                slot.contribution = acc - current[j] if training else current[j] - acc
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, record: bool, members: list[int] | None = None):

@@ -190,6 +190,38 @@ def test_a_fault_in_one_copy_stays_in_that_copy(kernel_dir):
     envs.close()
 
 
+def test_faults_of_a_blended_seed_match_the_single_env(kernel_dir):
+    """A coupled seed that turns NaN faults in training, evaluation and contribution passes;
+    copy 1 records each fault in the same step as its single env, the others none."""
+    # The breaker stays shut (every pass faults); 12 steps: no episode ends in the test.
+    kwargs = dict(SMALL, max_faults=50, max_epochs=12.0)
+    envs = BatchedMorphogeneticEnv(num_envs=3, kernel_dir=kernel_dir, **kwargs)
+    single = gym.make("Esper/Spirals-v0", kernel_dir=kernel_dir, **kwargs)
+    envs.reset(seed=0)
+    single.reset(seed=1)
+    layout, blueprints = envs.envs[0].layout, envs.envs[0].task.blueprints
+    germinate = layout.encode(Action(GERMINATE, 1, 0, blueprints.index("residual_mlp")))
+    advance = layout.encode(Action(ADVANCE, 1, 0))
+    for action in (germinate, advance, advance, 0):  # ... BLENDING, then PROBATION
+        envs.step(np.full(3, action))
+        single.step(action)
+    for kernel in (envs.envs[1].layers[1].kernels["0"], single.unwrapped.layers[1].kernels["0"]):
+        with torch.no_grad():
+            next(iter(kernel.parameters())).fill_(float("nan"))
+    for _ in range(2):
+        obs, rewards, _, _, infos = envs.step(np.zeros(3, dtype=np.int64))
+        o, reward, _, _, info = single.step(0)
+        assert infos["faults"][[0, 2]].tolist() == [0, 0]
+        assert list(infos["fault_kinds"][1]) == info["fault_kinds"]
+        assert rewards[1] == reward
+        np.testing.assert_allclose(obs["nodes"][1], o["nodes"], atol=OBS_ATOL, rtol=0)
+    # The previous step's evaluation (its faults are drained a step late, as the single env
+    # drains them), then 8 training calls; the contribution pass turns the seed off (alpha 0:
+    # no call).
+    assert info["fault_kinds"] == ["nonfinite"] * 9
+    envs.close()
+
+
 def test_unbatchable_hosts_run_per_copy(kernel_dir, tmp_path):
     """A CNN host cannot be stacked: its copies train one by one, and still match."""
     kwargs = small_kwargs("Esper/FashionMNISTCNN-v0", tmp_path)
