@@ -65,6 +65,7 @@ import contextlib
 import math
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -511,10 +512,12 @@ def _layer_forward(layers: list[KasminaLayer], x: torch.Tensor, record: bool) ->
 
 
 def _seed_deltas(layers: list[KasminaLayer], h: torch.Tensor, record: bool) -> torch.Tensor:
-    """h plus every running seed's delta, per copy as KasminaLayer._seed_delta adds them: in
-    slot order, each kernel reading the host's output h."""
+    """h plus every running seed's delta, per copy as KasminaLayer._seed_delta adds them: each
+    kernel reads the host's output h (detached for a TRAINING seed), and the deltas are added
+    in slot order, one `index_add` per slot index (a copy appears once in each: no two adds to
+    one row race, on any device)."""
     grad = torch.is_grad_enabled()
-    groups: dict[tuple, list] = {}
+    groups: dict[int, list[_Member]] = {}  # by kernel graph: every slot and mode together
     for j, layer in enumerate(layers):
         for slot in layer._running:
             training = slot.state == SeedState.TRAINING and slot.alpha_override is None
@@ -526,88 +529,125 @@ def _seed_deltas(layers: list[KasminaLayer], h: torch.Tensor, record: bool) -> t
                 alpha = slot.alpha if slot.alpha_override is None else slot.alpha_override
                 if alpha == 0.0:
                     continue
-            detach = training or slot.alpha_override is not None
             kernel = layer.kernels[str(slot.index)]
-            key = (slot.index, id(kernel.graph), training, detach)
-            groups.setdefault(key, []).append((j, layer, slot, kernel, alpha))
+            detach = training or slot.alpha_override is not None  # as _seed_delta's input
+            member = _Member(j, layer, slot, kernel, alpha, training, detach)
+            groups.setdefault(id(kernel.graph), []).append(member)
+    if not groups:
+        return h
+    # Rows as views: stacking a group's rows backpropagates to them without the full-size
+    # zero fill an index_select's backward does per group.
+    rows, detached = h.unbind(0), h.detach().unbind(0)
+    by_slot: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    for members in groups.values():
+        members.sort(key=lambda m: (not m.training, m.slot.index))  # runs of (mode, slot)
+        inputs = [detached[m.j] if m.detach else rows[m.j] for m in members]
+        kept, y = _group_outputs(members, inputs, record)
+        start = 0
+        while start < len(kept):
+            first = kept[start]
+            end = start + 1
+            while (
+                end < len(kept)
+                and kept[end].training == first.training
+                and kept[end].slot.index == first.slot.index
+            ):
+                end += 1
+            run, part = kept[start:end], y[start:end]
+            if first.training:
+                part = _FitGroup.apply(
+                    part, first.layer.config.fit_step, [m.slot.fit_loss for m in run]
+                )
+            elif any(m.alpha != 1.0 for m in run):
+                alphas = torch.tensor([m.alpha for m in run], dtype=y.dtype, device=y.device)
+                part = part * alphas.view((len(run),) + (1,) * (y.dim() - 1))
+            copies, deltas = by_slot.setdefault(first.slot.index, ([], []))
+            copies += [m.j for m in run]
+            deltas.append(part)
+            start = end
     out = h
-    for key in sorted(groups, key=lambda k: k[0]):  # slot order; stable within a slot
-        _, _, training, detach = key
-        out = _group_delta(groups[key], h.detach() if detach else h, out, training, record)
+    for index in sorted(by_slot):
+        copies, deltas = by_slot[index]
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+        out = out.index_add(0, torch.tensor(copies, device=h.device), delta)
     return out
+
+
+@dataclass(slots=True)
+class _Member:
+    """One running seed of one copy (row j of the batch) in a kernel group."""
+
+    j: int
+    layer: KasminaLayer
+    slot: Any
+    kernel: nn.Module
+    alpha: float
+    training: bool  # fitted to the pseudo-residual (value 0), else blended at alpha
+    detach: bool  # reads the detached h
 
 
 # Graphs vmap could not run (no batching rule); they go per copy from then on.
 _NOT_VMAPPABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Below this many copies a group runs one call per copy: vmap's fixed cost (~0.1 ms of pytree
+# and batching-rule setup) is more than a few small direct calls on a CPU.
+VMAP_MIN = 4
 
 
-def _group_delta(members: list, h: torch.Tensor, out: torch.Tensor, training: bool, record):
-    """Run one group's kernels (stacked, or per copy) on their copies' rows of h, record
-    each copy's faults, and add the deltas of the copies whose call succeeded to out."""
-    rows = [j for j, *_ in members]
-    index = torch.tensor(rows, device=h.device)
-    x = h if rows == list(range(h.shape[0])) else h.index_select(0, index)
-    config = members[0][1].config
+def _group_outputs(members: list[_Member], inputs: list[torch.Tensor], record: bool):
+    """Run one group's kernels on their inputs, stacked under vmap or one guarded call per
+    copy; record each copy's faults as guarded_call would. Returns the members whose output
+    is used and those outputs stacked (members' order)."""
+    config = members[0].layer.config
     budget = None if config.latency_budget_ms is None else config.latency_budget_ms / 1e3
-    kernels = [kernel for *_, kernel, _ in members]
-    graph = kernels[0].graph
+    graph = members[0].kernel.graph
     result = None
-    if len(members) > 1 and graph not in _NOT_VMAPPABLE:
-        result = _vmapped_call(graph, kernels, x)
-    kept: list[int] = []
+    if len(members) >= VMAP_MIN and graph not in _NOT_VMAPPABLE:
+        x = torch.stack(inputs)
+        result = _vmapped_call(graph, [m.kernel for m in members], x)
     if result is not None:
         y, elapsed = result
         share = elapsed / len(members)
         finite = y.detach().flatten(1).sum(1).tolist()  # one sync for the group
-        for k, (_, layer, slot, _, _) in enumerate(members):
+        kept = []
+        for k, m in enumerate(members):
             if record:
-                slot.latency_ms = share * 1e3
+                m.slot.latency_ms = share * 1e3
             if not math.isfinite(finite[k]) and not bool(torch.isfinite(y[k]).all()):
-                layer._fault(slot, "nonfinite", "kernel output contains NaN or Inf")
+                m.layer._fault(m.slot, "nonfinite", "kernel output contains NaN or Inf")
                 continue
             if budget is not None and share > budget:
-                layer._fault(
-                    slot, "slow", f"kernel took {share * 1e3:.1f} ms > {budget * 1e3:.1f} ms"
+                m.layer._fault(
+                    m.slot, "slow", f"kernel took {share * 1e3:.1f} ms > {budget * 1e3:.1f} ms"
                 )
-            slot.calls += 1
+            m.slot.calls += 1
             kept.append(k)
-        if kept and len(kept) < len(members):
-            # Run the healthy ones again without the faulted: a dropped row's backward would
-            # still reach its kernel (0 * NaN), which the single env never runs backward.
-            sub = [members[k][3] for k in kept]
-            rows = index.new_tensor(kept)
-            y = _vmapped_call(graph, sub, x.index_select(0, rows)) if len(kept) > 1 else None
-            y = y[0] if y is not None else torch.stack([sub[0](x[kept[0]])])
-    else:
-        outs = []
-        for k, (_, layer, slot, kernel, _) in enumerate(members):
-            start = time.perf_counter()
-            y_k, fault, msg = guarded_call(kernel, x[k], budget)
-            if record:
-                slot.latency_ms = (time.perf_counter() - start) * 1e3
-            if fault is not None:
-                layer._fault(slot, fault, msg)
-            if y_k is None:
-                continue
-            slot.calls += 1
-            kept.append(k)
-            outs.append(y_k)
-        if not outs:
-            return out
-        y = torch.stack(outs)
-    if not kept:
-        return out
-    slots = [members[k][2] for k in kept]
-    if training:
-        delta = _FitGroup.apply(y, config.fit_step, [slot.fit_loss for slot in slots])
-    else:
-        alphas = [members[k][4] for k in kept]
-        delta = y
-        if any(a != 1.0 for a in alphas):
-            shape = (len(kept),) + (1,) * (y.dim() - 1)
-            delta = y * torch.tensor(alphas, dtype=y.dtype, device=y.device).view(shape)
-    target = index if len(kept) == len(members) else index[kept]
-    return out.index_add(0, target, delta)
+        if len(kept) == len(members):
+            return members, y
+        # Run the healthy ones again without the faulted: a dropped row's backward would still
+        # reach its kernel (0 * NaN), which the single env never runs backward.
+        sub = [members[k] for k in kept]
+        if len(sub) >= VMAP_MIN:
+            again = _vmapped_call(graph, [m.kernel for m in sub], x[kept])
+            if again is not None:
+                return sub, again[0]
+        outs = [m.kernel(inputs[k]) for k, m in zip(kept, sub)]
+        return sub, torch.stack(outs) if outs else y[:0]
+    kept, outs = [], []
+    for m, x in zip(members, inputs):
+        start = time.perf_counter()
+        y_m, fault, msg = guarded_call(m.kernel, x, budget)
+        if record:
+            m.slot.latency_ms = (time.perf_counter() - start) * 1e3
+        if fault is not None:
+            m.layer._fault(m.slot, fault, msg)
+        if y_m is None:
+            continue
+        m.slot.calls += 1
+        kept.append(m)
+        outs.append(y_m)
+    if not outs:
+        return [], None
+    return kept, outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
 
 
 def _vmapped_call(graph, kernels, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:

@@ -92,7 +92,9 @@ def _compare(env_id: str, kwargs: dict, kernel_dir: str, n: int, steps: int, see
 
 @pytest.fixture
 def count_vmapped(monkeypatch):
-    """How many stacked (vmapped) kernel group calls ran, and how many fell back."""
+    """How many stacked (vmapped) kernel group calls ran, and how many fell back; groups of
+    two copies already run stacked, so that these small tests exercise that path."""
+    monkeypatch.setattr(vec, "VMAP_MIN", 2)
     counts = {"vmapped": 0, "fallback": 0}
     real = vec._vmapped_call
 
@@ -166,7 +168,7 @@ def test_seeded_batched_runs_are_bit_identical(kernel_dir):
             assert np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
 
 
-def test_a_fault_in_one_copy_stays_in_that_copy(kernel_dir):
+def test_a_fault_in_one_copy_stays_in_that_copy(kernel_dir, count_vmapped):
     envs = BatchedMorphogeneticEnv(num_envs=3, kernel_dir=kernel_dir, **SMALL)
     envs.reset(seed=0)
     layout, blueprints = envs.envs[0].layout, envs.envs[0].task.blueprints
@@ -187,10 +189,11 @@ def test_a_fault_in_one_copy_stays_in_that_copy(kernel_dir):
     # The healthy copies' seeds ran on: per step once per optimizer step (8), once for the
     # contribution, over the two TRAINING steps.
     assert [envs.envs[i].layers[1].slots[0].calls for i in (0, 2)] == [18, 18]
+    assert count_vmapped["vmapped"] > 0
     envs.close()
 
 
-def test_faults_of_a_blended_seed_match_the_single_env(kernel_dir):
+def test_faults_of_a_blended_seed_match_the_single_env(kernel_dir, count_vmapped):
     """A coupled seed that turns NaN faults in training, evaluation and contribution passes;
     copy 1 records each fault in the same step as its single env, the others none."""
     # The breaker stays shut (every pass faults); 12 steps: no episode ends in the test.
@@ -219,6 +222,7 @@ def test_faults_of_a_blended_seed_match_the_single_env(kernel_dir):
     # drains them), then 8 training calls; the contribution pass turns the seed off (alpha 0:
     # no call).
     assert info["fault_kinds"] == ["nonfinite"] * 9
+    assert count_vmapped["vmapped"] > 0
     envs.close()
 
 
