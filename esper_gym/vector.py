@@ -96,7 +96,7 @@ class BatchedMorphogeneticEnv(VectorEnv):
         max_episode_steps: truncation after this many steps of an episode (the TimeLimit of
             the registration; `gym.make_vec` passes it), None for none.
         batched: False trains every copy on its own trainer (the reference the batched path
-            is tested against; no speed-up).
+            is tested against; no speed-up); so does a single copy.
         **env_kwargs: what `gym.make(id, ...)` takes (task, Task fields, reward_weights,
             kernel_dir, contexts, ...), given to every copy.
 
@@ -118,7 +118,10 @@ class BatchedMorphogeneticEnv(VectorEnv):
             raise ValueError(f"num_envs={num_envs!r} must be an integer >= 1")
         self.num_envs = num_envs
         self.max_episode_steps = max_episode_steps
-        self.batched = bool(batched)
+        # One copy gains nothing from stacking (~0.7x of its own trainer's speed): it trains on
+        # its own trainer. (A batch never shrinks to one copy otherwise: without contexts all
+        # copies share one host shape; its Adam state must not move between optimizers.)
+        self.batched = bool(batched) and num_envs > 1
         self.envs = [MorphogeneticEnv(**env_kwargs) for _ in range(num_envs)]
         first = self.envs[0]
         self.store = _BufferedStore(first.store)

@@ -7,8 +7,9 @@ growing policy (masked random actions: a kind drawn among the valid ones, wait 0
 0.3, advance 0.35, cull 0.05, then one of its valid actions, so that seeds germinate, train,
 blend and fossilize). The two sides run interleaved in chunks of `--chunk` steps, so that load
 from other processes hits both alike; throughput is N * steps / seconds stepping (resets inside
-the timed steps count, as in training). `live` is the mean number of live seeds per copy over
-the timed steps of the batched side.
+the timed steps count, as in training). Both sides follow the same trajectories (same seeds,
+same policy draws, equivalent envs). Every blueprint is compiled into the store before timing.
+`live` is the mean number of live seeds per copy over the timed steps.
 
     python experiments/bench_vector.py                              # N in 1 8 32 128
     python experiments/bench_vector.py --ns 1 8 32 --steps 20 --tasks spirals
@@ -26,6 +27,7 @@ import torch
 
 import esper_gym
 from esper_gym.actions import ActionLayout
+from esper_gym.kernels import load_or_compile
 
 WEIGHTS = {"wait": 0.3, "germinate": 0.3, "advance": 0.35, "cull": 0.05}
 TASK_IDS = {task: env_id for env_id, (task, _) in esper_gym.ENV_IDS.items()}
@@ -56,6 +58,19 @@ def make(kind: str, env_id: str, n: int, kernel_dir: str, kwargs: dict):
         kernel_dir=kernel_dir,
         **kwargs,
     )
+
+
+def prewarm(env_id: str, kernel_dir: str, kwargs: dict) -> None:
+    """Compile every blueprint for every layer into the store first: a compile (~0.1-1 s)
+    inside the timed steps would fall on whichever side germinates that recipe first."""
+    env = gym.make(env_id, kernel_dir=kernel_dir, **kwargs).unwrapped
+    env.reset(seed=0)
+    for layer in env.layers:
+        for name in env.task.blueprints:
+            if env.generator.fits(layer.out_shape, name, env.task.param_budget):
+                blueprint = env.generator.propose(layer.out_shape, name, env.task.param_budget)
+                load_or_compile(blueprint, layer.out_shape, env.store, env.cache)
+    env.close()
 
 
 class Side:
@@ -104,6 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as kernel_dir:
         for task in args.tasks:
             env_id = TASK_IDS[task]
+            prewarm(env_id, kernel_dir, {})
             for policy in args.policies:
                 for n in args.ns:
                     sides = [

@@ -258,3 +258,33 @@ def test_reset_mask_and_seed_lists(kernel_dir):
     with pytest.raises(ValueError, match="not in"):
         envs.step(np.array([0, 10**6]))
     envs.close()
+
+
+def test_tamiyo_trains_on_the_batched_env(kernel_dir):
+    """env.vectorization=batched: train.env_factory gives a constructor whose `vector` is the
+    batched simulator, and Tamiyo's PPO trains on it (whole episodes: autoresets included)."""
+    from hydra import compose, initialize_config_dir
+
+    from esper_gym import train as train_mod
+    from esper_gym.agents.tamiyo import PPOConfig, make_vector_env
+    from esper_gym.agents.tamiyo import train as ppo
+
+    overrides = ["env.vectorization=batched", f"env.kernel_dir={kernel_dir}", "task=spirals"]
+    overrides += [f"task.{k}={v}" for k, v in SMALL.items() if k != "dataset_kwargs"]
+    overrides.append("task.dataset_kwargs={n_train:1024,n_val:256,n_test:256}")
+    with initialize_config_dir(config_dir=str(esper_gym.config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    train_mod.validate(cfg)
+    make = train_mod.env_factory(cfg)
+    envs = make_vector_env(make, 3)
+    assert isinstance(envs, BatchedMorphogeneticEnv) and envs.num_envs == 3
+    envs.close()
+    logs = []
+    config = PPOConfig(total_steps=24, num_envs=2, rollout_steps=12, update_epochs=1, seed=0)
+    ppo(config, make, log=lambda m, s: logs.append((s, m)))
+    assert [s for s, _ in logs] == [24]
+    assert logs[0][1]["charts/episodes"] >= 2  # episodes of 6 steps (task.max_epochs=6) ended
+    with initialize_config_dir(config_dir=str(esper_gym.config_dir()), version_base="1.3"):
+        sb3 = compose("config", overrides=[*overrides, "agent=sb3_ppo"])
+    with pytest.raises(train_mod.ConfigError, match="batched"):
+        train_mod.validate(sb3)
