@@ -119,8 +119,8 @@ class BatchedMorphogeneticEnv(VectorEnv):
         self.num_envs = num_envs
         self.max_episode_steps = max_episode_steps
         # One copy gains nothing from stacking (~0.7x of its own trainer's speed): it trains on
-        # its own trainer. (A batch never shrinks to one copy otherwise: without contexts all
-        # copies share one host shape; its Adam state must not move between optimizers.)
+        # its own trainer. (Otherwise a copy's host joins a batch, or its own trainer, at reset
+        # and stays there for the episode: its Adam state never moves between optimizers.)
         self.batched = bool(batched) and num_envs > 1
         self.envs = [MorphogeneticEnv(**env_kwargs) for _ in range(num_envs)]
         first = self.envs[0]
