@@ -20,14 +20,16 @@ parameters: each batched forward stacks them (the stack's backward hands every c
 gradient), so anything that looks at one copy (telemetry, the culprit search after a poisoned
 host gradient, contributions, `env.envs[i]`) sees its real, current module.
 
-Seed kernels: the running seeds of one slot of one layer that share a kernel graph (one
-blueprint and size: the copies load it through one shared cache) and a mode (TRAINING, fitted
-to the pseudo-residual; or blended at the copy's alpha) form a group: their parameters are
-stacked and the exported graph runs once under `torch.func.vmap`. A graph vmap cannot batch
-(attention: no batching rule for `aten::sym_size.int`; the raising fault kernel) or a group
-output of the wrong shape, dtype or device falls back to one guarded call per copy, exactly as
-the single env makes it. Faults stay per copy: a non-finite output is found per copy (one sync
-per group) and recorded for that copy alone, whose delta is dropped; a group's wall time is
+Seed kernels: the running seeds of one layer that share a kernel graph (one blueprint and
+size: the copies load it through one shared cache), in any slot and mode (TRAINING, fitted to
+the pseudo-residual; or blended at the copy's alpha), form a group: with at least `VMAP_MIN`
+members their parameters are stacked and the exported graph runs once under `torch.func.vmap`;
+smaller groups, graphs vmap cannot batch (attention: no batching rule for `aten::sym_size.int`;
+the raising fault kernel) and a group output of the wrong shape, dtype or device run one
+guarded call per copy, exactly as the single env makes it. Deltas are added per slot index in
+slot order (one `index_add` each). Faults stay per copy: a non-finite output is found per copy
+(one sync per group) and recorded for that copy alone, whose delta is dropped (the rest of its
+group runs again without it, so that its kernel gets no backward); a group's wall time is
 shared out among its copies for the latency budget. Non-finite gradients are checked with one
 reduction over all copies; when it is not finite each copy runs the single env's own check
 (`HostTrainer._grads_checked`), so a copy's skipped step, quarantined seed or faulted seed
