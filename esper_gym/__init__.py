@@ -1,7 +1,9 @@
 """esper-gym: Gymnasium environments for morphogenetic training.
 
 Importing the package registers the `Esper/*` environment ids (string entry points, so nothing
-heavy is imported until `gym.make`).
+heavy is imported until `gym.make`). Each id also has a vector entry point, the batched
+simulator (`esper_gym.vector`): `gym.make_vec(id, num_envs=N,
+vectorization_mode="vector_entry_point")`; "sync" and "async" give gymnasium's own.
 """
 
 import importlib.resources
@@ -12,6 +14,7 @@ from gymnasium.envs.registration import register, registry
 __version__ = "0.1.0"
 
 ENTRY_POINT = "esper_gym.env:MorphogeneticEnv"
+VECTOR_ENTRY_POINT = "esper_gym.vector:BatchedMorphogeneticEnv"
 
 # id -> (task name, max_episode_steps). The TimeLimit sits far beyond every task's own budget:
 # episodes end by `terminated` when the training budget is spent; truncation is the user's.
@@ -29,6 +32,7 @@ for _id, (_task, _steps) in ENV_IDS.items():
         register(
             id=_id,
             entry_point=ENTRY_POINT,
+            vector_entry_point=VECTOR_ENTRY_POINT,
             max_episode_steps=_steps,
             kwargs={"task": _task},
         )

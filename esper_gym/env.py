@@ -416,6 +416,16 @@ class MorphogeneticEnv(gym.Env):
 
     # ---------------------------------------------------------------------- step
     def step(self, action):
+        decision, invalid, setup_faults = self._begin_step(action)
+        stats = self.trainer.run_interval()
+        events, faults = self._drain(setup_faults)
+        evaluated = None if stats.diverged else self._evaluate()
+        return self._end_step(decision, invalid, stats, events, faults, evaluated)
+
+    def _begin_step(self, action) -> tuple[Action, bool, list]:
+        """Check and apply `action`: (the decision executed, whether the action was masked,
+        faults of building its kernel). `step` is `_begin_step`, the trainer's interval, then
+        `_end_step`; esper_gym.vector runs the middle for many copies at once."""
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
         if self.terminated:
@@ -431,9 +441,10 @@ class MorphogeneticEnv(gym.Env):
         index = int(action)
         invalid = not bool(self._mask[index])
         decision = Action(WAIT) if invalid else self.layout.decode(index)
-        setup_faults = self._apply(decision)
+        return decision, invalid, self._apply(decision)
 
-        stats = self.trainer.run_interval()
+    def _drain(self, setup_faults: list) -> tuple[list[dict], list]:
+        """The interval's events and faults (with those of building the step's kernel), counted."""
         self.steps += 1
         events, faults = [], list(setup_faults)
         for layer in self.layers:
@@ -444,12 +455,25 @@ class MorphogeneticEnv(gym.Env):
         for fault in faults:
             if fault.layer in self._layer_faults:
                 self._layer_faults[fault.layer] += 1
+        return events, faults
+
+    def _evaluate(self) -> tuple[float, float]:
+        """(val_acc, val_loss) after the interval; measures each live seed's contribution.
+        Its kernel faults belong to the next step's info, as they are drained then."""
+        val_acc, val_loss = self.trainer.evaluate()
+        self.trainer.measure_contributions(val_acc)
+        return val_acc, val_loss
+
+    def _end_step(self, decision, invalid, stats, events, faults, evaluated):
+        """The rest of `step`: reward, outcomes, observation and info. `evaluated` is what
+        `_evaluate` returned, None when the host diverged. (`step` is `_begin_step`, the
+        interval, `_drain`, `_evaluate`, `_end_step`: esper_gym.vector runs the interval and
+        the evaluation of many copies at once.)"""
         before = self.val_acc
-        if stats.diverged:
+        if evaluated is None:
             self.val_loss = float("nan")
         else:
-            self.val_acc, self.val_loss = self.trainer.evaluate()
-            self.trainer.measure_contributions(self.val_acc)
+            self.val_acc, self.val_loss = evaluated
         self._update_seed_log(events)
         self.train_loss, self.train_acc = stats.mean_loss, stats.train_acc
         self.acc_delta = self.val_acc - before

@@ -184,7 +184,8 @@ class EnvConf:
     # reproducible bit for bit; see MorphogeneticEnv)
     telemetry: str = "off"
     # sync: one process (gymnasium SyncVectorEnv, SB3 DummyVecEnv); async: one process per env
-    # (AsyncVectorEnv / SubprocVecEnv, spawn context)
+    # (AsyncVectorEnv / SubprocVecEnv, spawn context); batched: the batched simulator
+    # (esper_gym.vector: the copies' training as stacked tensors, in one process; tamiyo only)
     vectorization: str = "sync"
     # null: every episode is the task as configured; train: each training episode draws a train
     # context (esper_gym.contexts) and the evaluation after training plays test contexts
@@ -451,8 +452,15 @@ def validate(cfg: DictConfig) -> Task:
     build_reward_fn(cfg)
     build_generator(cfg)
     _positive(cfg.env.num_envs, "env.num_envs")
-    if cfg.env.vectorization not in ("sync", "async"):
-        raise ConfigError(f"env.vectorization={cfg.env.vectorization!r}; allowed: sync, async")
+    if cfg.env.vectorization not in VECTORIZATIONS:
+        raise ConfigError(
+            f"env.vectorization={cfg.env.vectorization!r}; allowed: {', '.join(VECTORIZATIONS)}"
+        )
+    if cfg.env.vectorization == "batched" and cfg.agent.kind == AgentKind.sb3:
+        raise ConfigError(
+            "env.vectorization=batched is a gymnasium VectorEnv for agent.kind=tamiyo; SB3 "
+            "trains on its own VecEnv: use sync or async"
+        )
     if cfg.env.telemetry not in ("off", "measured"):
         raise ConfigError(f"env.telemetry={cfg.env.telemetry!r}; allowed: off, measured")
     if cfg.env.get("contexts") not in (None, "train"):
@@ -508,6 +516,35 @@ def make_env(env_id: str | None, threads: int | None = None, **kwargs: Any) -> g
     return gym.make(env_id or CUSTOM_SPEC, **kwargs)
 
 
+VECTORIZATIONS = ("sync", "async", "batched")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchedFactory:
+    """The env constructor of env.vectorization=batched: called, one env (probes, evaluation);
+    `vector(num_envs)`, the batched simulator Tamiyo trains on (esper_gym.vector)."""
+
+    env_id: str | None
+    threads: int | None
+    kwargs: dict
+
+    def __call__(self, **overrides: Any) -> gym.Env:
+        return make_env(self.env_id, self.threads, **{**self.kwargs, **overrides})
+
+    def vector(self, num_envs: int) -> gym.vector.VectorEnv:
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        if self.env_id is None:
+            from esper_gym.vector import BatchedMorphogeneticEnv
+
+            return BatchedMorphogeneticEnv(num_envs=num_envs, **self.kwargs)
+        return gym.make_vec(
+            self.env_id, num_envs, vectorization_mode="vector_entry_point", **self.kwargs
+        )
+
+
 def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
     """A picklable no-argument env constructor for the configured task (vector envs need it)."""
     # A task of the user's own goes whole; it holds strings only (host and dataset by import
@@ -525,6 +562,8 @@ def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
         kwargs["contexts"] = cfg.env.contexts
     if cfg.env.get("show_context"):
         kwargs["show_context"] = True
+    if cfg.env.get("vectorization") == "batched":
+        return BatchedFactory(cfg.task.env_id, cfg.threads, kwargs)
     return functools.partial(make_env, cfg.task.env_id, cfg.threads, **kwargs)
 
 

@@ -101,12 +101,31 @@ class HostTrainer:
         self._pos = 0
         self._loss_ema: float | None = None
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_indices(self) -> torch.Tensor:
+        """The training-split indices of the next batch (a new permutation every epoch)."""
         if self._pos + self.task.batch_size > len(self._order):
             self._order = torch.randperm(len(self.x_train), generator=self.generator)
             self._pos = 0
         idx = self._order[self._pos : self._pos + self.task.batch_size]
         self._pos += self.task.batch_size
+        return idx
+
+    def _interval_indices(self, steps: int) -> torch.Tensor:
+        """(steps, batch_size): the indices of the next `steps` batches, drawn exactly as
+        `steps` calls of `_next_indices` would draw them, in one slice per permutation."""
+        size, parts = self.task.batch_size, []
+        while steps:
+            if self._pos + size > len(self._order):
+                self._order = torch.randperm(len(self.x_train), generator=self.generator)
+                self._pos = 0
+            k = min(steps, (len(self._order) - self._pos) // size)
+            parts.append(self._order[self._pos : self._pos + k * size].view(k, size))
+            self._pos += k * size
+            steps -= k
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._next_indices()
         return self.x_train[idx].to(self.device), self.y_train[idx].to(self.device)
 
     def run_interval(self, steps: int | None = None) -> IntervalStats:
@@ -145,10 +164,16 @@ class HostTrainer:
             losses.append(loss.detach())
         for layer in self.layers:
             layer.record = False
-        self.steps_done += steps
         # One transfer for both: the losses, then the hit count (exact in float32 below 2**24).
         values = torch.cat([torch.stack(losses).float(), torch.stack(hits).sum()[None].float()])
         *values, correct = values.cpu().tolist()
+        return self._interval_stats(values, correct, seen)
+
+    def _interval_stats(self, values: list[float], correct: float, seen: int) -> IntervalStats:
+        """Count the interval's steps and read its per-step losses (spikes, divergence) and its
+        training hits (`correct` of `seen` samples)."""
+        steps = len(values)
+        self.steps_done += steps
         diverged = not all(map(_finite, values))
         spikes = 0
         for v in values:
@@ -223,6 +248,10 @@ class HostTrainer:
         fault: it is left to the interval's divergence check, as without seeds.
         """
         self._sync_seed_optimizer()
+        return self._grads_checked(loss, x, y)
+
+    def _grads_checked(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """`_host_grads_safe` once the seed param groups are in sync."""
         coupled = any(layer.coupled for layer in self.layers)
         host = [p.grad for p in self.host_params if p.grad is not None] if coupled else []
         seeds = [[p.grad for p in params if p.grad is not None] for _, _, params in self._seeds]

@@ -429,8 +429,15 @@ class PPOConfig:
 
 
 def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: bool = False):
-    """num_envs copies, autoreset in the same step (the final obs comes back in info)."""
+    """num_envs copies, autoreset in the same step (the final obs comes back in info). A
+    make_env with a `vector(num_envs)` method builds its own: env.vectorization=batched gives
+    the batched simulator (esper_gym.vector), whose autoreset is the same."""
     mode = gym.vector.AutoresetMode.SAME_STEP
+    if callable(getattr(make_env, "vector", None)) and not use_async:
+        envs = make_env.vector(num_envs)
+        if envs.metadata.get("autoreset_mode") != mode:
+            raise ValueError(f"{make_env!r}.vector() must autoreset in the same step ({mode})")
+        return envs
     if use_async:
         # Spawn, not fork: torch and fork do not mix. Graph obs are small; no shared memory.
         # make_env must be picklable (a module-level function or functools.partial).

@@ -31,7 +31,7 @@ import sqlite3
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,23 +374,33 @@ class KernelStore:
 
     def record_outcome(self, outcome: SeedOutcome) -> None:
         """Append one seed's outcome to the history (any process may write concurrently)."""
-        o = outcome
+        self.record_outcomes([outcome])
+
+    def record_outcomes(self, outcomes: Sequence[SeedOutcome]) -> None:
+        """Append outcomes in one transaction: a commit costs milliseconds, a row nothing
+        (the batched simulator writes a whole step's outcomes at once)."""
+        if not outcomes:
+            return
+        rows = [
+            (
+                o.task,
+                o.kind,
+                json.dumps(o.blueprint, sort_keys=True),
+                json.dumps(list(o.shape)),
+                json.dumps(o.features, sort_keys=True),
+                float(o.contribution),
+                int(o.params),
+                int(o.host_params),
+                o.fate,
+                int(o.age),
+            )
+            for o in outcomes
+        ]
         with self._db() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO outcomes (task, kind, blueprint, shape, features, contribution, "
                 "params, host_params, fate, age) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    o.task,
-                    o.kind,
-                    json.dumps(o.blueprint, sort_keys=True),
-                    json.dumps(list(o.shape)),
-                    json.dumps(o.features, sort_keys=True),
-                    float(o.contribution),
-                    int(o.params),
-                    int(o.host_params),
-                    o.fate,
-                    int(o.age),
-                ),
+                rows,
             )
 
     def outcomes(self, kind: str | None = None, limit: int | None = None) -> Outcomes:

@@ -1,0 +1,774 @@
+"""BatchedMorphogeneticEnv: N episodes of a task in one process, trained as stacked tensors.
+
+    envs = gym.make_vec("Esper/Spirals-v0", num_envs=32, vectorization_mode="vector_entry_point")
+
+Each copy is a whole `MorphogeneticEnv`: its own host, data order, `np_random`, KasminaLayers
+(lifecycle, alpha, circuit breakers, faults), reward and observation, so that copy i behaves as
+`gym.make(id).reset(seed=seed + i)` would. What is batched is the hot path of a step, the
+decision interval: the host forward/backward of every copy in one pass (`torch.baddbmm` over
+stacked weights), seed kernels grouped and run stacked, one fused Adam step for all copies, and
+the evaluation. Everything else (actions, masks, observation, reward, outcomes) is the copy's
+own code, so a feature added to the single env flows through unchanged.
+
+## What runs together
+Copies whose hosts have the same architecture, task hyper-parameters and dataset form a batch
+(all of them, without contexts). A batch's host must be an `nn.Sequential` of `nn.Flatten`,
+parameter-free elementwise activations and KasminaLayers wrapping `nn.Linear` (the MLP hosts:
+spirals, fashion_mnist), trained with Adam; any other copy (a CNN host, an SGD task) trains
+on its own trainer in the same step: correct, not faster. Weights stay each copy's own
+parameters: each batched forward stacks them (the stack's backward hands every copy its own
+gradient), so anything that looks at one copy (telemetry, the culprit search after a poisoned
+host gradient, contributions, `env.envs[i]`) sees its real, current module.
+
+Seed kernels: the running seeds of one layer that share a kernel graph (one blueprint and
+size: the copies load it through one shared cache), in any slot and mode (TRAINING, fitted to
+the pseudo-residual; or blended at the copy's alpha), form a group: with at least `VMAP_MIN`
+members their parameters are stacked and the exported graph runs once under `torch.func.vmap`;
+smaller groups, graphs vmap cannot batch (attention: no batching rule for `aten::sym_size.int`;
+the raising fault kernel) and a group output of the wrong shape, dtype or device run one
+guarded call per copy, exactly as the single env makes it. Deltas are added per slot index in
+slot order (one `index_add` each). Faults stay per copy: a non-finite output is found per copy
+(one sync per group) and recorded for that copy alone, whose delta is dropped (the rest of its
+group runs again without it, so that its kernel gets no backward); a group's wall time is
+shared out among its copies for the latency budget. Non-finite gradients are checked with one
+reduction over all copies; when it is not finite each copy runs the single env's own check
+(`HostTrainer._grads_checked`), so a copy's skipped step, quarantined seed or faulted seed
+gradient is that copy's alone (Adam skips parameters without a gradient).
+
+## Equivalence with single envs
+Same seeds and actions give copy i the trajectory of `gym.make(id, **kwargs)` reset with
+`seed + i`, and seeded batched runs are bit-identical to each other (tests/test_vector.py).
+Masks, events, seed states and fault records are exactly those of the single env. Host
+weights, accuracies and rewards are bit-identical as long as the kernels vmap exactly
+(`baddbmm` computes each copy's product as `F.linear` does, forward and backward, and fused
+Adam updates each tensor alone); what may differ in the last bits: reported losses (a batched
+mean or sum reduces in another order than `cross_entropy`'s own), activation statistics, a
+blended delta `h + alpha * k(h)` (multiplied, then added), and graphs that vmap with another
+reduction order (`norm`: ~1e-7). Those differences can grow through training; the tests bound
+them over whole short episodes.
+
+## Autoreset and infos
+`metadata["autoreset_mode"]` is `AutoresetMode.SAME_STEP` (what Tamiyo's PPO expects): a
+copy that terminates or is truncated (`max_episode_steps`, the registration's TimeLimit) is
+reset within the same `step`; its last observation and info are in `info["final_obs"]` and
+`info["final_info"]`, with the same layout as `gymnasium.vector.SyncVectorEnv`'s.
+
+## Shared between copies
+Datasets, traced data-flow edges, the kernel store and the kernel cache (with
+`telemetry="measured"`, cache counters are those of the shared cache). Seed outcomes are
+written to the store in one transaction once `FLUSH_OUTCOMES` are pending, and at `reset`
+and `close`, rather than one commit each: a generator that reads the store's history (Karn)
+sees them that much later (a copy's own `generator.observe` is called at once, as before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from torch import nn
+from torch.nn import functional as F
+
+from esper_gym.env import MorphogeneticEnv
+from esper_gym.kasmina import RUNNING, KasminaLayer, SeedState
+from esper_gym.kasmina.recovery import guarded_call
+from esper_gym.kasmina.telemetry import effective_rank
+from esper_gym.trainer import IntervalStats, make_optimizer
+
+# Parameter-free elementwise modules: applied to [N, B, ...] they compute what each copy would.
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity)
+_EVAL_CHUNK = 4096  # HostTrainer.evaluate's chunk: the same samples per forward
+# Seed outcomes are written to the store once this many are pending (and at reset and close):
+# a SQLite commit here costs ~10 ms, a whole step of 32 copies ~50 ms.
+FLUSH_OUTCOMES = 64
+
+
+class BatchedMorphogeneticEnv(VectorEnv):
+    """`num_envs` copies of `MorphogeneticEnv(**env_kwargs)`, stepped together.
+
+    Args:
+        num_envs: copies.
+        max_episode_steps: truncation after this many steps of an episode (the TimeLimit of
+            the registration; `gym.make_vec` passes it), None for none.
+        batched: False trains every copy on its own trainer (the reference the batched path
+            is tested against; no speed-up); so does a single copy.
+        **env_kwargs: what `gym.make(id, ...)` takes (task, Task fields, reward_weights,
+            kernel_dir, contexts, ...), given to every copy.
+
+    Spaces are `batch_space` of the single env's. `reset(seed=s)` seeds copy i with s + i
+    (a list gives one seed per copy), as `SyncVectorEnv` does; `options` go to every copy
+    (`reset_mask` resets only some).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        max_episode_steps: int | None = None,
+        batched: bool = True,
+        **env_kwargs: Any,
+    ) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs={num_envs!r} must be an integer >= 1")
+        self.num_envs = num_envs
+        self.max_episode_steps = max_episode_steps
+        # One copy gains nothing from stacking (~0.7x of its own trainer's speed): it trains on
+        # its own trainer. (Otherwise a copy's host joins a batch, or its own trainer, at reset
+        # and stays there for the episode: its Adam state never moves between optimizers.)
+        self.batched = bool(batched) and num_envs > 1
+        self.envs = [MorphogeneticEnv(**env_kwargs) for _ in range(num_envs)]
+        first = self.envs[0]
+        self.store = _BufferedStore(first.store)
+        for env in self.envs:
+            env._store, env._cache = self.store, first.cache
+            env._datasets, env._edges = first._datasets, first._edges
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.render_mode = None
+        self._elapsed = np.zeros(num_envs, dtype=np.int64)
+        self._started = False
+        self._keys: list[tuple] = [(None, None)] * num_envs  # (trainer, batch key) per copy
+        self._batches: dict[tuple, _Batch] = {}
+
+    # ------------------------------------------------------------------- reset
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        if seed is None:
+            seeds = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"{len(seeds)} seeds given for num_envs={self.num_envs}")
+        options = dict(options) if options is not None else None
+        mask = np.ones(self.num_envs, dtype=bool)
+        if options is not None and "reset_mask" in options:
+            mask = np.asarray(options.pop("reset_mask"))
+            if mask.shape != (self.num_envs,) or mask.dtype != np.bool_ or not mask.any():
+                raise ValueError(
+                    f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) "
+                    "with at least one True"
+                )
+            if not self._started and not mask.all():
+                raise ValueError("the first reset resets every copy: reset_mask must be all True")
+            options = options or None
+        if not self._started:
+            self._obs: list[dict[str, np.ndarray]] = [None] * self.num_envs
+        infos: dict[str, Any] = {}
+        for i in np.flatnonzero(mask):
+            self._obs[i], info = self.envs[i].reset(seed=seeds[i], options=options)
+            self._elapsed[i] = 0
+            infos = self._add_info(infos, info, i)
+        self._started = True
+        self.store.flush()
+        return self._stacked(), infos
+
+    # -------------------------------------------------------------------- step
+    def step(self, actions):
+        if not self._started:
+            raise RuntimeError("call reset() before step()")
+        actions = np.asarray(actions)
+        if not self.action_space.contains(actions.astype(self.action_space.dtype)):
+            raise ValueError(f"actions {actions!r} are not in {self.action_space}")
+        begun = [env._begin_step(a) for env, a in zip(self.envs, actions)]
+        stats = self._train()
+        drained = [env._drain(setup) for env, (_, _, setup) in zip(self.envs, begun)]
+        evaluated = self._evaluate(stats)
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        infos: dict[str, Any] = {}
+        for i, env in enumerate(self.envs):
+            decision, invalid, _ = begun[i]
+            obs, reward, term, trunc, info = env._end_step(
+                decision, invalid, stats[i], *drained[i], evaluated[i]
+            )
+            self._elapsed[i] += 1
+            if self.max_episode_steps is not None and self._elapsed[i] >= self.max_episode_steps:
+                trunc = True  # as gymnasium's TimeLimit: truncated even when also terminated
+            rewards[i], terminated[i], truncated[i] = reward, term, trunc
+            if term or trunc:
+                infos = self._add_info(infos, {"final_obs": obs, "final_info": info}, i)
+                obs, info = env.reset()
+                self._elapsed[i] = 0
+            self._obs[i] = obs
+            infos = self._add_info(infos, info, i)
+        if len(self.store._pending) >= FLUSH_OUTCOMES:
+            self.store.flush()
+        return self._stacked(), rewards, terminated, truncated, infos
+
+    def _train(self) -> list[IntervalStats]:
+        """Run every copy's decision interval: batches together, the rest one by one."""
+        self._steps_plan = self._plan()
+        stats: list[IntervalStats | None] = [None] * self.num_envs
+        for members, batch in self._steps_plan:
+            if batch is None:
+                for i in members:
+                    stats[i] = self.envs[i].trainer.run_interval()
+            else:
+                for i, s in zip(members, batch.run_interval()):
+                    stats[i] = s
+        return stats
+
+    def _evaluate(self, stats: list[IntervalStats]) -> list[tuple[float, float] | None]:
+        """MorphogeneticEnv._evaluate of every copy whose host did not diverge (None for
+        those): a batch's copies evaluate and measure contributions together."""
+        evaluated: list[tuple[float, float] | None] = [None] * self.num_envs
+        for members, batch in self._steps_plan:
+            alive = [j for j, i in enumerate(members) if not stats[i].diverged]
+            if batch is None:
+                for j in alive:
+                    evaluated[members[j]] = self.envs[members[j]]._evaluate()
+            elif alive:
+                for j, result in zip(alive, batch.evaluate(alive)):
+                    evaluated[members[j]] = result
+                batch.measure_contributions(alive)
+        return evaluated
+
+    def _plan(self) -> list[tuple[list[int], _Batch | None]]:
+        """Copies grouped into batches (by `_batch_key`), and the copies that run alone."""
+        groups: dict[tuple | None, list[int]] = {}
+        for i, env in enumerate(self.envs):
+            trainer, key = self._keys[i]
+            if trainer is not env.trainer:  # reset since the last step: a new host
+                key = _batch_key(env) if self.batched else None
+                self._keys[i] = (env.trainer, key)
+            groups.setdefault(key, []).append(i)
+        plan = [(groups.pop(None), None)] if None in groups else []
+        for key in [k for k in self._batches if k not in groups]:
+            del self._batches[key]  # no copy has that host any more: drop its Adam state
+        for key, members in groups.items():
+            batch = self._batches.get(key)
+            if batch is None:
+                batch = self._batches[key] = _Batch(self.envs[members[0]].task)
+            batch.set_members([self.envs[i] for i in members])
+            plan.append((members, batch))
+        return plan
+
+    # ------------------------------------------------------------------ helpers
+    def _stacked(self) -> dict[str, np.ndarray]:
+        return {k: np.stack([obs[k] for obs in self._obs]) for k in self._obs[0]}
+
+    def action_masks(self) -> np.ndarray:
+        """(num_envs, A) boolean masks of the valid actions now."""
+        return np.stack([env.action_masks() for env in self.envs])
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Call (or read, if not callable) `name` on every copy, as SyncVectorEnv.call."""
+        results = []
+        for env in self.envs:
+            attr = getattr(env, name)
+            results.append(attr(*args, **kwargs) if callable(attr) else attr)
+        return tuple(results)
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        return tuple(getattr(env, name) for env in self.envs)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.store.flush()
+        for env in self.envs:
+            env.close()
+
+
+def _batch_key(env: MorphogeneticEnv) -> tuple | None:
+    """What copies must share to train as one batch; None when the host cannot be batched
+    (see the module docstring)."""
+    task, model = env.task, env.model
+    if task.optimizer != "adam" or not isinstance(model, nn.Sequential) or env.trainer._modal:
+        return None
+    parts: list[Any] = []
+    for module in model:
+        if isinstance(module, KasminaLayer):
+            if type(module.host) is not nn.Linear:
+                return None
+            parts.append((tuple(module.host.weight.shape), module.host.bias is not None))
+        elif type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1:
+            parts.append("flatten")
+        elif type(module) in _ELEMENTWISE and not any(True for _ in module.parameters()):
+            parts.append(repr(module))
+        else:
+            return None
+    config = _kasmina_config(model)
+    return (
+        id(env.data),  # the copies' data objects are shared (one load per dataset and kwargs)
+        tuple(parts),
+        config,
+        task.lr,
+        task.weight_decay,
+        task.batch_size,
+        task.decision_interval,
+        task.eval_size,
+        str(task.device),
+    )
+
+
+def _kasmina_config(model: nn.Module):
+    configs = {layer.config for layer in model.modules() if isinstance(layer, KasminaLayer)}
+    return next(iter(configs)) if len(configs) == 1 else tuple(sorted(map(repr, configs)))
+
+
+class _Batch:
+    """Copies with one host architecture, trained as stacked tensors by one fused Adam.
+
+    The Adam holds every copy's host parameters (one param group) and its running seeds'
+    (one group per seed learning rate); its state is keyed by parameter, so it is each copy's
+    own, created and dropped as the copy's seeds come and go and its host is rebuilt by a
+    reset, exactly as the copy's own trainer would."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+        self.envs: list[MorphogeneticEnv] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._opt_key: tuple = ()
+
+    def set_members(self, envs: list[MorphogeneticEnv]) -> None:
+        self.envs = envs
+        self.trainers = [env.trainer for env in envs]
+        # columns[k][j]: module k of copy j's Sequential
+        self.columns = list(zip(*(list(env.model) for env in envs)))
+
+    # ----------------------------------------------------------------- training
+    def run_interval(self) -> list[IntervalStats]:
+        """HostTrainer.run_interval for every copy at once."""
+        trainers = self.trainers
+        steps = self.task.decision_interval
+        first = trainers[0]
+        device = first.device
+        layers = [layer for t in trainers for layer in t.layers]
+        self._sync_optimizer()
+        # (steps, copies, batch): each copy's batches, drawn from its own data order
+        indices = torch.stack([t._interval_indices(steps) for t in trainers], 1)
+        idle = dict.fromkeys(layers, 0)  # optimizer steps a layer had nothing to step
+        losses, hits = [], []
+        for step in range(steps):
+            record = step == steps - 1
+            x, y = first.x_train[indices[step]].to(device), first.y_train[indices[step]].to(device)
+            logits = self.forward(x, record)
+            hits.append((logits.detach().argmax(2) == y).sum(1))
+            # The batch mean per copy, bit for bit F.cross_entropy(logits_i, y_i) and its
+            # gradient; classes on dim 1 (the K-dim form) runs ~7x faster than (N*B, C) rows.
+            loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            self._check_grads(loss, x, y)
+            if record:
+                _capture_grads(layers)
+            self._sync_optimizer()
+            self.optimizer.step()
+            for layer in layers:
+                if layer._busy:
+                    layer.step_seeds()
+                else:  # step_seeds would only count the step; a layer cannot turn busy now
+                    idle[layer] += 1
+            losses.append(loss.detach())
+        for layer, count in idle.items():
+            if count:
+                _set(layer, "step_count", layer.step_count + count)
+        # One transfer: (copies, steps) losses, then each copy's hit count.
+        values = torch.cat([torch.stack(losses).float(), torch.stack(hits).sum(0)[None].float()])
+        values = values.cpu().t().tolist()
+        seen = steps * indices.shape[2]
+        return [t._interval_stats(v[:-1], v[-1], seen) for t, v in zip(trainers, values)]
+
+    def _check_grads(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        """HostTrainer._host_grads_safe for every copy: one reduction and one sync over all
+        copies' losses and checked gradients; only when that is not finite, each copy's own
+        check (which skips that copy's step, or faults its seeds, by clearing their grads)."""
+        grads = []
+        for t in self.trainers:
+            t._sync_seed_optimizer()
+            if any(layer.coupled for layer in t.layers):
+                grads += [p.grad for p in t.host_params if p.grad is not None]
+            grads += [p.grad for _, _, params in t._seeds for p in params if p.grad is not None]
+        total = loss.detach().sum()
+        if grads:
+            total = total + torch.stack(torch._foreach_norm(grads)).sum()
+        if math.isfinite(total.item()):
+            return
+        for i, t in enumerate(self.trainers):
+            t._grads_checked(loss[i], x[i], y[i])
+
+    def _sync_optimizer(self) -> None:
+        """Make the Adam hold exactly the copies' host params and their trainers' seed groups."""
+        key = tuple((t, t._seed_key) for t in self.trainers)
+        if key == self._opt_key:
+            return
+        self._opt_key = key
+        host = [p for t in self.trainers for p in t.host_params]
+        seeds: dict[float, list[torch.Tensor]] = {}
+        for t in self.trainers:
+            for group in t._seed_groups.values():
+                seeds.setdefault(group["lr"], []).extend(group["params"])
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(self.task, host)
+        else:
+            self.optimizer.param_groups[0]["params"] = host
+        del self.optimizer.param_groups[1:]
+        for lr, params in seeds.items():
+            self.optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        live = {p for group in self.optimizer.param_groups for p in group["params"]}
+        for p in [p for p in self.optimizer.state if p not in live]:
+            del self.optimizer.state[p]
+
+    # --------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, members: list[int]) -> list[tuple[float, float]]:
+        """HostTrainer.evaluate() (the validation subset) of copies `members` (indices into
+        this batch); keeps each copy's per-sample hits for its contributions."""
+        first = self.trainers[members[0]]
+        x, y = first.x_val, first.y_val
+        m = len(members)
+        loss_sum = [0.0] * m
+        hits = []
+        for start in range(0, len(x), _EVAL_CHUNK):
+            xb, yb = x[start : start + _EVAL_CHUNK], y[start : start + _EVAL_CHUNK]
+            logits = self.forward(xb.unsqueeze(0).expand(m, *xb.shape), False, members)
+            loss = F.cross_entropy(logits.transpose(1, 2), yb.expand(m, -1), reduction="none")
+            loss_sum = [a + b for a, b in zip(loss_sum, loss.sum(1).tolist())]
+            hits.append(logits.argmax(2) == yb)
+        hits = torch.cat(hits, 1)
+        counts = hits.sum(1).tolist()
+        results = []
+        for j, i in enumerate(members):
+            self.trainers[i]._val_hits = hits[j]
+            results.append((int(counts[j]) / len(x), loss_sum[j] / len(x)))
+        return results
+
+    @torch.no_grad()
+    def measure_contributions(self, members: list[int]) -> None:
+        """HostTrainer.measure_contributions of copies `members` (after `evaluate`): pass k
+        overrides each copy's k-th running seed (found as the copy's own loop finds it, so a
+        seed its breaker culled in an earlier pass is skipped) in one stacked forward."""
+        trainers = self.trainers
+        first = trainers[members[0]]
+        n = min(self.task.contribution_size, len(first.x_val))
+        x, y = first.x_val[:n], first.y_val[:n]
+        todo = {j: [(layer, slot) for layer in trainers[j].layers for slot in layer.slots]
+                for j in members}  # fmt: skip
+        current: dict[int, float] = {}
+        while True:
+            passes = []  # (copy, layer, slot, whether it is TRAINING)
+            for j in members:
+                while todo[j] and todo[j][0][1].state not in RUNNING:
+                    todo[j].pop(0)
+                if todo[j]:
+                    layer, slot = todo[j].pop(0)
+                    passes.append((j, layer, slot, slot.state == SeedState.TRAINING))
+            if not passes:
+                return
+            for j, *_ in passes:
+                if j not in current:
+                    current[j] = float(trainers[j]._val_hits[:n].float().mean())
+            copies = [j for j, *_ in passes]
+            with contextlib.ExitStack() as stack:
+                for _, layer, slot, training in passes:
+                    stack.enter_context(layer.seed_override(slot.index, 1.0 if training else 0.0))
+                logits = self.forward(x.unsqueeze(0).expand(len(copies), *x.shape), False, copies)
+                hits = (logits.argmax(2) == y).sum(1).tolist()
+            for (j, _, slot, training), h in zip(passes, hits):
+                acc = int(h) / n
+                slot.contribution = acc - current[j] if training else current[j] - acc
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, record: bool, members: list[int] | None = None):
+        """The copies' models on x of shape (copies, B, ...): one stacked pass per layer."""
+        columns = self.columns
+        if members is not None and len(members) < len(self.trainers):
+            columns = [[column[i] for i in members] for column in columns]
+        for column in columns:
+            module = column[0]
+            if isinstance(module, KasminaLayer):
+                x = _layer_forward(column, x, record)
+            elif isinstance(module, nn.Flatten):
+                x = x.flatten(2)
+            else:
+                x = module(x)  # elementwise and parameter-free (see _batch_key)
+        return x
+
+
+def _layer_forward(layers: list[KasminaLayer], x: torch.Tensor, record: bool) -> torch.Tensor:
+    """KasminaLayer.forward of each copy's layer on its slice of x (copies, B, in)."""
+    if record:
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+    weight = torch.stack([layer.host.weight for layer in layers]).transpose(1, 2)
+    if layers[0].host.bias is not None:
+        bias = torch.stack([layer.host.bias for layer in layers]).unsqueeze(1)
+        h = torch.baddbmm(bias, x, weight)  # bit for bit F.linear per copy, both ways
+    else:
+        h = torch.bmm(x, weight)
+    out = _seed_deltas(layers, h, record) if any(layer._running for layer in layers) else h
+    if record:
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        share = (time.perf_counter() - start) / len(layers)
+        stats = _activation_stats(out)
+        for j, layer in enumerate(layers):
+            _set(layer, "_latency_s", share)
+            _set(layer, "_stats", torch.cat([stats[j], effective_rank(out[j])[None]]))
+        if out.requires_grad:  # the backward of this batch leaves each copy's output gradient
+            out.register_hook(functools.partial(_keep_out_grads, layers))
+    return out
+
+
+def _keep_out_grads(layers: list[KasminaLayer], g: torch.Tensor) -> None:
+    """KasminaLayer._keep_out_grad per copy: the loss is the sum of the copies' batch means, so
+    g[j] is copy j's own dL/d(out)."""
+    norms = torch.linalg.vector_norm(g.detach().float().flatten(1), dim=1) * math.sqrt(g.shape[1])
+    for j, layer in enumerate(layers):
+        _set(layer, "_out_grad", norms[j])
+
+
+def _seed_deltas(layers: list[KasminaLayer], h: torch.Tensor, record: bool) -> torch.Tensor:
+    """h plus every running seed's delta, per copy as KasminaLayer._seed_delta adds them: each
+    kernel reads the host's output h (detached for a TRAINING seed), and the deltas are added
+    in slot order, one `index_add` per slot index (a copy appears once in each: no two adds to
+    one row race, on any device)."""
+    grad = torch.is_grad_enabled()
+    groups: dict[int, list[_Member]] = {}  # by kernel graph: every slot and mode together
+    for j, layer in enumerate(layers):
+        for slot in layer._running:
+            training = slot.state == SeedState.TRAINING and slot.alpha_override is None
+            if training:
+                if not grad:
+                    continue  # its value is exactly zero: nothing to add in eval
+                alpha = 1.0
+            else:
+                alpha = slot.alpha if slot.alpha_override is None else slot.alpha_override
+                if alpha == 0.0:
+                    continue
+            kernel = layer.kernels[str(slot.index)]
+            detach = training or slot.alpha_override is not None  # as _seed_delta's input
+            member = _Member(j, layer, slot, kernel, alpha, training, detach)
+            groups.setdefault(id(kernel.graph), []).append(member)
+    if not groups:
+        return h
+    # Rows as views: stacking a group's rows backpropagates to them without the full-size
+    # zero fill an index_select's backward does per group.
+    rows, detached = h.unbind(0), h.detach().unbind(0)
+    by_slot: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    for members in groups.values():
+        members.sort(key=lambda m: (not m.training, m.slot.index))  # runs of (mode, slot)
+        inputs = [detached[m.j] if m.detach else rows[m.j] for m in members]
+        kept, y = _group_outputs(members, inputs, record)
+        start = 0
+        while start < len(kept):
+            first = kept[start]
+            end = start + 1
+            while (
+                end < len(kept)
+                and kept[end].training == first.training
+                and kept[end].slot.index == first.slot.index
+            ):
+                end += 1
+            run, part = kept[start:end], y[start:end]
+            if first.training:
+                part = _FitGroup.apply(
+                    part, first.layer.config.fit_step, [m.slot.fit_loss for m in run]
+                )
+            elif any(m.alpha != 1.0 for m in run):
+                alphas = torch.tensor([m.alpha for m in run], dtype=y.dtype, device=y.device)
+                part = part * alphas.view((len(run),) + (1,) * (y.dim() - 1))
+            copies, deltas = by_slot.setdefault(first.slot.index, ([], []))
+            copies += [m.j for m in run]
+            deltas.append(part)
+            start = end
+    out = h
+    for index in sorted(by_slot):
+        copies, deltas = by_slot[index]
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+        out = out.index_add(0, torch.tensor(copies, device=h.device), delta)
+    return out
+
+
+@dataclass(slots=True)
+class _Member:
+    """One running seed of one copy (row j of the batch) in a kernel group."""
+
+    j: int
+    layer: KasminaLayer
+    slot: Any
+    kernel: nn.Module
+    alpha: float
+    training: bool  # fitted to the pseudo-residual (value 0), else blended at alpha
+    detach: bool  # reads the detached h
+
+
+# Graphs vmap could not run (no batching rule); they go per copy from then on.
+_NOT_VMAPPABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Below this many copies a group runs one call per copy: vmap's fixed cost (~0.1 ms of pytree
+# and batching-rule setup) is more than a few small direct calls on a CPU.
+VMAP_MIN = 4
+
+
+def _group_outputs(members: list[_Member], inputs: list[torch.Tensor], record: bool):
+    """Run one group's kernels on their inputs, stacked under vmap or one guarded call per
+    copy; record each copy's faults as guarded_call would. Returns the members whose output
+    is used and those outputs stacked (members' order)."""
+    config = members[0].layer.config
+    budget = None if config.latency_budget_ms is None else config.latency_budget_ms / 1e3
+    graph = members[0].kernel.graph
+    result = None
+    if len(members) >= VMAP_MIN and graph not in _NOT_VMAPPABLE:
+        x = torch.stack(inputs)
+        result = _vmapped_call(graph, [m.kernel for m in members], x)
+    if result is not None:
+        y, elapsed = result
+        share = elapsed / len(members)
+        finite = y.detach().flatten(1).sum(1).tolist()  # one sync for the group
+        kept = []
+        for k, m in enumerate(members):
+            if record:
+                m.slot.latency_ms = share * 1e3
+            if not math.isfinite(finite[k]) and not bool(torch.isfinite(y[k]).all()):
+                m.layer._fault(m.slot, "nonfinite", "kernel output contains NaN or Inf")
+                continue
+            if budget is not None and share > budget:
+                m.layer._fault(
+                    m.slot, "slow", f"kernel took {share * 1e3:.1f} ms > {budget * 1e3:.1f} ms"
+                )
+            m.slot.calls += 1
+            kept.append(k)
+        if len(kept) == len(members):
+            return members, y
+        # Run the healthy ones again without the faulted: a dropped row's backward would still
+        # reach its kernel (0 * NaN), which the single env never runs backward.
+        sub = [members[k] for k in kept]
+        if len(sub) >= VMAP_MIN:
+            again = _vmapped_call(graph, [m.kernel for m in sub], x[kept])
+            if again is not None:
+                return sub, again[0]
+        outs = [m.kernel(inputs[k]) for k, m in zip(kept, sub)]
+        return sub, torch.stack(outs) if outs else y[:0]
+    kept, outs = [], []
+    for m, x in zip(members, inputs):
+        start = time.perf_counter()
+        y_m, fault, msg = guarded_call(m.kernel, x, budget)
+        if record:
+            m.slot.latency_ms = (time.perf_counter() - start) * 1e3
+        if fault is not None:
+            m.layer._fault(m.slot, fault, msg)
+        if y_m is None:
+            continue
+        m.slot.calls += 1
+        kept.append(m)
+        outs.append(y_m)
+    if not outs:
+        return [], None
+    return kept, outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+
+
+def _vmapped_call(graph, kernels, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """(the stacked output, wall seconds) of the group's graph under vmap, or None when vmap
+    cannot run it or its output is not x's shape, dtype and device (the per-copy path then
+    names each copy's fault as the single env would)."""
+    states = [torch.stack(tensors) for tensors in zip(*(k.flat_state() for k in kernels))]
+    start = time.perf_counter()
+    try:
+        y = torch.func.vmap(lambda state, xi: graph.forward(*state, xi)[0])(states, x)
+    except Exception:
+        _NOT_VMAPPABLE[graph] = True
+        return None
+    elapsed = time.perf_counter() - start
+    if (
+        not isinstance(y, torch.Tensor)
+        or y.shape != x.shape
+        or y.dtype != x.dtype
+        or y.device != x.device
+    ):
+        return None
+    return y, elapsed
+
+
+class _FitGroup(torch.autograd.Function):
+    """kasmina.layer._Fit for a group of copies, s of shape (copies, B, ...): value 0; each
+    copy's kernel output gets the gradient of its own fit loss (and its sink that loss)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, eta: float, sinks: list) -> torch.Tensor:
+        ctx.save_for_backward(s)
+        ctx.eta, ctx.sinks = eta, sinks
+        return torch.zeros_like(s)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (s,) = ctx.saved_tensors
+        batch = s.shape[1]
+        residual = s + ctx.eta * batch * g
+        losses = 0.5 * residual.detach().pow(2).flatten(1).sum(1) / batch
+        for sink, loss in zip(ctx.sinks, losses):
+            sink[:] = [loss]
+        return residual / batch, None, None
+
+
+def _set(layer: nn.Module, name: str, value) -> None:
+    """`setattr` of a plain (not parameter, buffer or module) attribute of a module, without
+    nn.Module.__setattr__'s checks: ~2 us per call, paid per layer per copy per step."""
+    layer.__dict__[name] = value
+
+
+@torch.no_grad()
+def _capture_grads(layers: list[KasminaLayer]) -> None:
+    """KasminaLayer.capture_grad of every layer, with one norm call for all of them (the same
+    values: torch._foreach_norm and linalg.vector_norm agree bit for bit)."""
+    grads, spans = [], []
+    for layer in layers:
+        g = [p.grad for p in layer.host.parameters() if p.grad is not None]
+        spans.append(len(g))
+        grads += g
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    if all(k == spans[0] for k in spans):
+        per_layer = torch.linalg.vector_norm(norms.view(len(layers), spans[0]), dim=1)
+        for layer, norm in zip(layers, per_layer):
+            _set(layer, "_grad_norm", norm)
+        return
+    start = 0
+    for layer, k in zip(layers, spans):
+        if k:
+            _set(layer, "_grad_norm", torch.linalg.vector_norm(norms[start : start + k]))
+        start += k
+
+
+@torch.no_grad()
+def _activation_stats(h: torch.Tensor) -> torch.Tensor:
+    """kasmina.telemetry.activation_stats of each copy of h (copies, B, ...): (copies, 3)."""
+    h = h.detach().float()
+    n, units = h.shape[0], h.shape[2]
+    dead = (h.transpose(1, 2).reshape(n, units, -1).amax(dim=2) <= 0).float().mean(1)
+    flat = h.flatten(1)
+    return torch.stack([flat.mean(1), flat.var(1, unbiased=False), dead], 1)
+
+
+class _BufferedStore:
+    """The copies' shared KernelStore, with seed outcomes held back and written in one
+    transaction by `flush` (a commit costs milliseconds; the env flushes once a step)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self._pending: list = []
+
+    def record_outcome(self, outcome) -> None:
+        self._pending.append(outcome)
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._store.record_outcomes(pending)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)

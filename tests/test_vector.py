@@ -1,0 +1,290 @@
+"""The batched simulator (esper_gym.vector) against single envs, and against itself."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+import esper_gym
+from esper_gym import vector as vec
+from esper_gym.actions import ADVANCE, GERMINATE, Action
+from esper_gym.kasmina import SeedState
+from esper_gym.vector import BatchedMorphogeneticEnv
+from tests.conftest import SMALL, small_kwargs
+
+# Bounds of copy i against its single env over whole episodes. Masks, events, fault kinds,
+# seed states, terminations are compared exactly. Host weights, accuracies and rewards come
+# out bit-identical here; reported losses (globals), activation statistics and `norm` kernels
+# under vmap reduce in another order (~1e-7 apart), which training can grow a little.
+OBS_ATOL = 1e-5
+REWARD_ATOL = 1e-6
+WEIGHTS = {"wait": 0.25, "germinate": 0.3, "advance": 0.4, "cull": 0.05}
+
+
+def _actions(layout, blueprints, mask: np.ndarray, rng) -> list[int]:
+    """Valid actions by kind (WEIGHTS), never the fault kernel whose fault is wall-clock time."""
+    kinds: dict[str, list[int]] = {}
+    for a in np.flatnonzero(mask):
+        action = layout.decode(int(a))
+        if action.kind == "germinate" and blueprints[action.blueprint] == "fault_slow":
+            continue
+        kinds.setdefault(action.kind, []).append(int(a))
+    names = list(kinds)
+    p = np.array([WEIGHTS[k] for k in names])
+    return kinds[names[rng.choice(len(names), p=p / p.sum())]]
+
+
+def _policy(envs, masks: np.ndarray, rng) -> np.ndarray:
+    """Three steps in four every copy takes copy 0's action where it is valid (same blueprint in the
+    same slot: stacked kernel groups), otherwise each copy its own (mixed groups)."""
+    single = envs.envs[0]
+    layout, blueprints = single.layout, single.task.blueprints
+    if rng.random() < 0.75:
+        shared = int(rng.choice(_actions(layout, blueprints, masks[0], rng)))
+        return np.array([shared if m[shared] else 0 for m in masks])
+    return np.array([int(rng.choice(_actions(layout, blueprints, m, rng))) for m in masks])
+
+
+def _compare(env_id: str, kwargs: dict, kernel_dir: str, n: int, steps: int, seed: int = 2):
+    """Step a batched env and n single envs with the same actions; assert copy i matches
+    single env i. Returns (kinds of faults seen, seed states seen)."""
+    envs = gym.make_vec(
+        env_id, num_envs=n, vectorization_mode="vector_entry_point", kernel_dir=kernel_dir,
+        **kwargs,
+    )  # fmt: skip
+    singles = [gym.make(env_id, kernel_dir=kernel_dir, **kwargs) for _ in range(n)]
+    obs, _ = envs.reset(seed=seed)
+    single_obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(singles)]
+    rng = np.random.default_rng(seed)
+    faults, states = [], set()
+    for step in range(steps):
+        for i in range(n):
+            for key, value in single_obs[i].items():
+                np.testing.assert_allclose(obs[key][i], value, atol=OBS_ATOL, rtol=0, err_msg=key)
+            np.testing.assert_array_equal(obs["action_mask"][i], single_obs[i]["action_mask"])
+        actions = _policy(envs.unwrapped, obs["action_mask"].astype(bool), rng)
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+        for i, env in enumerate(singles):
+            o, r, term, trunc, info = env.step(int(actions[i]))
+            assert (term, trunc) == (terminated[i], truncated[i]), (step, i)
+            assert abs(r - rewards[i]) <= REWARD_ATOL, (step, i, r, rewards[i])
+            got = infos["final_info"] if term or trunc else infos
+            assert got["events"][i] == info["events"], (step, i)
+            assert list(got["fault_kinds"][i]) == info["fault_kinds"], (step, i)
+            assert got["val_acc"][i] == pytest.approx(info["val_acc"], abs=1e-9)
+            faults += info["fault_kinds"]
+            copy, ref = envs.unwrapped.envs[i], env.unwrapped
+            if term or trunc:
+                for key, value in o.items():
+                    final = infos["final_obs"][i][key]
+                    np.testing.assert_allclose(final, value, atol=OBS_ATOL, rtol=0, err_msg=key)
+                assert got["seeds"][i] == info["seeds"]
+                o, _ = env.reset()
+            else:
+                got_states = [[s.state for s in layer.slots] for layer in copy.layers]
+                assert got_states == [[s.state for s in layer.slots] for layer in ref.layers]
+                states |= {s.state for layer in ref.layers for s in layer.slots}
+            single_obs[i] = o
+    envs.close()
+    return faults, states
+
+
+@pytest.fixture
+def count_vmapped(monkeypatch):
+    """How many stacked (vmapped) kernel group calls ran, and how many fell back; groups of
+    two copies already run stacked, so that these small tests exercise that path."""
+    monkeypatch.setattr(vec, "VMAP_MIN", 2)
+    counts = {"vmapped": 0, "fallback": 0}
+    real = vec._vmapped_call
+
+    def counting(graph, kernels, x):
+        result = real(graph, kernels, x)
+        counts["vmapped" if result is not None else "fallback"] += 1
+        return result
+
+    monkeypatch.setattr(vec, "_vmapped_call", counting)
+    return counts
+
+
+def test_make_vec_gives_the_batched_env():
+    envs = gym.make_vec("Esper/Spirals-v0", num_envs=3, vectorization_mode="vector_entry_point")
+    assert isinstance(envs, BatchedMorphogeneticEnv)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    assert envs.max_episode_steps == 1000  # the registration's TimeLimit
+    assert envs.single_action_space == envs.envs[0].action_space
+    assert envs.action_space == gym.vector.utils.batch_space(envs.single_action_space, 3)
+    assert envs.observation_space["nodes"].shape == (
+        3,
+        *envs.single_observation_space["nodes"].shape,
+    )
+    for env_id in esper_gym.ENV_IDS:
+        assert gym.spec(env_id).vector_entry_point == esper_gym.VECTOR_ENTRY_POINT
+    envs.close()
+
+
+@pytest.mark.parametrize(
+    ("env_id", "steps"),
+    [("Esper/Spirals-v0", 14), ("Esper/SpiralsFaulty-v0", 14), ("Esper/FashionMNIST-v0", 11)],
+)
+def test_copies_match_single_envs(env_id, steps, kernel_dir, tmp_path, count_vmapped):
+    # Whole episodes and an autoreset: spirals runs 6 steps per episode, fashion_mnist 5.
+    faults, states = _compare(env_id, small_kwargs(env_id, tmp_path), kernel_dir, 3, steps)
+    assert count_vmapped["vmapped"] > 0  # kernels did run stacked
+    # Seeds trained and blended (spirals' 8-step blend ends within a step: PROBATION).
+    assert SeedState.TRAINING in states
+    assert states & {SeedState.BLENDING, SeedState.PROBATION, SeedState.FOSSILIZED}
+    if "Faulty" in env_id:
+        assert faults  # and each copy's were its single env's
+
+
+def test_attention_groups_fall_back_per_copy(kernel_dir, count_vmapped):
+    """attention's graph has no vmap batching rule: its group runs one call per copy, and the
+    copies still match their single envs."""
+    kwargs = dict(SMALL, blueprints=("attention", "residual_mlp"))
+    _compare("Esper/Spirals-v0", kwargs, kernel_dir, 2, 8, seed=3)
+    assert count_vmapped["fallback"] > 0
+
+
+def test_seeded_batched_runs_are_bit_identical(kernel_dir):
+    def run():
+        envs = BatchedMorphogeneticEnv(num_envs=4, kernel_dir=kernel_dir, **SMALL)
+        obs, _ = envs.reset(seed=11)
+        rng = np.random.default_rng(0)
+        trace = [obs]
+        for _ in range(8):
+            actions = _policy(envs, obs["action_mask"].astype(bool), rng)
+            obs, rewards, terminated, _, infos = envs.step(actions)
+            trace += [obs, rewards, terminated, infos["events"], infos["train_loss"]]
+        envs.close()
+        return trace
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        if isinstance(a, dict):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+        else:
+            assert np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
+
+
+def test_a_fault_in_one_copy_stays_in_that_copy(kernel_dir, count_vmapped):
+    envs = BatchedMorphogeneticEnv(num_envs=3, kernel_dir=kernel_dir, **SMALL)
+    envs.reset(seed=0)
+    layout, blueprints = envs.envs[0].layout, envs.envs[0].task.blueprints
+    germinate = layout.encode(Action(GERMINATE, 1, 0, blueprints.index("residual_mlp")))
+    advance = layout.encode(Action(ADVANCE, 1, 0))
+    envs.step(np.full(3, germinate))
+    envs.step(np.full(3, advance))  # TRAINING in all three: one stacked group
+    kernel = envs.envs[1].layers[1].kernels["0"]
+    with torch.no_grad():
+        next(iter(kernel.parameters())).fill_(float("nan"))
+    _, _, _, _, infos = envs.step(np.zeros(3, dtype=np.int64))
+    assert infos["faults"].tolist() == [0, 3, 0]
+    assert list(infos["fault_kinds"][1]) == ["nonfinite"] * 3
+    culled = [e for e in infos["events"][1] if e["to"] == "CULLED"]
+    assert len(culled) == 1 and culled[0]["reason"].startswith("circuit breaker")
+    states = [env.layers[1].slots[0].state for env in envs.envs]
+    assert states == [SeedState.TRAINING, SeedState.EMBARGOED, SeedState.TRAINING]
+    # The healthy copies' seeds ran on: per step once per optimizer step (8), once for the
+    # contribution, over the two TRAINING steps.
+    assert [envs.envs[i].layers[1].slots[0].calls for i in (0, 2)] == [18, 18]
+    assert count_vmapped["vmapped"] > 0
+    envs.close()
+
+
+def test_faults_of_a_blended_seed_match_the_single_env(kernel_dir, count_vmapped):
+    """A coupled seed that turns NaN faults in training, evaluation and contribution passes;
+    copy 1 records each fault in the same step as its single env, the others none."""
+    # The breaker stays shut (every pass faults); 12 steps: no episode ends in the test.
+    kwargs = dict(SMALL, max_faults=50, max_epochs=12.0)
+    envs = BatchedMorphogeneticEnv(num_envs=3, kernel_dir=kernel_dir, **kwargs)
+    single = gym.make("Esper/Spirals-v0", kernel_dir=kernel_dir, **kwargs)
+    envs.reset(seed=0)
+    single.reset(seed=1)
+    layout, blueprints = envs.envs[0].layout, envs.envs[0].task.blueprints
+    germinate = layout.encode(Action(GERMINATE, 1, 0, blueprints.index("residual_mlp")))
+    advance = layout.encode(Action(ADVANCE, 1, 0))
+    for action in (germinate, advance, advance, 0):  # ... BLENDING, then PROBATION
+        envs.step(np.full(3, action))
+        single.step(action)
+    for kernel in (envs.envs[1].layers[1].kernels["0"], single.unwrapped.layers[1].kernels["0"]):
+        with torch.no_grad():
+            next(iter(kernel.parameters())).fill_(float("nan"))
+    for _ in range(2):
+        obs, rewards, _, _, infos = envs.step(np.zeros(3, dtype=np.int64))
+        o, reward, _, _, info = single.step(0)
+        assert infos["faults"][[0, 2]].tolist() == [0, 0]
+        assert list(infos["fault_kinds"][1]) == info["fault_kinds"]
+        assert rewards[1] == reward
+        np.testing.assert_allclose(obs["nodes"][1], o["nodes"], atol=OBS_ATOL, rtol=0)
+    # The previous step's evaluation (its faults are drained a step late, as the single env
+    # drains them), then 8 training calls; the contribution pass turns the seed off (alpha 0:
+    # no call).
+    assert info["fault_kinds"] == ["nonfinite"] * 9
+    assert count_vmapped["vmapped"] > 0
+    envs.close()
+
+
+def test_unbatchable_hosts_run_per_copy(kernel_dir, tmp_path):
+    """A CNN host cannot be stacked: its copies train one by one, and still match."""
+    kwargs = small_kwargs("Esper/FashionMNISTCNN-v0", tmp_path)
+    envs = BatchedMorphogeneticEnv(
+        num_envs=2, task="fashion_mnist_cnn", kernel_dir=kernel_dir, **kwargs
+    )
+    single = gym.make("Esper/FashionMNISTCNN-v0", kernel_dir=kernel_dir, **kwargs)
+    obs, _ = envs.reset(seed=5)
+    single_obs, _ = single.reset(seed=6)  # copy 1
+    np.testing.assert_array_equal(obs["nodes"][1], single_obs["nodes"])
+    obs, rewards, *_ = envs.step(np.zeros(2, dtype=np.int64))
+    single_obs, reward, *_ = single.step(0)
+    np.testing.assert_array_equal(obs["nodes"][1], single_obs["nodes"])
+    assert rewards[1] == reward
+    assert envs._plan()[0][1] is None  # no batch: the per-copy path
+    envs.close()
+
+
+def test_reset_mask_and_seed_lists(kernel_dir):
+    envs = BatchedMorphogeneticEnv(num_envs=2, kernel_dir=kernel_dir, **SMALL)
+    single = gym.make("Esper/Spirals-v0", kernel_dir=kernel_dir, **SMALL)
+    obs, _ = envs.reset(seed=[3, 9])
+    np.testing.assert_array_equal(obs["nodes"][1], single.reset(seed=9)[0]["nodes"])
+    envs.step(np.zeros(2, dtype=np.int64))
+    before = obs["nodes"][1].copy()
+    obs, infos = envs.reset(seed=[4, None], options={"reset_mask": np.array([True, False])})
+    np.testing.assert_array_equal(obs["nodes"][0], single.reset(seed=4)[0]["nodes"])
+    assert not np.array_equal(obs["nodes"][1], before)  # copy 1 kept its (stepped) episode
+    assert infos["_step"].tolist() == [True, False]
+    with pytest.raises(ValueError, match="not in"):
+        envs.step(np.array([0, 10**6]))
+    envs.close()
+
+
+def test_tamiyo_trains_on_the_batched_env(kernel_dir):
+    """env.vectorization=batched: train.env_factory gives a constructor whose `vector` is the
+    batched simulator, and Tamiyo's PPO trains on it (whole episodes: autoresets included)."""
+    from hydra import compose, initialize_config_dir
+
+    from esper_gym import train as train_mod
+    from esper_gym.agents.tamiyo import PPOConfig, make_vector_env
+    from esper_gym.agents.tamiyo import train as ppo
+
+    overrides = ["env.vectorization=batched", f"env.kernel_dir={kernel_dir}", "task=spirals"]
+    overrides += [f"task.{k}={v}" for k, v in SMALL.items() if k != "dataset_kwargs"]
+    overrides.append("task.dataset_kwargs={n_train:1024,n_val:256,n_test:256}")
+    with initialize_config_dir(config_dir=str(esper_gym.config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    train_mod.validate(cfg)
+    make = train_mod.env_factory(cfg)
+    envs = make_vector_env(make, 3)
+    assert isinstance(envs, BatchedMorphogeneticEnv) and envs.num_envs == 3
+    envs.close()
+    logs = []
+    config = PPOConfig(total_steps=24, num_envs=2, rollout_steps=12, update_epochs=1, seed=0)
+    ppo(config, make, log=lambda m, s: logs.append((s, m)))
+    assert [s for s, _ in logs] == [24]
+    assert logs[0][1]["charts/episodes"] >= 2  # episodes of 6 steps (task.max_epochs=6) ended
+    with initialize_config_dir(config_dir=str(esper_gym.config_dir()), version_base="1.3"):
+        sb3 = compose("config", overrides=[*overrides, "agent=sb3_ppo"])
+    with pytest.raises(train_mod.ConfigError, match="batched"):
+        train_mod.validate(sb3)
