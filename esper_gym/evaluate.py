@@ -174,7 +174,7 @@ class Job:
     checkpoint: str | None = None  # a Tamiyo checkpoint; None: `agent` is a baseline
     reward_weights: Mapping[str, float] | None = None
     kernel_dir: str | None = None
-    greedy: bool = True
+    greedy: bool = False  # sample the policy, seeded with `seed`; True: argmax
     threads: int | None = 1
     contexts: str | None = None  # "train"/"test": each reset draws a context of that split
 
@@ -288,8 +288,7 @@ def make_actor(job: Job, env):
         ckpt = load_checkpoint(job.checkpoint)
         check_checkpoint(ckpt, job.checkpoint, env)
         policy = ckpt.policy.eval()
-        greedy = job.greedy
-        return lambda obs, info=None: policy.act(obs, greedy=greedy)
+        return policy.actor(greedy=job.greedy, seed=job.seed)
     from esper_gym.agents.baselines import make_agent
 
     kwargs = {"seed": job.seed} if job.agent == "random" else {}
@@ -400,7 +399,7 @@ def evaluate(
     n_jobs: int = 1,
     reward_weights: Mapping[str, float] | None = None,
     kernel_dir: str | None = None,
-    greedy: bool = True,
+    greedy: bool = False,
     threads: int | None = 1,
     contexts: str | None = None,
     reps: int = 2000,
@@ -744,7 +743,7 @@ def _schemas():
             ("first_seed", int, field(default=1_000_000)),
             ("n_jobs", int, field(default=2)),
             ("threads", Optional[int], field(default=1)),  # noqa: UP045
-            ("greedy", bool, field(default=True)),
+            ("greedy", bool, field(default=False)),
             ("contexts", Optional[str], field(default=None)),  # noqa: UP045
             ("checkpoints", Dict[str, Optional[str]], field(default_factory=dict)),  # noqa: UP006, UP045
             ("task_overrides", overrides_conf, sub(overrides_conf)),
