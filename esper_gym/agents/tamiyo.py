@@ -500,7 +500,8 @@ def check_guards(
                 f"{name} at global step {global_step}: {metric} was [{recent}] for "
                 f"{len(history[metric])} consecutive updates (threshold guards.{key}="
                 f"{threshold}). {advice[0].upper()}{advice[1:]}. To train on regardless: "
-                f"guards.{key}=null, or guards.enabled=false for every guard."
+                f"guards.{key}=null (agent.ppo.guards.{key}=null on the esper_gym.train command "
+                "line), or guards.enabled=false for every guard."
             )
 
 
