@@ -63,7 +63,7 @@ import json
 import multiprocessing
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,7 +196,7 @@ class Job:
     checkpoint: str | None = None  # a Tamiyo checkpoint; None: `agent` is a baseline
     reward_weights: Mapping[str, float] | None = None
     kernel_dir: str | None = None
-    greedy: bool = True
+    greedy: bool = False  # sample the policy, seeded with `seed`; True: argmax
     threads: int | None = 1
     contexts: str | None = None  # "train"/"test": each reset draws a context of that split
     agent_kwargs: Mapping[str, Any] | None = None  # a baseline's settings (make_agent kwargs)
@@ -313,12 +313,10 @@ def make_actor(job: Job, env):
 
 
 @dataclass
-class _Greedy:
-    policy: Any
-    greedy: bool
+class _Checkpointed:
+    """A checkpointed policy's player: `act` samples (seeded by the episode seed) or argmaxes."""
 
-    def act(self, obs, info=None) -> int:
-        return self.policy.act(obs, greedy=self.greedy)
+    act: Callable[..., int]
 
 
 def make_player(job: Job, env):
@@ -329,7 +327,8 @@ def make_player(job: Job, env):
     if job.checkpoint:
         ckpt = load_checkpoint(job.checkpoint)
         check_checkpoint(ckpt, job.checkpoint, env)
-        return _Greedy(ckpt.policy.eval(), job.greedy)
+        policy = ckpt.policy.eval()
+        return _Checkpointed(policy.actor(greedy=job.greedy, seed=job.seed))
     from esper_gym.agents.baselines import ScheduleAgent, make_agent
 
     if job.plan is not None:  # the oracle's plan for this context
@@ -453,7 +452,7 @@ def evaluate(
     n_jobs: int = 1,
     reward_weights: Mapping[str, float] | None = None,
     kernel_dir: str | None = None,
-    greedy: bool = True,
+    greedy: bool = False,
     threads: int | None = 1,
     contexts: str | None = None,
     reps: int = 2000,
@@ -996,7 +995,7 @@ def _schemas():
             ("first_seed", int, field(default=1_000_000)),
             ("n_jobs", int, field(default=2)),
             ("threads", Optional[int], field(default=1)),  # noqa: UP045
-            ("greedy", bool, field(default=True)),
+            ("greedy", bool, field(default=False)),
             ("contexts", Optional[str], field(default=None)),  # noqa: UP045
             ("checkpoints", Dict[str, Optional[str]], field(default_factory=dict)),  # noqa: UP006, UP045
             ("agent_kwargs", Dict[str, Dict[str, AnyT]], field(default_factory=dict)),  # noqa: UP006

@@ -23,6 +23,8 @@ A run (`run(cfg, run_dir)`), in order:
 4. The agent, then every baseline named in `eval.compare`, plays `eval.episodes` episodes on the
    held-out seeds `eval.first_seed + i`: the same seeds in every run (so the runs of a sweep are
    compared on the same episodes), disjoint from the training seeds (`seed + k`, k < first_seed).
+   A learner samples its policy (what it was trained to do) from an RNG seeded with the episode
+   seed, so an episode is the same in every run; `eval.greedy=true` takes the argmax instead.
    Each episode is logged (`eval/<agent>/...`: return, length, final val/test accuracy, params,
    params added, faults, invalid actions, each reward component summed over the episode) and
    the means go to the run summary.
@@ -200,6 +202,17 @@ class AgentKind(enum.Enum):
 
 
 @dataclass
+class GuardConf:
+    """esper_gym.agents.tamiyo.GuardConfig, written out like PPOConf (tests/test_config.py)."""
+
+    enabled: bool = True
+    patience: int = 5
+    wait_share_max: float | None = 0.95
+    entropy_min: float | None = 0.05
+    explained_variance_min: float | None = 0.0
+
+
+@dataclass
 class PPOConf:
     """esper_gym.agents.tamiyo.PPOConfig, less `seed`, `num_envs`, `async_envs` (from `seed` and env/).
 
@@ -224,6 +237,7 @@ class PPOConf:
     minibatches: int = 4
     target_kl: float | None = None
     anneal_lr: bool = True
+    lr_final: float = 0.0
     norm_adv: bool = True
     norm_returns: bool = True
     hidden: int = 64
@@ -231,6 +245,8 @@ class PPOConf:
     dropout: float = 0.1
     checkpoint_every: int = 10
     uncertainty_samples: int = 8
+    wait_bias: float = 0.0
+    guards: GuardConf = field(default_factory=GuardConf)
 
 
 @dataclass
@@ -264,7 +280,7 @@ class EvalConf:
     episodes: int = 5
     first_seed: int = 1_000_000
     compare: list[str] = field(default_factory=list)
-    greedy: bool = True  # learners act by argmax (False: sample)
+    greedy: bool = False  # learners sample their policy, seeded per episode (True: argmax)
 
 
 @dataclass
@@ -594,7 +610,9 @@ def _checkpoint_file(resume: str, suffix: str) -> pathlib.Path:
 
 
 def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
-    """Train (or continue) Tamiyo; returns (act, global_step, checkpoint path)."""
+    """Train (or continue) Tamiyo; returns (actor, global_step, checkpoint path), where
+    `actor(episode_seed)` is the episode's `act(obs)`: sampling the policy from a generator
+    seeded with the episode seed (argmax with `eval.greedy`)."""
     from esper_gym.agents.tamiyo import load_checkpoint, train
 
     config = instantiate(
@@ -612,7 +630,7 @@ def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path)
         shutil.copyfile(resume, ckpt)
     global_step = load_checkpoint(ckpt).global_step
     greedy = cfg.eval.greedy
-    return (lambda obs: policy.act(obs, greedy=greedy)), global_step, ckpt
+    return (lambda seed: policy.actor(greedy=greedy, seed=seed)), global_step, ckpt
 
 
 def _sb3_logger(log: Callable[[dict, int], None]):
@@ -627,7 +645,8 @@ def _sb3_logger(log: Callable[[dict, int], None]):
 
 
 def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
-    """Train (or continue) an SB3 model; returns (act, global_step, checkpoint path)."""
+    """Train (or continue) an SB3 model; returns (actor, global_step, checkpoint path) as
+    `train_tamiyo` does (SB3 samples from torch's global RNG: the actor seeds it)."""
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
@@ -670,7 +689,14 @@ def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
         action, _ = model.predict(obs, deterministic=deterministic, **kw)
         return int(action)
 
-    return act, int(model.num_timesteps), ckpt
+    def actor(seed: int) -> Callable[[dict], int]:
+        if not deterministic:
+            import torch
+
+            torch.manual_seed(seed)
+        return act
+
+    return actor, int(model.num_timesteps), ckpt
 
 
 def baseline_act(name: str, env: gym.Env, seed: int, build: Callable | None = None):
@@ -736,18 +762,19 @@ def run(cfg: DictConfig, run_dir: str | pathlib.Path) -> dict[str, Any]:
     try:
         start = time.perf_counter()
         if kind == AgentKind.tamiyo:
-            act, step, ckpt = train_tamiyo(cfg, make, logger, run_dir)
+            actor, step, ckpt = train_tamiyo(cfg, make, logger, run_dir)
         elif kind == AgentKind.sb3:
-            act, step, ckpt = train_sb3(cfg, make, logger, run_dir)
+            actor, step, ckpt = train_sb3(cfg, make, logger, run_dir)
         else:
-            act, step, ckpt = None, 0, None
+            actor, step, ckpt = None, 0, None
         results.update(global_step=step, checkpoint=ckpt and str(ckpt))
         results["train_s"] = time.perf_counter() - start
 
         # Trained on train contexts: scored on the held-out test contexts, as evaluate does.
         env = make(contexts="test") if cfg.env.get("contexts") == "train" else make()
         seeds = [cfg.eval.first_seed + i for i in range(cfg.eval.episodes)]
-        players = {agent_name: act}
+        # name -> actor(episode seed) -> act(obs); a learner samples from a per-episode seed.
+        players = {agent_name: actor}
         for name in cfg.eval.compare:
             players.setdefault(name, None)
         if not seeds:  # eval.episodes=0: nothing to evaluate, and no table of NaN means
@@ -755,11 +782,12 @@ def run(cfg: DictConfig, run_dir: str | pathlib.Path) -> dict[str, Any]:
         for name, player in players.items():
             if player is None:  # a baseline: the configured one keeps its settings
                 build = instantiate(cfg.agent.build) if name == agent_name else None
-                player = baseline_act(name, env, cfg.seed, build)
+                act = baseline_act(name, env, cfg.seed, build)
+                player = lambda seed, act=act: act  # noqa: E731  (one agent for every episode)
             logger.progress(len(seeds), f"eval {name}")
             episodes = []
             for seed in seeds:
-                episode, _ = play_episode(env, player, seed)
+                episode, _ = play_episode(env, player(seed), seed)
                 episodes.append({"seed": seed, **episode})
                 logger.log_episode(episode, prefix=f"eval/{name}")
             logger.progress(None)

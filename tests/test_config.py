@@ -100,7 +100,8 @@ def test_default_config_is_the_fast_task_with_tamiyo():
     assert cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"
     assert cfg.logger.group == "spirals-tamiyo"
     ppo = instantiate(cfg.agent.ppo, seed=cfg.seed)
-    assert type(ppo).__name__ == "PPOConfig" and ppo.total_steps <= 2048
+    # a few minutes on 2 cores (conf/agent/tamiyo.yaml says what was measured)
+    assert type(ppo).__name__ == "PPOConfig" and ppo.total_steps <= 8192
 
 
 def test_every_task_option_maps_to_its_registered_env():
@@ -146,7 +147,7 @@ def test_reward_options_instantiate_weights():
 def test_experiments_override_task_agent_and_budgets():
     cifar = load("+experiment=cifar")
     assert cifar.task.name == "cifar10" and cifar.agent.name == "tamiyo"
-    assert cifar.agent.ppo.total_steps > load().agent.ppo.total_steps
+    assert cifar.agent.ppo.total_steps == 4096 != load().agent.ppo.total_steps  # its own budget
     assert load("+experiment=fashion_mnist").task.name == "fashion_mnist"
     # Command-line overrides still win over the experiment's.
     assert load("+experiment=spirals", "agent.ppo.total_steps=64").agent.ppo.total_steps == 64

@@ -240,7 +240,7 @@ def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spa
         out = run_job(Job("tamiyo", spec, seed=3, checkpoint=str(ckpt), kernel_dir=kernel_dir))
         assert out["row"]["length"] == 6 and out["row"]["n_layers"] == (3 if spec is spirals else 4)
         assert out["row"]["checkpoint"] == str(ckpt)
-    # Same seed, same greedy policy: the same episode.
+    # Same seed, same policy: the same episode (sampling is seeded with the episode seed).
     again = run_job(Job("tamiyo", spirals, seed=3, checkpoint=str(ckpt), kernel_dir=kernel_dir))
     first = run_job(Job("tamiyo", spirals, seed=3, checkpoint=str(ckpt), kernel_dir=kernel_dir))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import shutil
+from dataclasses import replace
 
 import gymnasium as gym
 import numpy as np
@@ -14,8 +16,11 @@ from torch.distributions import Categorical
 from esper_gym.actions import ActionLayout
 from esper_gym.agents.tamiyo import (
     MASKED,
+    GuardConfig,
     PPOConfig,
     TamiyoPolicy,
+    TrainingCollapse,
+    check_guards,
     env_record,
     load_checkpoint,
     obs_to_batch,
@@ -190,6 +195,35 @@ def test_act_is_greedy_in_eval_and_samples_only_valid_actions():
     assert {policy.act(obs, greedy=False) for _ in range(200)} <= valid
 
 
+def test_sampled_actor_is_reproducible_for_a_seed_and_differs_from_argmax():
+    policy = policy_for()
+    obs = make_obs(5, seed=51, valid=0.8)
+    logits, _ = policy(obs_to_batch(obs))
+    argmax = int(logits.argmax())
+
+    def episode(actor, steps=40):
+        return [actor(obs) for _ in range(steps)]
+
+    first = episode(policy.actor(seed=1_000_003))
+    torch.manual_seed(123)  # the global RNG does not enter a seeded actor's draws
+    assert episode(policy.actor(seed=1_000_003)) == first
+    assert episode(policy.actor(seed=1_000_004)) != first
+    valid = set(np.flatnonzero(obs["action_mask"]).tolist())
+    assert set(first) <= valid and len(set(first)) > 10  # ~uniform over ~30 valid actions
+    assert sum(a != argmax for a in first) > 30
+    assert episode(policy.actor(greedy=True, seed=1_000_003)) == [argmax] * 40
+
+
+def test_wait_bias_sets_the_initial_probability_of_wait():
+    obs = make_obs(4, seed=52, valid=1.0)
+    n_valid = int(obs["action_mask"].sum())
+    for bias in (0.0, 3.0):
+        logits, _ = policy_for(wait_bias=bias)(obs_to_batch(obs))
+        p_wait = torch.softmax(logits, 1)[0, 0].item()
+        expected = math.exp(bias) / (math.exp(bias) + n_valid - 1)
+        assert p_wait == pytest.approx(expected, rel=0.05), (bias, p_wait, expected)
+
+
 def test_mc_dropout_uncertainty_is_zero_without_dropout_and_positive_with_it():
     obs = obs_to_batch(stack([make_obs(n, seed=60 + n) for n in (2, 7)]))
     none = policy_for(dropout=0.0).uncertainty(obs, samples=4)
@@ -259,6 +293,10 @@ def bandit_config(**kw) -> PPOConfig:
         gamma=0.0,
         seed=0,
         uncertainty_samples=2,
+        # A one-step bandit's return is a coin flip given the state (the policy samples), so
+        # the best critic is about the mean: explained variance ~0, which on a real episode
+        # (returns-to-go fall with progress) would be a broken critic.
+        guards=GuardConfig(explained_variance_min=None),
     )
     return PPOConfig(**{**defaults, **kw})
 
@@ -284,6 +322,103 @@ def test_ppo_update_raises_the_probability_of_the_rewarded_action():
     assert after > 0.6, (before, after)
     returns = [m["charts/episodic_return"] for _, m in logs]
     assert np.mean(returns[-3:]) > np.mean(returns[:3]) + 0.3
+
+
+def test_lr_anneals_linearly_to_lr_final_and_stays_put_without_annealing():
+    logs = []
+    cfg = bandit_config(total_steps=512, lr=1e-3, lr_final=1e-4, uncertainty_samples=0)
+    train(cfg, GraphBandit, log=lambda m, s: logs.append(m))  # 4 updates of 128 steps
+    expected = [1e-3 + k / 4 * (1e-4 - 1e-3) for k in range(4)]
+    assert [m["charts/lr"] for m in logs] == pytest.approx(expected)
+    logs.clear()
+    train(
+        bandit_config(total_steps=256, anneal_lr=False),
+        GraphBandit,
+        log=lambda m, s: logs.append(m),
+    )
+    assert [m["charts/lr"] for m in logs] == [3e-3, 3e-3]
+
+
+def test_rollout_diagnostics_count_wait_share_churn_and_entropy():
+    # One-step episodes where every action is valid: wait_share is the share of WAIT among all
+    # actions, and churn (culls per finished episode) the share of CULL actions.
+    logs = []
+    cfg = bandit_config(total_steps=256, uncertainty_samples=0)
+    train(cfg, GraphBandit, log=lambda m, s: logs.append(m))
+    for m in logs:
+        assert m["charts/episodes"] == 128
+        assert m["diagnostics/wait_share"] == pytest.approx(m["actions/wait"] / 128)
+        assert m["diagnostics/churn"] == pytest.approx(m["actions/cull"] / 128)
+        assert m["actions/cull"] > 0
+        # the first rollout is about uniform over 1 + 3n valid actions, n in 2..4
+        assert math.log(7) - 0.1 < m["diagnostics/entropy"] < math.log(13)
+
+
+GUARD_CASES = {
+    # metric: (healthy value, bad value)
+    "diagnostics/wait_share": (0.4, 0.99),
+    "diagnostics/entropy": (1.2, 0.01),
+    "losses/explained_variance": (0.3, -0.2),
+}
+HEALTHY = {metric: good for metric, (good, _) in GUARD_CASES.items()}
+
+
+@pytest.mark.parametrize("metric", list(GUARD_CASES))
+def test_each_guard_fires_after_patience_consecutive_bad_updates(metric):
+    guards, history = GuardConfig(patience=3), {}
+    bad = {**HEALTHY, metric: GUARD_CASES[metric][1]}
+    check_guards(bad, guards, history, 100)
+    check_guards(bad, guards, history, 200)
+    check_guards(HEALTHY, guards, history, 300)  # a healthy update restarts the count
+    check_guards(bad, guards, history, 400)
+    check_guards(bad, guards, history, 500)
+    with pytest.raises(TrainingCollapse) as err:
+        check_guards(bad, guards, history, 600)
+    assert metric in str(err.value) and "global step 600" in str(err.value)
+    assert "3 consecutive updates" in str(err.value)
+    # off: the run goes on, with the whole guard set disabled or with that threshold null
+    key = {"diagnostics/wait_share": "wait_share_max", "diagnostics/entropy": "entropy_min"}
+    key = key.get(metric, "explained_variance_min")
+    assert f"guards.{key}" in str(err.value)
+    for off in (GuardConfig(patience=1, enabled=False), GuardConfig(patience=1, **{key: None})):
+        for _ in range(5):
+            check_guards(bad, off, {}, 700)
+
+
+def test_guards_stay_quiet_on_healthy_and_undefined_metrics():
+    guards, history = GuardConfig(patience=1), {}
+    check_guards(HEALTHY, guards, history, 1)
+    # no growth was valid (wait_share NaN), no metric at all: nothing to judge
+    check_guards({**HEALTHY, "diagnostics/wait_share": math.nan}, guards, history, 2)
+    check_guards({}, guards, history, 3)
+    # at the thresholds themselves: wait share 0.95 and entropy 0.05 are still healthy
+    check_guards(
+        {**HEALTHY, "diagnostics/wait_share": 0.95, "diagnostics/entropy": 0.05}, guards, history, 4
+    )
+
+
+class WaitBandit(GraphBandit):
+    """GraphBandit where only WAIT pays: the policy learns to wait although growth is valid."""
+
+    def step(self, action):
+        return self.obs, float(int(action) == 0), True, False, {}
+
+
+def test_training_stops_loudly_on_wait_collapse_and_runs_on_a_healthy_task(tmp_path):
+    guards = GuardConfig(patience=2, entropy_min=None, explained_variance_min=None)
+    cfg = bandit_config(total_steps=4096, uncertainty_samples=0, guards=guards)
+    logs = []
+    with pytest.raises(TrainingCollapse, match="WAIT collapse") as err:
+        train(cfg, WaitBandit, log=lambda m, s: logs.append(m), checkpoint_path=tmp_path / "c.pt")
+    assert "diagnostics/wait_share" in str(err.value)
+    assert [m["diagnostics/wait_share"] > 0.95 for m in logs[-2:]] == [True, True]
+    assert len(logs) < 4096 // 128  # it stopped early, and left the collapsed policy behind
+    assert load_checkpoint(tmp_path / "c.pt").global_step == 128 * len(logs)
+    # The rewarded-growth bandit with the same guards trains to the end (and with the default
+    # guards: test_ppo_update_raises_the_probability_of_the_rewarded_action).
+    logs = []
+    train(replace(cfg, total_steps=1536), GraphBandit, log=lambda m, s: logs.append(m))
+    assert len(logs) == 1536 // 128
 
 
 def test_resume_continues_global_step_optimizer_and_schedule(tmp_path):
@@ -341,6 +476,9 @@ LOGGED = (
     "charts/episodic_length",
     "uncertainty/value_std",
     "uncertainty/entropy",
+    "diagnostics/wait_share",
+    "diagnostics/entropy",
+    "diagnostics/churn",
 )
 
 

@@ -185,10 +185,12 @@ class TamiyoPolicy(nn.Module):
     - Node p's `per_node_actions` logits land in columns `1 + p * per_node ...`; columns of
       padded nodes and every action with `action_mask` False get `MASKED` (probability 0).
       If a mask were all False the distribution would be uniform; the env keeps WAIT valid.
-    - WAIT is one logit among the others, from its own head with no extra bias: at
-      initialisation every valid action is about equally likely, so WAIT gets 1/(valid
-      actions), not the half of the mass that a separate "act or wait" switch would give it.
-      An agent that learns "WAIT is always safe" has to learn it from rewards.
+    - WAIT is one logit among the others, from its own head. With `wait_bias=0` (no prior)
+      every valid action is about equally likely at initialisation, so WAIT gets 1/(valid
+      actions), not the half of the mass that a separate "act or wait" switch would give it,
+      and an agent that learns "WAIT is always safe" has to learn it from rewards.
+      `wait_bias` b is the initial bias of that logit (an ordinary parameter after that): WAIT
+      starts with probability e^b / (e^b + valid actions - 1).
     - `value` is in reward units. When `train(norm_returns=True)` the value head predicts
       normalised returns and the running mean/var buffers here map it back.
     """
@@ -202,6 +204,7 @@ class TamiyoPolicy(nn.Module):
         hidden: int = 64,
         layers: int = 3,
         dropout: float = 0.1,
+        wait_bias: float = 0.0,
     ):
         super().__init__()
         self.init_kwargs = dict(
@@ -212,11 +215,13 @@ class TamiyoPolicy(nn.Module):
             hidden=hidden,
             layers=layers,
             dropout=dropout,
+            wait_bias=wait_bias,
         )
         self.per_node = per_node_actions
         self.encoder = GraphEncoder(node_dim, global_dim, edge_dim, hidden, layers, dropout)
         self.node_head = _head(2 * hidden, hidden, per_node_actions, gain=0.01)
         self.wait_head = _head(hidden, hidden, 1, gain=0.01)
+        nn.init.constant_(self.wait_head[-1].bias, wait_bias)
         self.value_head = _head(hidden, hidden, 1, gain=1.0)
         self.register_buffer("ret_mean", torch.zeros(()))
         self.register_buffer("ret_var", torch.ones(()))
@@ -267,13 +272,23 @@ class TamiyoPolicy(nn.Module):
         }
 
     @torch.inference_mode()
-    def act(self, obs, info: dict | None = None, *, greedy: bool = True) -> int:
+    def act(
+        self,
+        obs,
+        info: dict | None = None,
+        *,
+        greedy: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> int:
         """One observation (the env's Dict, unbatched) -> action index. Eval mode, no dropout.
 
         `info` is ignored; it is there so that Tamiyo has the baselines' `act(obs, info)`.
+        `greedy=False` samples the policy, drawing from `generator` (torch's global RNG when
+        None); `actor` makes an `act` whose draws are reproducible from an episode seed.
         Greedy can differ a lot from sampling: when the policy spreads its growth mass over
         several germinate actions, WAIT may still be the single argmax, and a greedy agent then
-        waits all episode (seen on spirals; experiments/tamiyo_vs_baselines.py reports both).
+        waits all episode, or germinates and never advances (seen on spirals: 8 held-out seeds
+        scored 5.39 greedy, 5.70 sampled; experiments/tamiyo_vs_baselines.py reports both).
         """
         was_training = self.training
         if was_training:  # module.train()/eval() walk every submodule: only pay when needed
@@ -283,7 +298,19 @@ class TamiyoPolicy(nn.Module):
             self.train()
         if greedy:
             return int(logits[0].argmax())
-        return int(Categorical(logits=logits[0]).sample())
+        # multinomial rather than Categorical.sample: only it takes a generator. Masked
+        # actions have probability exactly 0 (MASKED), so they are never drawn.
+        return int(torch.multinomial(logits[0].softmax(-1), 1, generator=generator))
+
+    def actor(self, *, greedy: bool = False, seed: int | None = None) -> Callable[..., int]:
+        """`act(obs, info=None) -> action` for one episode. Sampling (the default: that is the
+        policy PPO trained) draws from a generator seeded with `seed`, so the same episode seed
+        gives the same actions in every run and every agent comparison stays paired; `seed=None`
+        draws from torch's global RNG."""
+        generator = None
+        if not greedy and seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+        return lambda obs, info=None: self.act(obs, greedy=greedy, generator=generator)
 
     @classmethod
     def for_space(cls, space: gym.spaces.Dict, **kw) -> TamiyoPolicy:
@@ -395,6 +422,96 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
 
 
 @dataclass
+class GuardConfig:
+    """Failure modes PPO slides into without an error, checked after every update.
+
+    Each guard watches one logged metric; when its condition holds for `patience` consecutive
+    updates the run stops with `TrainingCollapse`, whose message names the metric, its recent
+    values, the threshold's config key and what to try (a checkpoint is written first, when
+    the run has a checkpoint path). A threshold of None turns that guard off, `enabled=False`
+    all of them. A NaN metric (e.g. no episode state where growth was valid) counts as healthy.
+
+    - WAIT collapse: `diagnostics/wait_share` (WAIT among the rollout's actions taken while a
+      GERMINATE was valid) above `wait_share_max`: the policy has learned that doing nothing
+      is safe and stopped trying growth.
+    - entropy collapse: `diagnostics/entropy` (mean entropy of the acting policy over the
+      rollout, nats) below `entropy_min`: it no longer explores, whatever it settled on.
+    - a critic that predicts nothing: `losses/explained_variance` at or below
+      `explained_variance_min`: advantages are then noise and the policy gradient with them.
+    """
+
+    enabled: bool = True
+    patience: int = 5  # consecutive updates
+    wait_share_max: float | None = 0.95
+    entropy_min: float | None = 0.05
+    explained_variance_min: float | None = 0.0
+
+
+class TrainingCollapse(RuntimeError):
+    """A guard of `GuardConfig` fired: the run stopped rather than train a degenerate policy."""
+
+
+# (name, metric, config field, fires when, what to try)
+GUARDS = (
+    (
+        "WAIT collapse",
+        "diagnostics/wait_share",
+        "wait_share_max",
+        lambda value, threshold: value > threshold,
+        "the policy waits although growth is valid; raise ent_coef, lower wait_bias, or check "
+        "that growth can pay under the reward weights",
+    ),
+    (
+        "entropy collapse",
+        "diagnostics/entropy",
+        "entropy_min",
+        lambda value, threshold: value < threshold,
+        "the policy stopped exploring; raise ent_coef or set ent_floor, or lower lr",
+    ),
+    (
+        "critic failure",
+        "losses/explained_variance",
+        "explained_variance_min",
+        lambda value, threshold: value <= threshold,
+        "the value function explains none of the returns; check norm_returns, lower gamma or "
+        "lr, raise vf_coef",
+    ),
+)
+
+
+def check_guards(
+    metrics: dict, guards: GuardConfig, history: dict[str, list[float]], global_step: int
+) -> None:
+    """Append this update's guarded metrics to `history` (metric -> values of the current run of
+    bad updates, emptied by a healthy one) and raise `TrainingCollapse` when a guard's run
+    reaches `guards.patience`."""
+    if not guards.enabled:
+        return
+    for name, metric, key, bad, advice in GUARDS:
+        threshold = getattr(guards, key)
+        value = metrics.get(metric, math.nan)
+        if threshold is None or not math.isfinite(value) or not bad(value, threshold):
+            history[metric] = []
+            continue
+        history.setdefault(metric, []).append(float(value))
+        if len(history[metric]) >= guards.patience:
+            recent = ", ".join(f"{v:.3g}" for v in history[metric])
+            raise TrainingCollapse(
+                f"{name} at global step {global_step}: {metric} was [{recent}] for "
+                f"{len(history[metric])} consecutive updates (threshold guards.{key}="
+                f"{threshold}). {advice[0].upper()}{advice[1:]}. To train on regardless: "
+                f"guards.{key}=null (agent.ppo.guards.{key}=null on the esper_gym.train command "
+                "line), or guards.enabled=false for every guard."
+            )
+
+
+def _guards(value) -> GuardConfig:
+    if isinstance(value, GuardConfig):
+        return value
+    return GuardConfig(**dict(value or {}))
+
+
+@dataclass
 class PPOConfig:
     total_steps: int = 20_000  # env steps over all envs
     num_envs: int = 4
@@ -414,7 +531,8 @@ class PPOConfig:
     update_epochs: int = 4
     minibatches: int = 4
     target_kl: float | None = None
-    anneal_lr: bool = True
+    anneal_lr: bool = True  # linearly from lr (first update) to lr_final (after the last)
+    lr_final: float = 0.0
     norm_adv: bool = True
     # Value targets normalised by running return statistics: rewards of any scale then give a
     # value loss of order 1, which keeps explained variance from sitting at or below 0.
@@ -426,6 +544,13 @@ class PPOConfig:
     async_envs: bool = False  # AsyncVectorEnv (spawn) instead of SyncVectorEnv
     checkpoint_every: int = 10  # updates; only when a checkpoint_path is given
     uncertainty_samples: int = 8  # MC-dropout passes on the last observations (0: skip)
+    # Initial bias of the WAIT logit (0: WAIT is as likely as any one valid action). A prior
+    # towards WAIT makes the untrained policy germinate and cull less often (churn).
+    wait_bias: float = 0.0
+    guards: GuardConfig = field(default_factory=GuardConfig)
+
+    def __post_init__(self) -> None:
+        self.guards = _guards(self.guards)  # a mapping from a config file or a checkpoint
 
 
 def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: bool = False):
@@ -475,9 +600,14 @@ def train(
     """PPO (CleanRL's ppo.py, with action masks and graph observations) -> trained policy.
 
     Every update calls `log(metrics, global_step)` with: losses/{policy,value,entropy,
-    approx_kl,clip_frac,ratio_start,explained_variance}, actions/{wait,germinate,advance,cull} (counts in
-    the rollout), charts/{steps_per_s,lr,episodes,episodic_return,episodic_length} (the two
-    last only when an episode ended in the rollout), uncertainty/{value_std,entropy}.
+    approx_kl,clip_frac,ratio_start,explained_variance}, actions/{wait,germinate,advance,cull}
+    (counts in the rollout), charts/{steps_per_s,lr,episodes,episodic_return,episodic_length}
+    (the two last only when an episode ended in the rollout), uncertainty/{value_std,entropy},
+    diagnostics/wait_share (WAIT among the actions taken while some GERMINATE was valid; NaN if
+    none was), diagnostics/entropy (mean entropy of the acting policy over the rollout) and
+    diagnostics/churn (CULL actions per episode ended in the rollout: a seed is only culled after
+    it was germinated, so each is a germinate -> cull cycle; only when an episode ended). Then
+    `config.guards` checks them (`check_guards`): a collapse stops the run with TrainingCollapse.
 
     With `checkpoint_path` the run is saved every `config.checkpoint_every` updates and at the
     end. `resume_from` continues that run: weights, optimizer, global_step, return statistics
@@ -499,13 +629,19 @@ def train(
     envs = make_vector_env(make_env, config.num_envs, config.async_envs)
     space = envs.single_observation_space
     layout = layout_from_spaces(space, envs.single_action_space)  # for the action histogram
+    kind_of = np.array([layout.decode(a).kind for a in range(layout.size)])
+    is_germinate = kind_of == GERMINATE
     n_envs, n_steps = config.num_envs, config.rollout_steps
     batch_size = n_envs * n_steps
     minibatch_size = max(batch_size // config.minibatches, 1)
     num_updates = math.ceil(config.total_steps / batch_size)
 
     policy = TamiyoPolicy.for_space(
-        space, hidden=config.hidden, layers=config.layers, dropout=config.dropout
+        space,
+        hidden=config.hidden,
+        layers=config.layers,
+        dropout=config.dropout,
+        wait_bias=config.wait_bias,
     )
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
     global_step = 0
@@ -529,13 +665,17 @@ def train(
     next_obs, _ = envs.reset(seed=config.seed + global_step)
     next_done = torch.zeros(n_envs)
     ep_return, ep_length = np.zeros(n_envs), np.zeros(n_envs, dtype=int)
+    ep_culls = np.zeros(n_envs, dtype=int)
+    guard_history: dict[str, list[float]] = {}
 
     first_update = global_step // batch_size + 1
     for update in range(first_update, num_updates + 1):
         if config.anneal_lr:
-            optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (update - 1) / num_updates)
+            frac = (update - 1) / num_updates
+            optimizer.param_groups[0]["lr"] = config.lr + frac * (config.lr_final - config.lr)
         start = time.perf_counter()
-        finished_returns, finished_lengths = [], []
+        finished_returns, finished_lengths, finished_culls = [], [], []
+        entropies = torch.zeros(n_steps, n_envs)
 
         # --- rollout: act with dropout off --------------------------------------------------
         policy.eval()
@@ -548,17 +688,20 @@ def train(
                 logits, value = policy(obs_to_batch(next_obs))
                 dist = Categorical(logits=logits)
                 action = dist.sample()
+                entropies[step] = dist.entropy()
             actions[step], logprobs[step], values[step] = action, dist.log_prob(action), value
 
             next_obs, reward, terminated, truncated, info = envs.step(action.numpy())
             done = np.logical_or(terminated, truncated)
             ep_return += reward
             ep_length += 1
+            ep_culls += kind_of[action.numpy()] == CULL
             reward = torch.as_tensor(reward, dtype=torch.float32)
             for i in np.flatnonzero(done):
                 finished_returns.append(ep_return[i])
                 finished_lengths.append(ep_length[i])
-                ep_return[i], ep_length[i] = 0.0, 0
+                finished_culls.append(ep_culls[i])
+                ep_return[i], ep_length[i], ep_culls[i] = 0.0, 0, 0
                 if truncated[i] and not terminated[i]:
                     # Cut by a time limit, not ended: bootstrap from the real final state.
                     with torch.no_grad():
@@ -637,7 +780,9 @@ def train(
                 break
 
         # --- log ----------------------------------------------------------------------------
-        kinds = [layout.decode(int(a)).kind for a in b_actions]
+        kinds = kind_of[b_actions.numpy()].tolist()
+        growth_valid = b_obs["action_mask"][:, is_germinate].any(1)
+        waited = kind_of[b_actions.numpy()] == WAIT
         metrics = {
             "losses/policy": pg_loss.item(),
             "losses/value": v_loss.item(),
@@ -650,10 +795,15 @@ def train(
             "charts/steps_per_s": batch_size / (time.perf_counter() - start),
             "charts/lr": optimizer.param_groups[0]["lr"],
             "charts/episodes": len(finished_returns),
+            "diagnostics/wait_share": (
+                float(waited[growth_valid].mean()) if growth_valid.any() else math.nan
+            ),
+            "diagnostics/entropy": entropies.mean().item(),
         }
         if finished_returns:
             metrics["charts/episodic_return"] = float(np.mean(finished_returns))
             metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
+            metrics["diagnostics/churn"] = float(np.mean(finished_culls))
         if config.uncertainty_samples > 0:
             unc = policy.uncertainty(obs_to_batch(next_obs), config.uncertainty_samples)
             metrics["uncertainty/value_std"] = unc["value_std"].mean().item()
@@ -664,6 +814,13 @@ def train(
             update % config.checkpoint_every == 0 or update == num_updates
         ):
             save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
+        try:
+            check_guards(metrics, config.guards, guard_history, global_step)
+        except TrainingCollapse:
+            envs.close()
+            if checkpoint_path is not None:  # the collapsed policy, for a post-mortem
+                save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
+            raise
 
     envs.close()
     policy.eval()
