@@ -21,8 +21,11 @@ dicts.
 
 from __future__ import annotations
 
+import csv
 import os
+import pathlib
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +34,32 @@ MODES = ("offline", "online", "disabled")
 
 def _scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class CsvMetrics:
+    """A learner's `log(metrics, step)` callback that keeps the scalar metrics as a CSV, one row
+    per call (`global_step`, `wall_s`, then the metrics): the learning curve without W&B.
+
+    The file is rewritten whole at every call, so that a killed run keeps its curve; a file
+    that exists already is continued (a resumed run appends to its curve)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = pathlib.Path(path)
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+        self.start = time.perf_counter()
+
+    def __call__(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        row = {"global_step": step, "wall_s": round(time.perf_counter() - self.start, 3)}
+        row |= {k: v for k, v in metrics.items() if _scalar(v)}
+        self.rows.append(row)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
 
 
 class NullLogger:

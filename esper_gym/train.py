@@ -33,7 +33,7 @@ A run (`run(cfg, run_dir)`), in order:
 
 Run dir (Hydra's `outputs/<date>/<time>`, `multirun/<date>/<time>/<job>` for `-m`):
 `.hydra/` (composed config, overrides), `results.json`, `run.json` (agent, W&B run id),
-`checkpoint.pt` (tamiyo) or `checkpoint.zip` (sb3), `wandb/offline-run-*` (logger=wandb).
+`checkpoint.pt` and `train_metrics.csv` (tamiyo: the learning curve, one row per update) or `checkpoint.zip` (sb3), `wandb/offline-run-*` (logger=wandb).
 
 This is the only module (with `esper_gym.evaluate`) that imports hydra or omegaconf: everything
 it calls takes plain values.
@@ -67,7 +67,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 import esper_gym
 from esper_gym.episode import play_episode
-from esper_gym.logger import make_logger
+from esper_gym.logger import CsvMetrics, make_logger
 from esper_gym.reward import RewardWeights
 from esper_gym.tasks import TASKS, Task, get_task
 
@@ -624,7 +624,13 @@ def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path)
     ckpt = run_dir / "checkpoint.pt"
     resume = _checkpoint_file(cfg.resume, ".pt") if cfg.resume else None
     logger.progress(config.total_steps, "tamiyo")
-    policy = train(config, make, log=logger.log, checkpoint_path=ckpt, resume_from=resume)
+    curve = CsvMetrics(run_dir / "train_metrics.csv")  # the learning curve, with or without W&B
+
+    def log(metrics, step=None):
+        logger.log(metrics, step)
+        curve(metrics, step)
+
+    policy = train(config, make, log=log, checkpoint_path=ckpt, resume_from=resume)
     logger.progress(None)
     if not ckpt.exists() and resume is not None:  # the budget was already spent: nothing new
         shutil.copyfile(resume, ckpt)

@@ -24,7 +24,6 @@ nice python experiments/transfer.py --checkpoint outputs/<train run>/checkpoint.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import pathlib
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `agents` lives a
 
 from esper_gym import plots, stats  # noqa: E402
 from esper_gym.evaluate import SUMMARY_METRICS, evaluate, resolve_tasks  # noqa: E402
+from esper_gym.logger import CsvMetrics  # noqa: E402
 
 SETTINGS = {
     "spirals": "in-task (trained here)",
@@ -54,28 +54,6 @@ def make_env(threads: int = 1) -> gym.Env:
     return gym.make("Esper/Spirals-v0")
 
 
-class CsvLog:
-    """The learner's `log(metrics, step)` callback, appending one CSV row per update."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.path, self.rows, self.start = path, [], time.perf_counter()
-
-    def __call__(self, metrics: dict, step: int) -> None:
-        row = {"global_step": step, "wall_s": time.perf_counter() - self.start, **metrics}
-        self.rows.append(row)
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.path, "w", newline="") as f:  # rewritten: a killed run keeps its curve
-            writer = csv.DictWriter(f, keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        ret = metrics.get("charts/episodic_return")
-        print(
-            f"step {step:>6}  {row['wall_s']:6.0f}s  return {ret if ret is None else round(ret, 3)}"
-            f"  entropy {metrics['losses/entropy']:.3f}",
-            flush=True,
-        )
-
-
 def train(args, run_dir: pathlib.Path) -> pathlib.Path:
     from esper_gym.agents.tamiyo import PPOConfig
     from esper_gym.agents.tamiyo import train as ppo
@@ -89,7 +67,7 @@ def train(args, run_dir: pathlib.Path) -> pathlib.Path:
         checkpoint_every=2,
     )
     ckpt = run_dir / "checkpoint.pt"
-    log = CsvLog(run_dir / "train_metrics.csv")
+    log = CsvMetrics(run_dir / "train_metrics.csv")
     ppo(config, functools.partial(make_env, 1), log=log, checkpoint_path=ckpt)
     return ckpt
 

@@ -366,6 +366,11 @@ def test_trained_on_train_contexts_is_scored_on_test_contexts(tmp_path):
         f"hydra.run.dir={run}",
     )
     results = json.loads((run / "results.json").read_text())
+    # The learning curve is kept without W&B: one row per PPO update (16 steps / 8 per update).
+    curve = (run / "train_metrics.csv").read_text().splitlines()
+    header = curve[0].split(",")
+    assert len(curve) == 1 + 2 and header[:2] == ["global_step", "wall_s"]
+    assert "losses/entropy" in header and [r.split(",")[0] for r in curve[1:]] == ["8", "16"]
     for name in ("tamiyo", "noop"):
         episodes = results["eval"][name]["episodes"]
         assert [e["contexts"] for e in episodes] == ["test", "test"]
