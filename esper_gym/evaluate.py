@@ -548,6 +548,8 @@ def evaluate(
     if oracle_cfg:
         reacting = oracle_lib.value_of_reacting(episodes, reps, confidence, bootstrap_seed)
         summary = summary.merge(reacting, on=["task", "agent"], how="left")
+        shares = oracle_lib.oracle_gap_share(episodes)
+        summary = summary.merge(shares, on=["task", "agent"], how="left")
     table = (
         f"Contexts: {CONTEXT_LABEL[contexts]}\n\n"
         + stats.markdown_table(
@@ -751,6 +753,19 @@ def reacting_lines(summary: pd.DataFrame, info: Mapping[str, Any], confidence: f
             f"- {r['task']}: {r['value_of_reacting']:+.3f} [{r['value_of_reacting_lo']:+.3f}, "
             f"{r['value_of_reacting_hi']:+.3f}] over {int(r['value_of_reacting_n'])} seeds{where}"
         )
+    if "oracle_gap_share" in summary:
+        shares = summary.dropna(subset=["oracle_gap_share"])
+        shares = shares[shares["task"] != stats.ALL_TASKS]
+        if len(shares):
+            lines.append(
+                "\nShare of the oracle's advantage over schedule recovered, (agent - schedule) / "
+                "(oracle - schedule), mean per-seed differences on common seeds:"
+            )
+            for task, group in shares.groupby("task", sort=False):
+                cells = ", ".join(
+                    f"{a} {v:+.2f}" for a, v in zip(group.agent, group.oracle_gap_share)
+                )
+                lines.append(f"- {task}: {cells}")
     return "\n".join(lines) + "\n"
 
 

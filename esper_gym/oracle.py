@@ -24,6 +24,7 @@ worker). A smaller `family` (fields replacing the tuned family's) keeps a quick 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,3 +195,31 @@ def value_of_reacting(
             }
         )
     return pd.DataFrame(out, columns=["task", "agent", *VALUE_COLUMNS, "value_of_reacting_n"])
+
+
+def oracle_gap_share(
+    episodes: pd.DataFrame, schedule: str = "schedule", metric: str = "return"
+) -> pd.DataFrame:
+    """Per task and agent (not the oracle or `schedule`), the share of the oracle's advantage
+    over `schedule` that the agent recovers: mean(agent - schedule) / mean(oracle - schedule)
+    over the seeds all three played (paired: same context, data and init). 1: as good as the
+    per-context best plan; 0: no better than the best fixed plan; negative: worse. NaN where the
+    oracle is not above the schedule on those seeds (there is no gap to recover)."""
+    out = []
+    for task in dict.fromkeys(episodes["task"]):
+        mine = episodes[episodes["task"] == task]
+        by_agent = {a: g.set_index("seed")[metric] for a, g in mine.groupby("agent", sort=False)}
+        if ORACLE not in by_agent or schedule not in by_agent:
+            continue
+        for agent, values in by_agent.items():
+            if agent in (ORACLE, schedule):
+                continue
+            seeds = values.index.intersection(by_agent[ORACLE].index).intersection(
+                by_agent[schedule].index
+            )
+            base = by_agent[schedule].loc[seeds]
+            gap = float((by_agent[ORACLE].loc[seeds] - base).mean()) if len(seeds) else math.nan
+            gained = float((values.loc[seeds] - base).mean()) if len(seeds) else math.nan
+            share = gained / gap if gap > 0 else math.nan
+            out.append({"task": task, "agent": agent, "oracle_gap_share": share})
+    return pd.DataFrame(out, columns=["task", "agent", "oracle_gap_share"])

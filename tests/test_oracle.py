@@ -169,6 +169,27 @@ def test_value_of_reacting_pairs_by_seed_and_pools_tasks():
     assert (out["agent"] == oracle_lib.ORACLE).all()
 
 
+def test_oracle_gap_share_is_the_paired_share_of_the_gap():
+    table = {  # seed: (schedule, oracle, agent, flat) returns on task "a"
+        0: (1.0, 3.0, 2.0, 1.0),
+        1: (2.0, 4.0, 4.0, 2.0),
+    }
+    rows = [
+        {"task": "a", "agent": agent, "seed": seed, "return": values[i]}
+        for seed, values in table.items()
+        for i, agent in enumerate(("schedule", "oracle", "learner", "flat"))
+    ]
+    rows.append({"task": "a", "agent": "learner", "seed": 7, "return": 50.0})  # unpaired: ignored
+    # Task "b": the oracle is not above the schedule, so there is no gap to recover.
+    rows += [{"task": "b", "agent": a, "seed": 0, "return": 1.0} for a in ("schedule", "oracle")]
+    rows.append({"task": "b", "agent": "learner", "seed": 0, "return": 2.0})
+    out = oracle_lib.oracle_gap_share(pd.DataFrame(rows)).set_index(["task", "agent"])
+    assert out.at[("a", "learner"), "oracle_gap_share"] == pytest.approx(0.75)  # 1.5 of 2
+    assert out.at[("a", "flat"), "oracle_gap_share"] == pytest.approx(0.0)
+    assert np.isnan(out.at[("b", "learner"), "oracle_gap_share"])
+    assert ("a", "oracle") not in out.index and ("a", "schedule") not in out.index
+
+
 def test_no_oracle_without_contexts(tmp_path, kernel_dir):
     result = evaluate(
         ["noop"],
