@@ -336,7 +336,10 @@ class _Batch:
         self.task = task
         self.envs: list[MorphogeneticEnv] = []
         self.trainers: list = []
-        self.optimizer: torch.optim.Optimizer | None = None  # the running seeds' param groups
+        # The running seeds' Adam: (lr, params) per seed learning rate, and per parameter its
+        # (exp_avg, exp_avg_sq, step), as torch.optim.Adam(fused=True) keeps them.
+        self._seed_groups: list[tuple[float, list[torch.Tensor]]] = []
+        self._seed_state: dict[torch.Tensor, tuple[torch.Tensor, ...]] = {}
         self._opt_key: tuple = ()
         self.host: dict[int, _HostStack] = {}  # column index -> that layer's stacked weights
 
@@ -397,16 +400,16 @@ class _Batch:
             loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
             for tensor in self._host_params:
                 tensor.grad = None
-            if self.optimizer is not None:
-                self.optimizer.zero_grad(set_to_none=True)
+            for _, params in self._seed_groups:
+                for p in params:
+                    p.grad = None
             loss.sum().backward()
             skipped = self._check_grads(loss, x, y)
             if record:
                 self._capture_grads(skipped)
             self._sync_optimizer()
             self._host_step(skipped)
-            if self.optimizer is not None:
-                self.optimizer.step()
+            self._seed_step()
             for layer in layers:
                 if layer._busy:
                     layer.step_seeds()
@@ -500,8 +503,9 @@ class _Batch:
                     _set(layer, "_grad_norm", per_copy[j])
 
     def _sync_optimizer(self) -> None:
-        """Make the seeds' Adam hold exactly the copies' seed groups (one group per learning
-        rate); the host weights step in `_host_step`."""
+        """Make the seeds' Adam hold exactly the copies' running seeds (one group per learning
+        rate), state carried over for those that ran before; the host weights step in
+        `_host_step`."""
         key = tuple((t, t._seed_key) for t in self.trainers)
         if key == self._opt_key:
             return
@@ -510,18 +514,34 @@ class _Batch:
         for t in self.trainers:
             for group in t._seed_groups.values():
                 seeds.setdefault(group["lr"], []).extend(group["params"])
-        groups = [{"params": p, "lr": lr, "weight_decay": 0.0} for lr, p in seeds.items()]
-        if self.optimizer is None:
-            if not groups:
-                return
-            self.optimizer = torch.optim.Adam(groups, fused=True)
-        else:
-            del self.optimizer.param_groups[:]
-            for group in groups:
-                self.optimizer.add_param_group(group)
-        live = {p for group in self.optimizer.param_groups for p in group["params"]}
-        for p in [p for p in self.optimizer.state if p not in live]:
-            del self.optimizer.state[p]
+        self._seed_groups = list(seeds.items())
+        old, self._seed_state = self._seed_state, {}
+        for _, params in self._seed_groups:
+            for p in params:
+                self._seed_state[p] = old.get(p) or (
+                    torch.zeros_like(p, memory_format=torch.preserve_format),
+                    torch.zeros_like(p, memory_format=torch.preserve_format),
+                    torch.tensor(0.0, dtype=torch.float32, device=p.device),
+                )
+
+    @torch.no_grad()
+    def _seed_step(self) -> None:
+        """The seeds' Adam step: what torch.optim.Adam(fused=True) does with these groups (no
+        weight decay), without its per-step bookkeeping; a parameter without a gradient (a
+        faulted seed's, a skipped copy's) keeps its state and step count."""
+        for lr, group in self._seed_groups:
+            params = [p for p in group if p.grad is not None]
+            if not params:
+                continue
+            states = [self._seed_state[p] for p in params]
+            steps = [state[2] for state in states]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(
+                params, [p.grad for p in params], [state[0] for state in states],
+                [state[1] for state in states], [], steps,
+                amsgrad=False, lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                maximize=False, grad_scale=None, found_inf=None,
+            )  # fmt: skip
 
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -697,12 +717,15 @@ def _seed_deltas(layers: list[KasminaLayer], h: torch.Tensor, record: bool) -> t
             copies += [m.j for m in run]
             deltas.append(part)
             start = end
-    out = h
+    out = None
     for index in sorted(by_slot):
         copies, deltas = by_slot[index]
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
-        out = out.index_add(0, torch.tensor(copies, device=h.device), delta)
-    return out
+        rows = torch.tensor(copies, device=h.device)
+        # The first add makes a new tensor (h's rows feed the kernels); the next ones add into
+        # it in place (index_add's backward saves neither its input nor its output).
+        out = h.index_add(0, rows, delta) if out is None else out.index_add_(0, rows, delta)
+    return h if out is None else out
 
 
 @dataclass(slots=True)
