@@ -194,11 +194,14 @@ class BatchedMorphogeneticEnv(VectorEnv):
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         infos: dict[str, Any] = {}
+        lent = self._lend_weight_norms()
         for i, env in enumerate(self.envs):
             decision, invalid, _ = begun[i]
             obs, reward, term, trunc, info = env._end_step(
                 decision, invalid, stats[i], *drained[i], evaluated[i]
             )
+            for layer in lent[i]:
+                layer.__dict__.pop("_weight_norm", None)
             self._elapsed[i] += 1
             if self.max_episode_steps is not None and self._elapsed[i] >= self.max_episode_steps:
                 trunc = True  # as gymnasium's TimeLimit: truncated even when also terminated
@@ -225,6 +228,21 @@ class BatchedMorphogeneticEnv(VectorEnv):
                 for i, s in zip(members, batch.run_interval()):
                     stats[i] = s
         return stats
+
+    def _lend_weight_norms(self) -> list[list[KasminaLayer]]:
+        """Give every batched copy's layers their host weight norm (what `health` reads), one
+        norm call per batch, for the copy's `_end_step` only (the weights do not change in
+        it). Returns the layers lent one, per copy."""
+        lent: list[list[KasminaLayer]] = [[] for _ in range(self.num_envs)]
+        for members, batch in self._steps_plan:
+            if batch is None:
+                continue
+            for k, stack in batch.host.items():
+                norms = torch.stack(torch._foreach_norm(stack.param_rows[0])).tolist()
+                for i, layer, norm in zip(members, batch.columns[k], norms):
+                    _set(layer, "_weight_norm", norm)
+                    lent[i].append(layer)
+        return lent
 
     def _evaluate(self, stats: list[IntervalStats]) -> list[tuple[float, float] | None]:
         """MorphogeneticEnv._evaluate of every copy whose host did not diverge (None for

@@ -486,8 +486,12 @@ class KasminaLayer(nn.Module):
         stats = self._stats.tolist() if self._stats is not None else [0.0, 0.0, 0.0, 0.0]
         grad = float(self._grad_norm) if self._grad_norm is not None else 0.0
         out_grad = float(self._out_grad) if self._out_grad is not None else 0.0
-        with torch.no_grad():
-            weight = float(torch.linalg.vector_norm(self.host.weight))
+        # A batched simulator that holds this host's current weight norm (computed with its
+        # copies' in one call) lends it for the duration of one observation.
+        weight = self.__dict__.get("_weight_norm")
+        if weight is None:
+            with torch.no_grad():
+                weight = float(torch.linalg.vector_norm(self.host.weight))
         fan_in, fan_out = self.fan()
         return HealthSignal(
             layer=self.name,
