@@ -472,8 +472,13 @@ class KasminaLayer(nn.Module):
             self._running = tuple(s for s in self.slots if s.state in RUNNING)
 
     def param_count(self) -> int:
-        host = sum(p.numel() for p in self.host.parameters())
-        return host + sum(s.params for s in self.slots)
+        # The host's own count is fixed (its parameters are never added or resized): kept, per
+        # host module, rather than walked every step by every observation.
+        cached = self.__dict__.get("_host_numel")
+        if cached is None or cached[0] is not self.host:
+            cached = (self.host, sum(p.numel() for p in self.host.parameters()))
+            self.__dict__["_host_numel"] = cached
+        return cached[1] + sum(s.params for s in self.slots)
 
     def fan(self) -> tuple[int, int]:
         h = self.host
