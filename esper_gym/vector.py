@@ -7,8 +7,9 @@ Each copy is a whole `MorphogeneticEnv`: its own host, data order, `np_random`, 
 `gym.make(id).reset(seed=seed + i)` would. What is batched is the hot path of a step, the
 decision interval: the host forward/backward of every copy in one pass (`torch.baddbmm` over
 stacked weights), seed kernels grouped and run stacked, one fused Adam step for all copies' host
-weights (and one for their seeds), and the evaluation. Everything else (actions, masks, observation, reward, outcomes) is the copy's
-own code, so a feature added to the single env flows through unchanged.
+weights (and one for their seeds), and the evaluation. Everything else (actions, masks,
+observation, reward, outcomes) is the copy's own code, so a feature added to the single env
+flows through unchanged.
 
 ## What runs together
 Copies whose hosts have the same architecture, task hyper-parameters and dataset form a batch
@@ -24,6 +25,9 @@ current module. The host Adam state is stacked alike, with a step count per copy
 one `torch._fused_adam_` over the copies' rows: what each copy's own fused Adam computes on its
 own tensors; a copy whose step is skipped (non-finite gradients) is left out of that call.
 Membership changes (a reset gives a copy a new host) restack, carrying the others' state.
+(Pickling one copy by itself writes the whole stacked storage its parameters view; a fork's
+deep copy clones only its rows. The host Adam state stays with the batch, as before: a fork
+of a copy starts its own Adam moments afresh.)
 
 Seed kernels: the running seeds of one layer that share a kernel graph (one blueprint and
 size: the copies load it through one shared cache), in any slot and mode (TRAINING, fitted to
