@@ -30,7 +30,10 @@ over every copy's tensors) and after (stacked host leaves), run back to back:
     fashion_mnist grow      32                17.5     1.39x               19.9     1.58x  1.54
 
 (sync/s in both runs: spirals 217-235 wait, 59-63 grow; fashion_mnist 24-26 wait, 11-13
-grow; N=1 runs the copy on its own trainer.) What bounds it now, from profiles at
+grow; N=1 runs the copy on its own trainer.) A second pair of runs gave, batched/s before ->
+after: spirals wait 528 -> 864 (N=8), 638 -> 1258 (N=32); grow 146 -> 179, 161 -> 215 (2.41x ->
+3.01x: the single env gained from the same commits' per-step savings too, sync 66 -> 71);
+fashion_mnist wait 41 -> 52, 37 -> 46; grow 13.0 -> 14.1, 16.7 -> 19.1. What bounds it now, from profiles at
 N=32: with seeds, the seed kernels themselves: ~45 live seeds spread over ~11 (layer, graph)
 groups, most below VMAP_MIN, each a direct call of its graph (~0.1 ms forward and backward on a
 CPU, much of it the ops' own arithmetic: vmap saves little per member even at 8), plus their
