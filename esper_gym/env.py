@@ -694,13 +694,24 @@ class MorphogeneticEnv(gym.Env):
             for s, slot in enumerate(layer.slots):
                 base = self.layout.encode(Action(GERMINATE, n, s, 0))
                 if slot.state == SeedState.DORMANT:
-                    for b, name in enumerate(self.task.blueprints):
-                        mask[base + b] = self.generator.fits(
-                            layer.out_shape, name, self.task.param_budget
-                        )
+                    mask[base : base + n_bp] = self._offered(layer)
                 mask[base + n_bp] = slot.state in ADVANCE_TO
                 mask[base + n_bp + 1] = slot.state in CULLABLE
         self._mask = mask
+
+    def _offered(self, layer: Any) -> list[bool]:
+        """`generator.fits` of each blueprint of the library for a DORMANT slot of `layer`.
+        The default generator's answer depends only on its arguments: it is kept (per env,
+        by shape, library and budget) instead of asked again every step for every slot; any
+        other generator is asked every time, as the protocol says."""
+        shape, names, budget = layer.out_shape, self.task.blueprints, self.task.param_budget
+        if type(self.generator) is not BlueprintGenerator:
+            return [self.generator.fits(shape, name, budget) for name in names]
+        key = (tuple(shape), names, budget)
+        cache = self.__dict__.setdefault("_fits_cache", {})
+        if key not in cache:
+            cache[key] = [self.generator.fits(shape, name, budget) for name in names]
+        return cache[key]
 
     def action_masks(self) -> np.ndarray:
         """Boolean mask of valid actions (the sb3-contrib MaskablePPO protocol)."""

@@ -6,19 +6,28 @@ Each copy is a whole `MorphogeneticEnv`: its own host, data order, `np_random`, 
 (lifecycle, alpha, circuit breakers, faults), reward and observation, so that copy i behaves as
 `gym.make(id).reset(seed=seed + i)` would. What is batched is the hot path of a step, the
 decision interval: the host forward/backward of every copy in one pass (`torch.baddbmm` over
-stacked weights), seed kernels grouped and run stacked, one fused Adam step for all copies, and
-the evaluation. Everything else (actions, masks, observation, reward, outcomes) is the copy's
-own code, so a feature added to the single env flows through unchanged.
+stacked weights), seed kernels grouped and run stacked, one fused Adam step for all copies' host
+weights (and one for their seeds), and the evaluation. Everything else (actions, masks,
+observation, reward, outcomes) is the copy's own code, so a feature added to the single env
+flows through unchanged.
 
 ## What runs together
 Copies whose hosts have the same architecture, task hyper-parameters and dataset form a batch
 (all of them, without contexts). A batch's host must be an `nn.Sequential` of `nn.Flatten`,
 parameter-free elementwise activations and KasminaLayers wrapping `nn.Linear` (the MLP hosts:
 spirals, fashion_mnist), trained with Adam; any other copy (a CNN host, an SGD task) trains
-on its own trainer in the same step: correct, not faster. Weights stay each copy's own
-parameters: each batched forward stacks them (the stack's backward hands every copy its own
-gradient), so anything that looks at one copy (telemetry, the culprit search after a poisoned
-host gradient, contributions, `env.envs[i]`) sees its real, current module.
+on its own trainer in the same step: correct, not faster. A batch holds each host layer's
+weights for all copies as one stacked leaf tensor per parameter (copies, out, in), which the
+forward reads and the backward fills with one gradient; each copy's own parameters are views of
+their rows (`param.data`), so that anything that looks at one copy (telemetry, the culprit
+search after a poisoned host gradient, contributions, `env.envs[i]`, a fork) sees its real,
+current module. The host Adam state is stacked alike, with a step count per copy, and steps in
+one `torch._fused_adam_` over the copies' rows: what each copy's own fused Adam computes on its
+own tensors; a copy whose step is skipped (non-finite gradients) is left out of that call.
+Membership changes (a reset gives a copy a new host) restack, carrying the others' state.
+(Pickling one copy by itself writes the whole stacked storage its parameters view; a fork's
+deep copy clones only its rows. The host Adam state stays with the batch, as before: a fork
+of a copy starts its own Adam moments afresh.)
 
 Seed kernels: the running seeds of one layer that share a kernel graph (one blueprint and
 size: the copies load it through one shared cache), in any slot and mode (TRAINING, fitted to
@@ -81,8 +90,7 @@ from torch.nn import functional as F
 from esper_gym.env import MorphogeneticEnv
 from esper_gym.kasmina import RUNNING, KasminaLayer, SeedState
 from esper_gym.kasmina.recovery import guarded_call
-from esper_gym.kasmina.telemetry import effective_rank
-from esper_gym.trainer import IntervalStats, make_optimizer
+from esper_gym.trainer import IntervalStats
 
 # Parameter-free elementwise modules: applied to [N, B, ...] they compute what each copy would.
 _ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity)
@@ -190,11 +198,14 @@ class BatchedMorphogeneticEnv(VectorEnv):
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         infos: dict[str, Any] = {}
+        lent = self._lend_weight_norms()
         for i, env in enumerate(self.envs):
             decision, invalid, _ = begun[i]
             obs, reward, term, trunc, info = env._end_step(
                 decision, invalid, stats[i], *drained[i], evaluated[i]
             )
+            for layer in lent[i]:
+                layer.__dict__.pop("_weight_norm", None)
             self._elapsed[i] += 1
             if self.max_episode_steps is not None and self._elapsed[i] >= self.max_episode_steps:
                 trunc = True  # as gymnasium's TimeLimit: truncated even when also terminated
@@ -221,6 +232,21 @@ class BatchedMorphogeneticEnv(VectorEnv):
                 for i, s in zip(members, batch.run_interval()):
                     stats[i] = s
         return stats
+
+    def _lend_weight_norms(self) -> list[list[KasminaLayer]]:
+        """Give every batched copy's layers their host weight norm (what `health` reads), one
+        norm call per batch, for the copy's `_end_step` only (the weights do not change in
+        it). Returns the layers lent one, per copy."""
+        lent: list[list[KasminaLayer]] = [[] for _ in range(self.num_envs)]
+        for members, batch in self._steps_plan:
+            if batch is None:
+                continue
+            for k, stack in batch.host.items():
+                norms = torch.stack(torch._foreach_norm(stack.param_rows[0])).tolist()
+                for i, layer, norm in zip(members, batch.columns[k], norms):
+                    _set(layer, "_weight_norm", norm)
+                    lent[i].append(layer)
+        return lent
 
     def _evaluate(self, stats: list[IntervalStats]) -> list[tuple[float, float] | None]:
         """MorphogeneticEnv._evaluate of every copy whose host did not diverge (None for
@@ -322,22 +348,56 @@ def _kasmina_config(model: nn.Module):
 class _Batch:
     """Copies with one host architecture, trained as stacked tensors by one fused Adam.
 
-    The Adam holds every copy's host parameters (one param group) and its running seeds'
-    (one group per seed learning rate); its state is keyed by parameter, so it is each copy's
-    own, created and dropped as the copy's seeds come and go and its host is rebuilt by a
-    reset, exactly as the copy's own trainer would."""
+    Host weights and their Adam state are stacked per layer (`_HostStack`, one row per copy,
+    each copy's own step count). The seeds' Adam holds the copies' running seeds (one group
+    per seed learning rate); its state is keyed by parameter, so it is each copy's own,
+    created and dropped as the copy's seeds come and go, exactly as the copy's own trainer
+    would."""
 
     def __init__(self, task) -> None:
         self.task = task
         self.envs: list[MorphogeneticEnv] = []
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.trainers: list = []
+        # The running seeds' Adam: (lr, params) per seed learning rate, and per parameter its
+        # (exp_avg, exp_avg_sq, step), as torch.optim.Adam(fused=True) keeps them.
+        self._seed_groups: list[tuple[float, list[torch.Tensor]]] = []
+        self._seed_state: dict[torch.Tensor, tuple[torch.Tensor, ...]] = {}
         self._opt_key: tuple = ()
+        self.host: dict[int, _HostStack] = {}  # column index -> that layer's stacked weights
 
     def set_members(self, envs: list[MorphogeneticEnv]) -> None:
         self.envs = envs
-        self.trainers = [env.trainer for env in envs]
+        trainers = [env.trainer for env in envs]
         # columns[k][j]: module k of copy j's Sequential
         self.columns = list(zip(*(list(env.model) for env in envs)))
+        if len(trainers) != len(self.trainers) or any(
+            a is not b for a, b in zip(trainers, self.trainers)
+        ):
+            self._restack(trainers)
+        self.trainers = trainers
+
+    def _restack(self, trainers: list) -> None:
+        """Stack the members' host weights into one leaf per (layer, weight or bias), and point
+        each copy's own parameters at their rows. Adam state moves along with a copy that was
+        a member before (or comes from its own trainer's optimizer: empty after a reset)."""
+        old_rows = {t: j for j, t in enumerate(self.trainers)}
+        host = {}
+        for k, column in enumerate(self.columns):
+            if isinstance(column[0], KasminaLayer):
+                names = ["weight"] + (["bias"] if column[0].host.bias is not None else [])
+                host[k] = _HostStack(
+                    [[getattr(layer.host, name) for layer in column] for name in names],
+                    self.host.get(k),
+                    [old_rows.get(t) for t in trainers],
+                    trainers,
+                )
+        self.host = host
+        self._host_params = [t for stack in host.values() for t in stack.tensors]
+        self._step_tensors = [step for stack in host.values() for step in stack.steps_of]
+        self._adam_lists = [
+            [row for stack in host.values() for rows in getattr(stack, name) for row in rows]
+            for name in ("param_rows", "exp_avg_rows", "exp_avg_sq_rows", "step_rows")
+        ]
 
     # ----------------------------------------------------------------- training
     def run_interval(self) -> list[IntervalStats]:
@@ -360,13 +420,18 @@ class _Batch:
             # The batch mean per copy, bit for bit F.cross_entropy(logits_i, y_i) and its
             # gradient; classes on dim 1 (the K-dim form) runs ~7x faster than (N*B, C) rows.
             loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
-            self.optimizer.zero_grad(set_to_none=True)
+            for tensor in self._host_params:
+                tensor.grad = None
+            for _, params in self._seed_groups:
+                for p in params:
+                    p.grad = None
             loss.sum().backward()
-            self._check_grads(loss, x, y)
+            skipped = self._check_grads(loss, x, y)
             if record:
-                _capture_grads(layers)
+                self._capture_grads(skipped)
             self._sync_optimizer()
-            self.optimizer.step()
+            self._host_step(skipped)
+            self._seed_step()
             for layer in layers:
                 if layer._busy:
                     layer.step_seeds()
@@ -382,45 +447,123 @@ class _Batch:
         seen = steps * indices.shape[2]
         return [t._interval_stats(v[:-1], v[-1], seen) for t, v in zip(trainers, values)]
 
-    def _check_grads(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_grads(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> set[int]:
         """HostTrainer._host_grads_safe for every copy: one reduction and one sync over all
         copies' losses and checked gradients; only when that is not finite, each copy's own
-        check (which skips that copy's step, or faults its seeds, by clearing their grads)."""
-        grads = []
+        check (which skips that copy's step, or faults its seeds, by clearing their grads).
+        Returns the copies whose step is skipped."""
+        grads, coupled = [], False
         for t in self.trainers:
             t._sync_seed_optimizer()
-            if any(layer.coupled for layer in t.layers):
-                grads += [p.grad for p in t.host_params if p.grad is not None]
+            coupled = coupled or any(layer.coupled for layer in t.layers)
             grads += [p.grad for _, _, params in t._seeds for p in params if p.grad is not None]
+        if coupled:  # every copy's host gradients: a superset of the coupled copies' own
+            grads += [p.grad for p in self._host_params if p.grad is not None]
         total = loss.detach().sum()
         if grads:
             total = total + torch.stack(torch._foreach_norm(grads)).sum()
         if math.isfinite(total.item()):
-            return
+            return set()
+        # Each copy's own check reads (and may clear) its own parameters' gradients: lend it
+        # its rows of the stacked gradients; a copy whose host gradients it cleared skips.
+        stacks = list(self.host.values())
+        skipped = set()
         for i, t in enumerate(self.trainers):
+            params = [p for stack in stacks for p in stack.params[i]]
+            for stack in stacks:
+                for p, tensor in zip(stack.params[i], stack.tensors):
+                    p.grad = None if tensor.grad is None else tensor.grad[i]
             t._grads_checked(loss[i], x[i], y[i])
+            if any(p.grad is None for p in params):
+                skipped.add(i)
+            for p in params:
+                p.grad = None
+        return skipped
+
+    def _host_step(self, skipped: set[int]) -> None:
+        """The copies' host Adam step: one fused call over every copy's rows, which is what
+        each copy's own fused Adam computes on its own tensors (elementwise, with the copy's
+        own step count); a skipped copy's rows are left out."""
+        params, exp_avgs, exp_avg_sqs, steps = self._adam_lists
+        grads = [
+            row
+            for stack in self.host.values()
+            for tensor in stack.tensors
+            for row in tensor.grad.unbind(0)
+        ]
+        if skipped:
+            n = len(self.trainers)
+            keep = [k for k in range(len(params)) if k % n not in skipped]
+            params, grads, exp_avgs, exp_avg_sqs, steps = (
+                [rows[k] for k in keep] for rows in (params, grads, exp_avgs, exp_avg_sqs, steps)
+            )
+            torch._foreach_add_(steps, 1)
+        else:
+            torch._foreach_add_(self._step_tensors, 1)
+        if not params:
+            return
+        torch._fused_adam_(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            amsgrad=False, lr=self.task.lr, beta1=0.9, beta2=0.999,
+            weight_decay=self.task.weight_decay, eps=1e-8, maximize=False,
+            grad_scale=None, found_inf=None,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _capture_grads(self, skipped: set[int]) -> None:
+        """KasminaLayer.capture_grad of every copy's layers (not the skipped copies': their
+        gradients were cleared), from per-row norms of the stacked gradients."""
+        for k, stack in self.host.items():
+            if any(tensor.grad is None for tensor in stack.tensors):
+                continue
+            rows = [row for tensor in stack.tensors for row in tensor.grad.unbind(0)]
+            n = len(self.trainers)
+            norms = torch.stack(torch._foreach_norm(rows)).view(len(stack.tensors), n)
+            per_copy = torch.linalg.vector_norm(norms.t().contiguous(), dim=1)
+            for j, layer in enumerate(self.columns[k]):
+                if j not in skipped:
+                    _set(layer, "_grad_norm", per_copy[j])
 
     def _sync_optimizer(self) -> None:
-        """Make the Adam hold exactly the copies' host params and their trainers' seed groups."""
+        """Make the seeds' Adam hold exactly the copies' running seeds (one group per learning
+        rate), state carried over for those that ran before; the host weights step in
+        `_host_step`."""
         key = tuple((t, t._seed_key) for t in self.trainers)
         if key == self._opt_key:
             return
         self._opt_key = key
-        host = [p for t in self.trainers for p in t.host_params]
         seeds: dict[float, list[torch.Tensor]] = {}
         for t in self.trainers:
             for group in t._seed_groups.values():
                 seeds.setdefault(group["lr"], []).extend(group["params"])
-        if self.optimizer is None:
-            self.optimizer = make_optimizer(self.task, host)
-        else:
-            self.optimizer.param_groups[0]["params"] = host
-        del self.optimizer.param_groups[1:]
-        for lr, params in seeds.items():
-            self.optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
-        live = {p for group in self.optimizer.param_groups for p in group["params"]}
-        for p in [p for p in self.optimizer.state if p not in live]:
-            del self.optimizer.state[p]
+        self._seed_groups = list(seeds.items())
+        old, self._seed_state = self._seed_state, {}
+        for _, params in self._seed_groups:
+            for p in params:
+                self._seed_state[p] = old.get(p) or (
+                    torch.zeros_like(p, memory_format=torch.preserve_format),
+                    torch.zeros_like(p, memory_format=torch.preserve_format),
+                    torch.tensor(0.0, dtype=torch.float32, device=p.device),
+                )
+
+    @torch.no_grad()
+    def _seed_step(self) -> None:
+        """The seeds' Adam step: what torch.optim.Adam(fused=True) does with these groups (no
+        weight decay), without its per-step bookkeeping; a parameter without a gradient (a
+        faulted seed's, a skipped copy's) keeps its state and step count."""
+        for lr, group in self._seed_groups:
+            params = [p for p in group if p.grad is not None]
+            if not params:
+                continue
+            states = [self._seed_state[p] for p in params]
+            steps = [state[2] for state in states]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(
+                params, [p.grad for p in params], [state[0] for state in states],
+                [state[1] for state in states], [], steps,
+                amsgrad=False, lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                maximize=False, grad_scale=None, found_inf=None,
+            )  # fmt: skip
 
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -484,13 +627,17 @@ class _Batch:
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, record: bool, members: list[int] | None = None):
         """The copies' models on x of shape (copies, B, ...): one stacked pass per layer."""
-        columns = self.columns
+        columns, rows = self.columns, None
         if members is not None and len(members) < len(self.trainers):
             columns = [[column[i] for i in members] for column in columns]
-        for column in columns:
+            rows = torch.tensor(members, device=x.device)
+        for k, column in enumerate(columns):
             module = column[0]
             if isinstance(module, KasminaLayer):
-                x = _layer_forward(column, x, record)
+                tensors = self.host[k].tensors
+                if rows is not None:
+                    tensors = [tensor.index_select(0, rows) for tensor in tensors]
+                x = _layer_forward(column, x, record, *tensors)
             elif isinstance(module, nn.Flatten):
                 x = x.flatten(2)
             else:
@@ -498,27 +645,33 @@ class _Batch:
         return x
 
 
-def _layer_forward(layers: list[KasminaLayer], x: torch.Tensor, record: bool) -> torch.Tensor:
-    """KasminaLayer.forward of each copy's layer on its slice of x (copies, B, in)."""
+def _layer_forward(
+    layers: list[KasminaLayer],
+    x: torch.Tensor,
+    record: bool,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KasminaLayer.forward of each copy's layer on its slice of x (copies, B, in), with the
+    copies' host weights stacked: weight (copies, out, in), bias (copies, out)."""
     if record:
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
-    weight = torch.stack([layer.host.weight for layer in layers]).transpose(1, 2)
-    if layers[0].host.bias is not None:
-        bias = torch.stack([layer.host.bias for layer in layers]).unsqueeze(1)
-        h = torch.baddbmm(bias, x, weight)  # bit for bit F.linear per copy, both ways
+    if bias is not None:
+        # bit for bit F.linear per copy, both ways
+        h = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     else:
-        h = torch.bmm(x, weight)
+        h = torch.bmm(x, weight.transpose(1, 2))
     out = _seed_deltas(layers, h, record) if any(layer._running for layer in layers) else h
     if record:
         if out.is_cuda:
             torch.cuda.synchronize(out.device)
         share = (time.perf_counter() - start) / len(layers)
-        stats = _activation_stats(out)
-        for j, layer in enumerate(layers):
+        stats = torch.cat([_activation_stats(out), _effective_ranks(out)[:, None]], 1).unbind(0)
+        for layer, row in zip(layers, stats):
             _set(layer, "_latency_s", share)
-            _set(layer, "_stats", torch.cat([stats[j], effective_rank(out[j])[None]]))
+            _set(layer, "_stats", row)
         if out.requires_grad:  # the backward of this batch leaves each copy's output gradient
             out.register_hook(functools.partial(_keep_out_grads, layers))
     return out
@@ -586,12 +739,15 @@ def _seed_deltas(layers: list[KasminaLayer], h: torch.Tensor, record: bool) -> t
             copies += [m.j for m in run]
             deltas.append(part)
             start = end
-    out = h
+    out = None
     for index in sorted(by_slot):
         copies, deltas = by_slot[index]
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
-        out = out.index_add(0, torch.tensor(copies, device=h.device), delta)
-    return out
+        rows = torch.tensor(copies, device=h.device)
+        # The first add makes a new tensor (h's rows feed the kernels); the next ones add into
+        # it in place (index_add's backward saves neither its input nor its output).
+        out = h.index_add(0, rows, delta) if out is None else out.index_add_(0, rows, delta)
+    return h if out is None else out
 
 
 @dataclass(slots=True)
@@ -714,6 +870,42 @@ class _FitGroup(torch.autograd.Function):
         return residual / batch, None, None
 
 
+class _HostStack:
+    """One host layer's weights for all the copies of a batch: one leaf tensor (copies, ...)
+    per parameter (weight, bias), which the batched forward reads and the backward fills in
+    one gradient; each copy's own parameter is a view of its row (`param.data`), so that
+    anything reading a copy's module (telemetry, the culprit search, forks) sees its current
+    weights. With its Adam state, stacked alike, and each copy's own step count."""
+
+    def __init__(self, params: list[list[nn.Parameter]], old, old_rows, trainers) -> None:
+        self.params = list(zip(*params))  # params[j]: copy j's (weight, bias)
+        self.tensors, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for p, column in enumerate(params):
+            with torch.no_grad():
+                tensor = torch.stack([param.detach() for param in column])
+            m, v = torch.zeros_like(tensor), torch.zeros_like(tensor)
+            step = torch.zeros(len(column), dtype=torch.float32, device=tensor.device)
+            for j, (param, row, t) in enumerate(zip(column, old_rows, trainers)):
+                if row is not None and old is not None:
+                    m[j], v[j] = old.exp_avgs[p][row], old.exp_avg_sqs[p][row]
+                    step[j] = old.steps_of[p][row]
+                elif param in t.optimizer.state:  # a copy's own trainer stepped it before
+                    state = t.optimizer.state[param]
+                    m[j], v[j], step[j] = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            tensor.requires_grad_(True)
+            for j, param in enumerate(column):
+                param.data = tensor.detach()[j]
+            self.tensors.append(tensor)
+            exp_avgs.append(m)
+            exp_avg_sqs.append(v)
+            steps.append(step)
+        self.exp_avgs, self.exp_avg_sqs, self.steps_of = exp_avgs, exp_avg_sqs, steps
+        self.param_rows = [tensor.detach().unbind(0) for tensor in self.tensors]
+        self.exp_avg_rows = [m.unbind(0) for m in exp_avgs]
+        self.exp_avg_sq_rows = [v.unbind(0) for v in exp_avg_sqs]
+        self.step_rows = [step.unbind(0) for step in steps]
+
+
 def _set(layer: nn.Module, name: str, value) -> None:
     """`setattr` of a plain (not parameter, buffer or module) attribute of a module, without
     nn.Module.__setattr__'s checks: ~2 us per call, paid per layer per copy per step."""
@@ -721,27 +913,18 @@ def _set(layer: nn.Module, name: str, value) -> None:
 
 
 @torch.no_grad()
-def _capture_grads(layers: list[KasminaLayer]) -> None:
-    """KasminaLayer.capture_grad of every layer, with one norm call for all of them (the same
-    values: torch._foreach_norm and linalg.vector_norm agree bit for bit)."""
-    grads, spans = [], []
-    for layer in layers:
-        g = [p.grad for p in layer.host.parameters() if p.grad is not None]
-        spans.append(len(g))
-        grads += g
-    if not grads:
-        return
-    norms = torch.stack(torch._foreach_norm(grads))
-    if all(k == spans[0] for k in spans):
-        per_layer = torch.linalg.vector_norm(norms.view(len(layers), spans[0]), dim=1)
-        for layer, norm in zip(layers, per_layer):
-            _set(layer, "_grad_norm", norm)
-        return
-    start = 0
-    for layer, k in zip(layers, spans):
-        if k:
-            _set(layer, "_grad_norm", torch.linalg.vector_norm(norms[start : start + k]))
-        start += k
+def _effective_ranks(h: torch.Tensor) -> torch.Tensor:
+    """kasmina.telemetry.effective_rank of each copy of h (copies, B, units): (copies,), in one
+    batched Gram product and eigvalsh (float64, as there: each copy's value agrees to ~1e-16)."""
+    n, units = h.shape[0], h.shape[2]
+    m = h.detach().reshape(n, h.shape[1], units, -1).double()
+    m = m / m.abs().flatten(1).amax(1).clamp_min(1e-300).view(n, 1, 1, 1)
+    gram = torch.einsum("nbcp,nbdp->ncd", m, m)
+    gram = torch.nan_to_num(gram, nan=0.0, posinf=0.0, neginf=0.0)
+    s = torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt()
+    total = s.sum(1)
+    entropy = torch.special.entr(s / total.clamp_min(1e-300)[:, None]).sum(1)
+    return torch.where(total > 0, entropy.exp() / units, torch.zeros_like(total)).float()
 
 
 @torch.no_grad()

@@ -14,30 +14,32 @@ same policy draws, equivalent envs). Every blueprint is compiled into the store 
     python experiments/bench_vector.py                              # N in 1 8 32 128
     python experiments/bench_vector.py --ns 1 8 32 --steps 20 --tasks spirals
 
-Recorded (2 shared cores under load ~4, one torch thread;
-`nice python experiments/bench_vector.py --ns 1 8 32 --steps 12 --warmup 3 --chunk 4`):
+Recorded (2 shared cores, another session's training jobs running, one torch thread;
+`nice -n 19 python experiments/bench_vector.py --ns 8 32 --steps 12 --warmup 3 --chunk 4`),
+before (the previous commit, 97c15ab: copies' weights stacked every forward, one torch Adam
+over every copy's tensors) and after (stacked host leaves), run back to back:
 
-    task          policy     N  batched/s   sync/s  speed-up  live
-    spirals       wait       1      176.8    187.2     0.94x  0.00
-    spirals       wait       8      462.9    181.2     2.55x  0.00
-    spirals       wait      32      543.3    177.3     3.06x  0.00
-    spirals       grow       1       36.3     35.6     1.02x  2.33
-    spirals       grow       8      115.1     47.7     2.41x  1.43
-    spirals       grow      32      120.0     46.2     2.60x  1.49
-    fashion_mnist wait       1       17.7     17.3     1.02x  0.00
-    fashion_mnist wait       8       28.3     17.9     1.58x  0.00
-    fashion_mnist wait      32       28.1     18.6     1.51x  0.00
-    fashion_mnist grow       1        5.8      5.7     1.02x  2.42
-    fashion_mnist grow       8        9.6      7.6     1.27x  1.49
-    fashion_mnist grow      32       12.3      9.0     1.37x  1.54
+    task          policy     N   before: batched/s  speed-up   after: batched/s  speed-up  live
+    spirals       wait       8               519.5     2.38x              897.1     3.83x  0.00
+    spirals       wait      32               636.6     2.87x             1213.7     5.38x  0.00
+    spirals       grow       8               153.9     2.46x              167.5     2.81x  1.43
+    spirals       grow      32               169.6     2.84x              207.2     3.50x  1.49
+    fashion_mnist wait       8                42.4     1.64x               50.2     1.98x  0.00
+    fashion_mnist wait      32                38.0     1.56x               47.0     1.84x  0.00
+    fashion_mnist grow       8                13.8     1.30x               15.3     1.40x  1.49
+    fashion_mnist grow      32                17.5     1.39x               19.9     1.58x  1.54
 
-(N=1 runs the copy on its own trainer.) What bounds it, from profiles at N=32: every copy's
-weights and every seed's kernel tensors stay separate leaf tensors (so that each copy's Adam
-state and skipped steps are exactly its own): one AccumulateGrad node and one fused-Adam
-tensor each per optimizer step, ~200 host tensors plus ~4 per live seed; random growth
-spreads ~45 seeds over ~11 (layer, graph) groups of ~4, where vmap costs about as much as
-direct calls on a CPU; and per copy the step's bookkeeping (mask, observation, reward,
-~0.5 ms). fashion_mnist is bound by arithmetic: the host matmuls and the batch gathers
+(sync/s in both runs: spirals 217-235 wait, 59-63 grow; fashion_mnist 24-26 wait, 11-13
+grow; N=1 runs the copy on its own trainer.) A second pair of runs gave, batched/s before ->
+after: spirals wait 528 -> 864 (N=8), 638 -> 1258 (N=32); grow 146 -> 179, 161 -> 215 (2.41x ->
+3.01x: the single env gained from the same commits' per-step savings too, sync 66 -> 71);
+fashion_mnist wait 41 -> 52, 37 -> 46; grow 13.0 -> 14.1, 16.7 -> 19.1. What bounds it now, from profiles at
+N=32: with seeds, the seed kernels themselves: ~45 live seeds spread over ~11 (layer, graph)
+groups, most below VMAP_MIN, each a direct call of its graph (~0.1 ms forward and backward on a
+CPU, much of it the ops' own arithmetic: vmap saves little per member even at 8), plus their
+fit/blend bookkeeping and the autograd engine over those small graphs (~60% of a growing step).
+Without seeds, the per-copy step (mask, observation, reward, infos: ~0.4 ms per copy) and the
+stacked matmuls. fashion_mnist is bound by arithmetic: the host matmuls and the batch gathers
 (128 x 784 floats per copy per optimizer step) cost the same stacked or not.
 """
 

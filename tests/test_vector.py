@@ -288,3 +288,51 @@ def test_tamiyo_trains_on_the_batched_env(kernel_dir):
         sb3 = compose("config", overrides=[*overrides, "agent=sb3_ppo"])
     with pytest.raises(train_mod.ConfigError, match="batched"):
         train_mod.validate(sb3)
+
+
+def test_a_skipped_host_step_stays_in_that_copy(kernel_dir, monkeypatch):
+    """A copy whose host gradients its own check finds non-finite (here: injected into its row
+    of the stacked gradients, with a layer marked coupled) skips its host step: its weights and
+    Adam step count stay as they were, the other copies' rows step on."""
+    real = vec._Batch._check_grads
+    inject = {"on": False}
+
+    def poisoned(self, loss, x, y):
+        if not inject["on"]:
+            return real(self, loss, x, y)
+        for stack in self.host.values():
+            stack.tensors[0].grad[1].fill_(float("nan"))
+        layer = self.trainers[1].layers[0]
+        layer.coupled = True  # so that copy 1's own check reads its host gradients
+        try:
+            return real(self, loss, x, y)
+        finally:
+            layer.coupled = False
+
+    monkeypatch.setattr(vec._Batch, "_check_grads", poisoned)
+    envs = BatchedMorphogeneticEnv(num_envs=3, kernel_dir=kernel_dir, **SMALL)
+    envs.reset(seed=0)
+    envs.step(np.zeros(3, dtype=np.int64))
+    (batch,) = envs._batches.values()
+
+    def weights(i):
+        return [
+            p.detach().clone() for layer in envs.envs[i].layers for p in layer.host.parameters()
+        ]
+
+    def steps():
+        return [s.tolist() for stack in batch.host.values() for s in stack.steps_of]
+
+    before, steps_before = [weights(i) for i in range(3)], steps()
+    inject["on"] = True
+    envs.step(np.zeros(3, dtype=np.int64))
+    inject["on"] = False
+    after = [weights(i) for i in range(3)]
+    changed = [any(not torch.equal(a, b) for a, b in zip(before[i], after[i])) for i in range(3)]
+    assert changed == [True, False, True]
+    interval = envs.envs[0].task.decision_interval
+    for was, now in zip(steps_before, steps()):
+        assert [n - w for w, n in zip(was, now)] == [interval, 0, interval]
+    envs.step(np.zeros(3, dtype=np.int64))  # and copy 1 trains on afterwards
+    assert any(not torch.equal(a, b) for a, b in zip(after[1], weights(1)))
+    envs.close()

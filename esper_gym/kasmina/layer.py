@@ -472,8 +472,13 @@ class KasminaLayer(nn.Module):
             self._running = tuple(s for s in self.slots if s.state in RUNNING)
 
     def param_count(self) -> int:
-        host = sum(p.numel() for p in self.host.parameters())
-        return host + sum(s.params for s in self.slots)
+        # The host's own count is fixed (its parameters are never added or resized): kept, per
+        # host module, rather than walked every step by every observation.
+        cached = self.__dict__.get("_host_numel")
+        if cached is None or cached[0] is not self.host:
+            cached = (self.host, sum(p.numel() for p in self.host.parameters()))
+            self.__dict__["_host_numel"] = cached
+        return cached[1] + sum(s.params for s in self.slots)
 
     def fan(self) -> tuple[int, int]:
         h = self.host
@@ -486,8 +491,12 @@ class KasminaLayer(nn.Module):
         stats = self._stats.tolist() if self._stats is not None else [0.0, 0.0, 0.0, 0.0]
         grad = float(self._grad_norm) if self._grad_norm is not None else 0.0
         out_grad = float(self._out_grad) if self._out_grad is not None else 0.0
-        with torch.no_grad():
-            weight = float(torch.linalg.vector_norm(self.host.weight))
+        # A batched simulator that holds this host's current weight norm (computed with its
+        # copies' in one call) lends it for the duration of one observation.
+        weight = self.__dict__.get("_weight_norm")
+        if weight is None:
+            with torch.no_grad():
+                weight = float(torch.linalg.vector_norm(self.host.weight))
         fan_in, fan_out = self.fan()
         return HealthSignal(
             layer=self.name,
