@@ -27,7 +27,7 @@ from esper_gym.hosts import (
     data_flow_edges,
 )
 from esper_gym.kasmina import KasminaLayer, SeedConfig, kasmina_layers
-from esper_gym.observation import to_pyg
+from esper_gym.observation import GLOBAL_FEATURES, to_pyg
 from esper_gym.tasks import TASKS
 from tests.conftest import SMALL, small_kwargs
 from tests.test_host_kernels import DATASETS
@@ -166,13 +166,14 @@ def test_show_context_appends_the_normalised_factors_to_globals(kernel_dir):
         "Esper/Spirals-v0", kernel_dir=kernel_dir, contexts="test", show_context=True, **SMALL
     )
     space = CONTEXTS["spirals"]
-    assert hidden.observation_space["globals"].shape == (10,)
-    assert shown.observation_space["globals"].shape == (10 + len(space.factors),)
+    g = len(GLOBAL_FEATURES)
+    assert hidden.observation_space["globals"].shape == (g,)
+    assert shown.observation_space["globals"].shape == (g + len(space.factors),)
     oh, ih = hidden.reset(seed=3)
     os_, is_ = shown.reset(seed=3)
     assert ih["context"] == is_["context"]
-    np.testing.assert_array_equal(os_["globals"][:10], oh["globals"])
-    extra = os_["globals"][10:]
+    np.testing.assert_array_equal(os_["globals"][:g], oh["globals"])
+    extra = os_["globals"][g:]
     assert np.all((extra >= 0) & (extra <= 1))
     width = space.names.index("width")
     expected = math.log(is_["context"]["width"] / 8) / math.log(32 / 8)
