@@ -598,16 +598,18 @@ class _Batch:
         first = trainers[members[0]]
         n = min(self.task.contribution_size, len(first.x_val))
         x, y = first.x_val[:n], first.y_val[:n]
-        todo = {j: [(layer, slot) for layer in trainers[j].layers for slot in layer.slots]
-                for j in members}  # fmt: skip
+        pending = {
+            j: [(layer, slot) for layer in trainers[j].layers for slot in layer.slots]
+            for j in members
+        }
         current: dict[int, float] = {}
         while True:
             passes = []  # (copy, layer, slot, whether it is TRAINING)
             for j in members:
-                while todo[j] and todo[j][0][1].state not in RUNNING:
-                    todo[j].pop(0)
-                if todo[j]:
-                    layer, slot = todo[j].pop(0)
+                while pending[j] and pending[j][0][1].state not in RUNNING:
+                    pending[j].pop(0)
+                if pending[j]:
+                    layer, slot = pending[j].pop(0)
                     passes.append((j, layer, slot, slot.state == SeedState.TRAINING))
             if not passes:
                 return

@@ -89,7 +89,9 @@ class GrowthRule:
         self.last_growth = 0.0  # training progress at the last one (0 before any)
 
     def grow(self, obs: Mapping[str, np.ndarray], progress: float, n_nodes: int) -> int | None:
-        raise NotImplementedError
+        """The rule itself, defined by each rule class (north, fragrow, gradmax): the
+        GERMINATE action to take now, or None to wait."""
+        raise TypeError(f"{type(self).__name__} is the rules' base class; use one of {list(RULES)}")
 
     def act(self, obs: Mapping[str, np.ndarray], info: dict | None = None) -> int:
         progress = float(obs["globals"][_G["progress"]])
