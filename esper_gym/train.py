@@ -246,6 +246,10 @@ class PPOConf:
     checkpoint_every: int = 10
     uncertainty_samples: int = 8
     wait_bias: float = 0.0
+    gated: bool = False
+    teacher: str | None = None
+    imitation_episodes: int = 64
+    imitation_epochs: int = 10
     guards: GuardConf = field(default_factory=GuardConf)
 
 

@@ -224,6 +224,24 @@ def test_wait_bias_sets_the_initial_probability_of_wait():
         assert p_wait == pytest.approx(expected, rel=0.05), (bias, p_wait, expected)
 
 
+def test_gated_head_gives_wait_sigmoid_of_its_bias_however_many_actions_are_valid():
+    for valid in (0.2, 1.0):
+        obs = make_obs(4, seed=53, valid=valid)
+        for bias in (0.0, 2.0):
+            logits, _ = policy_for(wait_bias=bias, gated=True)(obs_to_batch(obs))
+            probs = torch.softmax(logits, 1)[0]
+            # the logits are log-probabilities already: softmax leaves them unchanged
+            valid_ = torch.as_tensor(obs["action_mask"]) == 1
+            assert torch.allclose(probs[valid_].log(), logits[0, valid_], atol=1e-5)
+            # (the head adds a tiny input-dependent term to its bias: init gain 0.01)
+            assert probs[0].item() == pytest.approx(1 / (1 + math.exp(-bias)), abs=2e-3)
+            assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+            assert torch.all(probs[torch.as_tensor(obs["action_mask"]) == 0] == 0)
+    only_wait = make_obs(4, seed=54, valid=0.0)
+    logits, _ = policy_for(wait_bias=-5.0, gated=True)(obs_to_batch(only_wait))
+    assert torch.softmax(logits, 1)[0, 0].item() == 1.0
+
+
 def test_mc_dropout_uncertainty_is_zero_without_dropout_and_positive_with_it():
     obs = obs_to_batch(stack([make_obs(n, seed=60 + n) for n in (2, 7)]))
     none = policy_for(dropout=0.0).uncertainty(obs, samples=4)
@@ -501,6 +519,60 @@ def test_train_on_spirals_logs_every_metric(tmp_path):
     saved = load_checkpoint(tmp_path / "t.pt")
     assert saved.global_step == 192
     assert saved.env == {"task": "spirals", "blueprints": list(DEFAULT_LIBRARY)}
+
+
+def test_imitation_warm_start_copies_the_schedule_and_counts_its_steps(tmp_path):
+    """With teacher=schedule the policy, before any PPO update, plays the tuned plan: it agrees
+    with the teacher on most states and its greedy germinations are the plan's."""
+    import esper_gym  # noqa: F401  (registers the ids)
+    from esper_gym.agents.baselines import make_agent
+
+    make_env = functools.partial(
+        gym.make, "Esper/Spirals-v0", kernel_dir=tmp_path / "kernels", **SMALL_SPIRALS
+    )
+    logs = []
+    cfg = PPOConfig(
+        total_steps=1,  # imitation only: its steps already exceed the budget
+        num_envs=2,
+        rollout_steps=16,
+        teacher="schedule",
+        imitation_episodes=6,
+        imitation_epochs=30,
+        gated=True,
+        lr=3e-3,
+        seed=0,
+    )
+    ckpt = tmp_path / "warm.pt"
+    policy = train(cfg, make_env, log=lambda m, s: logs.append((s, m)), checkpoint_path=ckpt)
+    assert len(logs) == 1, [s for s, _ in logs]  # no PPO update
+    [(step, metrics)] = logs
+    assert metrics["imitation/episodes"] >= 6 and step == metrics["imitation/steps"] >= 6 * 4
+    assert load_checkpoint(ckpt).global_step == step  # the warm start alone is saved
+    assert metrics["imitation/agreement"] > 0.9, metrics
+    env = make_env()
+    teacher = make_agent("schedule", env)
+    teacher_plan, policy_plan = [], []
+    for agent, plan in ((teacher, teacher_plan), (policy, policy_plan)):
+        obs, _ = env.reset(seed=77)
+        done = False
+        while not done:
+            action = agent.act(obs)
+            plan.append(action)
+            obs, _, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+    assert policy_plan == teacher_plan
+    assert any(a != 0 for a in teacher_plan)  # the plan germinates: not a trivial match
+
+
+def test_a_privileged_or_unknown_teacher_is_refused(tmp_path):
+    import esper_gym  # noqa: F401  (registers the ids)
+
+    make_env = functools.partial(gym.make, "Esper/Spirals-v0", kernel_dir=tmp_path / "kernels")
+    for name in ("lookahead", "schedul"):
+        with pytest.raises(ValueError, match=f"teacher={name!r} cannot be imitated; allowed: "):
+            train(PPOConfig(total_steps=1, num_envs=1, teacher=name), make_env)
+    with pytest.raises(ValueError, match="imitation_episodes=0"):
+        PPOConfig(teacher="schedule", imitation_episodes=0)
 
 
 def test_resume_refuses_a_checkpoint_of_another_task_or_blueprint_library(tmp_path):

@@ -185,12 +185,19 @@ class TamiyoPolicy(nn.Module):
     - Node p's `per_node_actions` logits land in columns `1 + p * per_node ...`; columns of
       padded nodes and every action with `action_mask` False get `MASKED` (probability 0).
       If a mask were all False the distribution would be uniform; the env keeps WAIT valid.
-    - WAIT is one logit among the others, from its own head. With `wait_bias=0` (no prior)
-      every valid action is about equally likely at initialisation, so WAIT gets 1/(valid
-      actions), not the half of the mass that a separate "act or wait" switch would give it,
-      and an agent that learns "WAIT is always safe" has to learn it from rewards.
-      `wait_bias` b is the initial bias of that logit (an ordinary parameter after that): WAIT
-      starts with probability e^b / (e^b + valid actions - 1).
+    - Flat head (`gated=False`): WAIT is one logit among the others, from its own head. With
+      `wait_bias=0` (no prior) every valid action is about equally likely at initialisation, so
+      WAIT gets 1/(valid actions), and an agent that learns "WAIT is always safe" has to learn
+      it from rewards. `wait_bias` b is the initial bias of that logit (an ordinary parameter
+      after that): WAIT starts with probability e^b / (e^b + valid actions - 1).
+    - Gated head (`gated=True`): the same WAIT head gives the logit w of a switch, "WAIT or
+      act", and the node head chooses among the valid non-WAIT actions:
+      log p(WAIT) = log sigmoid(w), log p(a) = log sigmoid(-w) + log softmax(node logits)[a].
+      The output is still one categorical over the flat actions (the log-probabilities are the
+      logits), so PPO, masks and checkpoints are unchanged. WAIT starts with probability
+      sigmoid(wait_bias) however many actions are valid: with 28 GERMINATE actions and one
+      WAIT, a flat head samples an intervention almost every step, and exploring that way is
+      germinate-cull churn. When no other action is valid, WAIT has probability 1.
     - `value` is in reward units. When `train(norm_returns=True)` the value head predicts
       normalised returns and the running mean/var buffers here map it back.
     """
@@ -205,6 +212,7 @@ class TamiyoPolicy(nn.Module):
         layers: int = 3,
         dropout: float = 0.1,
         wait_bias: float = 0.0,
+        gated: bool = False,
     ):
         super().__init__()
         self.init_kwargs = dict(
@@ -216,8 +224,10 @@ class TamiyoPolicy(nn.Module):
             layers=layers,
             dropout=dropout,
             wait_bias=wait_bias,
+            gated=gated,
         )
         self.per_node = per_node_actions
+        self.gated = gated
         self.encoder = GraphEncoder(node_dim, global_dim, edge_dim, hidden, layers, dropout)
         self.node_head = _head(2 * hidden, hidden, per_node_actions, gain=0.01)
         self.wait_head = _head(hidden, hidden, 1, gain=0.01)
@@ -246,6 +256,14 @@ class TamiyoPolicy(nn.Module):
         )
         logits[batch.batch[:, None], cols] = node_logits
         logits = logits.masked_fill(~mask, MASKED)
+        if self.gated:
+            wait = logits[:, 0]
+            other = logits[:, 1:]
+            can_act = mask[:, 1:].any(1)
+            log_act = torch.where(can_act, F.logsigmoid(-wait), torch.full_like(wait, MASKED))
+            log_wait = torch.where(can_act, F.logsigmoid(wait), torch.zeros_like(wait))
+            choice = other.log_softmax(1) + log_act[:, None]
+            logits = torch.cat([log_wait[:, None], choice], 1).masked_fill(~mask, MASKED)
 
         value = self.value_head(ctx).squeeze(1)
         value = value * (self.ret_var + 1e-8).sqrt() + self.ret_mean
@@ -547,10 +565,26 @@ class PPOConfig:
     # Initial bias of the WAIT logit (0: WAIT is as likely as any one valid action). A prior
     # towards WAIT makes the untrained policy germinate and cull less often (churn).
     wait_bias: float = 0.0
+    # The "WAIT or act" switch head (TamiyoPolicy, gated=True); wait_bias is then the switch's
+    # initial logit: WAIT starts with probability sigmoid(wait_bias).
+    gated: bool = False
+    # Imitation warm start: before PPO, `imitation_episodes` episodes of the baseline `teacher`
+    # (a name of esper_gym.agents.baselines.AGENTS, never a privileged one) are played on the
+    # training envs and the policy is fitted to its actions (cross-entropy) and the critic to
+    # its discounted returns for `imitation_epochs` epochs; PPO then starts from that policy.
+    # None: no warm start (PPO from a random policy).
+    teacher: str | None = None
+    imitation_episodes: int = 64
+    imitation_epochs: int = 10
     guards: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         self.guards = _guards(self.guards)  # a mapping from a config file or a checkpoint
+        if self.imitation_episodes < 1 or self.imitation_epochs < 1:
+            raise ValueError(
+                f"imitation_episodes={self.imitation_episodes} and imitation_epochs="
+                f"{self.imitation_epochs}: both must be >= 1 (teacher=null turns imitation off)"
+            )
 
 
 def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: bool = False):
@@ -620,6 +654,9 @@ def train(
     # a checkpoint of another task or blueprint library is refused before any worker starts.
     probe = make_env()
     record = env_record(probe)
+    teachers = []
+    if config.teacher is not None and resume_from is None:
+        teachers = [make_teacher(config.teacher, probe) for _ in range(config.num_envs)]
     probe.close()
     ckpt = None
     if resume_from is not None:
@@ -642,6 +679,7 @@ def train(
         layers=config.layers,
         dropout=config.dropout,
         wait_bias=config.wait_bias,
+        gated=config.gated,
     )
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
     global_step = 0
@@ -668,7 +706,16 @@ def train(
     ep_culls = np.zeros(n_envs, dtype=int)
     guard_history: dict[str, list[float]] = {}
 
-    first_update = global_step // batch_size + 1
+    if teachers:
+        # The teacher's env steps count in the budget: PPO starts at the update they reach.
+        _, global_step, metrics = imitate(policy, optimizer, envs, teachers, next_obs, config)
+        if log is not None:
+            log(metrics, global_step)
+        if checkpoint_path is not None:  # the warm start alone is a policy to evaluate
+            save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
+        next_obs, _ = envs.reset(seed=config.seed + global_step)  # whole episodes for PPO
+
+    first_update = -(-global_step // batch_size) + 1  # ceil: an update starts after the teacher
     for update in range(first_update, num_updates + 1):
         if config.anneal_lr:
             frac = (update - 1) / num_updates
@@ -825,6 +872,99 @@ def train(
     envs.close()
     policy.eval()
     return policy
+
+
+def make_teacher(name: str, env: gym.Env):
+    """A baseline to imitate (esper_gym.agents.baselines.make_agent with its tuned settings).
+    Privileged agents are refused: a controller trained to copy one would use, through its
+    teacher, access that no deployed controller has."""
+    from esper_gym.agents.baselines import AGENTS, PRIVILEGED, make_agent
+
+    allowed = sorted(set(AGENTS) - PRIVILEGED)
+    if name not in allowed:
+        raise ValueError(f"teacher={name!r} cannot be imitated; allowed: {', '.join(allowed)}")
+    return make_agent(name, env)
+
+
+def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
+    """Warm start: play `teachers` (one per env of `envs`, starting from observations `obs`)
+    until `config.imitation_episodes` episodes have ended, then fit `policy` for
+    `config.imitation_epochs` epochs: cross-entropy to the teacher's action plus `vf_coef` times
+    the value loss to its discounted return (in the return statistics' units, which these
+    returns set). Dropout is off, as in PPO. Steps of episodes still in flight when the last one
+    ends train nothing (their returns are unknown) but are counted.
+
+    Returns (the envs' observations after the last step, env steps played, metrics): imitation/{steps,
+    episodes, teacher_return (mean undiscounted), loss, agreement (share of the teacher's actions
+    that are the policy's most likely action after the fit)}."""
+    n_envs = len(teachers)
+    for teacher in teachers:
+        if hasattr(teacher, "reset"):
+            teacher.reset()
+    paths = [{"obs": [], "actions": [], "rewards": []} for _ in range(n_envs)]
+    data = {"obs": [], "actions": [], "returns": []}
+    ended: list[float] = []
+    steps = 0
+    while len(ended) < config.imitation_episodes:
+        acts = np.array([t.act(_index(obs, i)) for i, t in enumerate(teachers)])
+        for i, path in enumerate(paths):
+            path["obs"].append(_index(obs, i))
+            path["actions"].append(int(acts[i]))
+        obs, reward, terminated, truncated, _ = envs.step(acts)
+        steps += n_envs
+        for i, path in enumerate(paths):
+            path["rewards"].append(float(reward[i]))
+            if not (terminated[i] or truncated[i]):
+                continue
+            # A time-limit cut has no critic to bootstrap from yet: its return is the rewards'.
+            ret, returns = 0.0, []
+            for r in reversed(path["rewards"]):
+                ret = r + config.gamma * ret
+                returns.append(ret)
+            data["obs"] += path["obs"]
+            data["actions"] += path["actions"]
+            data["returns"] += returns[::-1]
+            ended.append(float(sum(path["rewards"])))
+            paths[i] = {"obs": [], "actions": [], "rewards": []}
+            if hasattr(teachers[i], "reset"):
+                teachers[i].reset()
+
+    b_obs = {k: np.stack([o[k] for o in data["obs"]]) for k in data["obs"][0]}
+    b_actions = torch.as_tensor(data["actions"])
+    b_returns = torch.as_tensor(data["returns"], dtype=torch.float32)
+    if config.norm_returns:
+        _update_return_stats(policy, b_returns)
+    scale = (policy.ret_var + 1e-8).sqrt() if config.norm_returns else torch.ones(())
+    size = len(b_actions)
+    minibatch = max(config.num_envs * config.rollout_steps // config.minibatches, 1)  # PPO's
+    policy.eval()
+    for _epoch in range(config.imitation_epochs):
+        perm = torch.randperm(size)
+        for lo in range(0, size, minibatch):
+            mb = perm[lo : lo + minibatch]
+            logits, value = policy(obs_to_batch(_index(b_obs, mb.numpy())))
+            ce = F.cross_entropy(logits, b_actions[mb])
+            v_loss = 0.5 * (((value - b_returns[mb]) / scale) ** 2).mean()
+            loss = ce + config.vf_coef * v_loss
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+    with torch.no_grad():
+        agree, total_loss = 0, 0.0
+        for lo in range(0, size, 1024):
+            idx = np.arange(lo, min(lo + 1024, size))
+            logits, value = policy(obs_to_batch(_index(b_obs, idx)))
+            agree += int((logits.argmax(1) == b_actions[idx]).sum())
+            total_loss += float(F.cross_entropy(logits, b_actions[idx], reduction="sum"))
+    metrics = {
+        "imitation/steps": steps,
+        "imitation/episodes": len(ended),
+        "imitation/teacher_return": float(np.mean(ended)),
+        "imitation/loss": total_loss / size,
+        "imitation/agreement": agree / size,
+    }
+    return obs, steps, metrics
 
 
 @torch.no_grad()
