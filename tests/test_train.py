@@ -128,6 +128,7 @@ def test_tamiyo_logs_to_wandb_offline_and_resumes(tmp_path):
         "agent.ppo.rollout_steps=8",
         "agent.ppo.checkpoint_every=1",
         "agent.ppo.uncertainty_samples=2",
+        "agent.ppo.teacher=null",  # steps counted exactly: PPO only
     ]
     evaluate = ["eval.episodes=2", "eval.compare=[noop]"]
     train(tmp_path, *common, *evaluate, "agent.ppo.total_steps=16", f"hydra.run.dir={first}")
@@ -356,6 +357,7 @@ def test_readme_recipe_own_host_and_dataset_from_own_config_dir(tmp_path):
 def test_trained_on_train_contexts_is_scored_on_test_contexts(tmp_path):
     run = tmp_path / "run"
     overrides = ["agent.ppo.total_steps=16", "agent.ppo.rollout_steps=8", "env.num_envs=1"]
+    overrides += ["agent.ppo.teacher=null"]
     train(
         tmp_path,
         *overrides,

@@ -883,7 +883,10 @@ def make_teacher(name: str, env: gym.Env):
     allowed = sorted(set(AGENTS) - PRIVILEGED)
     if name not in allowed:
         raise ValueError(f"teacher={name!r} cannot be imitated; allowed: {', '.join(allowed)}")
-    return make_agent(name, env)
+    try:
+        return make_agent(name, env)
+    except ValueError as err:  # e.g. no tuned schedule for this task
+        raise ValueError(f"{err}. Or train without a warm start: agent.ppo.teacher=null") from err
 
 
 def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
