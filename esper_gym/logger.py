@@ -40,13 +40,15 @@ class CsvMetrics:
     """A learner's `log(metrics, step)` callback that keeps the scalar metrics as a CSV, one row
     per call (`global_step`, `wall_s`, then the metrics): the learning curve without W&B.
 
-    The file is rewritten whole at every call, so that a killed run keeps its curve; a file
-    that exists already is continued (a resumed run appends to its curve)."""
+    The file is rewritten whole at every call, so that a killed run keeps its curve. With
+    `resume=True` a file that exists already is continued (a resumed run appends to its
+    curve); otherwise it is replaced at the first call (a new run in a reused run dir must not
+    carry the curve of the run before it)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, resume: bool = False) -> None:
         self.path = pathlib.Path(path)
         self.rows: list[dict[str, Any]] = []
-        if self.path.exists():
+        if resume and self.path.exists():
             with open(self.path, newline="") as f:
                 self.rows = list(csv.DictReader(f))
         self.start = time.perf_counter()

@@ -628,7 +628,8 @@ def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path)
     ckpt = run_dir / "checkpoint.pt"
     resume = _checkpoint_file(cfg.resume, ".pt") if cfg.resume else None
     logger.progress(config.total_steps, "tamiyo")
-    curve = CsvMetrics(run_dir / "train_metrics.csv")  # the learning curve, with or without W&B
+    # The learning curve, with or without W&B; a resumed run continues the curve it resumes.
+    curve = CsvMetrics(run_dir / "train_metrics.csv", resume=resume is not None)
 
     def log(metrics, step=None):
         logger.log(metrics, step)

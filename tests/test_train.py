@@ -381,3 +381,18 @@ def test_trained_on_train_contexts_is_scored_on_test_contexts(tmp_path):
     assert [e["context_index"] for e in results["eval"]["tamiyo"]["episodes"]] == [
         e["context_index"] for e in results["eval"]["noop"]["episodes"]
     ]
+
+
+def test_a_new_run_in_a_reused_dir_starts_a_new_curve_and_a_resumed_one_continues(tmp_path):
+    from esper_gym.logger import CsvMetrics
+
+    path = tmp_path / "train_metrics.csv"
+    old = CsvMetrics(path)
+    old({"losses/policy": 1.0}, 8)
+    old({"losses/policy": 2.0}, 16)
+    CsvMetrics(path)({"imitation/loss": 0.5}, 4)  # a new run: the old rows are gone
+    lines = path.read_text().splitlines()
+    assert lines[0].split(",") == ["global_step", "wall_s", "imitation/loss"]
+    assert [line.split(",")[0] for line in lines[1:]] == ["4"]
+    CsvMetrics(path, resume=True)({"losses/policy": 3.0}, 12)  # resumed: appended
+    assert [line.split(",")[0] for line in path.read_text().splitlines()[1:]] == ["4", "12"]
