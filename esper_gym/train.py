@@ -71,6 +71,9 @@ from esper_gym.logger import CsvMetrics, make_logger
 from esper_gym.reward import RewardWeights
 from esper_gym.tasks import TASKS, Task, get_task
 
+# task name -> its registered env id (every registered task has one)
+TASK_ENV_IDS = {task: env_id for env_id, (task, _) in esper_gym.ENV_IDS.items()}
+
 # ---------------------------------------------------------------------------------------------
 # Schemas: what each config group may hold, with types Hydra checks while composing.
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +196,9 @@ class EnvConf:
     # context (esper_gym.contexts) and the evaluation after training plays test contexts
     contexts: str | None = None
     show_context: bool = False  # append the context's factors to the observation's globals
+    # tamiyo: registered tasks trained alongside `task` by one policy (num_envs copies each; the
+    # evaluation after training plays `task`); their task fields are the registered ones
+    also_train_on: list[str] = field(default_factory=list)
 
 
 class AgentKind(enum.Enum):
@@ -488,6 +494,17 @@ def validate(cfg: DictConfig) -> Task:
             f"env.contexts={cfg.env.contexts!r}; allowed: null (the configured task), train "
             "(evaluation then plays the held-out test contexts; never train on them)"
         )
+    for name in cfg.env.also_train_on:
+        if name not in TASK_ENV_IDS or name == cfg.task.name:
+            allowed = sorted(set(TASK_ENV_IDS) - {cfg.task.name})
+            raise ConfigError(
+                f"env.also_train_on has {name!r}; allowed: registered tasks other than "
+                f"task={cfg.task.name}: {', '.join(allowed)}"
+            )
+    if cfg.env.also_train_on and cfg.agent.kind != AgentKind.tamiyo:
+        raise ConfigError(
+            "env.also_train_on trains one Tamiyo policy on several tasks: tamiyo only"
+        )
     _positive(cfg.eval.episodes, "eval.episodes", allow_zero=True)
     # Episode seeds go to numpy, which refuses negative ones: fail here, not after training.
     for key, value in (("seed", cfg.seed), ("eval.first_seed", cfg.eval.first_seed)):
@@ -565,12 +582,20 @@ class BatchedFactory:
         )
 
 
-def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
-    """A picklable no-argument env constructor for the configured task (vector envs need it)."""
-    # A task of the user's own goes whole; it holds strings only (host and dataset by import
-    # path), so it pickles into env workers.
-    registered = cfg.task.name in TASKS
-    kwargs = dict(task_overrides(cfg)) if registered else {"task": build_task(cfg)}
+def env_factory(cfg: DictConfig, task: str | None = None) -> Callable[[], gym.Env]:
+    """A picklable no-argument env constructor for the configured task (vector envs need it),
+    or for the registered `task` (env.also_train_on): its registered fields, with this run's
+    blueprint library, device, reward, generator, contexts and vectorization."""
+    env_id = cfg.task.env_id
+    if task is not None and task != cfg.task.name:
+        env_id = TASK_ENV_IDS[task]
+        kwargs = {k: v for k, v in task_overrides(cfg).items() if k in ("blueprints", "device")}
+    elif cfg.task.name in TASKS:
+        kwargs = dict(task_overrides(cfg))
+    else:
+        # A task of the user's own goes whole; it holds strings only (host and dataset by
+        # import path), so it pickles into env workers.
+        kwargs = {"task": build_task(cfg)}
     kwargs["reward_fn"] = build_reward_fn(cfg)
     generator = build_generator(cfg)
     if generator is not None:
@@ -583,8 +608,8 @@ def env_factory(cfg: DictConfig) -> Callable[[], gym.Env]:
     if cfg.env.get("show_context"):
         kwargs["show_context"] = True
     if cfg.env.get("vectorization") == "batched":
-        return BatchedFactory(cfg.task.env_id, cfg.threads, kwargs)
-    return functools.partial(make_env, cfg.task.env_id, cfg.threads, **kwargs)
+        return BatchedFactory(env_id, cfg.threads, kwargs)
+    return functools.partial(make_env, env_id, cfg.threads, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +660,9 @@ def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path)
         logger.log(metrics, step)
         curve(metrics, step)
 
-    policy = train(config, make, log=log, checkpoint_path=ckpt, resume_from=resume)
+    makers = [make, *(env_factory(cfg, task) for task in cfg.env.also_train_on)]
+    makers = makers if len(makers) > 1 else make
+    policy = train(config, makers, log=log, checkpoint_path=ckpt, resume_from=resume)
     logger.progress(None)
     if not ckpt.exists() and resume is not None:  # the budget was already spent: nothing new
         shutil.copyfile(resume, ckpt)

@@ -213,10 +213,13 @@ def test_env_id_and_task_name_must_agree():
         ("task.latency_budget_ms=nan", r"latency_budget_ms=nan; allowed: None"),
         ("eval.first_seed=-1", r"eval.first_seed=-1 must be an integer >= 0"),
         ("seed=-3", r"seed=-3 must be an integer >= 0"),
+        ("env.also_train_on=[fashion]", r"also_train_on has 'fashion'; allowed: registered"),
+        ("env.also_train_on=[spirals]", r"also_train_on has 'spirals'; allowed: .*fashion_mnist"),
+        ("agent=heuristic env.also_train_on=[fashion_mnist]", r"also_train_on trains one Tamiyo"),
     ],
 )
 def test_negative_budgets_fail_naming_the_key(override, key):
-    cfg = load(override)  # a number of the right type: composes, then validation refuses it
+    cfg = load(*override.split())  # a value of the right type: composes, validation refuses it
     with pytest.raises(train.ConfigError, match=key):
         train.validate(cfg)
 

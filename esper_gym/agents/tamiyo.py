@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import gymnasium as gym
@@ -370,6 +370,24 @@ def env_record(env: gym.Env) -> dict:
     return {"task": str(task.name), "blueprints": [str(b) for b in task.blueprints]}
 
 
+def mixture_record(records: list[dict]) -> dict:
+    """The `env_record` of training on several tasks: their names joined by "+" (a resumed run
+    must mix the same tasks), their shared blueprint library. Tasks whose libraries differ are
+    refused: the same GERMINATE index would mean another blueprint in each."""
+    if len(records) == 1:
+        return records[0]
+    first = records[0]
+    for rec in records[1:]:
+        if rec.get("blueprints") != first.get("blueprints"):
+            raise ValueError(
+                f"task {rec.get('task')!r} has the blueprint library {rec.get('blueprints')}, "
+                f"task {first.get('task')!r} has {first.get('blueprints')}: one policy's "
+                "GERMINATE actions cannot mean both; give every task the same library"
+            )
+    names = [str(rec.get("task")) for rec in records]
+    return {"task": "+".join(names), "tasks": names, "blueprints": first.get("blueprints")}
+
+
 def check_env_record(saved: dict, current: dict, checkpoint, *, same_task: bool) -> None:
     """Refuse a checkpoint whose recorded blueprint library (and, with `same_task`, task)
     differs from `current` (an `env_record`). Nothing to check against a non-Esper env."""
@@ -626,7 +644,7 @@ def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 
 def train(
     config: PPOConfig,
-    make_env: Callable[[], gym.Env],
+    make_env: Callable[[], gym.Env] | Sequence[Callable[[], gym.Env]],
     log: Callable[[dict, int], None] | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
@@ -649,26 +667,41 @@ def train(
     seeds offset by global_step so that they are new episodes). Dropout is off both while
     acting and during updates (the policy updated is the one that acted: the first ratio of
     each update is exactly 1, logged as losses/ratio_start); MC dropout is a separate pass.
+
+    Several tasks at once: `make_env` a sequence of env constructors (one per task, with the
+    same observation and action spaces and blueprint library) trains one policy on
+    `config.num_envs` copies of each (esper_gym.multitask.ConcatVectorEnv); each copy's teacher
+    is the teacher of its own task (its tuned schedule).
     """
-    # One env in this process describes them all (an Esper env loads no data until reset), and
-    # a checkpoint of another task or blueprint library is refused before any worker starts.
-    probe = make_env()
-    record = env_record(probe)
-    teachers = []
-    if config.teacher is not None and resume_from is None:
-        teachers = [make_teacher(config.teacher, probe) for _ in range(config.num_envs)]
-    probe.close()
+    # One env per task in this process describes them (an Esper env loads no data until reset),
+    # and a checkpoint of another task or blueprint library is refused before any worker starts.
+    makers = list(make_env) if isinstance(make_env, Sequence) else [make_env]
+    records, teachers = [], []
+    for make in makers:
+        probe = make()
+        records.append(env_record(probe))
+        if config.teacher is not None and resume_from is None:
+            teachers += [make_teacher(config.teacher, probe) for _ in range(config.num_envs)]
+        probe.close()
+    record = mixture_record(records)
     ckpt = None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         check_env_record(ckpt.env, record, resume_from, same_task=True)
     torch.manual_seed(config.seed)
-    envs = make_vector_env(make_env, config.num_envs, config.async_envs)
+    if len(makers) == 1:
+        envs = make_vector_env(makers[0], config.num_envs, config.async_envs)
+    else:
+        from esper_gym.multitask import ConcatVectorEnv
+
+        envs = ConcatVectorEnv(
+            [make_vector_env(m, config.num_envs, config.async_envs) for m in makers]
+        )
     space = envs.single_observation_space
     layout = layout_from_spaces(space, envs.single_action_space)  # for the action histogram
     kind_of = np.array([layout.decode(a).kind for a in range(layout.size)])
     is_germinate = kind_of == GERMINATE
-    n_envs, n_steps = config.num_envs, config.rollout_steps
+    n_envs, n_steps = envs.num_envs, config.rollout_steps
     batch_size = n_envs * n_steps
     minibatch_size = max(batch_size // config.minibatches, 1)
     num_updates = math.ceil(config.total_steps / batch_size)
@@ -939,7 +972,7 @@ def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
         _update_return_stats(policy, b_returns)
     scale = (policy.ret_var + 1e-8).sqrt() if config.norm_returns else torch.ones(())
     size = len(b_actions)
-    minibatch = max(config.num_envs * config.rollout_steps // config.minibatches, 1)  # PPO's
+    minibatch = max(n_envs * config.rollout_steps // config.minibatches, 1)  # PPO's
     policy.eval()
     for _epoch in range(config.imitation_epochs):
         perm = torch.randperm(size)
