@@ -94,6 +94,10 @@ def test_one_policy_trains_on_two_tasks_each_copy_imitating_its_own_task(tmp_pat
     assert first["imitation/episodes"] >= 2 and imitated == first["imitation/steps"]
     assert updated - imitated == 2 * 16  # one copy of each task, 16 steps each
     assert second["actions/wait"] + second["actions/germinate"] <= 32
+    # Each task's own mean return, for the tasks whose episodes ended (spirals' are shorter).
+    per_task = {k for k in second if k.startswith("charts/episodic_return/")}
+    assert "charts/episodic_return/spirals" in per_task
+    assert per_task <= {f"charts/episodic_return/{t}" for t in ("spirals", "fashion_mnist")}
     torch.load(ckpt, weights_only=True)
 
 

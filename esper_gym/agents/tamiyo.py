@@ -654,7 +654,8 @@ def train(
     Every update calls `log(metrics, global_step)` with: losses/{policy,value,entropy,
     approx_kl,clip_frac,ratio_start,explained_variance}, actions/{wait,germinate,advance,cull}
     (counts in the rollout), charts/{steps_per_s,lr,episodes,episodic_return,episodic_length}
-    (the two last only when an episode ended in the rollout), uncertainty/{value_std,entropy},
+    (the two last only when an episode ended in the rollout; with several tasks also
+    charts/episodic_return/<task> for each), uncertainty/{value_std,entropy},
     diagnostics/wait_share (WAIT among the actions taken while some GERMINATE was valid; NaN if
     none was), diagnostics/entropy (mean entropy of the acting policy over the rollout) and
     diagnostics/churn (CULL actions per episode ended in the rollout: a seed is only culled after
@@ -702,6 +703,7 @@ def train(
     kind_of = np.array([layout.decode(a).kind for a in range(layout.size)])
     is_germinate = kind_of == GERMINATE
     n_envs, n_steps = envs.num_envs, config.rollout_steps
+    env_task = [str(rec.get("task")) for rec in records for _ in range(config.num_envs)]
     batch_size = n_envs * n_steps
     minibatch_size = max(batch_size // config.minibatches, 1)
     num_updates = math.ceil(config.total_steps / batch_size)
@@ -755,6 +757,7 @@ def train(
             optimizer.param_groups[0]["lr"] = config.lr + frac * (config.lr_final - config.lr)
         start = time.perf_counter()
         finished_returns, finished_lengths, finished_culls = [], [], []
+        finished_tasks = []
         entropies = torch.zeros(n_steps, n_envs)
 
         # --- rollout: act with dropout off --------------------------------------------------
@@ -779,6 +782,7 @@ def train(
             reward = torch.as_tensor(reward, dtype=torch.float32)
             for i in np.flatnonzero(done):
                 finished_returns.append(ep_return[i])
+                finished_tasks.append(env_task[i])
                 finished_lengths.append(ep_length[i])
                 finished_culls.append(ep_culls[i])
                 ep_return[i], ep_length[i], ep_culls[i] = 0.0, 0, 0
@@ -882,6 +886,10 @@ def train(
         }
         if finished_returns:
             metrics["charts/episodic_return"] = float(np.mean(finished_returns))
+            if len(records) > 1:  # several tasks: their returns are on different scales
+                for task in dict.fromkeys(finished_tasks):
+                    mine = [r for r, t in zip(finished_returns, finished_tasks) if t == task]
+                    metrics[f"charts/episodic_return/{task}"] = float(np.mean(mine))
             metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
             metrics["diagnostics/churn"] = float(np.mean(finished_culls))
         if config.uncertainty_samples > 0:
