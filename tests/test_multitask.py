@@ -67,8 +67,9 @@ def test_spaces_that_do_not_stack_are_refused(tmp_path):
 
 
 def test_one_policy_trains_on_two_tasks_each_copy_imitating_its_own_task(tmp_path):
+    short = dict(max_epochs=0.5, decision_interval=50, eval_size=256)  # 4-5 steps an episode
     fashion = functools.partial(
-        gym.make, "Esper/FashionMNIST-v0", kernel_dir=tmp_path / "k", **SMALL
+        gym.make, "Esper/FashionMNIST-v0", kernel_dir=tmp_path / "k", **short
     )
     logs = []
     cfg = PPOConfig(
@@ -77,7 +78,7 @@ def test_one_policy_trains_on_two_tasks_each_copy_imitating_its_own_task(tmp_pat
         rollout_steps=16,
         update_epochs=1,
         teacher="schedule",
-        imitation_episodes=2,
+        imitation_episodes=1,  # and one per copy: the fashion_mnist copy's episode too
         seed=0,
     )
     ckpt = tmp_path / "mix.pt"
@@ -91,7 +92,7 @@ def test_one_policy_trains_on_two_tasks_each_copy_imitating_its_own_task(tmp_pat
     assert saved.env["task"] == "spirals+fashion_mnist"
     assert saved.env["tasks"] == ["spirals", "fashion_mnist"]
     (imitated, first), (updated, second) = logs  # the warm start, then one PPO update
-    assert first["imitation/episodes"] >= 2 and imitated == first["imitation/steps"]
+    assert first["imitation/episodes"] >= 2 and imitated == first["imitation/steps"] >= 4
     assert updated - imitated == 2 * 16  # one copy of each task, 16 steps each
     assert second["actions/wait"] + second["actions/germinate"] <= 32
     # Each task's own mean return, for the tasks whose episodes ended (spirals' are shorter).

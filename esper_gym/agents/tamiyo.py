@@ -932,7 +932,8 @@ def make_teacher(name: str, env: gym.Env):
 
 def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
     """Warm start: play `teachers` (one per env of `envs`, starting from observations `obs`)
-    until `config.imitation_episodes` episodes have ended, then fit `policy` for
+    until `config.imitation_episodes` episodes have ended and every copy has ended at least one
+    (with several tasks, a task of long episodes is not left out), then fit `policy` for
     `config.imitation_epochs` epochs: cross-entropy to the teacher's action plus `vf_coef` times
     the value loss to its discounted return (in the return statistics' units, which these
     returns set). Dropout is off, as in PPO. Steps of episodes still in flight when the last one
@@ -948,8 +949,9 @@ def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
     paths = [{"obs": [], "actions": [], "rewards": []} for _ in range(n_envs)]
     data = {"obs": [], "actions": [], "returns": []}
     ended: list[float] = []
+    copy_ended = np.zeros(n_envs, bool)
     steps = 0
-    while len(ended) < config.imitation_episodes:
+    while len(ended) < config.imitation_episodes or not copy_ended.all():
         acts = np.array([t.act(_index(obs, i)) for i, t in enumerate(teachers)])
         for i, path in enumerate(paths):
             path["obs"].append(_index(obs, i))
@@ -969,6 +971,7 @@ def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
             data["actions"] += path["actions"]
             data["returns"] += returns[::-1]
             ended.append(float(sum(path["rewards"])))
+            copy_ended[i] = True
             paths[i] = {"obs": [], "actions": [], "rewards": []}
             if hasattr(teachers[i], "reset"):
                 teachers[i].reset()
