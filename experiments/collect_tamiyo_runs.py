@@ -6,10 +6,13 @@ that it loads with `weights_only=True`), `<out>/learning_curves.csv` (every run'
 a `run` column) and `<out>/learning_curves.png`.
 
     for S in 0 1 2; do python -m esper_gym.train env.contexts=train env.vectorization=batched \\
-        env.num_envs=16 agent.ppo.total_steps=32768 eval.episodes=0 logger=none seed=$S \\
-        hydra.run.dir=outputs/tamiyo_seeds/seed$S; done
-    python experiments/collect_tamiyo_runs.py outputs/tamiyo_seeds/seed0 outputs/tamiyo_seeds/seed1 \\
-        outputs/tamiyo_seeds/seed2
+        env.num_envs=16 'env.also_train_on=[fashion_mnist]' agent.ppo.total_steps=32768 \\
+        agent.ppo.imitation_episodes=256 agent.ppo.imitation_epochs=30 eval.episodes=0 \\
+        logger=none seed=$S hydra.run.dir=outputs/tamiyo_mix/seed$S; done
+    python experiments/collect_tamiyo_runs.py outputs/tamiyo_mix/seed0 outputs/tamiyo_mix/seed1 \\
+        outputs/tamiyo_mix/seed2
+
+With several tasks the figure has one line per (run, task): `charts/episodic_return/<task>`.
 """
 
 from __future__ import annotations
@@ -48,8 +51,27 @@ def main() -> None:
         print(f"{target}: {target.stat().st_size / 1e3:.0f} kB, {len(curve)} updates")
     table = pd.concat(curves, ignore_index=True)
     table.to_csv(args.out / "learning_curves.csv", index=False)
-    plots.learning_curves(table, args.out / "learning_curves.png")
+    plots.learning_curves(per_task(table), args.out / "learning_curves.png")
     print(f"{args.out / 'learning_curves.csv'}, {args.out / 'learning_curves.png'}")
+
+
+def per_task(table: pd.DataFrame, y: str = "charts/episodic_return") -> pd.DataFrame:
+    """Runs on several tasks log `<y>/<task>`: one curve per (run, task), since the tasks'
+    returns are on different scales (their mean would mostly show the mix). Else `table`."""
+    tasks = [c[len(y) + 1 :] for c in table.columns if c.startswith(f"{y}/")]
+    if not tasks:
+        return table
+    parts = [
+        pd.DataFrame(
+            {
+                "global_step": table["global_step"],
+                "run": table["run"] + f" {t}",
+                y: table[f"{y}/{t}"],
+            }
+        )
+        for t in tasks
+    ]
+    return pd.concat(parts, ignore_index=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,17 @@ def write_results(directory: pathlib.Path) -> None:
     pd.DataFrame(
         {"global_step": np.arange(1, 9) * 256, "charts/episodic_return": rng.normal(size=8)}
     ).to_csv(directory / "train_metrics.csv", index=False)
+    pd.DataFrame(
+        {
+            "task": ["spirals"],
+            "agent": ["heuristic"],
+            "reference": ["noop"],
+            "paired_diff": [0.123],
+            "paired_lo": [0.01],
+            "paired_hi": [0.2],
+            "oracle_gap_share": [0.4567],
+        }
+    ).to_csv(directory / "summary.csv", index=False)
 
 
 def test_notebook_executes_and_shows_the_table_and_figures(tmp_path, monkeypatch):
@@ -91,6 +102,8 @@ def test_notebook_executes_and_shows_the_table_and_figures(tmp_path, monkeypatch
     for task in ("spirals", "fashion_mnist", "all tasks"):
         for agent in ("heuristic", "random", "noop"):
             assert f"| {task} | {agent} |" in table or f"| {task} | **{agent}** |" in table
+    plain = " ".join(o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "oracle_gap_share" in plain and "0.457" in plain  # the summary.csv comparison
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # pareto, lifecycle, learning curve
     for name in ("pareto.png", "lifecycle.png", "learning_curves.png"):
