@@ -16,7 +16,8 @@ A run (`run(cfg, run_dir)`), in order:
 2. The logger starts (`logger=wandb`: a W&B run, offline unless `logger.mode=online`, grouped
    `<task>-<agent>`) with the resolved config plus the resolved Task.
 3. An agent that learns (`agent.kind`: `tamiyo`, `sb3`) trains on `env.num_envs` copies of the
-   env (sync or async vectorised), episodes seeded from `seed`; its curves are logged against
+   env (`env.vectorization`: by default Tamiyo on 8 copies in the batched simulator, SB3 on 2
+   sync envs), episodes seeded from `seed`; its curves are logged against
    the global env step and its checkpoint is written to the run dir. `resume=<checkpoint or run
    dir>` continues that training from its saved global step (weights, optimizer, step count) up
    to the budget of this config, and keeps logging to the same W&B run id. Baselines skip this.
@@ -184,14 +185,15 @@ class BlueprintsConf:
 class EnvConf:
     kernel_dir: str | None = None  # None: $ESPER_KERNEL_DIR or ~/.cache/esper_gym/kernels
     device: str = "cpu"
-    num_envs: int = 1
+    num_envs: int | None = None  # None: `num_envs(cfg)`, 8 on the batched simulator, else 2
     # off | measured: measured wall-clock and cache features in the observation (not
     # reproducible bit for bit; see MorphogeneticEnv)
     telemetry: str = "off"
     # sync: one process (gymnasium SyncVectorEnv, SB3 DummyVecEnv); async: one process per env
     # (AsyncVectorEnv / SubprocVecEnv, spawn context); batched: the batched simulator
-    # (esper_gym.vector: the copies' training as stacked tensors, in one process; tamiyo only)
-    vectorization: str = "sync"
+    # (esper_gym.vector: the copies' training as stacked tensors, in one process; tamiyo only);
+    # auto: batched for tamiyo, sync for SB3 (`vectorization(cfg)`)
+    vectorization: str = "auto"
     # null: every episode is the task as configured; train: each training episode draws a train
     # context (esper_gym.contexts) and the evaluation after training plays test contexts
     contexts: str | None = None
@@ -436,7 +438,9 @@ def build_reward_fn(cfg: DictConfig, weights: RewardWeights | None = None):
         takes = False
     kwargs = {"weights": weights} if takes and "weights" not in node else {}
     try:
-        fn = instantiate(node, **kwargs)
+        # "object": the computer gets a RewardWeights, not the DictConfig instantiate would
+        # wrap it in (whose attribute reads cost ~4 us each, 8 per env step).
+        fn = instantiate(node, _convert_="object", **kwargs)
     except Exception as exc:
         raise ConfigError(f"reward.computer ({target}): {exc.__cause__ or exc}") from exc
     if not callable(fn):
@@ -477,7 +481,8 @@ def validate(cfg: DictConfig) -> Task:
     task = build_task(cfg)
     build_reward_fn(cfg)
     build_generator(cfg)
-    _positive(cfg.env.num_envs, "env.num_envs")
+    if cfg.env.num_envs is not None:
+        _positive(cfg.env.num_envs, "env.num_envs")
     if cfg.env.vectorization not in VECTORIZATIONS:
         raise ConfigError(
             f"env.vectorization={cfg.env.vectorization!r}; allowed: {', '.join(VECTORIZATIONS)}"
@@ -553,7 +558,25 @@ def make_env(env_id: str | None, threads: int | None = None, **kwargs: Any) -> g
     return gym.make(env_id or CUSTOM_SPEC, **kwargs)
 
 
-VECTORIZATIONS = ("sync", "async", "batched")
+VECTORIZATIONS = ("auto", "sync", "async", "batched")
+
+
+def vectorization(cfg: DictConfig) -> str:
+    """env.vectorization resolved: `auto` is the fastest the agent can train on, the batched
+    simulator for Tamiyo and one process for SB3 (which has its own VecEnv)."""
+    mode = cfg.env.get("vectorization") or "auto"
+    if mode == "auto":
+        kind = cfg.agent.get("kind")
+        return "batched" if kind in (AgentKind.tamiyo, AgentKind.tamiyo.value) else "sync"
+    return mode
+
+
+def num_envs(cfg: DictConfig) -> int:
+    """env.num_envs, or when null: 8 copies on the batched simulator (a copy there costs a
+    fraction of a single env), 2 envs otherwise."""
+    if cfg.env.get("num_envs") is not None:
+        return int(cfg.env.num_envs)
+    return 8 if vectorization(cfg) == "batched" else 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,7 +630,7 @@ def env_factory(cfg: DictConfig, task: str | None = None) -> Callable[[], gym.En
         kwargs["contexts"] = cfg.env.contexts
     if cfg.env.get("show_context"):
         kwargs["show_context"] = True
-    if cfg.env.get("vectorization") == "batched":
+    if vectorization(cfg) == "batched":
         return BatchedFactory(env_id, cfg.threads, kwargs)
     return functools.partial(make_env, env_id, cfg.threads, **kwargs)
 
@@ -647,8 +670,8 @@ def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path)
     config = instantiate(
         cfg.agent.ppo,
         seed=cfg.seed,
-        num_envs=cfg.env.num_envs,
-        async_envs=cfg.env.vectorization == "async",
+        num_envs=num_envs(cfg),
+        async_envs=vectorization(cfg) == "async",
     )
     ckpt = run_dir / "checkpoint.pt"
     resume = _checkpoint_file(cfg.resume, ".pt") if cfg.resume else None
@@ -688,10 +711,10 @@ def train_sb3(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-    use_async = cfg.env.vectorization == "async"
+    use_async = vectorization(cfg) == "async"
     venv = make_vec_env(
         make,
-        n_envs=cfg.env.num_envs,
+        n_envs=num_envs(cfg),
         seed=cfg.seed,
         vec_env_cls=SubprocVecEnv if use_async else DummyVecEnv,
         vec_env_kwargs={"start_method": "spawn"} if use_async else None,

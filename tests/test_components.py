@@ -30,7 +30,7 @@ from esper_gym.observation import (
     NODE_FEATURES,
     SLOT_FEATURES,
 )
-from esper_gym.reward import RewardComputer, StepOutcome
+from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome
 from tests.conftest import SMALL
 from tests.test_train import ROOT, TINY, read_wandb_run
 
@@ -555,4 +555,6 @@ def test_config_error_messages_name_the_generator_key():
     assert type(train.build_generator(load())) is BlueprintGenerator
     fn = train.build_reward_fn(load("reward=measured_latency", "reward.weights.param_cost=0.3"))
     assert fn.latency == "measured" and fn.weights.param_cost == 0.3
+    assert type(fn.weights) is RewardWeights  # the dataclass, not a DictConfig wrapping it
+    assert type(train.build_reward_fn(load()).weights) is RewardWeights
     assert pathlib.Path(train.CONF_DIR, "generator", "karn.yaml").is_file()

@@ -254,6 +254,18 @@ def test_bad_validation_values():
         train.validate(load("agent=noop", "resume=somewhere"))
 
 
+def test_auto_vectorization_is_the_batched_simulator_for_tamiyo_only():
+    assert train.vectorization(load()) == "batched"  # the default run: tamiyo on the fast path
+    assert isinstance(train.env_factory(load()), train.BatchedFactory)
+    for agent in ("sb3_ppo", "maskable_ppo", "heuristic"):
+        assert train.vectorization(load(f"agent={agent}")) == "sync", agent
+        assert not isinstance(train.env_factory(load(f"agent={agent}")), train.BatchedFactory)
+    assert train.vectorization(load("env.vectorization=async")) == "async"
+    train.validate(load("agent=sb3_ppo"))  # auto never picks batched for SB3
+    with pytest.raises(train.ConfigError, match=r"env\.vectorization=batched"):
+        train.validate(load("agent=sb3_ppo", "env.vectorization=batched"))
+
+
 def test_env_contexts_reach_the_training_env():
     make = train.env_factory(load("env.contexts=train", "env.show_context=true"))
     env = make()
