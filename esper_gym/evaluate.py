@@ -202,6 +202,7 @@ class Job:
     agent_kwargs: Mapping[str, Any] | None = None  # a baseline's settings (make_agent kwargs)
     plan: tuple | None = None  # the oracle: play this schedule plan (ScheduleAgent)
     context: int | None = None  # play this context of the split (reset option), not the drawn one
+    show_context: bool = False  # the checkpoint was trained seeing the context's factors
 
 
 def make_jobs(
@@ -231,12 +232,22 @@ def make_jobs(
             f"(first_seed={first_seed!r})"
         )
     ckpts = {a: str(checkpoint_file(checkpoints[a])) for a in agents if a in checkpoints}
-    for path in ckpts.values():  # refused here, before any episode of any job runs
+    shows = {}  # agent -> whether its checkpoint was trained seeing the context (env.show_context)
+    contexts = job_kwargs.get("contexts")
+    for agent, path in ckpts.items():  # refused here, before any episode of any job runs
         ckpt = load_checkpoint(path)
+        shows[agent] = bool(ckpt.env.get("show_context")) if isinstance(ckpt.env, dict) else False
+        if shows[agent] and contexts is None:
+            raise ValueError(
+                f"checkpoint {path} ({agent}) was trained with env.show_context (the context's "
+                "factors in its observation): evaluate it on contexts, contexts=test (or train)"
+            )
         for task in tasks:
-            check_checkpoint(ckpt, path, make_env(task, contexts=job_kwargs.get("contexts")))
+            check_checkpoint(
+                ckpt, path, make_env(task, contexts=contexts, show_context=shows[agent])
+            )
     return [
-        Job(agent, task, seed, ckpts.get(agent), **job_kwargs)
+        Job(agent, task, seed, ckpts.get(agent), show_context=shows.get(agent, False), **job_kwargs)
         for task in tasks
         for agent in agents
         for seed in seed_list
@@ -256,8 +267,11 @@ def checkpoint_file(path: str | os.PathLike) -> pathlib.Path:
 # ------------------------------------------------------------------------ episodes
 
 
-def make_env(task: TaskSpec, reward_weights=None, kernel_dir=None, contexts=None):
-    """The env of a TaskSpec (MorphogeneticEnv; no TimeLimit: every task ends by its budget)."""
+def make_env(
+    task: TaskSpec, reward_weights=None, kernel_dir=None, contexts=None, show_context=False
+):
+    """The env of a TaskSpec (MorphogeneticEnv; no TimeLimit: every task ends by its budget).
+    `show_context` only adds the context's factors to the observation: the episode is the same."""
     from esper_gym.env import MorphogeneticEnv
 
     return MorphogeneticEnv(
@@ -265,6 +279,7 @@ def make_env(task: TaskSpec, reward_weights=None, kernel_dir=None, contexts=None
         reward_weights=dict(reward_weights or {}) or None,
         kernel_dir=kernel_dir,
         contexts=contexts,
+        show_context=show_context,
     )
 
 
@@ -345,7 +360,7 @@ def run_job(job: Job) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(job.threads)
-    env = make_env(job.task, job.reward_weights, job.kernel_dir, job.contexts)
+    env = make_env(job.task, job.reward_weights, job.kernel_dir, job.contexts, job.show_context)
     player = make_player(job, env)
     actions: list[int] = []
 

@@ -292,6 +292,41 @@ def test_checkpoint_without_a_recorded_library_is_refused(tmp_path, kernel_dir):
         make_jobs(["tamiyo"], [spirals], 1, checkpoints={"tamiyo": str(ckpt)})
 
 
+def test_checkpoint_trained_seeing_the_context_is_evaluated_seeing_it(tmp_path, kernel_dir):
+    """A policy trained with env.show_context has more globals: evaluate records that in the
+    job and builds its env alike (baselines' envs stay plain), and refuses it without contexts
+    rather than fail on the sizes. Showing the context changes the observation only."""
+    import torch
+
+    from esper_gym.agents.tamiyo import TamiyoPolicy, env_record, save_checkpoint
+
+    (spirals,) = resolve_tasks(["spirals"], common=TASK)
+    env = make_env(spirals, kernel_dir=kernel_dir, contexts="test", show_context=True)
+    plain = make_env(spirals, kernel_dir=kernel_dir, contexts="test")
+    extra = env.observation_space["globals"].shape[0] - plain.observation_space["globals"].shape[0]
+    assert extra == len(env.context_space.factors) > 0
+    record = env_record(env)
+    assert record["show_context"] is True and "show_context" not in env_record(plain)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, TamiyoPolicy.for_space(env.observation_space), None, 0, None, record)
+    jobs = make_jobs(
+        ["tamiyo", "noop"], [spirals], 1, checkpoints={"tamiyo": str(ckpt)},
+        contexts="test", kernel_dir=kernel_dir,
+    )  # fmt: skip
+    assert {j.agent: j.show_context for j in jobs} == {"tamiyo": True, "noop": False}
+    row = run_job(jobs[0])["row"]
+    assert row["agent"] == "tamiyo" and row["length"] > 0 and np.isfinite(row["return"])
+    with pytest.raises(ValueError, match=r"show_context.*contexts=test"):
+        make_jobs(["tamiyo"], [spirals], 1, checkpoints={"tamiyo": str(ckpt)})
+    # Same seed, same actions: the same episode with or without the context in view.
+    returns = []
+    for e in (env, plain):
+        e.reset(seed=5)
+        returns.append(sum(e.step(0)[1] for _ in range(6)))
+    assert returns[0] == returns[1]
+
+
 def test_negative_first_seed_is_refused_before_any_episode():
     (spirals,) = resolve_tasks(["spirals"], common=TASK)
     with pytest.raises(ValueError, match=r"seeds must be integers >= 0.*first_seed=-1"):

@@ -363,11 +363,15 @@ def env_record(env: gym.Env) -> dict:
     """What a checkpoint must agree on with an env: {"task": name, "blueprints": [...]} of an
     Esper env, {} for any other env. The blueprint library is part of the action space's
     meaning: GERMINATE action b picks `blueprints[b]`, so the same index on a reordered
-    library is another blueprint."""
+    library is another blueprint. `"show_context": True` when the env appends the context's
+    factors to the globals (evaluation must then show them too)."""
     task = getattr(env.unwrapped, "task", None)
     if task is None or not hasattr(task, "blueprints"):
         return {}
-    return {"task": str(task.name), "blueprints": [str(b) for b in task.blueprints]}
+    record = {"task": str(task.name), "blueprints": [str(b) for b in task.blueprints]}
+    if getattr(env.unwrapped, "show_context", False):
+        record["show_context"] = True
+    return record
 
 
 def mixture_record(records: list[dict]) -> dict:
@@ -385,7 +389,10 @@ def mixture_record(records: list[dict]) -> dict:
                 "GERMINATE actions cannot mean both; give every task the same library"
             )
     names = [str(rec.get("task")) for rec in records]
-    return {"task": "+".join(names), "tasks": names, "blueprints": first.get("blueprints")}
+    mixed = {"task": "+".join(names), "tasks": names, "blueprints": first.get("blueprints")}
+    if any(rec.get("show_context") for rec in records):
+        mixed["show_context"] = True
+    return mixed
 
 
 def check_env_record(saved: dict, current: dict, checkpoint, *, same_task: bool) -> None:
