@@ -10,11 +10,18 @@ and writes the table as CSV next to the episodes.
     python experiments/paired_table.py results/tamiyo/test_contexts \
         --agents tamiyo0 tamiyo1 tamiyo2 --against schedule gradmax north noop \
         --metrics return test_acc params_added
+
+`--merge` adds the evaluation episodes of `python -m esper_gym.train` runs (their
+`results.json`: the trained agent and `eval.compare`), e.g. an SB3 agent, which
+`esper_gym.evaluate` cannot load. Its episodes pair with the evaluate run's only if they are the
+same episodes (train's `eval.first_seed` and contexts as evaluate's `first_seed` and `contexts`):
+every agent both hold must have the very same per-seed returns, or the merge is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 
 import pandas as pd
@@ -36,6 +43,8 @@ def paired_table(
                 both = block[block["agent"] == agent].merge(
                     block[block["agent"] == other], on="seed", suffixes=("", "_other")
                 )
+                if both.empty or agent == other:
+                    continue  # not both on this task (a merged train run's task only)
                 for metric in metrics:
                     diff = (both[metric] - both[f"{metric}_other"]).to_numpy(float)
                     ci = stats.paired_difference([diff])
@@ -54,6 +63,40 @@ def paired_table(
     return pd.DataFrame(rows)
 
 
+EPISODE_FIELDS = ("return", "test_acc", "params_added")
+
+
+def train_episodes(path: pathlib.Path) -> pd.DataFrame:
+    """The evaluation episodes in a train run's results.json, as episodes.csv rows."""
+    results = json.loads(path.read_text())
+    rows = [
+        {"agent": agent, "task": results["task"], "seed": ep["seed"],
+         **{k: ep[k] for k in EPISODE_FIELDS}}
+        for agent, block in results["eval"].items()
+        for ep in block["episodes"]
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def merge(episodes: pd.DataFrame, extra: pd.DataFrame, source) -> pd.DataFrame:
+    """`episodes` plus the agents of `extra` it lacks; refused unless every agent in both has
+    the same return on every common (task, seed): the proof that they are the same episodes."""
+    keys = ["agent", "task", "seed"]
+    both = episodes.merge(extra, on=keys, suffixes=("", "_extra"))
+    if both.empty:
+        raise SystemExit(f"{source}: no (agent, task, seed) in common: cannot show they pair")
+    off = both[(both["return"] - both["return_extra"]).abs() > 1e-9]
+    if len(off):
+        first = off.iloc[0]
+        raise SystemExit(
+            f"{source}: {first['agent']} on {first['task']} seed {first['seed']} returned "
+            f"{first['return_extra']!r} there, {first['return']!r} here: not the same episodes "
+            "(match eval.first_seed and contexts to the evaluate run)"
+        )
+    new = extra[~extra["agent"].isin(set(episodes["agent"]))]
+    return pd.concat([episodes, new], ignore_index=True)
+
+
 def markdown(table: pd.DataFrame, metric: str) -> str:
     """One row per (task, other), one column per agent: `diff [lo, hi]` of `metric`."""
     sub = table[table["metric"] == metric]
@@ -69,7 +112,11 @@ def markdown(table: pd.DataFrame, metric: str) -> str:
     for (task, other), g in sub.groupby(["task", "other"], sort=False):
         cells = []
         for agent in agents:
-            r = g[g["agent"] == agent].iloc[0]
+            mine = g[g["agent"] == agent]
+            if mine.empty:
+                cells.append("–")
+                continue
+            r = mine.iloc[0]
             cells.append(fmt.format(r["diff"] * scale, r["lo"] * scale, r["hi"] * scale))
         lines.append(f"| {task} | {other} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -81,13 +128,24 @@ def main() -> None:
     parser.add_argument("--agents", nargs="+", required=True)
     parser.add_argument("--against", nargs="+", required=True)
     parser.add_argument("--metrics", nargs="+", default=["return"])
+    parser.add_argument(
+        "--merge", nargs="*", type=pathlib.Path, default=[],
+        help="results.json of esper_gym.train runs whose evaluation played the same episodes",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=None, help="default: <results>/paired.csv"
+    )
     args = parser.parse_args()
     episodes = pd.read_csv(args.results / "episodes.csv")
+    for path in args.merge:
+        episodes = merge(episodes, train_episodes(path), path)
     table = paired_table(episodes, args.agents, args.against, args.metrics)
-    table.to_csv(args.results / "paired.csv", index=False)
+    out = args.out or args.results / "paired.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
     for metric in args.metrics:
         print(markdown(table, metric), end="\n\n")
-    print(f"wrote {args.results / 'paired.csv'}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""experiments/paired_table.py: merging a train run's evaluation only when it played the same
+episodes, and pairs only where both agents played."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pandas as pd
+import pytest
+
+PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "paired_table.py"
+spec = importlib.util.spec_from_file_location("paired_table", PATH)
+paired_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(paired_table)
+
+
+def _episodes():
+    rows = []
+    for task, base in (("spirals", 4.0), ("fashion_mnist", 7.0)):
+        for seed in range(5):
+            for agent, delta in (("schedule", 0.0), ("tamiyo0", 0.1), ("noop", -1.0)):
+                rows.append({"agent": agent, "task": task, "seed": seed,
+                             "return": base + delta + 0.01 * seed, "test_acc": 0.8,
+                             "params_added": 100})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _train_results(tmp_path, schedule_shift=0.0):
+    eps = lambda agent, delta: [  # noqa: E731
+        {"seed": s, "return": 4.0 + delta + 0.01 * s, "test_acc": 0.7, "params_added": 50}
+        for s in range(5)
+    ]
+    results = {"task": "spirals", "eval": {
+        "maskable_ppo": {"episodes": eps("maskable_ppo", -0.5)},
+        "schedule": {"episodes": eps("schedule", schedule_shift)},
+    }}  # fmt: skip
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_merge_pairs_a_train_run_playing_the_same_episodes(tmp_path):
+    path = _train_results(tmp_path)
+    merged = paired_table.merge(_episodes(), paired_table.train_episodes(path), path)
+    assert set(merged["agent"]) == {"schedule", "tamiyo0", "noop", "maskable_ppo"}
+    assert len(merged[merged["agent"] == "schedule"]) == 10  # not duplicated
+    table = paired_table.paired_table(merged, ["maskable_ppo", "tamiyo0"], ["schedule"], ["return"])
+    # maskable_ppo played spirals only: no fashion_mnist pair, and no NaN row for it
+    assert set(zip(table["task"], table["agent"])) == {
+        ("spirals", "maskable_ppo"),
+        ("spirals", "tamiyo0"),
+        ("fashion_mnist", "tamiyo0"),
+    }
+    row = table[table["agent"] == "maskable_ppo"].iloc[0]
+    assert row["diff"] == pytest.approx(-0.5) and row["n"] == 5
+    assert "–" in paired_table.markdown(table, "return")
+
+
+def test_merge_refuses_other_episodes(tmp_path):
+    path = _train_results(tmp_path, schedule_shift=0.2)  # other seeds or contexts
+    with pytest.raises(SystemExit, match=r"schedule on spirals seed 0.*not the same episodes"):
+        paired_table.merge(_episodes(), paired_table.train_episodes(path), path)
