@@ -343,7 +343,8 @@ def make_player(job: Job, env):
         ckpt = load_checkpoint(job.checkpoint)
         check_checkpoint(ckpt, job.checkpoint, env)
         policy = ckpt.policy.eval()
-        return _Checkpointed(policy.actor(greedy=job.greedy, seed=job.seed))
+        actor = policy.actor(greedy=job.greedy, seed=job.seed, **(job.agent_kwargs or {}))
+        return _Checkpointed(actor)
     from esper_gym.agents.baselines import ScheduleAgent, make_agent
 
     if job.plan is not None:  # the oracle's plan for this context
@@ -630,19 +631,34 @@ def evaluate(
 def with_agent_kwargs(
     jobs: Sequence[Job], agent_kwargs: Mapping[str, Mapping[str, Any]] | None
 ) -> list[Job]:
-    """`jobs` with each baseline's `agent_kwargs[name]`; a name that is no baseline is refused."""
+    """`jobs` with each agent's `agent_kwargs[name]`: a baseline's make_agent kwargs, or a
+    checkpointed policy's actor settings (CHECKPOINT_KWARGS: the uncertainty gate). A name
+    that is neither, or a checkpoint setting that is not one, is refused."""
     from esper_gym.agents.baselines import AGENTS
 
     kwargs = {k: dict(v) for k, v in (agent_kwargs or {}).items() if v}
-    unknown = sorted(set(kwargs) - set(AGENTS))
+    checkpointed = {j.agent for j in jobs if j.checkpoint}
+    unknown = sorted(set(kwargs) - set(AGENTS) - checkpointed)
     if unknown:
-        raise ValueError(f"agent_kwargs for {unknown}: not baselines ({', '.join(AGENTS)})")
+        raise ValueError(
+            f"agent_kwargs for {unknown}: not baselines ({', '.join(AGENTS)}) nor agents with "
+            "a checkpoint"
+        )
+    for name in sorted(set(kwargs) & checkpointed):
+        bad = sorted(set(kwargs[name]) - set(CHECKPOINT_KWARGS))
+        if bad:
+            raise ValueError(
+                f"agent_kwargs.{name}: {bad} are not settings of a checkpointed policy; "
+                f"allowed: {', '.join(CHECKPOINT_KWARGS)}"
+            )
     return [
-        dataclasses.replace(j, agent_kwargs=kwargs[j.agent])
-        if j.agent in kwargs and not j.checkpoint
-        else j
+        dataclasses.replace(j, agent_kwargs=kwargs[j.agent]) if j.agent in kwargs else j
         for j in jobs
     ]
+
+
+# A checkpointed policy's settings in agent_kwargs: TamiyoPolicy.actor's uncertainty gate.
+CHECKPOINT_KWARGS = ("gate", "gate_samples")
 
 
 def oracle_selection_jobs(

@@ -251,6 +251,38 @@ def test_mc_dropout_uncertainty_is_zero_without_dropout_and_positive_with_it():
     assert torch.all(some["entropy"] > 0)
 
 
+def test_uncertainty_gate_turns_disputed_actions_into_wait():
+    """epistemic is the MC-dropout mutual information: 0 without dropout, > 0 with it, seeded
+    (global RNG and mode untouched). A gate of 0 turns every disputed non-WAIT action into
+    WAIT, a gate above every disagreement changes nothing, and gated episodes replay."""
+    obs = make_obs(5, seed=61, valid=0.8)
+    assert policy_for(dropout=0.0).epistemic(obs, 4, seed=0) == pytest.approx(0.0, abs=1e-6)
+    policy = policy_for(dropout=0.5).eval()
+    state = torch.random.get_rng_state()
+    mi = policy.epistemic(obs, 8, seed=3)
+    assert mi > 0 and mi == policy.epistemic(obs, 8, seed=3) != policy.epistemic(obs, 8, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state) and not policy.training
+
+    def episode(actor, steps=40):
+        return [actor(obs) for _ in range(steps)]
+
+    plain = episode(policy.actor(seed=7))
+    assert sum(a != 0 for a in plain) > 20
+    assert episode(policy.actor(seed=7, gate=10.0)) == plain  # no disagreement is that high
+    closed = episode(policy.actor(seed=7, gate=0.0))
+    assert closed == [0] * 40  # every non-WAIT draw was disputed: all WAIT
+    mid = float(np.median([policy.epistemic(obs, 8, seed=k) for k in range(20)]))
+    gated = episode(policy.actor(seed=7, gate=mid))
+    assert gated == episode(policy.actor(seed=7, gate=mid))
+    changed = [(p, g) for p, g in zip(plain, gated) if p != g]
+    assert changed and all(g == 0 for _, g in changed) and len(changed) < sum(a != 0 for a in plain)
+    for bad in (-0.1, True, float("nan")):
+        with pytest.raises(ValueError, match="uncertainty gate"):
+            policy.actor(gate=bad)
+    with pytest.raises(ValueError, match="gate_samples"):
+        policy.actor(gate=0.1, gate_samples=1)
+
+
 def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path):
     policy = policy_for()
     with torch.no_grad():  # non-default return statistics must survive too

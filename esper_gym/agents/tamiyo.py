@@ -320,15 +320,63 @@ class TamiyoPolicy(nn.Module):
         # actions have probability exactly 0 (MASKED), so they are never drawn.
         return int(torch.multinomial(logits[0].softmax(-1), 1, generator=generator))
 
-    def actor(self, *, greedy: bool = False, seed: int | None = None) -> Callable[..., int]:
+    def actor(
+        self,
+        *,
+        greedy: bool = False,
+        seed: int | None = None,
+        gate: float | None = None,
+        gate_samples: int = 8,
+    ) -> Callable[..., int]:
         """`act(obs, info=None) -> action` for one episode. Sampling (the default: that is the
         policy PPO trained) draws from a generator seeded with `seed`, so the same episode seed
         gives the same actions in every run and every agent comparison stays paired; `seed=None`
-        draws from torch's global RNG."""
+        draws from torch's global RNG.
+
+        `gate` (nats): the uncertainty gate. An action other than WAIT whose MC-dropout
+        disagreement (`epistemic`, `gate_samples` passes) exceeds it becomes WAIT: the policy
+        acts only where its dropout ensemble agrees. The passes are seeded from `seed` and the
+        step, so a gated episode is as reproducible as an ungated one."""
+        if gate is not None and (isinstance(gate, bool) or not gate >= 0):
+            raise ValueError(f"uncertainty gate={gate!r}: a disagreement in nats, >= 0")
+        if isinstance(gate_samples, bool) or not isinstance(gate_samples, int) or gate_samples < 2:
+            raise ValueError(f"gate_samples={gate_samples!r}: an int >= 2 (MC-dropout passes)")
         generator = None
         if not greedy and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
-        return lambda obs, info=None: self.act(obs, greedy=greedy, generator=generator)
+        if gate is None:
+            return lambda obs, info=None: self.act(obs, greedy=greedy, generator=generator)
+        steps = iter(range(1 << 62))
+
+        def gated(obs, info=None) -> int:
+            action = self.act(obs, greedy=greedy, generator=generator)
+            mc_seed = (0 if seed is None else int(seed)) * 1_000_003 + next(steps)
+            acting = action != 0 and bool(obs["action_mask"][0])  # WAIT is action 0
+            if acting and self.epistemic(obs, gate_samples, mc_seed) > gate:
+                return 0
+            return action
+
+        return gated
+
+    @torch.inference_mode()
+    def epistemic(self, obs, samples: int = 8, seed: int = 0) -> float:
+        """MC-dropout disagreement at one observation (nats): the mutual information between
+        the action and the dropout mask, H(mean_k p_k) - mean_k H(p_k) over `samples` passes
+        with dropout on. 0 when every pass gives the same distribution; high where the
+        policy's choice rests on a few units (epistemic, not the policy's own randomness).
+        Seeded; torch's global RNG and the module's mode are left as they were."""
+        batch = obs_to_batch(obs)
+        was_training = self.training
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.train()
+            probs = torch.stack([self(batch)[0][0].softmax(-1) for _ in range(samples)])
+        self.train(was_training)
+
+        def entropy(p: torch.Tensor) -> torch.Tensor:
+            return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+        return float((entropy(probs.mean(0)) - entropy(probs).mean()).clamp_min(0.0))
 
     @classmethod
     def for_space(cls, space: gym.spaces.Dict, **kw) -> TamiyoPolicy:
