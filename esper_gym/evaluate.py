@@ -658,7 +658,7 @@ def with_agent_kwargs(
 
 
 # A checkpointed policy's settings in agent_kwargs: TamiyoPolicy.actor's uncertainty gate.
-CHECKPOINT_KWARGS = ("gate", "gate_samples")
+CHECKPOINT_KWARGS = ("gate", "gate_samples", "gate_kinds")
 
 
 def oracle_selection_jobs(

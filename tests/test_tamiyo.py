@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from esper_gym.actions import ActionLayout
+from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT, ActionLayout
 from esper_gym.agents.tamiyo import (
     MASKED,
     GuardConfig,
@@ -269,13 +269,20 @@ def test_uncertainty_gate_turns_disputed_actions_into_wait():
     plain = episode(policy.actor(seed=7))
     assert sum(a != 0 for a in plain) > 20
     assert episode(policy.actor(seed=7, gate=10.0)) == plain  # no disagreement is that high
-    closed = episode(policy.actor(seed=7, gate=0.0))
+    every = (GERMINATE, ADVANCE, CULL)
+    closed = episode(policy.actor(seed=7, gate=0.0, gate_kinds=every))
     assert closed == [0] * 40  # every non-WAIT draw was disputed: all WAIT
+    kinds = [LAYOUT.decode(a).kind for a in plain]
+    grow_only = episode(policy.actor(seed=7, gate=0.0))  # default: GERMINATE alone is gated
+    assert grow_only == [0 if k == GERMINATE else a for a, k in zip(plain, kinds)]
+    assert GERMINATE in kinds and set(kinds) - {GERMINATE, WAIT}
     mid = float(np.median([policy.epistemic(obs, 8, seed=k) for k in range(20)]))
-    gated = episode(policy.actor(seed=7, gate=mid))
-    assert gated == episode(policy.actor(seed=7, gate=mid))
+    gated = episode(policy.actor(seed=7, gate=mid, gate_kinds=every))
+    assert gated == episode(policy.actor(seed=7, gate=mid, gate_kinds=every))
     changed = [(p, g) for p, g in zip(plain, gated) if p != g]
     assert changed and all(g == 0 for _, g in changed) and len(changed) < sum(a != 0 for a in plain)
+    with pytest.raises(ValueError, match="gate_kinds"):
+        policy.actor(gate=0.1, gate_kinds=("grow",))
     for bad in (-0.1, True, float("nan")):
         with pytest.raises(ValueError, match="uncertainty gate"):
             policy.actor(gate=bad)

@@ -36,11 +36,17 @@ def layout_from_spaces(
     observation_space: spaces.Dict, action_space: spaces.Discrete
 ) -> ActionLayout:
     max_nodes, node_dim = observation_space["nodes"].shape
+    return layout_from_shapes(max_nodes, node_dim, int(action_space.n))
+
+
+def layout_from_shapes(max_nodes: int, node_dim: int, n_actions: int) -> ActionLayout:
+    """The action layout of an observation's shapes: `nodes` (max_nodes, node_dim) and an
+    `action_mask` of n_actions."""
     rest = node_dim - len(NODE_FEATURES)
     if rest % len(SLOT_FEATURES) == len(MEASURED_NODE_FEATURES):  # telemetry="measured"
         rest -= len(MEASURED_NODE_FEATURES)
     slots = rest // len(SLOT_FEATURES)
-    per_node = (int(action_space.n) - 1) // max_nodes
+    per_node = (n_actions - 1) // max_nodes
     return ActionLayout(max_nodes, slots, per_node // slots - 2)
 
 

@@ -327,15 +327,17 @@ class TamiyoPolicy(nn.Module):
         seed: int | None = None,
         gate: float | None = None,
         gate_samples: int = 8,
+        gate_kinds: Sequence[str] = (GERMINATE,),
     ) -> Callable[..., int]:
         """`act(obs, info=None) -> action` for one episode. Sampling (the default: that is the
         policy PPO trained) draws from a generator seeded with `seed`, so the same episode seed
         gives the same actions in every run and every agent comparison stays paired; `seed=None`
         draws from torch's global RNG.
 
-        `gate` (nats): the uncertainty gate. An action other than WAIT whose MC-dropout
+        `gate` (nats): the uncertainty gate. An action of a kind in `gate_kinds` (by default
+        GERMINATE: growth, not the lifecycle of seeds already growing) whose MC-dropout
         disagreement (`epistemic`, `gate_samples` passes) exceeds it becomes WAIT: the policy
-        acts only where its dropout ensemble agrees. The passes are seeded from `seed` and the
+        grows only where its dropout ensemble agrees. The passes are seeded from `seed` and the
         step, so a gated episode is as reproducible as an ungated one."""
         if gate is not None and (isinstance(gate, bool) or not gate >= 0):
             raise ValueError(f"uncertainty gate={gate!r}: a disagreement in nats, >= 0")
@@ -344,15 +346,26 @@ class TamiyoPolicy(nn.Module):
         generator = None
         if not greedy and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
+        unknown = sorted(set(gate_kinds) - {GERMINATE, ADVANCE, CULL})
+        if unknown:
+            raise ValueError(f"gate_kinds {unknown}; allowed: {GERMINATE}, {ADVANCE}, {CULL}")
         if gate is None:
             return lambda obs, info=None: self.act(obs, greedy=greedy, generator=generator)
+        from esper_gym.agents.baselines import layout_from_shapes
+
         steps = iter(range(1 << 62))
 
         def gated(obs, info=None) -> int:
             action = self.act(obs, greedy=greedy, generator=generator)
             mc_seed = (0 if seed is None else int(seed)) * 1_000_003 + next(steps)
-            acting = action != 0 and bool(obs["action_mask"][0])  # WAIT is action 0
-            if acting and self.epistemic(obs, gate_samples, mc_seed) > gate:
+            layout = layout_from_shapes(*obs["nodes"].shape, len(obs["action_mask"]))
+            gated_kind = action != 0 and layout.decode(action).kind in gate_kinds
+            # WAIT is action 0; always valid in an Esper env, but never substitute an invalid one
+            if (
+                gated_kind
+                and obs["action_mask"][0]
+                and self.epistemic(obs, gate_samples, mc_seed) > gate
+            ):
                 return 0
             return action
 
