@@ -354,11 +354,13 @@ class TamiyoPolicy(nn.Module):
         from esper_gym.agents.baselines import layout_from_shapes
 
         steps = iter(range(1 << 62))
+        layouts: dict[tuple, object] = {}  # by observation shape: decoded once, not every step
 
         def gated(obs, info=None) -> int:
             action = self.act(obs, greedy=greedy, generator=generator)
             mc_seed = (0 if seed is None else int(seed)) * 1_000_003 + next(steps)
-            layout = layout_from_shapes(*obs["nodes"].shape, len(obs["action_mask"]))
+            shape = (*obs["nodes"].shape, len(obs["action_mask"]))
+            layout = layouts.get(shape) or layouts.setdefault(shape, layout_from_shapes(*shape))
             gated_kind = action != 0 and layout.decode(action).kind in gate_kinds
             # WAIT is action 0; always valid in an Esper env, but never substitute an invalid one
             if (
