@@ -363,13 +363,27 @@ class _Batch:
         self._seed_groups: list[tuple[float, list[torch.Tensor]]] = []
         self._seed_state: dict[torch.Tensor, tuple[torch.Tensor, ...]] = {}
         self._opt_key: tuple = ()
+        self._live: set[nn.Module] = set()  # the kernels of the running seeds, as last synced
+        self._untried: set = set()
+        # Groups of at least VMAP_MIN running seeds of one layer sharing a kernel graph, their
+        # tensors stacked (_SeedStack); stacks[k] maps a graph to its stack for column k.
+        self.stacks: dict[int, dict[Any, _SeedStack]] = {}
         self.host: dict[int, _HostStack] = {}  # column index -> that layer's stacked weights
+        device = torch.device(task.device)
+        self._found_inf = torch.zeros(1, device=device)  # the fused gradient check's flag
+        self._one = torch.ones(1, device=device)
 
     def set_members(self, envs: list[MorphogeneticEnv]) -> None:
         self.envs = envs
         trainers = [env.trainer for env in envs]
         # columns[k][j]: module k of copy j's Sequential
         self.columns = list(zip(*(list(env.model) for env in envs)))
+        self._column_of = {
+            layer: k
+            for k, column in enumerate(self.columns)
+            for layer in column
+            if isinstance(layer, KasminaLayer)
+        }
         if len(trainers) != len(self.trainers) or any(
             a is not b for a, b in zip(trainers, self.trainers)
         ):
@@ -407,13 +421,14 @@ class _Batch:
         first = trainers[0]
         device = first.device
         layers = [layer for t in trainers for layer in t.layers]
-        self._sync_optimizer()
         # (steps, copies, batch): each copy's batches, drawn from its own data order
         indices = torch.stack([t._interval_indices(steps) for t in trainers], 1)
         idle = dict.fromkeys(layers, 0)  # optimizer steps a layer had nothing to step
         losses, hits = [], []
         for step in range(steps):
             record = step == steps - 1
+            # Before the forward: a stacked seed must run from its stack to get its gradient.
+            self._sync_optimizer()
             x, y = first.x_train[indices[step]].to(device), first.y_train[indices[step]].to(device)
             logits = self.forward(x, record)
             hits.append((logits.detach().argmax(2) == y).sum(1))
@@ -425,11 +440,15 @@ class _Batch:
             for _, params in self._seed_groups:
                 for p in params:
                     p.grad = None
+            for stacks in self.stacks.values():
+                for stack in stacks.values():
+                    for leaf in stack.leaves:
+                        leaf.grad = None
             loss.sum().backward()
             skipped = self._check_grads(loss, x, y)
             if record:
                 self._capture_grads(skipped)
-            self._sync_optimizer()
+            self._drop_culled()
             self._host_step(skipped)
             self._seed_step()
             for layer in layers:
@@ -457,15 +476,23 @@ class _Batch:
             t._sync_seed_optimizer()
             coupled = coupled or any(layer.coupled for layer in t.layers)
             grads += [p.grad for _, _, params in t._seeds for p in params if p.grad is not None]
+        seed_stacks = [stack for stacks in self.stacks.values() for stack in stacks.values()]
+        grads += [
+            leaf.grad for stack in seed_stacks for leaf in stack.leaves if leaf.grad is not None
+        ]
         if coupled:  # every copy's host gradients: a superset of the coupled copies' own
             grads += [p.grad for p in self._host_params if p.grad is not None]
-        total = loss.detach().sum()
-        if grads:
-            total = total + torch.stack(torch._foreach_norm(grads)).sum()
-        if math.isfinite(total.item()):
+        # One fused check (as HostTrainer's) and one sync over every copy's loss and gradients.
+        found = self._found_inf
+        found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_([loss.detach(), *grads], found, self._one)
+        if not found.item():
             return set()
         # Each copy's own check reads (and may clear) its own parameters' gradients: lend it
-        # its rows of the stacked gradients; a copy whose host gradients it cleared skips.
+        # its rows of the stacked gradients (host and seeds); a copy whose host gradients it
+        # cleared skips its step, a seed whose gradients it cleared is not stepped.
+        for stack in seed_stacks:
+            stack.lend_grads()
         stacks = list(self.host.values())
         skipped = set()
         for i, t in enumerate(self.trainers):
@@ -478,6 +505,8 @@ class _Batch:
                 skipped.add(i)
             for p in params:
                 p.grad = None
+        for stack in seed_stacks:
+            stack.take_back_grads()
         return skipped
 
     def _host_step(self, skipped: set[int]) -> None:
@@ -525,42 +554,100 @@ class _Batch:
                     _set(layer, "_grad_norm", per_copy[j])
 
     def _sync_optimizer(self) -> None:
-        """Make the seeds' Adam hold exactly the copies' running seeds (one group per learning
-        rate), state carried over for those that ran before; the host weights step in
-        `_host_step`."""
-        key = tuple((t, t._seed_key) for t in self.trainers)
-        if key == self._opt_key:
+        """Make the seeds' Adam hold exactly the copies' running seeds, state carried over for
+        those that ran before: the seeds of one layer sharing a vmappable kernel graph, at least
+        VMAP_MIN of them, in a `_SeedStack` (their tensors stacked); the others one parameter
+        at a time (one list per learning rate). The host weights step in `_host_step`."""
+        for t in self.trainers:
+            t._sync_seed_optimizer()
+        # Which seeds run, and which of them are TRAINING: a stack's members are in the order
+        # the training forward runs them (_seed_deltas), so that it reads the stack as it is.
+        key = tuple(
+            (t, t._seed_key, tuple(slot.state == SeedState.TRAINING for _, slot, _ in t._seeds))
+            for t in self.trainers
+        )
+        if key == self._opt_key and not any(g in _VMAPPABLE for g in self._untried):
             return
         self._opt_key = key
-        seeds: dict[float, list[torch.Tensor]] = {}
+        # Every seed parameter's Adam state, wherever it was kept: (exp_avg, exp_avg_sq, step).
+        state = dict(self._seed_state)
+        for stacks in self.stacks.values():
+            for stack in stacks.values():
+                state.update(stack.adam_state())
+        groups: dict[tuple, list[tuple[KasminaLayer, nn.Module, list[torch.Tensor]]]] = {}
+        order: dict[nn.Module, tuple[bool, int]] = {}
         for t in self.trainers:
-            for group in t._seed_groups.values():
-                seeds.setdefault(group["lr"], []).extend(group["params"])
+            for layer, slot, params in t._seeds:
+                kernel = layer.kernels[str(slot.index)]
+                order[kernel] = (slot.state != SeedState.TRAINING, slot.index)
+                groups.setdefault((self._column_of[layer], kernel.graph), []).append(
+                    (layer, kernel, params)
+                )
+        self.stacks, seeds = {}, {}
+        # Graphs not run under vmap yet: their groups are stacked once vmap has run them.
+        self._untried = set()
+        for (k, graph), members in groups.items():
+            known = graph in _VMAPPABLE or graph in _NOT_VMAPPABLE
+            if len(members) >= VMAP_MIN and not known:
+                self._untried.add(graph)
+            if len(members) >= VMAP_MIN and graph in _VMAPPABLE:
+                members.sort(key=lambda member: order[member[1]])  # stable: copies in order
+                stack = _SeedStack([kernel for _, kernel, _ in members], members[0][0].config.lr)
+                stack.load_adam_state(state)
+                self.stacks.setdefault(k, {})[graph] = stack
+            else:
+                for layer, _, params in members:
+                    seeds.setdefault(layer.config.lr, []).extend(params)
+        self._live = {kernel for members in groups.values() for _, kernel, _ in members}
         self._seed_groups = list(seeds.items())
-        old, self._seed_state = self._seed_state, {}
+        self._seed_state = {}
         for _, params in self._seed_groups:
             for p in params:
-                self._seed_state[p] = old.get(p) or (
+                self._seed_state[p] = state.get(p) or (
                     torch.zeros_like(p, memory_format=torch.preserve_format),
                     torch.zeros_like(p, memory_format=torch.preserve_format),
                     torch.tensor(0.0, dtype=torch.float32, device=p.device),
                 )
 
+    def _drop_culled(self) -> None:
+        """After the gradient check: a seed culled during this optimizer step (its breaker
+        tripped, or it was quarantined) is not stepped, as the single env drops its param group
+        before stepping. The stacks are rebuilt before the next forward."""
+        live = {kernel for t in self.trainers for kernel in t._seed_key}
+        for kernel in self._live - live:
+            for p in kernel.parameters():
+                p.grad = None
+            for stacks in self.stacks.values():
+                for stack in stacks.values():
+                    if kernel in stack.rows:
+                        stack.used[stack.rows[kernel]] = False
+
     @torch.no_grad()
     def _seed_step(self) -> None:
         """The seeds' Adam step: what torch.optim.Adam(fused=True) does with these groups (no
         weight decay), without its per-step bookkeeping; a parameter without a gradient (a
-        faulted seed's, a skipped copy's) keeps its state and step count."""
+        faulted seed's, a skipped copy's, a stacked seed that did not run) keeps its state and
+        step count. One fused call per learning rate, over single parameters and stack rows."""
+        lists: dict[float, tuple[list, list, list, list, list]] = {}
         for lr, group in self._seed_groups:
             params = [p for p in group if p.grad is not None]
+            if params:
+                states = [self._seed_state[p] for p in params]
+                rows = lists.setdefault(lr, ([], [], [], [], []))
+                rows[0].extend(params)
+                rows[1].extend(p.grad for p in params)
+                rows[2].extend(state[0] for state in states)
+                rows[3].extend(state[1] for state in states)
+                rows[4].extend(state[2] for state in states)
+        for stacks in self.stacks.values():
+            for stack in stacks.values():
+                stack.adam_rows(lists.setdefault(stack.lr, ([], [], [], [], [])))
+        for lr, (params, grads, exp_avgs, exp_avg_sqs, steps) in lists.items():
             if not params:
                 continue
-            states = [self._seed_state[p] for p in params]
-            steps = [state[2] for state in states]
             torch._foreach_add_(steps, 1)
             torch._fused_adam_(
-                params, [p.grad for p in params], [state[0] for state in states],
-                [state[1] for state in states], [], steps,
+                params, grads, exp_avgs, exp_avg_sqs, [], steps,
                 amsgrad=False, lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
                 maximize=False, grad_scale=None, found_inf=None,
             )  # fmt: skip
@@ -639,7 +726,7 @@ class _Batch:
                 tensors = self.host[k].tensors
                 if rows is not None:
                     tensors = [tensor.index_select(0, rows) for tensor in tensors]
-                x = _layer_forward(column, x, record, *tensors)
+                x = _layer_forward(column, x, record, self.stacks.get(k), *tensors)
             elif isinstance(module, nn.Flatten):
                 x = x.flatten(2)
             else:
@@ -651,11 +738,13 @@ def _layer_forward(
     layers: list[KasminaLayer],
     x: torch.Tensor,
     record: bool,
+    stacks: dict[Any, _SeedStack] | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KasminaLayer.forward of each copy's layer on its slice of x (copies, B, in), with the
-    copies' host weights stacked: weight (copies, out, in), bias (copies, out)."""
+    copies' host weights stacked: weight (copies, out, in), bias (copies, out); `stacks`: this
+    layer's seed stacks by kernel graph."""
     if record:
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
@@ -665,7 +754,10 @@ def _layer_forward(
         h = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     else:
         h = torch.bmm(x, weight.transpose(1, 2))
-    out = _seed_deltas(layers, h, record) if any(layer._running for layer in layers) else h
+    if any(layer._running for layer in layers):
+        out = _seed_deltas(layers, h, record, stacks or {})
+    else:
+        out = h
     if record:
         if out.is_cuda:
             torch.cuda.synchronize(out.device)
@@ -687,7 +779,9 @@ def _keep_out_grads(layers: list[KasminaLayer], g: torch.Tensor) -> None:
         _set(layer, "_out_grad", norms[j])
 
 
-def _seed_deltas(layers: list[KasminaLayer], h: torch.Tensor, record: bool) -> torch.Tensor:
+def _seed_deltas(
+    layers: list[KasminaLayer], h: torch.Tensor, record: bool, stacks: dict[Any, _SeedStack]
+) -> torch.Tensor:
     """h plus every running seed's delta, per copy as KasminaLayer._seed_delta adds them: each
     kernel reads the host's output h (detached for a TRAINING seed), and the deltas are added
     in slot order, one `index_add` per slot index (a copy appears once in each: no two adds to
@@ -718,7 +812,7 @@ def _seed_deltas(layers: list[KasminaLayer], h: torch.Tensor, record: bool) -> t
     for members in groups.values():
         members.sort(key=lambda m: (not m.training, m.slot.index))  # runs of (mode, slot)
         inputs = [detached[m.j] if m.detach else rows[m.j] for m in members]
-        kept, y = _group_outputs(members, inputs, record)
+        kept, y = _group_outputs(members, inputs, record, stacks.get(members[0].kernel.graph))
         start = 0
         while start < len(kept):
             first = kept[start]
@@ -767,22 +861,47 @@ class _Member:
 
 # Graphs vmap could not run (no batching rule); they go per copy from then on.
 _NOT_VMAPPABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Graphs vmap has run with a well-formed output: their groups may be stacked (_SeedStack).
+_VMAPPABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Below this many copies a group runs one call per copy: vmap's fixed cost (~0.1 ms of pytree
 # and batching-rule setup) is more than a few small direct calls on a CPU.
 VMAP_MIN = 4
 
 
-def _group_outputs(members: list[_Member], inputs: list[torch.Tensor], record: bool):
+def _group_outputs(
+    members: list[_Member], inputs: list[torch.Tensor], record: bool, stack: _SeedStack | None
+):
     """Run one group's kernels on their inputs, stacked under vmap or one guarded call per
-    copy; record each copy's faults as guarded_call would. Returns the members whose output
-    is used and those outputs stacked (members' order)."""
+    copy; record each copy's faults as guarded_call would. Members held in `stack` (all of
+    them, or the stack is not used) run from its tensors, so that their gradients reach it; a
+    member that runs with grad enabled is marked as used there. Returns the members whose
+    output is used and those outputs stacked (members' order)."""
     config = members[0].layer.config
     budget = None if config.latency_budget_ms is None else config.latency_budget_ms / 1e3
     graph = members[0].kernel.graph
+    if stack is not None and not all(m.kernel in stack.rows for m in members):
+        stack = None
+    kept, y = _run_group(members, inputs, record, budget, graph, stack)
+    if stack is not None and torch.is_grad_enabled():
+        for m in kept:
+            stack.used[stack.rows[m.kernel]] = True
+    return kept, y
+
+
+def _states(members: list[_Member], stack: _SeedStack | None) -> list[torch.Tensor]:
+    """The group's kernel tensors stacked in members' order: the stack's own (or its rows),
+    else stacked from each kernel's tensors."""
+    if stack is not None:
+        return stack.select([stack.rows[m.kernel] for m in members])
+    return [torch.stack(tensors) for tensors in zip(*(m.kernel.flat_state() for m in members))]
+
+
+def _run_group(members, inputs, record, budget, graph, stack):
+    """_group_outputs' work: (kept members, their outputs stacked)."""
     result = None
-    if len(members) >= VMAP_MIN and graph not in _NOT_VMAPPABLE:
+    if stack is not None or (len(members) >= VMAP_MIN and graph not in _NOT_VMAPPABLE):
         x = torch.stack(inputs)
-        result = _vmapped_call(graph, [m.kernel for m in members], x)
+        result = _vmapped_call(graph, _states(members, stack), x)
     if result is not None:
         y, elapsed = result
         share = elapsed / len(members)
@@ -805,16 +924,16 @@ def _group_outputs(members: list[_Member], inputs: list[torch.Tensor], record: b
         # Run the healthy ones again without the faulted: a dropped row's backward would still
         # reach its kernel (0 * NaN), which the single env never runs backward.
         sub = [members[k] for k in kept]
-        if len(sub) >= VMAP_MIN:
-            again = _vmapped_call(graph, [m.kernel for m in sub], x[kept])
+        if sub and (stack is not None or len(sub) >= VMAP_MIN):
+            again = _vmapped_call(graph, _states(sub, stack), x[kept])
             if again is not None:
                 return sub, again[0]
-        outs = [m.kernel(inputs[k]) for k, m in zip(kept, sub)]
+        outs = [_kernel_call(m, stack)(inputs[k]) for k, m in zip(kept, sub)]
         return sub, torch.stack(outs) if outs else y[:0]
     kept, outs = [], []
     for m, x in zip(members, inputs):
         start = time.perf_counter()
-        y_m, fault, msg = guarded_call(m.kernel, x, budget)
+        y_m, fault, msg = guarded_call(_kernel_call(m, stack), x, budget)
         if record:
             m.slot.latency_ms = (time.perf_counter() - start) * 1e3
         if fault is not None:
@@ -829,14 +948,26 @@ def _group_outputs(members: list[_Member], inputs: list[torch.Tensor], record: b
     return kept, outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
 
 
-def _vmapped_call(graph, kernels, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """(the stacked output, wall seconds) of the group's graph under vmap, or None when vmap
-    cannot run it or its output is not x's shape, dtype and device (the per-copy path then
-    names each copy's fault as the single env would)."""
-    states = [torch.stack(tensors) for tensors in zip(*(k.flat_state() for k in kernels))]
+def _kernel_call(m: _Member, stack: _SeedStack | None):
+    """A member's kernel as one call: from its stack's row (so that its gradient reaches the
+    stack), or the kernel itself."""
+    if stack is None:
+        return m.kernel
+    return functools.partial(_row_forward, m.kernel.graph, stack.states, stack.rows[m.kernel])
+
+
+def _row_forward(graph, states: list[torch.Tensor], row: int, x: torch.Tensor) -> torch.Tensor:
+    return graph.forward(*(state[row] for state in states), x)[0]
+
+
+def _vmapped_call(graph, states: list[torch.Tensor], x: torch.Tensor):
+    """(the stacked output, wall seconds) of the group's graph under vmap over its stacked
+    tensors `states`, or None when vmap cannot run it or its output is not x's shape, dtype and
+    device (the per-copy path then names each copy's fault as the single env would)."""
+    batchable = _batchable(graph)
     start = time.perf_counter()
     try:
-        y = torch.func.vmap(lambda state, xi: graph.forward(*state, xi)[0])(states, x)
+        y = torch.func.vmap(lambda state, xi: batchable.forward(*state, xi)[0])(states, x)
     except Exception:
         _NOT_VMAPPABLE[graph] = True
         return None
@@ -848,7 +979,159 @@ def _vmapped_call(graph, kernels, x: torch.Tensor) -> tuple[torch.Tensor, float]
         or y.device != x.device
     ):
         return None
+    _VMAPPABLE[graph] = True
     return y, elapsed
+
+
+def _size(x: torch.Tensor, dim: int) -> int:
+    return x.size(dim)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v) (no mask, no dropout, not causal), as its math
+    backend computes it."""
+    scale = 1.0 / math.sqrt(q.size(-1))
+    return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
+
+
+# Ops vmap has no batching rule for, and what the batchable copy of a graph calls instead:
+# sym_size.int of a batched input raises; CPU flash attention would run one copy at a time.
+_REWRITES = {
+    torch.ops.aten.sym_size.int: _size,
+    torch.ops.aten.scaled_dot_product_attention.default: _attention,
+}
+_BATCHABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batchable(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph vmap runs: the validated graph itself, or (attention) a copy of it in which
+    each op of `_REWRITES` calls its replacement, same inputs, same result up to rounding. Built
+    once per graph from its nodes (nothing is loaded or evaluated but the graph's own ops);
+    the per-copy path still runs the validated graph as the single env does."""
+    batchable = _BATCHABLE.get(graph)
+    if batchable is not None:
+        return batchable or graph  # False: nothing to rewrite (no strong reference to the key)
+    new: torch.fx.Graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    rewritten = False
+    for node in graph.graph.nodes:
+        target = _REWRITES.get(node.target) if node.op == "call_function" else None
+        # sdpa with anything beyond (q, k, v) (a mask, dropout, causal) is left to vmap
+        if target is _attention and (len(node.args) != 3 or node.kwargs):
+            target = None
+        if target is None:
+            env[node] = new.node_copy(node, lambda n: env[n])
+        else:
+            args = torch.fx.map_arg(node.args, lambda n: env[n])
+            env[node] = new.call_function(target, args)
+            env[node].meta = dict(node.meta)
+            rewritten = True
+    batchable = torch.fx.GraphModule(graph, new) if rewritten else False
+    _BATCHABLE[graph] = batchable
+    return batchable or graph
+
+
+class _SeedStack:
+    """The running seeds of one layer, across the copies of a batch, that share a kernel graph,
+    with their tensors stacked: one leaf (members, ...) per parameter of the graph (and one
+    tensor per buffer), which vmap reads as it is and the backward fills with one gradient
+    (instead of a stack of every kernel's tensors each forward, and a gradient per tensor). Each
+    kernel's own tensors are views of their rows (`tensor.data`), so that anything reading one
+    seed (a per-copy check, the culprit search, a fork) sees its current weights. With its Adam
+    state, stacked alike (each member's own step count), and which members ran with gradients
+    in this optimizer step: only those are stepped, as torch's Adam skips a parameter without a
+    gradient. Built by `_Batch._sync_optimizer` whenever the set of running seeds changes."""
+
+    def __init__(self, kernels: list[nn.Module], lr: float) -> None:
+        self.kernels, self.lr = kernels, lr
+        self.rows = {kernel: g for g, kernel in enumerate(kernels)}
+        self.used = [False] * len(kernels)
+        self.states: list[torch.Tensor] = []  # the graph's state inputs, stacked, in its order
+        self.leaves: list[torch.Tensor] = []  # the trainable ones
+        self.params: list[tuple[torch.Tensor, ...]] = []  # params[i][g]: member g's leaf i
+        for tensors in zip(*(kernel.flat_state() for kernel in kernels)):
+            with torch.no_grad():
+                stacked = torch.stack([t.detach() for t in tensors])
+            if isinstance(tensors[0], nn.Parameter) and tensors[0].requires_grad:
+                stacked.requires_grad_(True)
+                self.leaves.append(stacked)
+                self.params.append(tensors)
+            for g, t in enumerate(tensors):
+                t.data = stacked.detach()[g]
+            self.states.append(stacked)
+        self.exp_avgs = [torch.zeros_like(leaf) for leaf in self.leaves]
+        self.exp_avg_sqs = [torch.zeros_like(leaf) for leaf in self.leaves]
+        self.steps = [
+            torch.zeros(len(kernels), dtype=torch.float32, device=leaf.device)
+            for leaf in self.leaves
+        ]
+        self.param_rows = [leaf.detach().unbind(0) for leaf in self.leaves]
+        self.exp_avg_rows = [m.unbind(0) for m in self.exp_avgs]
+        self.exp_avg_sq_rows = [v.unbind(0) for v in self.exp_avg_sqs]
+        self.step_rows = [step.unbind(0) for step in self.steps]
+
+    def select(self, rows: list[int]) -> list[torch.Tensor]:
+        """The stacked tensors of members `rows`, in that order (the leaves themselves when
+        that is every member in order)."""
+        if rows == list(range(len(self.kernels))):
+            return self.states
+        index = torch.tensor(rows, device=self.states[0].device)
+        return [state.index_select(0, index) for state in self.states]
+
+    def adam_state(self) -> dict[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Each member parameter's (exp_avg, exp_avg_sq, step), as views of this stack's rows."""
+        return {
+            p: (self.exp_avg_rows[i][g], self.exp_avg_sq_rows[i][g], self.step_rows[i][g])
+            for i, params in enumerate(self.params)
+            for g, p in enumerate(params)
+        }
+
+    @torch.no_grad()
+    def load_adam_state(self, state: dict[torch.Tensor, tuple[torch.Tensor, ...]]) -> None:
+        """Take each member parameter's Adam state from `state` (from `adam_state` of the stack
+        it was in, or the batch's per-parameter state); a new seed starts from zeros."""
+        for i, params in enumerate(self.params):
+            for g, p in enumerate(params):
+                if p in state:
+                    m, v, step = state[p]
+                    self.exp_avg_rows[i][g].copy_(m)
+                    self.exp_avg_sq_rows[i][g].copy_(v)
+                    self.step_rows[i][g].copy_(step)
+
+    def adam_rows(self, lists: tuple[list, list, list, list, list]) -> None:
+        """Append the members that ran with gradients this step to `lists` (params, grads,
+        exp_avgs, exp_avg_sqs, steps: one row each), and clear `used` for the next step."""
+        used = [g for g, u in enumerate(self.used) if u]
+        self.used = [False] * len(self.kernels)
+        if not used:
+            return
+        every = len(used) == len(self.kernels)
+        for i, leaf in enumerate(self.leaves):
+            if leaf.grad is None:
+                continue
+            grads = leaf.grad.unbind(0)
+            for out, rows in zip(
+                lists,
+                (self.param_rows[i], grads, self.exp_avg_rows[i], self.exp_avg_sq_rows[i],
+                 self.step_rows[i]),
+            ):  # fmt: skip
+                out.extend(rows if every else [rows[g] for g in used])
+
+    def lend_grads(self) -> None:
+        """Give each member parameter its row of the stacked gradient (None for a member that
+        did not run), for a per-copy check that may clear it."""
+        for leaf, params in zip(self.leaves, self.params):
+            for g, p in enumerate(params):
+                p.grad = leaf.grad[g] if leaf.grad is not None and self.used[g] else None
+
+    def take_back_grads(self) -> None:
+        """After `lend_grads` and the checks: a member whose gradients were cleared (a faulted
+        seed, a skipped copy) is not stepped; the lent gradients are dropped."""
+        for params in self.params:
+            for g, p in enumerate(params):
+                if p.grad is None:
+                    self.used[g] = False
+                p.grad = None
 
 
 class _FitGroup(torch.autograd.Function):

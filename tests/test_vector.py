@@ -8,7 +8,7 @@ from gymnasium.vector import AutoresetMode
 
 import esper_gym
 from esper_gym import vector as vec
-from esper_gym.actions import ADVANCE, GERMINATE, Action
+from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.kasmina import SeedState
 from esper_gym.vector import BatchedMorphogeneticEnv
 from tests.conftest import SMALL, small_kwargs
@@ -98,8 +98,8 @@ def count_vmapped(monkeypatch):
     counts = {"vmapped": 0, "fallback": 0}
     real = vec._vmapped_call
 
-    def counting(graph, kernels, x):
-        result = real(graph, kernels, x)
+    def counting(graph, states, x):
+        result = real(graph, states, x)
         counts["vmapped" if result is not None else "fallback"] += 1
         return result
 
@@ -138,12 +138,30 @@ def test_copies_match_single_envs(env_id, steps, kernel_dir, tmp_path, count_vma
         assert faults  # and each copy's were its single env's
 
 
-def test_attention_groups_fall_back_per_copy(kernel_dir, count_vmapped):
-    """attention's graph has no vmap batching rule: its group runs one call per copy, and the
-    copies still match their single envs."""
+def test_attention_groups_run_stacked(kernel_dir, count_vmapped):
+    """attention's graph has two ops vmap cannot batch (sym_size.int, CPU flash attention):
+    vmap runs a copy of it with those rewritten (`_batchable`), and the copies still match
+    their single envs, which run the validated graph itself."""
     kwargs = dict(SMALL, blueprints=("attention", "residual_mlp"))
+    envs = gym.make_vec(
+        "Esper/Spirals-v0", num_envs=2, vectorization_mode="vector_entry_point",
+        kernel_dir=kernel_dir, **kwargs,
+    )  # fmt: skip
+    envs.reset(seed=0)
+    layout = envs.unwrapped.envs[0].layout
+    envs.step(np.full(2, layout.encode(Action(GERMINATE, 1, 0, 0))))
+    envs.step(np.full(2, layout.encode(Action(ADVANCE, 1, 0))))
+    graph = envs.unwrapped.envs[0].layers[1].kernels["0"].graph
+    assert graph in vec._VMAPPABLE and graph not in vec._NOT_VMAPPABLE
+    targets = {node.target for node in vec._batchable(graph).graph.nodes}
+    assert vec._attention in targets and vec._size in targets
+    assert torch.ops.aten.scaled_dot_product_attention.default in {
+        node.target for node in graph.graph.nodes
+    }  # the validated graph itself is left as it was
+    envs.close()
+    count_vmapped["fallback"] = 0
     _compare("Esper/Spirals-v0", kwargs, kernel_dir, 2, 8, seed=3)
-    assert count_vmapped["fallback"] > 0
+    assert count_vmapped["vmapped"] > 0 and count_vmapped["fallback"] == 0
 
 
 def test_seeded_batched_runs_are_bit_identical(kernel_dir):
@@ -335,4 +353,54 @@ def test_a_skipped_host_step_stays_in_that_copy(kernel_dir, monkeypatch):
         assert [n - w for w, n in zip(was, now)] == [interval, 0, interval]
     envs.step(np.zeros(3, dtype=np.int64))  # and copy 1 trains on afterwards
     assert any(not torch.equal(a, b) for a, b in zip(after[1], weights(1)))
+    envs.close()
+
+
+def test_seed_stacks_hold_the_seeds_and_their_adam_state(kernel_dir, count_vmapped):
+    """Seeds of one layer sharing a kernel graph train from one stacked leaf per parameter:
+    each kernel's parameters are views of its row, so they change as the stack steps; a cull
+    rebuilds the stack without that seed, the others keeping their Adam moments and step counts;
+    the copies still match their single envs."""
+    envs = BatchedMorphogeneticEnv(num_envs=3, kernel_dir=kernel_dir, **SMALL)
+    singles = [gym.make("Esper/Spirals-v0", kernel_dir=kernel_dir, **SMALL) for _ in range(3)]
+    envs.reset(seed=0)
+    for i, single in enumerate(singles):
+        single.reset(seed=i)
+    layout, blueprints = envs.envs[0].layout, envs.envs[0].task.blueprints
+    germinate = layout.encode(Action(GERMINATE, 1, 0, blueprints.index("low_rank")))
+    advance, cull = layout.encode(Action(ADVANCE, 1, 0)), layout.encode(Action(CULL, 1, 0))
+
+    def step(actions):
+        obs, rewards, *_ = envs.step(np.array(actions))
+        for i, single in enumerate(singles):
+            o, r, *_ = single.step(int(actions[i]))
+            np.testing.assert_allclose(obs["nodes"][i], o["nodes"], atol=OBS_ATOL, rtol=0)
+            assert abs(r - rewards[i]) <= REWARD_ATOL
+
+    step([germinate] * 3)
+    step([advance] * 3)  # TRAINING in all three: the graph has run under vmap once
+    step([0] * 3)  # now stacked
+    (batch,) = envs._batches.values()
+    (stack,) = batch.stacks[3].values()  # column 3: the Sequential's second KasminaLayer
+    kernels = [env.layers[1].kernels["0"] for env in envs.envs]
+    assert stack.kernels == kernels
+    leaf = stack.leaves[0]
+    for g, kernel in enumerate(kernels):
+        p = next(iter(kernel.parameters()))
+        assert p.untyped_storage().data_ptr() == leaf.untyped_storage().data_ptr()
+        assert torch.equal(p, leaf[g])
+    before = next(iter(kernels[2].parameters())).detach().clone()
+    step([0] * 3)
+    assert not torch.equal(next(iter(kernels[2].parameters())), before)  # trained in place
+    interval = SMALL["decision_interval"]
+    # Every optimizer step since TRAINING, those before the stack was built included.
+    assert stack.steps[0].tolist() == [3 * interval] * 3
+    moments = stack.exp_avgs[0][[0, 2]].clone()
+    step([cull, 0, 0])
+    (stack,) = batch.stacks[3].values()
+    assert stack.kernels == kernels[1:]  # rebuilt without copy 0's seed
+    # The others carried their state over: one more interval of steps, not reset.
+    assert stack.steps[0].tolist() == [4 * interval, 4 * interval]
+    assert not torch.equal(stack.exp_avgs[0][1], torch.zeros_like(moments[1]))
+    assert count_vmapped["vmapped"] > 0
     envs.close()
