@@ -25,24 +25,32 @@ current module. The host Adam state is stacked alike, with a step count per copy
 one `torch._fused_adam_` over the copies' rows: what each copy's own fused Adam computes on its
 own tensors; a copy whose step is skipped (non-finite gradients) is left out of that call.
 Membership changes (a reset gives a copy a new host) restack, carrying the others' state.
-(Pickling one copy by itself writes the whole stacked storage its parameters view; a fork's
-deep copy clones only its rows. The host Adam state stays with the batch, as before: a fork
-of a copy starts its own Adam moments afresh.)
+(Pickling one copy by itself writes the whole stacked storage its parameters and its stacked
+seeds' tensors view; a fork's deep copy clones only its rows. Host and seed Adam state stay with
+the batch, as before: a fork of a copy starts its own Adam moments afresh.)
 
 Seed kernels: the running seeds of one layer that share a kernel graph (one blueprint and
 size: the copies load it through one shared cache), in any slot and mode (TRAINING, fitted to
 the pseudo-residual; or blended at the copy's alpha), form a group: with at least `VMAP_MIN`
-members their parameters are stacked and the exported graph runs once under `torch.func.vmap`;
-smaller groups, graphs vmap cannot batch (attention: no batching rule for `aten::sym_size.int`;
-the raising fault kernel) and a group output of the wrong shape, dtype or device run one
-guarded call per copy, exactly as the single env makes it. Deltas are added per slot index in
-slot order (one `index_add` each). Faults stay per copy: a non-finite output is found per copy
-(one sync per group) and recorded for that copy alone, whose delta is dropped (the rest of its
-group runs again without it, so that its kernel gets no backward); a group's wall time is
-shared out among its copies for the latency budget. Non-finite gradients are checked with one
-reduction over all copies; when it is not finite each copy runs the single env's own check
-(`HostTrainer._grads_checked`), so a copy's skipped step, quarantined seed or faulted seed
-gradient is that copy's alone (Adam skips parameters without a gradient).
+members the exported graph runs once under `torch.func.vmap`. A group that trains together
+keeps its tensors stacked (`_SeedStack`, rebuilt when the set of running seeds or their modes
+change): one leaf per kernel parameter, which vmap reads as it is and the backward fills with
+one gradient, each kernel's own tensors being views of their rows (as the host's), with the
+seeds' Adam state stacked alike and carried over a rebuild (each seed its own step count; a
+seed that did not run, faulted, or was culled in the step is not stepped). Smaller groups, the
+raising fault kernel and a group output of the wrong shape, dtype or device run one guarded
+call per copy, exactly as the single env makes it. vmap runs a copy of a graph in which the ops
+it has no batching rule for are rewritten (`_batchable`: attention's `sym_size.int` and its CPU
+flash attention, which would run one copy at a time, become `Tensor.size` and the math form of
+scaled dot-product attention: equal up to rounding); the per-copy path runs the validated graph
+itself. Deltas are added per slot index in slot order (one `index_add` each). Faults stay per
+copy: a non-finite output is found per copy (one sync per group) and recorded for that copy
+alone, whose delta is dropped (the rest of its group runs again without it, so that its kernel
+gets no backward); a group's wall time is shared out among its copies for the latency budget.
+Non-finite gradients are checked with one fused check over all copies (the kernel
+HostTrainer uses); when it fires, each copy runs the single env's own check
+(`HostTrainer._grads_checked`) on its rows of the stacked gradients, so a copy's skipped step,
+quarantined seed or faulted seed gradient is that copy's alone.
 
 ## Equivalence with single envs
 Same seeds and actions give copy i the trajectory of `gym.make(id, **kwargs)` reset with
@@ -52,8 +60,9 @@ weights, accuracies and rewards are bit-identical as long as the kernels vmap ex
 (`baddbmm` computes each copy's product as `F.linear` does, forward and backward, and fused
 Adam updates each tensor alone); what may differ in the last bits: reported losses (a batched
 mean or sum reduces in another order than `cross_entropy`'s own), activation statistics, a
-blended delta `h + alpha * k(h)` (multiplied, then added), and graphs that vmap with another
-reduction order (`norm`: ~1e-7). Those differences can grow through training; the tests bound
+blended delta `h + alpha * k(h)` (multiplied, then added), graphs that vmap with another
+reduction order (`norm`: ~1e-7) and attention's math form (vs CPU flash attention: ~1e-7
+relative). Those differences can grow through training; the tests bound
 them over whole short episodes.
 
 ## Autoreset and infos
@@ -365,6 +374,8 @@ class _Batch:
         self._opt_key: tuple = ()
         self._live: set[nn.Module] = set()  # the kernels of the running seeds, as last synced
         self._untried: set = set()
+        self._stale = False  # a seed was culled since the last `_sync_optimizer`
+        self._seed_keys: list[tuple] = []
         # Groups of at least VMAP_MIN running seeds of one layer sharing a kernel graph, their
         # tensors stacked (_SeedStack); stacks[k] maps a graph to its stack for column k.
         self.stacks: dict[int, dict[Any, _SeedStack]] = {}
@@ -428,7 +439,9 @@ class _Batch:
         for step in range(steps):
             record = step == steps - 1
             # Before the forward: a stacked seed must run from its stack to get its gradient.
-            self._sync_optimizer()
+            # Within an interval the running seeds change only by a cull (`_drop_culled`).
+            if step == 0 or self._stale or any(g in _VMAPPABLE for g in self._untried):
+                self._sync_optimizer()
             x, y = first.x_train[indices[step]].to(device), first.y_train[indices[step]].to(device)
             logits = self.forward(x, record)
             hits.append((logits.detach().argmax(2) == y).sum(1))
@@ -566,6 +579,8 @@ class _Batch:
             (t, t._seed_key, tuple(slot.state == SeedState.TRAINING for _, slot, _ in t._seeds))
             for t in self.trainers
         )
+        self._stale = False
+        self._seed_keys = [t._seed_key for t in self.trainers]
         if key == self._opt_key and not any(g in _VMAPPABLE for g in self._untried):
             return
         self._opt_key = key
@@ -613,6 +628,10 @@ class _Batch:
         """After the gradient check: a seed culled during this optimizer step (its breaker
         tripped, or it was quarantined) is not stepped, as the single env drops its param group
         before stepping. The stacks are rebuilt before the next forward."""
+        # A trainer replaces its `_seed_key` tuple only when its running seeds change.
+        if all(t._seed_key is key for t, key in zip(self.trainers, self._seed_keys)):
+            return
+        self._stale = True
         live = {kernel for t in self.trainers for kernel in t._seed_key}
         for kernel in self._live - live:
             for p in kernel.parameters():
@@ -639,13 +658,14 @@ class _Batch:
                 rows[2].extend(state[0] for state in states)
                 rows[3].extend(state[1] for state in states)
                 rows[4].extend(state[2] for state in states)
+        for rows in lists.values():  # the single parameters' step counts (stacks do their own)
+            torch._foreach_add_(rows[4], 1)
         for stacks in self.stacks.values():
             for stack in stacks.values():
                 stack.adam_rows(lists.setdefault(stack.lr, ([], [], [], [], [])))
         for lr, (params, grads, exp_avgs, exp_avg_sqs, steps) in lists.items():
             if not params:
                 continue
-            torch._foreach_add_(steps, 1)
             torch._fused_adam_(
                 params, grads, exp_avgs, exp_avg_sqs, [], steps,
                 amsgrad=False, lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
@@ -1100,7 +1120,8 @@ class _SeedStack:
 
     def adam_rows(self, lists: tuple[list, list, list, list, list]) -> None:
         """Append the members that ran with gradients this step to `lists` (params, grads,
-        exp_avgs, exp_avg_sqs, steps: one row each), and clear `used` for the next step."""
+        exp_avgs, exp_avg_sqs, steps: one row each), their step counts already advanced, and
+        clear `used` for the next step."""
         used = [g for g, u in enumerate(self.used) if u]
         self.used = [False] * len(self.kernels)
         if not used:
@@ -1111,11 +1132,15 @@ class _SeedStack:
                 continue
             grads = leaf.grad.unbind(0)
             for out, rows in zip(
-                lists,
-                (self.param_rows[i], grads, self.exp_avg_rows[i], self.exp_avg_sq_rows[i],
-                 self.step_rows[i]),
-            ):  # fmt: skip
+                lists[:4],
+                (self.param_rows[i], grads, self.exp_avg_rows[i], self.exp_avg_sq_rows[i]),
+            ):
                 out.extend(rows if every else [rows[g] for g in used])
+            if every:  # one add on the step vector, not one per row
+                self.steps[i].add_(1)
+            else:
+                torch._foreach_add_([self.step_rows[i][g] for g in used], 1)
+            lists[4].extend(self.step_rows[i] if every else [self.step_rows[i][g] for g in used])
 
     def lend_grads(self) -> None:
         """Give each member parameter its row of the stacked gradient (None for a member that
