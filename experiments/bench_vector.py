@@ -14,33 +14,56 @@ same policy draws, equivalent envs). Every blueprint is compiled into the store 
     python experiments/bench_vector.py                              # N in 1 8 32 128
     python experiments/bench_vector.py --ns 1 8 32 --steps 20 --tasks spirals
 
-Recorded (2 shared cores, another session's training jobs running, one torch thread;
-`nice -n 19 python experiments/bench_vector.py --ns 8 32 --steps 12 --warmup 3 --chunk 4`),
-before (the previous commit, 97c15ab: copies' weights stacked every forward, one torch Adam
-over every copy's tensors) and after (stacked host leaves), run back to back:
+`--policies uniform` is the best case for the batched env: every copy germinates residual_mlp in
+slot 0 of the first two layers and advances both to FOSSILIZED, so that each layer's seeds form
+one group of N. On spirals it also times `Floor`, the same copies' arithmetic written by hand as
+stacked tensors (host and seeds by `baddbmm`, the same optimizer steps, evaluation and
+contribution passes, one fused Adam over whole leaves; no lifecycle, masks, faults, telemetry,
+observation or reward): a lower bound on the time of any simulator of those copies, and
+`floor÷sync` the most any of them could gain over the single envs on this machine.
 
-    task          policy     N   before: batched/s  speed-up   after: batched/s  speed-up  live
-    spirals       wait       8               519.5     2.38x              897.1     3.83x  0.00
-    spirals       wait      32               636.6     2.87x             1213.7     5.38x  0.00
-    spirals       grow       8               153.9     2.46x              167.5     2.81x  1.43
-    spirals       grow      32               169.6     2.84x              207.2     3.50x  1.49
-    fashion_mnist wait       8                42.4     1.64x               50.2     1.98x  0.00
-    fashion_mnist wait      32                38.0     1.56x               47.0     1.84x  0.00
-    fashion_mnist grow       8                13.8     1.30x               15.3     1.40x  1.49
-    fashion_mnist grow      32                17.5     1.39x               19.9     1.58x  1.54
+Recorded (2 cores, quiet machine, one torch thread), at the commit that added the uniform policy
+and the floor (seed stacks: one leaf per parameter per (layer, graph) group; attention under
+vmap through its rewritten graph):
 
-(sync/s in both runs: spirals 217-235 wait, 59-63 grow; fashion_mnist 24-26 wait, 11-13
-grow; N=1 runs the copy on its own trainer.) A second pair of runs gave, batched/s before ->
-after: spirals wait 528 -> 864 (N=8), 638 -> 1258 (N=32); grow 146 -> 179, 161 -> 215 (2.41x ->
-3.01x: the single env gained from the same commits' per-step savings too, sync 66 -> 71);
-fashion_mnist wait 41 -> 52, 37 -> 46; grow 13.0 -> 14.1, 16.7 -> 19.1. What bounds it now, from profiles at
-N=32: with seeds, the seed kernels themselves: ~45 live seeds spread over ~11 (layer, graph)
-groups, most below VMAP_MIN, each a direct call of its graph (~0.1 ms forward and backward on a
-CPU, much of it the ops' own arithmetic: vmap saves little per member even at 8), plus their
-fit/blend bookkeeping and the autograd engine over those small graphs (~60% of a growing step).
-Without seeds, the per-copy step (mask, observation, reward, infos: ~0.4 ms per copy) and the
-stacked matmuls. fashion_mnist is bound by arithmetic: the host matmuls and the batch gathers
-(128 x 784 floats per copy per optimizer step) cost the same stacked or not.
+    python experiments/bench_vector.py --ns 8 32 --steps 12 --warmup 3 --chunk 4 \
+        --policies wait grow uniform
+
+    task          policy     N  batched/s   sync/s  speed-up  live  floor/s  floor÷sync
+    spirals       wait       8      955.9    250.5     3.82x  0.00        -           -
+    spirals       wait      32     1371.2    245.5     5.59x  0.00        -           -
+    spirals       grow       8      189.4     77.3     2.45x  1.43        -           -
+    spirals       grow      32      236.9     77.3     3.07x  1.49        -           -
+    spirals       uniform    8      252.8    100.9     2.50x  1.92    607.9       6.02x
+    spirals       uniform   32      336.8    102.1     3.30x  1.92    621.6       6.09x
+    fashion_mnist wait       8       53.5     27.9     1.91x  0.00        -           -
+    fashion_mnist wait      32       51.7     28.9     1.79x  0.00        -           -
+    fashion_mnist grow       8       15.6     12.1     1.29x  1.49        -           -
+    fashion_mnist grow      32       20.2     13.7     1.47x  1.54        -           -
+    fashion_mnist uniform    8       24.3     13.3     1.83x  1.83        -           -
+    fashion_mnist uniform   32       26.2     13.1     2.01x  1.83        -           -
+
+Before the seed stacks (67a3e35) and after, run back to back at N=32 (`--ns 32 --policies
+grow uniform`), batched/s: spirals grow 184 -> 195 (2.73x -> 2.83x), uniform 271 -> 316
+(2.84x -> 3.74x); fashion_mnist grow 19.4 -> 19.0 (1.53x -> 1.49x), uniform 22.9 -> 24.2. The
+stacks pay where groups are large (one blueprint in one slot across copies, as a trained policy
+plays), little under random growth: in one measured step 17 of its 58 live seeds were in
+stacks (three groups), the rest in groups of 1-3.
+
+What bounds it. The floor is 5.8-6.9x the single envs in every run (582-622 env steps/s at N=32
+against 85-102): the seeds' own arithmetic (residual_mlp's GELU and its backward, the batched
+matmuls, the evaluation on 1,024 samples) is what a single env also pays, and no batching
+removes it, so spirals' 8x at N=32 with live seeds is out of reach on one CPU thread. The
+batched env runs at about half the floor: vmap's `linear` with a batched weight is a matmul and a
+separate bias add (~30% over `baddbmm` for residual_mlp), the Adam step goes row by row so that
+each copy's update is bit-for-bit its single env's (one fused call per whole leaf was ~9x
+cheaper in a microbenchmark, but takes one step count per leaf and differs in the last bits for
+sizes off the vector width), plus the fault checks,
+lifecycle and telemetry per optimizer step. Under random growth, groups below VMAP_MIN run one
+direct call per copy (vmap gains nothing under 4), and a contribution pass per seed index forwards
+every copy. Without seeds, the per-copy step (mask, observation, reward, infos: ~0.13 ms per
+copy) and the stacked matmuls. fashion_mnist is bound by arithmetic: the host matmuls and the
+batch gathers (128 x 784 floats per copy per optimizer step) cost the same stacked or not.
 """
 
 from __future__ import annotations

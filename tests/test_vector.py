@@ -404,3 +404,28 @@ def test_seed_stacks_hold_the_seeds_and_their_adam_state(kernel_dir, count_vmapp
     assert not torch.equal(stack.exp_avgs[0][1], torch.zeros_like(moments[1]))
     assert count_vmapped["vmapped"] > 0
     envs.close()
+
+
+def test_a_fork_of_a_stacked_copy_owns_its_seeds(kernel_dir, count_vmapped):
+    """A fork of a copy whose seed trains in a stack gets the seed's current weights as tensors of
+    its own (not views of the stack): stepping the fork leaves the batched copy as it was."""
+    envs = BatchedMorphogeneticEnv(num_envs=3, kernel_dir=kernel_dir, **SMALL)
+    envs.reset(seed=0)
+    layout, blueprints = envs.envs[0].layout, envs.envs[0].task.blueprints
+    envs.step(np.full(3, layout.encode(Action(GERMINATE, 1, 0, blueprints.index("low_rank")))))
+    envs.step(np.full(3, layout.encode(Action(ADVANCE, 1, 0))))
+    envs.step(np.zeros(3, dtype=np.int64))
+    (batch,) = envs._batches.values()
+    (stack,) = batch.stacks[3].values()
+    copy = envs.envs[1]
+    fork = copy.fork()
+    mine = next(iter(copy.layers[1].kernels["0"].parameters()))
+    theirs = next(iter(fork.layers[1].kernels["0"].parameters()))
+    assert torch.equal(mine, theirs)
+    assert mine.untyped_storage().data_ptr() == stack.leaves[0].untyped_storage().data_ptr()
+    assert theirs.untyped_storage().data_ptr() != stack.leaves[0].untyped_storage().data_ptr()
+    before = mine.detach().clone()
+    fork.step(0)
+    assert not torch.equal(theirs, before)  # the fork's seed trained
+    assert torch.equal(mine, before)  # the batched copy's did not move
+    envs.close()
