@@ -26,8 +26,9 @@ one `torch._fused_adam_` over the copies' rows: what each copy's own fused Adam 
 own tensors; a copy whose step is skipped (non-finite gradients) is left out of that call.
 Membership changes (a reset gives a copy a new host) restack, carrying the others' state.
 (Pickling one copy by itself writes the whole stacked storage its parameters and its stacked
-seeds' tensors view; a fork's deep copy clones only its rows. Host and seed Adam state stay with
-the batch, as before: a fork of a copy starts its own Adam moments afresh.)
+seeds' tensors view; a fork's deep copy clones only its rows of parameters, and copies a stacked
+kernel buffer with its whole stack (no shipped blueprint has one). Host and seed Adam state stay
+with the batch, as before: a fork of a copy starts its own Adam moments afresh.)
 
 Seed kernels: the running seeds of one layer that share a kernel graph (one blueprint and
 size: the copies load it through one shared cache), in any slot and mode (TRAINING, fitted to
@@ -611,8 +612,9 @@ class _Batch:
                 stack.load_adam_state(state)
                 self.stacks.setdefault(k, {})[graph] = stack
             else:
-                for layer, _, params in members:
+                for layer, kernel, params in members:
                     seeds.setdefault(layer.config.lr, []).extend(params)
+                    _own_tensors(kernel, state)
         self._live = {kernel for members in groups.values() for _, kernel, _ in members}
         self._seed_groups = list(seeds.items())
         self._seed_state = {}
@@ -948,8 +950,17 @@ def _run_group(members, inputs, record, budget, graph, stack):
             again = _vmapped_call(graph, _states(sub, stack), x[kept])
             if again is not None:
                 return sub, again[0]
-        outs = [_kernel_call(m, stack)(inputs[k]) for k, m in zip(kept, sub)]
-        return sub, torch.stack(outs) if outs else y[:0]
+        # One guarded call each (their latency was counted already): a kernel that ran under
+        # vmap on the whole group but fails on its own is a fault, not a crash.
+        ran, outs = [], []
+        for k, m in zip(kept, sub):
+            y_m, fault, msg = guarded_call(_kernel_call(m, stack), inputs[k], None)
+            if fault is not None:
+                m.layer._fault(m.slot, fault, msg)
+            if y_m is not None:
+                ran.append(m)
+                outs.append(y_m)
+        return ran, torch.stack(outs) if outs else y[:0]
     kept, outs = [], []
     for m, x in zip(members, inputs):
         start = time.perf_counter()
@@ -1001,6 +1012,16 @@ def _vmapped_call(graph, states: list[torch.Tensor], x: torch.Tensor):
         return None
     _VMAPPABLE[graph] = True
     return y, elapsed
+
+
+def _own_tensors(kernel: nn.Module, state: dict) -> None:
+    """A seed that left a stack gets tensors (and Adam state in `state`) of its own, rather
+    than views that keep the old stack's storage alive."""
+    for t in kernel.flat_state():
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():  # a row of a stack
+            t.data = t.data.clone()
+            if t in state:
+                state[t] = tuple(s.clone() for s in state[t])
 
 
 def _size(x: torch.Tensor, dim: int) -> int:
@@ -1066,6 +1087,7 @@ class _SeedStack:
         self.kernels, self.lr = kernels, lr
         self.rows = {kernel: g for g, kernel in enumerate(kernels)}
         self.used = [False] * len(kernels)
+        self._lent: list[tuple[int, torch.Tensor]] = []
         self.states: list[torch.Tensor] = []  # the graph's state inputs, stacked, in its order
         self.leaves: list[torch.Tensor] = []  # the trainable ones
         self.params: list[tuple[torch.Tensor, ...]] = []  # params[i][g]: member g's leaf i
@@ -1078,6 +1100,7 @@ class _SeedStack:
                 self.params.append(tensors)
             for g, t in enumerate(tensors):
                 t.data = stacked.detach()[g]
+                t.grad = None  # one from before the stack (its gradient is the leaf's now)
             self.states.append(stacked)
         self.exp_avgs = [torch.zeros_like(leaf) for leaf in self.leaves]
         self.exp_avg_sqs = [torch.zeros_like(leaf) for leaf in self.leaves]
@@ -1144,19 +1167,25 @@ class _SeedStack:
 
     def lend_grads(self) -> None:
         """Give each member parameter its row of the stacked gradient (None for a member that
-        did not run), for a per-copy check that may clear it."""
+        did not run, or a parameter without a gradient), for a per-copy check that may clear
+        it."""
+        self._lent = []
         for leaf, params in zip(self.leaves, self.params):
             for g, p in enumerate(params):
                 p.grad = leaf.grad[g] if leaf.grad is not None and self.used[g] else None
+                if p.grad is not None:
+                    self._lent.append((g, p))
 
     def take_back_grads(self) -> None:
-        """After `lend_grads` and the checks: a member whose gradients were cleared (a faulted
-        seed, a skipped copy) is not stepped; the lent gradients are dropped."""
+        """After `lend_grads` and the checks: a member a lent gradient of which was cleared (a
+        faulted seed, a skipped copy) is not stepped; the lent gradients are dropped."""
+        for g, p in self._lent:
+            if p.grad is None:
+                self.used[g] = False
         for params in self.params:
-            for g, p in enumerate(params):
-                if p.grad is None:
-                    self.used[g] = False
+            for p in params:
                 p.grad = None
+        self._lent = []
 
 
 class _FitGroup(torch.autograd.Function):

@@ -10,6 +10,7 @@ import esper_gym
 from esper_gym import vector as vec
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.kasmina import SeedState
+from esper_gym.kernels import load_or_compile
 from esper_gym.vector import BatchedMorphogeneticEnv
 from tests.conftest import SMALL, small_kwargs
 
@@ -429,3 +430,26 @@ def test_a_fork_of_a_stacked_copy_owns_its_seeds(kernel_dir, count_vmapped):
     assert not torch.equal(theirs, before)  # the fork's seed trained
     assert torch.equal(mine, before)  # the batched copy's did not move
     envs.close()
+
+
+def test_a_cleared_gradient_unmarks_only_its_own_stacked_seed(kernel_dir):
+    """After a batch-wide non-finite gradient, each copy's own check may clear its seeds'
+    gradients: only a seed whose lent gradient was cleared is not stepped. A parameter that had
+    no gradient at all (None, never lent) must not unmark the others."""
+    env = gym.make("Esper/Spirals-v0", kernel_dir=kernel_dir, **SMALL).unwrapped
+    env.reset(seed=0)
+    layer = env.layers[1]
+    blueprint = env.generator.propose(layer.out_shape, "residual_mlp", env.task.param_budget)
+    kernels = [
+        load_or_compile(blueprint, layer.out_shape, env.store, env.cache)[0] for _ in range(3)
+    ]
+    stack = vec._SeedStack(kernels, lr=1e-3)
+    stack.leaves[0].grad = torch.ones_like(stack.leaves[0])  # the others: no gradient
+    stack.used = [True, True, True]
+    stack.lend_grads()
+    assert stack.params[0][1].grad is not None and stack.params[1][1].grad is None
+    stack.params[0][1].grad = None  # copy 1's check faulted its seed
+    stack.take_back_grads()
+    assert stack.used == [True, False, True]
+    assert all(p.grad is None for params in stack.params for p in params)
+    env.close()
