@@ -44,7 +44,11 @@ call per copy, exactly as the single env makes it. vmap runs a copy of a graph i
 it has no batching rule for are rewritten (`_batchable`: attention's `sym_size.int` and its CPU
 flash attention, which would run one copy at a time, become `Tensor.size` and the math form of
 scaled dot-product attention: equal up to rounding); the per-copy path runs the validated graph
-itself. Deltas are added per slot index in slot order (one `index_add` each). Faults stay per
+itself. A graph of linear layers and elementwise activations only (residual_mlp, low_rank) does
+not go through vmap at all: `_stacked_program` runs it on the stacked tensors, one `baddbmm` per
+linear, bit for bit each kernel's own call (vmap's batched linear is a matmul plus a bias add,
+~1.5x slower with its backward). Deltas are added per slot index in slot order (one `index_add`
+each). Faults stay per
 copy: a non-finite output is found per copy (one sync per group) and recorded for that copy
 alone, whose delta is dropped (the rest of its group runs again without it, so that its kernel
 gets no backward); a group's wall time is shared out among its copies for the latency budget.
@@ -57,7 +61,8 @@ quarantined seed or faulted seed gradient is that copy's alone.
 Same seeds and actions give copy i the trajectory of `gym.make(id, **kwargs)` reset with
 `seed + i`, and seeded batched runs are bit-identical to each other (tests/test_vector.py).
 Masks, events, seed states and fault records are exactly those of the single env. Host
-weights, accuracies and rewards are bit-identical as long as the kernels vmap exactly
+weights, accuracies and rewards are bit-identical as long as the kernels batch exactly
+(residual_mlp and low_rank, as stacked programs, do)
 (`baddbmm` computes each copy's product as `F.linear` does, forward and backward, and fused
 Adam updates each tensor alone); what may differ in the last bits: reported losses (a batched
 mean or sum reduces in another order than `cross_entropy`'s own), activation statistics, a
@@ -992,13 +997,18 @@ def _row_forward(graph, states: list[torch.Tensor], row: int, x: torch.Tensor) -
 
 
 def _vmapped_call(graph, states: list[torch.Tensor], x: torch.Tensor):
-    """(the stacked output, wall seconds) of the group's graph under vmap over its stacked
-    tensors `states`, or None when vmap cannot run it or its output is not x's shape, dtype and
-    device (the per-copy path then names each copy's fault as the single env would)."""
-    batchable = _batchable(graph)
+    """(the stacked output, wall seconds) of the group's graph over its stacked tensors
+    `states` (under vmap, or as a `_stacked_program`), or None when vmap cannot run it or its
+    output is not x's shape, dtype and device (the per-copy path then names each copy's fault
+    as the single env would)."""
+    program = _stacked_program(graph) if x.dim() == 3 else None
+    batchable = _batchable(graph) if program is None else None
     start = time.perf_counter()
     try:
-        y = torch.func.vmap(lambda state, xi: batchable.forward(*state, xi)[0])(states, x)
+        if program is not None:
+            y = program(states, x)
+        else:
+            y = torch.func.vmap(lambda state, xi: batchable.forward(*state, xi)[0])(states, x)
     except Exception:
         _NOT_VMAPPABLE[graph] = True
         return None
@@ -1012,6 +1022,84 @@ def _vmapped_call(graph, states: list[torch.Tensor], x: torch.Tensor):
         return None
     _VMAPPABLE[graph] = True
     return y, elapsed
+
+
+# Elementwise ops a stacked program applies as they are (they act on (copies, B, D) as on (B, D)).
+_UNARY = frozenset(
+    {
+        torch.ops.aten.gelu.default,
+        torch.ops.aten.relu.default,
+        torch.ops.aten.sigmoid.default,
+        torch.ops.aten.tanh.default,
+        torch.ops.aten.silu.default,
+    }
+)
+_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stacked_program(graph: torch.fx.GraphModule):
+    """For a graph made only of linear layers of its parameters and parameter-free elementwise
+    activations (residual_mlp, low_rank): a function (states, x) -> y running it on the stacked
+    tensors directly, each linear one `baddbmm` (what `F.linear` computes per copy, forward and
+    backward, as the stacked host layers do). vmap's batched `linear` is a matmul plus a separate
+    bias add with a slower backward (~1.5x for residual_mlp at 32 copies). None for any other
+    graph: vmap runs it."""
+    cached = _STACKED.get(graph)
+    if cached is not None:
+        return cached or None
+    nodes = list(graph.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    params = set(placeholders[:-1])  # the state inputs; the last one is the activation
+    # The program as plain data (value indices), not nodes: a node holds its graph, and the
+    # cache must not keep its key alive. ("linear", a, w, bias or None) or (op, a).
+    index = {node: i for i, node in enumerate(placeholders)}
+    ops: list[tuple] = []
+    result, ok = None, bool(placeholders)
+    for node in nodes[len(placeholders) :]:
+        if node.op == "output":
+            out = node.args[0]
+            ok = ok and isinstance(out, (tuple, list)) and len(out) == 1
+            ok = ok and isinstance(out[0], torch.fx.Node) and out[0] not in params
+            result = index.get(out[0]) if ok else None
+            break
+        if node.op != "call_function" or node.kwargs:
+            ok = False
+        elif node.target is torch.ops.aten.linear.default:
+            a, w, *bias = node.args
+            bias = [b for b in bias if b is not None]
+            ok = a in index and a not in params and w in params and len(bias) <= 1
+            ok = ok and all(b in params for b in bias)
+            if ok:
+                ops.append(("linear", index[a], index[w], index[bias[0]] if bias else None))
+        elif node.target in _UNARY:
+            ok = len(node.args) == 1 and node.args[0] in index and node.args[0] not in params
+            if ok:
+                ops.append((node.target, index[node.args[0]]))
+        else:
+            ok = False
+        if not ok:
+            break
+        index[node] = len(index)
+    ok = ok and result is not None
+    program = functools.partial(_run_stacked, tuple(ops), result) if ok else False
+    _STACKED[graph] = program
+    return program or None
+
+
+def _run_stacked(ops: tuple, result: int, states: list[torch.Tensor], x: torch.Tensor):
+    """Run a `_stacked_program` on states (copies, ...) and x (copies, B, D)."""
+    values = [*states, x]
+    for op in ops:
+        if isinstance(op[0], str):  # "linear"
+            _, a, w, b = op
+            weight = values[w].transpose(1, 2)
+            if b is None:
+                values.append(torch.bmm(values[a], weight))
+            else:
+                values.append(torch.baddbmm(values[b].unsqueeze(1), values[a], weight))
+        else:
+            values.append(op[0](values[op[1]]))
+    return values[result]
 
 
 def _own_tensors(kernel: nn.Module, state: dict) -> None:

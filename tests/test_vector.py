@@ -453,3 +453,41 @@ def test_a_cleared_gradient_unmarks_only_its_own_stacked_seed(kernel_dir):
     assert stack.used == [True, False, True]
     assert all(p.grad is None for params in stack.params for p in params)
     env.close()
+
+
+def test_linear_kernels_run_as_a_stacked_program(kernel_dir):
+    """Graphs of linear layers and activations (residual_mlp, low_rank) run on the stacked
+    tensors directly, one baddbmm per linear: bit for bit each kernel's own call, forward and
+    backward. Any other graph is left to vmap."""
+    env = gym.make("Esper/Spirals-v0", kernel_dir=kernel_dir, **SMALL).unwrapped
+    env.reset(seed=0)
+    layer = env.layers[1]
+    for name, expected in [("residual_mlp", True), ("low_rank", True), ("squeeze_excite", False),
+                           ("norm", False), ("attention", False)]:  # fmt: skip
+        blueprint = env.generator.propose(layer.out_shape, name, env.task.param_budget)
+        kernels = [
+            load_or_compile(blueprint, layer.out_shape, env.store, env.cache)[0] for _ in range(3)
+        ]
+        program = vec._stacked_program(kernels[0].graph)
+        assert (program is not None) == expected, name
+        if program is None:
+            continue
+        for i, kernel in enumerate(kernels):
+            with torch.no_grad():
+                for t in kernel.flat_state():
+                    t.normal_(generator=torch.Generator().manual_seed(i))
+        states = [
+            torch.stack([p.detach() for p in t]).requires_grad_(True)
+            for t in zip(*(k.flat_state() for k in kernels))
+        ]
+        x = torch.randn(3, 32, *layer.out_shape, generator=torch.Generator().manual_seed(7))
+        y = program(states, x)
+        y.square().sum().backward()
+        for i, kernel in enumerate(kernels):
+            own = [t.detach().requires_grad_(True) for t in kernel.flat_state()]
+            ref = kernel.graph.forward(*own, x[i])[0]
+            ref.square().sum().backward()
+            assert torch.equal(y[i], ref), name
+            for state, t in zip(states, own):
+                assert torch.equal(state.grad[i], t.grad), name
+    env.close()
