@@ -22,48 +22,50 @@ contribution passes, one fused Adam over whole leaves; no lifecycle, masks, faul
 observation or reward): a lower bound on the time of any simulator of those copies, and
 `floor÷sync` the most any of them could gain over the single envs on this machine.
 
-Recorded (2 cores, quiet machine, one torch thread), at the commit that added the uniform policy
-and the floor (seed stacks: one leaf per parameter per (layer, graph) group; attention under
-vmap through its rewritten graph):
+Recorded (2 cores, one torch thread; the machine ran ~20% slower than in the runs below, both
+sides alike), with seed stacks (one leaf per parameter per (layer, graph) group), attention
+under vmap through its rewritten graph, and residual_mlp/low_rank as stacked programs:
 
     python experiments/bench_vector.py --ns 8 32 --steps 12 --warmup 3 --chunk 4 \
         --policies wait grow uniform
 
     task          policy     N  batched/s   sync/s  speed-up  live  floor/s  floor÷sync
-    spirals       wait       8      955.9    250.5     3.82x  0.00        -           -
-    spirals       wait      32     1371.2    245.5     5.59x  0.00        -           -
-    spirals       grow       8      189.4     77.3     2.45x  1.43        -           -
-    spirals       grow      32      236.9     77.3     3.07x  1.49        -           -
-    spirals       uniform    8      252.8    100.9     2.50x  1.92    607.9       6.02x
-    spirals       uniform   32      336.8    102.1     3.30x  1.92    621.6       6.09x
-    fashion_mnist wait       8       53.5     27.9     1.91x  0.00        -           -
-    fashion_mnist wait      32       51.7     28.9     1.79x  0.00        -           -
-    fashion_mnist grow       8       15.6     12.1     1.29x  1.49        -           -
-    fashion_mnist grow      32       20.2     13.7     1.47x  1.54        -           -
-    fashion_mnist uniform    8       24.3     13.3     1.83x  1.83        -           -
-    fashion_mnist uniform   32       26.2     13.1     2.01x  1.83        -           -
+    spirals       wait       8      786.4    202.1     3.89x  0.00        -           -
+    spirals       wait      32     1122.4    205.2     5.47x  0.00        -           -
+    spirals       grow       8      151.7     59.4     2.56x  1.43        -           -
+    spirals       grow      32      186.4     59.0     3.16x  1.49        -           -
+    spirals       uniform    8      237.2     77.4     3.07x  1.92    434.5       5.62x
+    spirals       uniform   32      292.2     78.6     3.72x  1.92    500.0       6.36x
+    fashion_mnist wait       8       42.4     22.1     1.92x  0.00        -           -
+    fashion_mnist wait      32       37.7     21.1     1.79x  0.00        -           -
+    fashion_mnist grow       8       10.8      9.5     1.13x  1.49        -           -
+    fashion_mnist grow      32       18.0     11.6     1.55x  1.54        -           -
+    fashion_mnist uniform    8       23.1     11.8     1.96x  1.83        -           -
+    fashion_mnist uniform   32       24.2     12.1     2.01x  1.83        -           -
 
-Before the seed stacks (67a3e35) and after, run back to back at N=32 (`--ns 32 --policies
-grow uniform`), batched/s: spirals grow 184 -> 195 (2.73x -> 2.83x), uniform 271 -> 316
-(2.84x -> 3.74x); fashion_mnist grow 19.4 -> 19.0 (1.53x -> 1.49x), uniform 22.9 -> 24.2. The
-stacks pay where groups are large (one blueprint in one slot across copies, as a trained policy
-plays), little under random growth: in one measured step 17 of its 58 live seeds were in
-stacks (three groups), the rest in groups of 1-3.
+With the stacks alone (one commit earlier, quieter machine): spirals grow 3.07x, uniform 3.30x
+at N=32; fashion_mnist grow 1.47x. Before all three (67a3e35) and after, run back to back at
+N=32 (`--ns 32 --tasks spirals --policies grow uniform`, twice), batched/s: uniform 264 -> 364
+and 235 -> 306 (2.93x -> 3.98x, 2.72x -> 3.73x); random growth 183 -> 194 and 187 -> 170
+(2.68x -> 2.79x, 2.76x -> 2.78x). The stacks and stacked programs pay where groups are large
+(one blueprint in one slot across copies, as a trained policy plays), little under random
+growth: in one measured step 17 of its 58 live seeds were in stacks (three groups), the rest in
+groups of 1-3.
 
-What bounds it. The floor is 5.8-6.9x the single envs in every run (582-622 env steps/s at N=32
-against 85-102): the seeds' own arithmetic (residual_mlp's GELU and its backward, the batched
-matmuls, the evaluation on 1,024 samples) is what a single env also pays, and no batching
-removes it, so spirals' 8x at N=32 with live seeds is out of reach on one CPU thread. The
-batched env runs at about half the floor: vmap's `linear` with a batched weight is a matmul and a
-separate bias add (~30% over `baddbmm` for residual_mlp), the Adam step goes row by row so that
-each copy's update is bit-for-bit its single env's (one fused call per whole leaf was ~9x
-cheaper in a microbenchmark, but takes one step count per leaf and differs in the last bits for
-sizes off the vector width), plus the fault checks,
-lifecycle and telemetry per optimizer step. Under random growth, groups below VMAP_MIN run one
-direct call per copy (vmap gains nothing under 4), and a contribution pass per seed index forwards
-every copy. Without seeds, the per-copy step (mask, observation, reward, infos: ~0.13 ms per
-copy) and the stacked matmuls. fashion_mnist is bound by arithmetic: the host matmuls and the
-batch gathers (128 x 784 floats per copy per optimizer step) cost the same stacked or not.
+What bounds it. The floor is 5.6-6.9x the single envs in every run (435-622 env steps/s against
+77-102): the seeds' own arithmetic (residual_mlp's GELU and its backward, the batched matmuls,
+the evaluation on 1,024 samples) is what a single env also pays, and no batching removes it, so
+spirals' 8x at N=32 with live seeds is out of reach on one CPU thread. The batched env runs at
+about 0.6 of the floor: its Adam step goes row by row so that each copy's update is bit-for-bit
+its single env's (one fused call per whole leaf was ~9x cheaper in a microbenchmark, but takes
+one step count per leaf and differs in the last bits for sizes off the vector width), plus the
+fault checks, lifecycle and telemetry per optimizer step, and vmap for the graphs that are not
+stacked programs. Under random growth, groups below VMAP_MIN run one direct call per copy (vmap
+gains nothing under 4), and a contribution pass per seed index forwards every copy. Without
+seeds, the per-copy step (mask, observation, reward, infos: ~0.13 ms per copy) and the stacked
+matmuls. fashion_mnist is bound by arithmetic: the host matmuls and the batch gathers (128 x 784
+floats per copy per optimizer step) cost the same stacked or not (its first layer, forward and
+backward: 4.7 ms stacked vs 6.6 ms as 32 separate linears).
 """
 
 from __future__ import annotations
