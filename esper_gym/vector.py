@@ -44,16 +44,16 @@ call per copy, exactly as the single env makes it. vmap runs a copy of a graph i
 it has no batching rule for are rewritten (`_batchable`: attention's `sym_size.int` and its CPU
 flash attention, which would run one copy at a time, become `Tensor.size` and the math form of
 scaled dot-product attention: equal up to rounding); the per-copy path runs the validated graph
-itself. A graph of linear layers and elementwise activations only (residual_mlp, low_rank) does
-not go through vmap at all: `_stacked_program` runs it on the stacked tensors, one `baddbmm` per
-linear, bit for bit each kernel's own call (vmap's batched linear is a matmul plus a bias add,
-~1.5x slower with its backward). Deltas are added per slot index in slot order (one `index_add`
-each). Faults stay per
-copy: a non-finite output is found per copy (one sync per group) and recorded for that copy
-alone, whose delta is dropped (the rest of its group runs again without it, so that its kernel
-gets no backward); a group's wall time is shared out among its copies for the latency budget.
-Non-finite gradients are checked with one fused check over all copies (the kernel
-HostTrainer uses); when it fires, each copy runs the single env's own check
+itself. A graph of linear layers and elementwise ops only (residual_mlp, low_rank,
+squeeze_excite) does not go through vmap at all: `_stacked_program` runs it on the stacked
+tensors, one `baddbmm` per linear, bit for bit each kernel's own call (vmap's batched linear is
+a matmul plus a bias add, ~1.5x slower with its backward). Deltas are added per slot index in
+slot order (one `index_add` each). Faults stay per copy: a non-finite output is found per copy
+(one sync per group) and recorded for that copy alone, whose delta is dropped (the rest of its
+group runs again without it, so that its kernel gets no backward); a group's wall time is shared
+out among its copies for the latency budget. Non-finite gradients are checked with one fused
+check over all copies (the kernel HostTrainer uses); when it fires, each copy runs the single
+env's own check
 (`HostTrainer._grads_checked`) on its rows of the stacked gradients, so a copy's skipped step,
 quarantined seed or faulted seed gradient is that copy's alone.
 
@@ -1034,16 +1034,21 @@ _UNARY = frozenset(
         torch.ops.aten.silu.default,
     }
 )
+# Elementwise ops of two activations of the same shape (not of a parameter, whose shape lacks
+# the batch dimension): applied as they are.
+_BINARY = frozenset(
+    {torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor}
+)
 _STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _stacked_program(graph: torch.fx.GraphModule):
     """For a graph made only of linear layers of its parameters and parameter-free elementwise
-    activations (residual_mlp, low_rank): a function (states, x) -> y running it on the stacked
-    tensors directly, each linear one `baddbmm` (what `F.linear` computes per copy, forward and
-    backward, as the stacked host layers do). vmap's batched `linear` is a matmul plus a separate
-    bias add with a slower backward (~1.5x for residual_mlp at 32 copies). None for any other
-    graph: vmap runs it."""
+    ops (residual_mlp, low_rank, squeeze_excite): a function (states, x) -> y running it on the
+    stacked tensors directly, each linear one `baddbmm` (what `F.linear` computes per copy,
+    forward and backward, as the stacked host layers do). vmap's batched `linear` is a matmul
+    plus a separate bias add with a slower backward (~1.5x for residual_mlp at 32 copies). None
+    for any other graph: vmap runs it."""
     cached = _STACKED.get(graph)
     if cached is not None:
         return cached or None
@@ -1051,7 +1056,7 @@ def _stacked_program(graph: torch.fx.GraphModule):
     placeholders = [n for n in nodes if n.op == "placeholder"]
     params = set(placeholders[:-1])  # the state inputs; the last one is the activation
     # The program as plain data (value indices), not nodes: a node holds its graph, and the
-    # cache must not keep its key alive. ("linear", a, w, bias or None) or (op, a).
+    # cache must not keep its key alive. ("linear", a, w, bias or None) or (op, a[, b]).
     index = {node: i for i, node in enumerate(placeholders)}
     ops: list[tuple] = []
     result, ok = None, bool(placeholders)
@@ -1071,10 +1076,13 @@ def _stacked_program(graph: torch.fx.GraphModule):
             ok = ok and all(b in params for b in bias)
             if ok:
                 ops.append(("linear", index[a], index[w], index[bias[0]] if bias else None))
-        elif node.target in _UNARY:
-            ok = len(node.args) == 1 and node.args[0] in index and node.args[0] not in params
+        elif node.target in _UNARY or node.target in _BINARY:
+            arity = 1 if node.target in _UNARY else 2
+            ok = len(node.args) == arity and all(
+                arg in index and arg not in params for arg in node.args
+            )
             if ok:
-                ops.append((node.target, index[node.args[0]]))
+                ops.append((node.target, *(index[arg] for arg in node.args)))
         else:
             ok = False
         if not ok:
@@ -1098,7 +1106,7 @@ def _run_stacked(ops: tuple, result: int, states: list[torch.Tensor], x: torch.T
             else:
                 values.append(torch.baddbmm(values[b].unsqueeze(1), values[a], weight))
         else:
-            values.append(op[0](values[op[1]]))
+            values.append(op[0](*(values[i] for i in op[1:])))
     return values[result]
 
 

@@ -456,13 +456,13 @@ def test_a_cleared_gradient_unmarks_only_its_own_stacked_seed(kernel_dir):
 
 
 def test_linear_kernels_run_as_a_stacked_program(kernel_dir):
-    """Graphs of linear layers and activations (residual_mlp, low_rank) run on the stacked
-    tensors directly, one baddbmm per linear: bit for bit each kernel's own call, forward and
-    backward. Any other graph is left to vmap."""
+    """Graphs of linear layers and elementwise ops (residual_mlp, low_rank, squeeze_excite) run
+    on the stacked tensors directly, one baddbmm per linear: bit for bit each kernel's own call,
+    forward and backward. Any other graph is left to vmap."""
     env = gym.make("Esper/Spirals-v0", kernel_dir=kernel_dir, **SMALL).unwrapped
     env.reset(seed=0)
     layer = env.layers[1]
-    for name, expected in [("residual_mlp", True), ("low_rank", True), ("squeeze_excite", False),
+    for name, expected in [("residual_mlp", True), ("low_rank", True), ("squeeze_excite", True),
                            ("norm", False), ("attention", False)]:  # fmt: skip
         blueprint = env.generator.propose(layer.out_shape, name, env.task.param_budget)
         kernels = [
