@@ -385,6 +385,7 @@ class _Batch:
         # Groups of at least VMAP_MIN running seeds of one layer sharing a kernel graph, their
         # tensors stacked (_SeedStack); stacks[k] maps a graph to its stack for column k.
         self.stacks: dict[int, dict[Any, _SeedStack]] = {}
+        self._stack_list: list[_SeedStack] = []  # the same stacks, flat
         self.host: dict[int, _HostStack] = {}  # column index -> that layer's stacked weights
         device = torch.device(task.device)
         self._found_inf = torch.zeros(1, device=device)  # the fused gradient check's flag
@@ -459,10 +460,9 @@ class _Batch:
             for _, params in self._seed_groups:
                 for p in params:
                     p.grad = None
-            for stacks in self.stacks.values():
-                for stack in stacks.values():
-                    for leaf in stack.leaves:
-                        leaf.grad = None
+            for stack in self._stack_list:
+                for leaf in stack.leaves:
+                    leaf.grad = None
             loss.sum().backward()
             skipped = self._check_grads(loss, x, y)
             if record:
@@ -495,7 +495,7 @@ class _Batch:
             t._sync_seed_optimizer()
             coupled = coupled or any(layer.coupled for layer in t.layers)
             grads += [p.grad for _, _, params in t._seeds for p in params if p.grad is not None]
-        seed_stacks = [stack for stacks in self.stacks.values() for stack in stacks.values()]
+        seed_stacks = self._stack_list
         grads += [
             leaf.grad for stack in seed_stacks for leaf in stack.leaves if leaf.grad is not None
         ]
@@ -592,9 +592,8 @@ class _Batch:
         self._opt_key = key
         # Every seed parameter's Adam state, wherever it was kept: (exp_avg, exp_avg_sq, step).
         state = dict(self._seed_state)
-        for stacks in self.stacks.values():
-            for stack in stacks.values():
-                state.update(stack.adam_state())
+        for stack in self._stack_list:
+            state.update(stack.adam_state())
         groups: dict[tuple, list[tuple[KasminaLayer, nn.Module, list[torch.Tensor]]]] = {}
         order: dict[nn.Module, tuple[bool, int]] = {}
         for t in self.trainers:
@@ -620,6 +619,7 @@ class _Batch:
                 for layer, kernel, params in members:
                     seeds.setdefault(layer.config.lr, []).extend(params)
                     _own_tensors(kernel, state)
+        self._stack_list = [stack for stacks in self.stacks.values() for stack in stacks.values()]
         self._live = {kernel for members in groups.values() for _, kernel, _ in members}
         self._seed_groups = list(seeds.items())
         self._seed_state = {}
@@ -643,10 +643,9 @@ class _Batch:
         for kernel in self._live - live:
             for p in kernel.parameters():
                 p.grad = None
-            for stacks in self.stacks.values():
-                for stack in stacks.values():
-                    if kernel in stack.rows:
-                        stack.used[stack.rows[kernel]] = False
+            for stack in self._stack_list:
+                if kernel in stack.rows:
+                    stack.used[stack.rows[kernel]] = False
 
     @torch.no_grad()
     def _seed_step(self) -> None:
@@ -667,9 +666,8 @@ class _Batch:
                 rows[4].extend(state[2] for state in states)
         for rows in lists.values():  # the single parameters' step counts (stacks do their own)
             torch._foreach_add_(rows[4], 1)
-        for stacks in self.stacks.values():
-            for stack in stacks.values():
-                stack.adam_rows(lists.setdefault(stack.lr, ([], [], [], [], [])))
+        for stack in self._stack_list:
+            stack.adam_rows(lists.setdefault(stack.lr, ([], [], [], [], [])))
         for lr, (params, grads, exp_avgs, exp_avg_sqs, steps) in lists.items():
             if not params:
                 continue
