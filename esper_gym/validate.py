@@ -14,10 +14,21 @@ on CPU (same floats, bit for bit), and within `GPU_TOLERANCE` on CUDA, where ker
 bitwise deterministic. Any policy's result can be checked this way without its code or weights:
 what CompilerGym's `validate` gives a leaderboard.
 
-The file is untrusted input. It is read with `json` only (never pickle), and every field is
-checked for type and range before anything runs; env kwargs may only name Task fields of
-`ALLOWED_TASK_FIELDS` (no paths, no device: the machine that replays chooses those). A malformed
-or tampered file is refused with a `ReplayError` naming the episode and the field.
+The file is untrusted input: data, never code.
+- It is read only when it is a regular file of at most `MAX_FILE_BYTES` (no FIFO, device or
+  symlink to one), with `json` only (never pickle).
+- Every field is checked for type and range before anything runs. `env_kwargs` may set only
+  the Task fields of `TASK_FIELDS`, each typed and bounded; `dataset` and `host` must be
+  registered names (never an import path), and their kwargs pass per-loader allow-lists
+  (`DATASET_KWARGS`, `HOST_KWARGS`). No path, no device: the replaying machine chooses those.
+- An episode must be its env id's registered task: the same task label, no Task override, the
+  registered reward weights. Anything else is a custom task and is replayed only with
+  `--custom`, then reported as such ("CUSTOM"), so a relabelled easier task cannot pass.
+- Replays compile kernels into a throwaway store (removed afterwards) unless `--kernel-dir` is
+  given: a file's actions never write to the store Karn learns from.
+- Every episode is checked and reported; a malformed or tampered one is refused with a
+  `ReplayError` naming the episode and the field, any other failure with one line naming the
+  episode and the reason.
 """
 
 from __future__ import annotations
@@ -28,19 +39,117 @@ import json
 import math
 import os
 import pathlib
+import stat
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 FORMAT = "esper-gym-replays"
 VERSION = 1
 FILE_NAME = "replays.json"
-# Task fields a replay file may set. Left out: `name` (the env id says the task), `data_dir`
-# and `device` (where data lives and what runs it are the replaying machine's choice, never the
-# file's), `val_size` (deprecated alias), `dataset`/`host` callables (JSON cannot hold them).
-EXCLUDED_TASK_FIELDS = frozenset({"name", "data_dir", "device", "val_size"})
-# Inside dataset_kwargs / host_kwargs: no key that names a place on disk or the network.
-FORBIDDEN_KEY_PARTS = ("dir", "path", "root", "file", "url", "download")
+# Largest replay file read: the committed ones are ~200 KB; 100,000 long episodes fit.
+MAX_FILE_BYTES = 256 << 20
+
+
+def _count(lo: int, hi: int):
+    def check(v: Any) -> str | None:
+        return None if _is_int(v) and lo <= v <= hi else f"must be an integer in [{lo}, {hi}]"
+
+    return check
+
+
+def _amount(lo: float, hi: float, *, open_lo: bool = False):
+    def check(v: Any) -> str | None:
+        ok = _is_num(v) and (lo < v if open_lo else lo <= v) and v <= hi
+        return None if ok else f"must be a number in {'(' if open_lo else '['}{lo}, {hi}]"
+
+    return check
+
+
+def _choice(*allowed: str):
+    def check(v: Any) -> str | None:
+        return None if isinstance(v, str) and v in allowed else f"allowed: {', '.join(allowed)}"
+
+    return check
+
+
+def _sizes(hi: int, max_len: int):
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, list) and 1 <= len(v) <= max_len
+        if ok and all(_is_int(x) and 1 <= x <= hi for x in v):
+            return None
+        return f"must be a list of 1..{max_len} integers in [1, {hi}]"
+
+    return check
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _blueprint_names(v: Any) -> str | None:
+    from esper_gym.kernels.blueprints import BLUEPRINTS
+
+    names = isinstance(v, list) and 1 <= len(v) <= 32
+    if names and all(isinstance(b, str) and b in BLUEPRINTS for b in v):
+        return None
+    return f"must be a list of 1..32 registered blueprints ({', '.join(BLUEPRINTS)})"
+
+
+# Keyword arguments each registered dataset loader / host builder may get from a file. Sizes
+# are bounded so that no value allocates gigabytes; `download` and paths are never allowed.
+DATASET_KWARGS = {
+    "spirals": {
+        "n_train": _count(1, 100_000),
+        "n_val": _count(0, 100_000),
+        "n_test": _count(0, 100_000),
+        "arms": _count(2, 64),
+        "noise": _amount(0, 10),
+        "turns": _amount(0, 100, open_lo=True),
+        "seed": _count(0, 2**31 - 1),
+    },
+    "fashion_mnist": {"val_size": _count(0, 59_999)},
+    "cifar10": {"val_size": _count(0, 49_999)},
+}
+HOST_KWARGS = {
+    "mlp": {"hidden": _sizes(1024, 4), "activation": _choice("relu", "none")},
+    "cnn": {"channels": _sizes(256, 4), "downsample": _choice("stride", "pool")},
+    "resnet": {"channels": _sizes(128, 4), "blocks": _count(1, 4)},
+}
+# The Task fields a replay file may set, each with its check. Left out: `name` (the env id
+# says the task), `data_dir` and `device` (the replaying machine's choice, never the file's),
+# `val_size` (deprecated alias). `dataset`/`host` name registered entries only: an import
+# path in a file would be code the file chooses to run.
+TASK_FIELDS = {
+    "dataset": _choice(*DATASET_KWARGS),
+    "dataset_kwargs": None,  # checked against the episode's dataset (DATASET_KWARGS)
+    "host": _choice(*HOST_KWARGS),
+    "host_kwargs": None,  # checked against the episode's host (HOST_KWARGS)
+    "optimizer": _choice("adam", "sgd"),
+    "lr": _amount(0, 10, open_lo=True),
+    "weight_decay": _amount(0, 1),
+    "batch_size": _count(1, 4096),
+    "decision_interval": _count(1, 10_000),
+    "max_epochs": _amount(0, 100, open_lo=True),
+    "eval_size": _count(1, 100_000),
+    "contribution_size": _count(1, 100_000),
+    "seed_slots": _count(1, 8),
+    "param_budget": _count(1, 1_000_000),
+    "blueprints": _blueprint_names,
+    "max_nodes": _count(1, 64),
+    "seed_lr": _amount(0, 10, open_lo=True),
+    "blend_steps": _count(1, 100_000),
+    "blend_schedule": _choice("linear", "cosine"),
+    "embargo_steps": _count(1, 100_000),
+    "max_faults": _count(1, 1000),
+    "latency_budget_ms": _optional(_amount(0, 100_000, open_lo=True)),
+}
+MAX_REWARD_WEIGHT = 1e4
+# Training work of one replayed episode (optimizer steps x batch x host multiply-adds x 3 for
+# forward and backward): the registered CIFAR-10 task needs ~1e12; ten times that is allowed.
+MAX_WORK = 1e13
 EPISODE_FIELDS = {  # field -> what it must be
     "agent": "a string",
     "task": "a string",
@@ -66,10 +175,8 @@ class ReplayError(ValueError):
     """A replay file that is malformed, or whose numbers the replay does not reproduce."""
 
 
-def allowed_task_fields() -> frozenset[str]:
-    from esper_gym.tasks import Task
-
-    return frozenset(f.name for f in dataclasses.fields(Task)) - EXCLUDED_TASK_FIELDS
+# Task fields a record leaves out: where data lives and what runs it are the replaying machine's.
+_NOT_RECORDED = frozenset({"name", "data_dir", "device", "val_size"})
 
 
 # ------------------------------------------------------------------------------ writing
@@ -98,7 +205,7 @@ def record(
     threads: int | None,
 ) -> dict[str, Any]:
     """One episode as it goes into the replay file (JSON-ready)."""
-    fields = {k: _jsonable(v) for k, v in overrides.items() if k not in EXCLUDED_TASK_FIELDS}
+    fields = {k: _jsonable(v) for k, v in overrides.items() if k not in _NOT_RECORDED}
     kwargs: dict[str, Any] = dict(fields)
     if reward_weights:
         kwargs["reward_weights"] = {k: float(v) for k, v in reward_weights.items()}
@@ -138,12 +245,43 @@ def write(path: str | os.PathLike, episodes: Sequence[Mapping[str, Any]]) -> pat
 # ------------------------------------------------------------------------------ reading
 
 
+def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `max_bytes` (`ReplayError`
+    otherwise). O_NONBLOCK: opening a FIFO must not wait for a writer; the type and size are
+    read from the open file, so a symlink to /dev/zero is refused, not read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise ReplayError(f"{path}: cannot open ({e.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ReplayError(f"{path}: not a regular file")
+        raise ReplayError(f"{path}: {info.st_size} bytes; a replay file is at most {max_bytes}")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ReplayError(f"{path}: grew past {max_bytes} bytes while read")
+    return data
+
+
 def load(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The episodes of a replay file, every field checked (`ReplayError` otherwise)."""
+    episodes = _episodes(path)
+    for i, ep in enumerate(episodes):
+        check_episode(i, ep)
+    return episodes
+
+
+def _episodes(path: str | os.PathLike) -> list:
+    """The file's episode list, its envelope checked (episodes are checked one by one)."""
+    data = read_file(path)
     try:
-        doc = json.loads(pathlib.Path(path).read_text(), parse_constant=_no_constants)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReplayError(f"{path}: not a readable JSON replay file ({e})") from None
+        doc = json.loads(data.decode(), parse_constant=_no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ReplayError(f"{path}: not a readable JSON replay file ({reason})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ReplayError(f'{path}: not a replay file (needs "format": {FORMAT!r})')
     if doc.get("version") != VERSION:
@@ -151,8 +289,6 @@ def load(path: str | os.PathLike) -> list[dict[str, Any]]:
     episodes = doc.get("episodes")
     if not isinstance(episodes, list) or not 0 < len(episodes) <= MAX_EPISODES:
         raise ReplayError(f'{path}: "episodes" must be a list of 1..{MAX_EPISODES} episodes')
-    for i, ep in enumerate(episodes):
-        check_episode(i, ep)
     return episodes
 
 
@@ -162,7 +298,7 @@ def _no_constants(name: str):
 
 def _where(i: int, ep: Any) -> str:
     if isinstance(ep, dict) and isinstance(ep.get("agent"), str) and _is_int(ep.get("seed")):
-        return f"episode {i} ({ep['agent']}, {ep.get('task')}, seed {ep['seed']})"
+        return f"episode {i} ({ep['agent'][:40]}, {str(ep.get('task'))[:40]}, seed {ep['seed']})"
     return f"episode {i}"
 
 
@@ -195,7 +331,7 @@ def check_episode(i: int, ep: Any) -> None:
     for name in ("agent", "task"):
         if not isinstance(ep[name], str):
             raise bad(name)
-    if ep["env_id"] not in ENV_IDS:
+    if not isinstance(ep["env_id"], str) or ep["env_id"] not in ENV_IDS:
         raise bad("env_id", f"is not a registered env id; known: {', '.join(ENV_IDS)}")
     if not _is_int(ep["context_index"]) or ep["context_index"] < -1:
         raise bad("context_index")
@@ -213,52 +349,83 @@ def check_episode(i: int, ep: Any) -> None:
         raise bad("test_acc")
     if ep["threads"] is not None and (not _is_int(ep["threads"]) or not 1 <= ep["threads"] <= 1024):
         raise bad("threads")
-    _check_env_kwargs(where, ep["env_kwargs"])
+    _check_env_kwargs(where, ep["env_kwargs"], ep["env_id"])
 
 
-def _check_env_kwargs(where: str, kwargs: Any) -> None:
+def _check_env_kwargs(where: str, kwargs: Any, env_id: str) -> None:
+    from esper_gym import ENV_IDS
+    from esper_gym.reward import RewardWeights
+    from esper_gym.tasks import TASKS
+
     if not isinstance(kwargs, dict):
         raise ReplayError(f"{where}: field 'env_kwargs' must be an object")
-    allowed = allowed_task_fields()
+
+    def bad(field: str, value: Any, why: str) -> ReplayError:
+        return ReplayError(f"{where}: field {field!r} = {repr(value)[:80]} {why}")
+
     for key, value in kwargs.items():
         field = f"env_kwargs.{key}"
         if key == "contexts":
             if value not in ("train", "test"):
-                raise ReplayError(f"{where}: field {field!r} = {value!r}; allowed: train, test")
+                raise bad(field, value, "is not allowed; allowed: train, test")
         elif key == "reward_weights":
-            if not isinstance(value, dict) or not all(
-                isinstance(k, str) and _is_num(v) for k, v in value.items()
-            ):
-                raise ReplayError(f"{where}: field {field!r} must map names to finite numbers")
-        elif key not in allowed:
+            weights = {f.name for f in dataclasses.fields(RewardWeights)}
+            if not isinstance(value, dict):
+                raise bad(field, value, "must map reward weight names to numbers")
+            for name, w in value.items():
+                if name not in weights:
+                    raise bad(f"{field}.{name}", w, f"is not a weight; allowed: {sorted(weights)}")
+                if not _is_num(w) or not 0 <= w <= MAX_REWARD_WEIGHT:
+                    raise bad(f"{field}.{name}", w, f"must be a number in [0, {MAX_REWARD_WEIGHT}]")
+        elif key not in TASK_FIELDS:
             raise ReplayError(
                 f"{where}: field {field!r} is not allowed; allowed: contexts, reward_weights, "
-                f"{', '.join(sorted(allowed))}"
+                f"{', '.join(TASK_FIELDS)}"
             )
-        else:
-            _check_plain(where, field, value)
-
-
-def _check_plain(where: str, field: str, value: Any, depth: int = 0) -> None:
-    """A Task field's value: JSON scalars, lists and objects of them, no path-like keys."""
-    if depth > 3:
-        raise ReplayError(f"{where}: field {field!r} is nested too deeply")
-    if value is None or isinstance(value, bool | str) or _is_num(value):
-        return
-    if isinstance(value, list):
-        for j, v in enumerate(value):
-            _check_plain(where, f"{field}[{j}]", v, depth + 1)
-        return
-    if isinstance(value, dict):
+        elif TASK_FIELDS[key] is not None and (why := TASK_FIELDS[key](value)) is not None:
+            raise bad(field, value, why)
+    for key, table, chosen in (
+        ("dataset_kwargs", DATASET_KWARGS, "dataset"),
+        ("host_kwargs", HOST_KWARGS, "host"),
+    ):
+        if key not in kwargs:
+            continue
+        value = kwargs[key]
+        name = kwargs.get(chosen, getattr(TASKS[ENV_IDS[env_id][0]], chosen))
+        allowed = table.get(name, {}) if isinstance(name, str) else {}
+        if not isinstance(value, dict):
+            raise bad(f"env_kwargs.{key}", value, "must be an object")
         for k, v in value.items():
-            if any(part in k.lower() for part in FORBIDDEN_KEY_PARTS):
+            if k not in allowed:
                 raise ReplayError(
-                    f"{where}: field {field + '.' + k!r} names a place on disk or the network; "
-                    "a replay file may not set it"
+                    f"{where}: field 'env_kwargs.{key}.{str(k)[:40]}' is not allowed for "
+                    f"{chosen} {name!r}; allowed: {', '.join(allowed) or 'none'}"
                 )
-            _check_plain(where, f"{field}.{k}", v, depth + 1)
-        return
-    raise ReplayError(f"{where}: field {field!r} = {value!r} is not a plain JSON value")
+            if (why := allowed[k](v)) is not None:
+                raise bad(f"env_kwargs.{key}.{k}", v, why)
+
+
+def differences(ep: Mapping[str, Any]) -> list[str]:
+    """How `ep` differs from its env id's registered task: its label, Task overrides and reward
+    weights, as "name=value (registered value)" strings. Empty for a registered-task episode."""
+    from esper_gym import ENV_IDS
+    from esper_gym.reward import RewardWeights
+    from esper_gym.tasks import TASKS
+
+    name = ENV_IDS[ep["env_id"]][0]
+    task = TASKS[name]
+    diffs = [] if ep["task"] == name else [f"task label {ep['task']!r} ({name!r})"]
+    for key, value in ep["env_kwargs"].items():
+        if key == "reward_weights":
+            registered = dataclasses.asdict(RewardWeights())
+            diffs += [
+                f"reward_weights.{k}={w!r} ({registered[k]!r})"
+                for k, w in value.items()
+                if w != registered[k]
+            ]
+        elif key != "contexts" and _tuples(value) != getattr(task, key):
+            diffs.append(f"{key}={value!r} ({_jsonable(getattr(task, key))!r})")
+    return diffs
 
 
 # ------------------------------------------------------------------------------ replaying
@@ -290,9 +457,17 @@ def replay(
             ep["env_id"], disable_env_checker=True, kernel_dir=kernel_dir, device=device, **kwargs
         )
     except (TypeError, ValueError, KeyError) as e:
+        torch.set_num_threads(threads)
         raise ReplayError(f"{where}: field 'env_kwargs' does not build the env: {e}") from None
     try:
         _, info = env.reset(seed=ep["seed"])
+        u = env.unwrapped
+        work = 3 * u.budget * u.task.batch_size * u.host_macs  # forward and backward MACs
+        if work > MAX_WORK:
+            raise ReplayError(
+                f"{where}: field 'env_kwargs' makes an episode of {work:.2g} multiply-adds of "
+                f"training; a replay runs at most {MAX_WORK:.0g}"
+            )
         index = info["context"]["index"] if info.get("context") else -1
         if index != ep["context_index"]:
             raise ReplayError(
@@ -334,16 +509,84 @@ def replay(
     return got
 
 
-def validate(
-    path: str | os.PathLike, kernel_dir: str | None = None, device: str = "cpu", progress=None
-) -> int:
-    """Load and replay every episode of `path`; the number checked, or `ReplayError`."""
-    episodes = load(path)
-    for i, ep in enumerate(episodes):
-        replay(i, ep, kernel_dir, device)
+@dataclass
+class Report:
+    """What `validate` found: one line per episode, and the counts."""
+
+    lines: list[str] = dataclasses.field(default_factory=list)
+    reproduced: int = 0
+    custom: int = 0
+    refused: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.refused == 0 and self.reproduced > 0
+
+
+def check(
+    path: str | os.PathLike,
+    kernel_dir: str | None = None,
+    device: str = "cpu",
+    *,
+    custom: bool = False,
+    progress=None,
+) -> Report:
+    """Check and replay every episode of `path` and report each one; a bad episode does not stop
+    the others. `custom`: also replay episodes of custom tasks (marked CUSTOM), else refuse
+    them. Without `kernel_dir`, kernels go to a throwaway store."""
+    episodes = _episodes(path)
+    report = Report()
+
+    def say(line: str) -> None:
+        report.lines.append(line)
         if progress:
-            progress(f"ok {_where(i, ep)}")
-    return len(episodes)
+            progress(line)
+
+    with tempfile.TemporaryDirectory(prefix="esper-replay-") as scratch:
+        for i, ep in enumerate(episodes):
+            where = _where(i, ep)
+            try:
+                check_episode(i, ep)
+                diffs = differences(ep)
+                if diffs and not custom:
+                    raise ReplayError(
+                        f"{where}: not the registered task of {ep['env_id']}: "
+                        f"{'; '.join(diffs)[:400]} (registered values in brackets); "
+                        "replay it as a custom task with --custom"
+                    )
+                replay(i, ep, kernel_dir or scratch, device)
+            except ReplayError as e:
+                report.refused += 1
+                say(f"REFUSED: {e}")
+            except Exception as e:  # a crafted file must end in a line, never a traceback
+                report.refused += 1
+                first = (str(e).splitlines() or [""])[0][:300]
+                say(f"REFUSED: {where}: cannot be replayed: {type(e).__name__}: {first}")
+            else:
+                report.reproduced += 1
+                if diffs:
+                    report.custom += 1
+                    say(f"ok (CUSTOM task: {'; '.join(diffs)[:300]}) {where}")
+                else:
+                    say(f"ok {where}")
+    return report
+
+
+def validate(
+    path: str | os.PathLike,
+    kernel_dir: str | None = None,
+    device: str = "cpu",
+    progress=None,
+    *,
+    custom: bool = False,
+) -> int:
+    """Check and replay every episode of `path`; the number reproduced, or a `ReplayError`
+    listing every refused episode."""
+    report = check(path, kernel_dir, device, custom=custom, progress=progress)
+    if report.refused:
+        refused = [line.removeprefix("REFUSED: ") for line in report.lines if "REFUSED" in line]
+        raise ReplayError("\n".join(refused))
+    return report.reproduced
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,15 +595,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("file", help=f"a {FILE_NAME} written by esper_gym.evaluate")
     parser.add_argument("--device", default="cpu", help="cpu: exact; cuda: within tolerance")
-    parser.add_argument("--kernel-dir", default=None, help="kernel store (default: the env's)")
+    parser.add_argument(
+        "--kernel-dir", default=None, help="kernel store (default: a throwaway one)"
+    )
+    parser.add_argument(
+        "--custom",
+        action="store_true",
+        help="also replay episodes of tasks that differ from their registered definition",
+    )
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
+    quiet = args.quiet
+
+    def show(line: str) -> None:
+        if line.startswith("REFUSED"):
+            print(line, file=sys.stderr)
+        elif not quiet:
+            print(line)
+
     try:
-        n = validate(args.file, args.kernel_dir, args.device, None if args.quiet else print)
+        report = check(args.file, args.kernel_dir, args.device, custom=args.custom, progress=show)
     except ReplayError as e:
         print(f"REFUSED: {e}", file=sys.stderr)
         return 1
-    print(f"{n} episodes of {args.file} replayed: return and test accuracy reproduced")
+    custom = f" ({report.custom} of them custom tasks)" if report.custom else ""
+    if report.refused:
+        print(
+            f"{args.file}: {report.refused} episode(s) refused, {report.reproduced} "
+            f"reproduced{custom}",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"{report.reproduced} episodes of {args.file} replayed: return and test accuracy "
+        f"reproduced{custom}"
+    )
     return 0
 
 

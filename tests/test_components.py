@@ -162,6 +162,9 @@ def test_fossilized_culled_and_live_seeds_leave_their_outcomes(tmp_path):
     assert len(env.store.outcomes()) == 2
 
 
+RMLP = '{"activation": "gelu", "hidden": 64, "init_scale": 1.0, "name": "residual_mlp"}'
+
+
 def hostile_rows(path):
     db = sqlite3.connect(path)
     cols = "task, kind, blueprint, shape, features, contribution, params, host_params, fate, age"
@@ -175,6 +178,15 @@ def hostile_rows(path):
         ("s", "norm", '{"name": "norm"}', "[16]", "[" * 5000, 0.1, 32, 405, "culled", 3),
         ("s", "norm", '{"name": "norm"}', "[16]", "{}", 0.1, 32, 405, "culled", b"\x80\x04"),
         ("s", "norm", "__import__('os')", "[16]", "{}", 0.1, 32, 405, "culled", 3),
+        # Rows that pass a shape-only check but poison Karn (log of init_scale) or name what
+        # the registry does not hold.
+        ("s", "residual_mlp", RMLP.replace("1.0", "-1"), "[16]", "{}", 0.1, 32, 405, "culled", 3),
+        ("s", "residual_mlp", RMLP.replace("1.0", '"x"'), "[16]", "{}", 0.1, 32, 405, "culled", 3),
+        ("s", "residual_mlp", RMLP.replace("64", "true"), "[16]", "{}", 0.1, 32, 405, "culled", 3),
+        ("s", "residual_mlp", RMLP.replace("64", "1e9"), "[16]", "{}", 0.1, 32, 405, "culled", 3),
+        ("s", "residual_mlp", RMLP[:-1] + ', "x": 1}', "[16]", "{}", 0.1, 32, 405, "culled", 3),
+        ("s", "norm", '{"name": "norm"}', "[16]", '{"progress": 1e300}', 0.1, 32, 405, "culled", 3),
+        ("s", "norm", '{"name": "norm"}', "[16]", "{}", 0.1, 32, 405, "culled", 2**60),
     ]
     db.executemany(f"INSERT INTO outcomes ({cols}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
     db.commit()
@@ -192,11 +204,22 @@ def test_malformed_outcome_rows_are_skipped_never_trusted(tmp_path):
     assert store.outcomes(kind="low_rank") == []
     with pytest.raises(ValueError, match="fate 'x'"):
         dataclasses.replace(good, fate="x")
-    # Karn reads the same history and proposes on it without a crash.
+    # Karn reads the same history and proposes on it without a crash, and says what it skipped.
     gen = KarnGenerator(explore=0.0, min_history=1)
     ctx = _context(store)
-    assert gen.propose((16,), "residual_mlp", 5000, ctx).name == "residual_mlp"
+    with pytest.warns(UserWarning, match=f"skipped {bad} malformed outcome row"):
+        assert gen.propose((16,), "residual_mlp", 5000, ctx).name == "residual_mlp"
     assert gen.last_choice == "predicted"
+    # The shipped blueprints' own values (a bool among them) are what a row may hold.
+    conv = SeedOutcome(
+        "s", "conv3x3", BLUEPRINTS["conv3x3"]().to_dict(), (8, 4, 4), {}, 0.0, 1, 9, "live", 0
+    )
+    store.record_outcome(conv)
+    assert store.outcomes(kind="conv3x3") == [conv]
+    with pytest.raises(ValueError, match="init_scale must be a number in"):
+        dataclasses.replace(conv, blueprint={**conv.blueprint, "init_scale": -1.0})
+    with pytest.raises(ValueError, match="norm=1 must be a bool"):
+        dataclasses.replace(conv, blueprint={**conv.blueprint, "norm": 1})
 
 
 # ------------------------------------------------------------------------------- Karn

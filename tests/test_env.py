@@ -13,6 +13,7 @@ from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.data import DatasetNotFoundError
 from esper_gym.env import MorphogeneticEnv
 from esper_gym.kasmina import SeedState
+from esper_gym.kernels import KernelStore
 from esper_gym.kernels.hostile import Float64Delta, NanBackward
 from esper_gym.tasks import Task, get_task
 from tests.conftest import SMALL, small_kwargs, write_tiny_cifar
@@ -392,3 +393,62 @@ def test_step_after_termination_raises_and_reset_starts_over(kernel_dir):
     env.reset(seed=1)
     _, _, term, _, info = env.step(0)
     assert info["step"] == 1 and not term
+
+
+@pytest.mark.parametrize("env_id", list(esper_gym.ENV_IDS))
+def test_every_shipped_blueprint_grows_to_the_episodes_end_on_every_id(env_id, tmp_path):
+    """Each blueprint a task can germinate (the fault ones and the opt-in extra included) on a
+    layer it fits, then WAIT to the end, in single envs and in the batched simulator: the seed's
+    outcome row is written (a conv3x3's `norm: True` once crashed it) and nothing raises."""
+    from esper_gym.kernels.blueprints import BLUEPRINTS, EXTRA_LIBRARY, FAULT_LIBRARY
+
+    base = get_task(esper_gym.ENV_IDS[env_id][0]).blueprints
+    library = tuple(dict.fromkeys((*base, *EXTRA_LIBRARY, *FAULT_LIBRARY)))
+    kwargs = {**small_kwargs(env_id, tmp_path), "blueprints": library}
+    kernel_dir = str(tmp_path / "kernels")
+    env = gym.make(env_id, kernel_dir=kernel_dir, **kwargs)
+    u = env.unwrapped
+
+    def germination(mask, b):
+        for index in np.flatnonzero(mask):
+            action = u.layout.decode(int(index))
+            if action.kind == GERMINATE and action.blueprint == b:
+                return int(index)
+        return None
+
+    grown, first = [], []
+    for b, name in enumerate(library):
+        obs, _ = env.reset(seed=0)
+        index = germination(obs["action_mask"], b)
+        first.append(index or 0)
+        if index is None:  # no layer of this host has a slot shape the blueprint supports
+            assert not any(BLUEPRINTS[name]().supports(layer.out_shape) for layer in u.layers)
+            continue
+        done, action = False, index
+        while not done:
+            obs, _, terminated, truncated, info = env.step(action)
+            done, action = terminated or truncated, 0
+        seeds = [s for s in info["seeds"] if s["blueprint"] == name]
+        assert len(seeds) == 1, (name, info["seeds"])
+        grown.append(name)
+    rows = u.store.outcomes()
+    assert sorted(o.kind for o in rows) == sorted(grown) and rows.skipped == 0
+    assert {"residual_mlp", "low_rank", "norm"} <= set(grown)
+    if "Spirals" not in env_id and "FashionMNIST-v0" not in env_id:
+        assert "conv3x3" in grown  # conv hosts grow conv seeds
+    if "FashionMNIST" in env_id:
+        return  # the batched run below: on the ids whose data loads in no time (conv: CIFAR10)
+    # The batched simulator: copy b germinates blueprint b on the same first action.
+    envs = gym.make_vec(
+        env_id, num_envs=len(library), vectorization_mode="vector_entry_point",
+        kernel_dir=str(tmp_path / "batched"), **kwargs,
+    )  # fmt: skip
+    envs.reset(seed=0)
+    actions, done = np.array(first), np.zeros(len(library), bool)
+    while not done.all():
+        _, _, terminated, truncated, _ = envs.step(np.where(done, 0, actions))
+        done |= terminated | truncated
+        actions[:] = 0
+    envs.close()  # writes the outcomes the batched env holds back for one transaction
+    batched = KernelStore(tmp_path / "batched").outcomes()
+    assert sorted(o.kind for o in batched) == sorted(grown) and batched.skipped == 0

@@ -378,9 +378,10 @@ class _Pinned(Blueprint):
         return 0
 
 
-def test_a_graph_with_a_device_literal_is_refused(tmp_path):
+def test_a_graph_with_a_device_literal_is_refused(tmp_path, monkeypatch):
     # Factory ops (zeros(..., device=)) are not in ALLOWED_OPS: a validated graph never pins a
     # device, so every kernel the cache serves can move to any device.
+    monkeypatch.setitem(BLUEPRINTS, _Pinned.name, _Pinned)  # a store row names registered ones
     store = KernelStore(tmp_path)
     artifact, meta = compile_blueprint(_Pinned(), SHAPE)
     store.put(artifact, meta)
@@ -432,3 +433,40 @@ def test_stores_opened_at_once_on_a_fresh_index_all_open(tmp_path):
         for thread in threads:
             thread.join()
     assert failures == []
+
+
+def test_hostile_index_rows_and_objects_are_refused_in_one_line(tmp_path):
+    """A shared store's object that is a directory, metadata nested 200k deep or naming an
+    unhashable blueprint: each a KernelRejected naming the kernel, never a raw error; and
+    load_or_compile (what a GERMINATE calls, and the env turns into a `load` fault) says so."""
+    import os
+    import sqlite3
+
+    store = KernelStore(tmp_path)
+    cache = KernelCache(store)
+    blueprint = BLUEPRINTS["low_rank"]()
+    _, meta = load_or_compile(blueprint, SHAPE, store, cache)
+    path = store.path(meta.sha256)
+    os.unlink(path)
+    os.mkdir(path)
+    with pytest.raises(KernelRejected, match=f"{meta.sha256}.pt2: not a regular file"):
+        store.get(meta.sha256)
+    os.rmdir(path)
+
+    def tamper(text):
+        with sqlite3.connect(tmp_path / "index.sqlite") as db:
+            db.execute("UPDATE kernels SET meta = ? WHERE sha256 = ?", (text, meta.sha256))
+
+    deep = json.loads(meta.to_json())
+    deep["blueprint"] = {"name": "low_rank", "rank": "[" * 4000 + "]" * 4000}
+    for text, message in [
+        ("[" * 200_000 + "]" * 200_000, "metadata must be JSON text of at most"),
+        (json.dumps(deep).replace('"[[', "[[").replace(']]"', "]]"), "nested too deeply"),
+        (meta.to_json().replace('"name": "low_rank"', '"name": ["x"]'), "unknown blueprint"),
+        (meta.to_json().replace('"rank": 4', '"rank": 1e9'), "rank=1000000000.0 must be"),
+    ]:
+        tamper(text)
+        with pytest.raises(KernelRejected, match=f"kernel {meta.sha256}: .*{message}"):
+            store.meta(meta.sha256)
+        with pytest.raises(KernelRejected, match=f"recipe {meta.recipe_key}: .*{message}"):
+            load_or_compile(blueprint, SHAPE, store, KernelCache(store))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,6 +32,17 @@ def host_kind(shape: Sequence[int]) -> str | None:
     if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         return None
     return {1: "linear", 3: "conv"}.get(len(shape))
+
+
+# A blueprint field's declared type (annotations are strings here) -> the Python type it holds.
+FIELD_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+# Largest value of an integer hyper-parameter (a width, rank, head count): far above any slot a
+# shipped host has (the generator scales sizes to the param budget anyway).
+MAX_SIZE = 1 << 16
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _groups(channels: int) -> int:
@@ -73,10 +85,26 @@ class Blueprint(abc.ABC):
     size_field: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
+        # Fields come from files too (store rows, Karn's history): each must be of its declared
+        # type (a bool is not an int here) and every size bounded, so a row cannot name a
+        # kernel that would allocate gigabytes.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-                raise ValueError(f"{self.name}: {f.name} must be >= 1, got {value}")
+            kind = FIELD_TYPES.get(f.type)
+            if kind is None:
+                raise TypeError(f"{self.name}: field {f.name} has unsupported type {f.type!r}")
+            if kind is float:
+                ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+            else:
+                ok = isinstance(value, kind) and isinstance(value, bool) is (kind is bool)
+            if not ok:
+                raise ValueError(
+                    f"{self.name}: {f.name}={value!r} must be a {kind.__name__} ({f.type})"
+                )
+            if kind is int and not 1 <= value <= MAX_SIZE:
+                raise ValueError(
+                    f"{self.name}: {f.name} must be >= 1 and at most {MAX_SIZE}, got {value}"
+                )
         # Karn (and any user) builds variants from these fields: a bad one must fail here, by
         # name, not inside torch.export.
         scale = getattr(self, "init_scale", 1.0)
@@ -583,10 +611,14 @@ FAULT_LIBRARY: tuple[str, ...] = ("fault_raise", "fault_nan", "fault_shape", "fa
 
 def blueprint_from_dict(d: dict[str, Any]) -> Blueprint:
     """Inverse of `Blueprint.to_dict`; ValueError for an unknown name or bad fields."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a blueprint is an object with a name, got {type(d).__name__}")
     fields = dict(d)
     name = fields.pop("name", None)
-    if name not in BLUEPRINTS:
-        raise ValueError(f"unknown blueprint {name!r}; known blueprints: {sorted(BLUEPRINTS)}")
+    if not isinstance(name, str) or name not in BLUEPRINTS:
+        raise ValueError(
+            f"unknown blueprint {str(name)[:80]!r}; known blueprints: {sorted(BLUEPRINTS)}"
+        )
     try:
         return BLUEPRINTS[name](**fields)
     except TypeError as e:

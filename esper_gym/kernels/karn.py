@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -177,6 +178,7 @@ class KarnGenerator(BlueprintGenerator):
         self.objective = objective
         self.prices = RewardWeights()
         self.last_choice = ""  # "template", "explore" or "predicted": for reports and tests
+        self._warned_skipped = 0
 
     def variants(
         self, shape: Sequence[int], kind: str, param_budget: int | None
@@ -223,6 +225,15 @@ class KarnGenerator(BlueprintGenerator):
         rng = context.rng
         explore = float(rng.random()) < self.explore
         history = context.store.outcomes(limit=self.history)
+        if history.skipped and history.skipped != self._warned_skipped:
+            # A bad row is evidence of nothing: growth goes on from the readable ones, and the
+            # user is told once per count, not every germination.
+            self._warned_skipped = history.skipped
+            warnings.warn(
+                f"kernel store {context.store!r}: skipped {history.skipped} malformed outcome "
+                f"row(s) of the last {self.history}; first: {history.problems[0]}",
+                stacklevel=2,
+            )
         if explore or len(history) < self.min_history:
             self.last_choice = "explore"
             return candidates[int(rng.integers(len(candidates)))]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from esper_gym.kernels.archive import MAX_ARCHIVE_BYTES
+from esper_gym.kernels.blueprints import blueprint_from_dict
 from esper_gym.kernels.compiler import KernelMetadata, KernelRejected
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -51,6 +52,8 @@ FATES = ("fossilized", "culled", "live")  # "live": still running when its episo
 # Bounds of a readable outcome row: a hostile store must not make Karn allocate or fit junk.
 _MAX_JSON = 4096
 _MAX_FEATURES = 64
+# Node features are health signals and progress: bounded, so Karn's least squares stay finite.
+_MAX_FEATURE = 1e6
 
 
 @dataclass(frozen=True)
@@ -87,21 +90,29 @@ def _is_num(v: Any) -> bool:
 
 def _outcome_problem(o: SeedOutcome) -> str | None:
     if not isinstance(o.task, str) or not isinstance(o.kind, str) or not o.kind:
-        return f"task {o.task!r} and kind {o.kind!r} must be strings"
+        return f"task {str(o.task)[:80]!r} and kind {str(o.kind)[:80]!r} must be strings"
+    if len(o.task) > 200:
+        return f"task {o.task[:80]!r}... is longer than 200 characters"
     if not isinstance(o.blueprint, dict) or o.blueprint.get("name") != o.kind:
-        return f"blueprint {o.blueprint!r} must be a dict named {o.kind!r}"
-    if not all(
-        isinstance(k, str) and (_is_num(v) or isinstance(v, str)) for k, v in o.blueprint.items()
-    ):
-        return f"blueprint {o.blueprint!r} may hold only numbers and strings"
+        return f"blueprint {str(o.blueprint)[:200]} must be a dict named {o.kind[:80]!r}"
+    # The registry is the schema: a row names a registered blueprint whose fields build it with
+    # their declared types and ranges (Karn takes logs of init_scale and reads every size).
+    try:
+        if blueprint_from_dict(o.blueprint).to_dict() != o.blueprint:
+            return f"blueprint {str(o.blueprint)[:200]} is not in its registered form"
+    except (ValueError, TypeError) as exc:
+        return f"blueprint {str(o.blueprint)[:200]}: {exc}"
     if not (isinstance(o.shape, tuple) and 1 <= len(o.shape) <= 3):
         return f"shape {o.shape!r} must be a tuple of 1 to 3 sizes"
     if not all(_is_int(s) and 0 < s <= 1 << 20 for s in o.shape):
         return f"shape {o.shape!r} must hold sizes in 1..2**20"
     if not isinstance(o.features, dict) or len(o.features) > _MAX_FEATURES:
         return f"features must be a dict of at most {_MAX_FEATURES} numbers"
-    if not all(isinstance(k, str) and _is_num(v) for k, v in o.features.items()):
-        return "features must map names to finite numbers"
+    if not all(
+        isinstance(k, str) and len(k) <= 64 and _is_num(v) and abs(v) <= _MAX_FEATURE
+        for k, v in o.features.items()
+    ):
+        return f"features must map names (<= 64 characters) to numbers in +-{_MAX_FEATURE:g}"
     if not _is_num(o.contribution) or not -1.0 <= o.contribution <= 1.0:
         return f"contribution {o.contribution!r} must be a finite number in [-1, 1]"
     if not (_is_int(o.params) and 0 <= o.params < 1 << 40):
@@ -110,7 +121,7 @@ def _outcome_problem(o: SeedOutcome) -> str | None:
         return f"host_params {o.host_params!r} must be an integer > 0"
     if o.fate not in FATES:
         return f"fate {o.fate!r}; allowed: {', '.join(FATES)}"
-    if not (_is_int(o.age) and o.age >= 0):
+    if not (_is_int(o.age) and 0 <= o.age < 1 << 40):
         return f"age {o.age!r} must be an integer >= 0"
     return None
 
@@ -148,6 +159,30 @@ def outcome_from_row(row: tuple) -> SeedOutcome:
     )
 
 
+# Metadata is a flat object of a dozen fields; a row far larger (or nested deeper than its
+# blueprint) is hostile: json's recursion would raise RecursionError 200k levels down.
+_MAX_META = 16384
+
+
+def _metadata(text: Any, where: str) -> KernelMetadata:
+    """A metadata row parsed and checked: sizes bounded, its blueprint registered (KernelRejected
+    naming `where` otherwise)."""
+    if not isinstance(text, str) or len(text) > _MAX_META:
+        raise KernelRejected(f"{where}: metadata must be JSON text of at most {_MAX_META} bytes")
+    try:
+        meta = KernelMetadata.from_json(text)
+    except RecursionError:
+        raise KernelRejected(f"{where}: metadata nested too deeply") from None
+    except KernelRejected as exc:
+        raise KernelRejected(f"{where}: {exc}") from None
+    try:
+        if blueprint_from_dict(meta.blueprint).to_dict() != meta.blueprint:
+            raise ValueError("not in its registered form")
+    except (ValueError, TypeError) as exc:
+        raise KernelRejected(f"{where}: metadata blueprint: {str(exc)[:200]}") from None
+    return meta
+
+
 class Outcomes(list):
     """The readable outcome rows, oldest first; `skipped`: how many rows were malformed,
     `problems`: the first few reasons."""
@@ -174,10 +209,11 @@ def _read_regular(path: Path) -> bytes:
         if isinstance(e, FileNotFoundError):
             raise
         raise KernelRejected(f"{path}: not a regular file ({e.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # checked on the fd: a directory opens, then fails reads
+        os.close(fd)
+        raise KernelRejected(f"{path}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise KernelRejected(f"{path}: not a regular file")
         if info.st_size > MAX_ARCHIVE_BYTES:
             raise KernelRejected(f"{path}: {info.st_size} bytes, at most {MAX_ARCHIVE_BYTES}")
         data = f.read(MAX_ARCHIVE_BYTES + 1)
@@ -327,7 +363,7 @@ class KernelStore:
             row = db.execute("SELECT meta FROM kernels WHERE sha256 = ?", (sha,)).fetchone()
         if row is None:
             raise KeyError(f"kernel {sha} is not in the store at {self.root}")
-        return KernelMetadata.from_json(row[0])
+        return _metadata(row[0], f"kernel {sha}")
 
     def get(self, sha: str) -> tuple[bytes, KernelMetadata]:
         """The artifact bytes and metadata of `sha`, checksum re-verified on every read.
@@ -364,7 +400,7 @@ class KernelStore:
             ).fetchone()
         if row is None:
             return None
-        meta = KernelMetadata.from_json(row[1])
+        meta = _metadata(row[1], f"recipe {recipe_key}")
         if meta.sha256 != row[0] or meta.recipe_key != recipe_key:
             raise KernelRejected(
                 f"store index at {self.root}: recipe {recipe_key} points at kernel {row[0]}, "
