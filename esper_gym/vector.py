@@ -104,7 +104,7 @@ from torch.nn import functional as F
 
 from esper_gym.env import MorphogeneticEnv
 from esper_gym.kasmina import RUNNING, KasminaLayer, SeedState
-from esper_gym.kasmina.recovery import guarded_call
+from esper_gym.kasmina.recovery import MAGNITUDE_FACTOR, guarded_call, max_abs, output_fault
 from esper_gym.trainer import IntervalStats
 
 # Parameter-free elementwise modules: applied to [N, B, ...] they compute what each copy would.
@@ -930,13 +930,17 @@ def _run_group(members, inputs, record, budget, graph, stack):
     if result is not None:
         y, elapsed = result
         share = elapsed / len(members)
-        finite = y.detach().flatten(1).sum(1).tolist()  # one sync for the group
+        # guarded_call's output rule, per copy: one reduction and sync for the whole group
+        # decides when every copy is fine (finite and within the bound for any input); only
+        # otherwise is each copy checked on its own.
+        suspect = not max_abs(y) <= MAGNITUDE_FACTOR
         kept = []
         for k, m in enumerate(members):
             if record:
                 m.slot.latency_ms = share * 1e3
-            if not math.isfinite(finite[k]) and not bool(torch.isfinite(y[k]).all()):
-                m.layer._fault(m.slot, "nonfinite", "kernel output contains NaN or Inf")
+            fault = output_fault(y[k], x[k]) if suspect else None
+            if fault is not None:
+                m.layer._fault(m.slot, *fault)
                 continue
             if budget is not None and share > budget:
                 m.layer._fault(

@@ -1,8 +1,9 @@
 """Error recovery for kernel calls: detect a fault, fall back to the host path, count, trip.
 
 A kernel call faults when it raises, returns a tensor of the wrong shape, dtype or device,
-returns NaN/Inf, or takes longer than its latency budget. The caller then uses the host path for that call (the
-training run goes on) and the fault is kept as a `FaultRecord`. A `CircuitBreaker` per seed
+returns NaN/Inf or values out of all proportion to its input (`output_fault`, shared with the
+batched simulator), or takes longer than its latency budget. The caller then uses the host path
+for that call (the training run goes on) and the fault is kept as a `FaultRecord`. A `CircuitBreaker` per seed
 trips after `max_faults` faults and the layer culls the seed.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# "magnitude": a finite output far beyond its input's scale (see MAGNITUDE_FACTOR).
 # "load": the kernel could not be built or its artifact was refused (recorded by the env).
 # "nonfinite_grad": the kernel's own parameters got a NaN/Inf gradient (the layer checks).
 # "host_grad": a kernel's backward sent a NaN/Inf gradient into the host (the trainer checks).
@@ -24,6 +26,7 @@ FAULT_KINDS = (
     "dtype",
     "device",
     "nonfinite",
+    "magnitude",
     "nonfinite_grad",
     "host_grad",
     "slow",
@@ -61,6 +64,43 @@ class CircuitBreaker:
         return self.faults >= self.max_faults
 
 
+# A kernel's output is a delta added to the host's activation h (its input, or h itself). One
+# whose largest |entry| exceeds MAGNITUDE_FACTOR x (1 + max |h|) is refused: such a delta drowns
+# the host's signal 10^4 times over (the 1 keeps the bound sane for an h near zero), which no
+# delta fitted to the host's residual comes near, while a finite but huge one (3e38) overflows
+# in the next layer, the loss or Adam's squared gradients and would otherwise end the episode as
+# the host's divergence instead of a fault charged to the seed.
+MAGNITUDE_FACTOR = 1e4
+
+
+def max_abs(t: torch.Tensor) -> float:
+    """max |t| as a float (NaN if t holds NaN or Inf; 0 if empty), with one device sync."""
+    if t.numel() == 0:
+        return 0.0
+    # aminmax is one pass (a NaN makes both NaN); vector_norm(inf) is ~20x slower on a CPU.
+    low, high = torch.stack(torch.aminmax(t.detach())).tolist()
+    return max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.nan
+
+
+def output_fault(out: torch.Tensor, x: torch.Tensor) -> tuple[str, str] | None:
+    """("nonfinite" | "magnitude", message) if kernel output `out` (of input `x`, same shape)
+    holds NaN/Inf or exceeds MAGNITUDE_FACTOR x (1 + max |x|); None if it is fine. One reduction
+    and one sync of `out`; `x` is only read when `out` exceeds the bound for x = 0."""
+    out_max = max_abs(out)
+    if not math.isfinite(out_max):
+        return "nonfinite", "kernel output contains NaN or Inf"
+    if out_max <= MAGNITUDE_FACTOR:
+        return None
+    in_max = max_abs(x)
+    bound = MAGNITUDE_FACTOR * (1.0 + in_max)
+    if out_max > bound:  # never when x holds NaN/Inf: a diverging host is not the seed's fault
+        return "magnitude", (
+            f"kernel output reaches |{out_max:.3g}| > {bound:.3g} "
+            f"({MAGNITUDE_FACTOR:g} x (1 + max |input| {in_max:.3g}))"
+        )
+    return None
+
+
 def guarded_call(
     kernel: nn.Module, x: torch.Tensor, latency_budget_s: float | None
 ) -> tuple[torch.Tensor | None, str | None, str]:
@@ -84,11 +124,10 @@ def guarded_call(
         return None, "device", f"expected output on {x.device}, got {out.device}"
     if out.dtype != x.dtype:
         return None, "dtype", f"expected output dtype {x.dtype}, got {out.dtype}"
-    # One reduction and one sync per call of a running seed (a dormant layer never gets here):
-    # a finite sum means every element is finite; only a non-finite sum (NaN/Inf, or finite
-    # values overflowing it) pays for the exact elementwise check.
-    if not math.isfinite(out.detach().sum().item()) and not bool(torch.isfinite(out).all()):
-        return None, "nonfinite", "kernel output contains NaN or Inf"
+    # One reduction and one sync per call of a running seed (a dormant layer never gets here).
+    fault = output_fault(out, x)
+    if fault is not None:
+        return None, *fault
     if latency_budget_s is not None and elapsed > latency_budget_s:
         return out, "slow", f"kernel took {elapsed * 1e3:.1f} ms > {latency_budget_s * 1e3:.1f} ms"
     return out, None, ""

@@ -24,6 +24,7 @@ from esper_gym.kernels.compiler import (
     SAFE_PICKLE_GLOBALS,
     ArtifactInfo,
     Kernel,
+    KernelCost,
     KernelMetadata,
     KernelRejected,
     KernelTemplate,
@@ -49,6 +50,7 @@ __all__ = [
     "CacheStats",
     "Kernel",
     "KernelCache",
+    "KernelCost",
     "KernelIncompatible",
     "KernelMetadata",
     "KernelRejected",
@@ -80,9 +82,10 @@ def load_or_compile(
     """A trainable kernel module for a slot of `shape`, on `device`, and its metadata.
 
     Compiles only if the store has no artifact for this recipe. The artifact is checksummed,
-    statically validated and checked against `shape` and `device` (KernelRejected /
-    KernelIncompatible) before anything from it runs. The module owns its parameters. A recipe
-    the cache has seen is served from memory: no index query, no artifact read, no re-hash.
+    statically validated, checked against `shape` and `device`, and its cost (counted on shapes)
+    against `blueprint`'s own (KernelRejected / KernelIncompatible) before anything from it runs.
+    The module owns its parameters. A recipe the cache has seen is served from memory: no index
+    query, no artifact read, no re-hash.
     """
     shape = tuple(int(s) for s in shape)
     key = recipe_key(blueprint, shape, seed=seed)
@@ -96,7 +99,11 @@ def load_or_compile(
             cache.stats.compiles += 1
         sha = meta.sha256
     kernel = cache.kernel(
-        sha, expected_shape=shape, device=device, check_output=not blueprint.is_fault
+        sha,
+        expected_shape=shape,
+        device=device,
+        check_output=not blueprint.is_fault,
+        blueprint=blueprint.to_dict(),  # the cost budget is the asked blueprint's, not the index's
     )
     if not known:
         _check_serves(kernel, blueprint, shape)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +13,9 @@ from esper_gym.kernels.compiler import (
     Kernel,
     KernelMetadata,
     KernelTemplate,
+    check_cost,
     is_fault_blueprint,
+    load_program,
     shape_problem,
     validated_archive,
 )
@@ -105,17 +106,19 @@ class KernelCache:
         expected_shape: Sequence[int] | None = None,
         device: str | torch.device = "cpu",
         check_output: bool | None = None,
+        blueprint: dict | None = None,
     ) -> Kernel:
         """A fresh trainable kernel of `sha` (checked as in `get`), cloned from memory.
 
         `check_output` (default: unless the index calls it a fault blueprint) says whether its
         output shape must equal `expected_shape`; a caller that knows which blueprint it asked
-        for passes it, so that an index row cannot switch the check off.
+        for passes it, so that an index row cannot switch the check off. Likewise `blueprint`
+        (default: the one the index names) is what the kernel's cost is bounded by.
         """
-        entry = self._entry(sha, expected_shape, device, check_output)
+        entry = self._entry(sha, expected_shape, device, check_output, blueprint)
         return entry.template.instantiate(entry.artifact, entry.meta)
 
-    def _entry(self, sha: str, expected_shape, device, check_output=None) -> _Entry:
+    def _entry(self, sha: str, expected_shape, device, check_output=None, blueprint=None) -> _Entry:
         entry = self._entries.get(sha)
         if entry is not None:
             meta, info = entry.meta, entry.info
@@ -131,12 +134,16 @@ class KernelCache:
         if problem is not None:
             self.stats.compat_misses += 1
             raise KernelIncompatible(f"kernel {sha}: {problem}")
-        if entry is not None:
+        if entry is None:
+            program = load_program(canonical, sha)
+            entry = _Entry(program, meta, info, artifact, KernelTemplate.from_program(program))
+        # Before anything runs the graph for real: its cost (counted by the dry run on shapes)
+        # against its blueprint's. Checked on hits too: another caller may ask for a cheaper one.
+        check_cost(entry.template.cost, blueprint or meta.blueprint, info.input_shape, sha)
+        if sha in self._entries:
             self.stats.hits += 1
             self._entries.move_to_end(sha)
             return entry
-        program = torch.export.load(io.BytesIO(canonical))
-        entry = _Entry(program, meta, info, artifact, KernelTemplate.from_program(program))
         self.stats.misses += 1
         self._keep(sha, entry)
         return entry

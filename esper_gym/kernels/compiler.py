@@ -15,9 +15,11 @@ checks read, never the original (torch's zip reader and Python's disagree on odd
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import pickletools
 import re
@@ -29,6 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
 
 from esper_gym.kernels.archive import (
     MAX_ARCHIVE_BYTES,
@@ -36,7 +41,7 @@ from esper_gym.kernels.archive import (
     pack_members,
     read_members,
 )
-from esper_gym.kernels.blueprints import BLUEPRINTS, Blueprint
+from esper_gym.kernels.blueprints import BLUEPRINTS, Blueprint, blueprint_from_dict
 
 Shape = tuple[int, ...]
 
@@ -675,11 +680,47 @@ def load_artifact(
     expected_shape: Sequence[int] | None = None,
 ) -> torch.export.ExportedProgram:
     """validate_artifact, then torch.export.load of the rebuilt archive (never of `artifact`),
-    then a dry run of the graph on shapes (`KernelTemplate.from_program`) before anyone runs it."""
+    then a dry run of the graph on shapes (`KernelTemplate.from_program`) before anyone runs it,
+    and with `meta`, its cost against its blueprint's (`check_cost`)."""
     _, canonical = validated_archive(artifact, meta, expected_shape)
-    program = torch.export.load(io.BytesIO(canonical))
-    KernelTemplate.from_program(program)
+    name = meta.sha256 if meta is not None else hashlib.sha256(artifact).hexdigest()
+    program = load_program(canonical, name)
+    template = KernelTemplate.from_program(program)
+    if meta is not None:
+        check_cost(template.cost, meta.blueprint, meta.input_shape, name)
     return program
+
+
+class _LoadFailure(logging.Filter):
+    """Keeps the error torch.export.load logs (with a traceback) before it raises a generic
+    one ("check the warnings above"), and drops that log record."""
+
+    error: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.error = record.exc_info[1]
+            return False
+        return True
+
+
+def load_program(canonical: bytes, name: str) -> torch.export.ExportedProgram:
+    """torch.export.load of an archive `validated_archive` rebuilt. An archive the static checks
+    pass can still fail inside torch (a schema version, a dangling tensor name): that is a
+    one-line KernelRejected naming kernel `name` and torch's own reason, never a raw error."""
+    caught = _LoadFailure()
+    logger = logging.getLogger("torch.export")
+    logger.addFilter(caught)
+    try:
+        return torch.export.load(io.BytesIO(canonical))
+    except Exception as e:
+        reason: BaseException = caught.error or e
+        while reason.__cause__ is not None:  # the innermost error says what was wrong
+            reason = reason.__cause__
+        text = " ".join(f"{type(reason).__name__}: {reason}".split())
+        raise KernelRejected(f"kernel {name}: torch.export.load failed: {text}"[:400]) from None
+    finally:
+        logger.removeFilter(caught)
 
 
 class Kernel(nn.Module):
@@ -740,7 +781,10 @@ class Kernel(nn.Module):
 def _rebuild_kernel(artifact: bytes, meta_json: str | None, tensors: list, training: bool):
     meta = KernelMetadata.from_json(meta_json) if meta_json is not None else None
     _, canonical = validated_archive(artifact, meta)
-    template = KernelTemplate.from_program(torch.export.load(io.BytesIO(canonical)))
+    name = meta.sha256 if meta is not None else hashlib.sha256(artifact).hexdigest()
+    template = KernelTemplate.from_program(load_program(canonical, name))
+    if meta is not None:
+        check_cost(template.cost, meta.blueprint, meta.input_shape, name)
     if len(tensors) != len(template.tensors):
         raise KernelRejected(f"pickled kernel has {len(tensors)} tensors, its graph takes more")
     kernel = Kernel(template.graph, template.names, tensors, artifact, meta)
@@ -755,6 +799,7 @@ class KernelTemplate:
     graph: torch.fx.GraphModule
     names: tuple[str, ...]
     tensors: tuple[torch.Tensor, ...]
+    cost: KernelCost  # measured by the dry run, before the graph ever runs for real
 
     @classmethod
     def from_program(cls, program: torch.export.ExportedProgram) -> KernelTemplate:
@@ -776,8 +821,8 @@ class KernelTemplate:
             raise KernelRejected("a kernel's graph takes its state, then one tensor")
         if [s.kind for s in signature.output_specs] != [OutputKind.USER_OUTPUT]:
             raise KernelRejected("a kernel's graph returns one tensor and mutates nothing")
-        _dry_run(program.graph_module, tensors, user[0].arg.name)
-        return cls(program.graph_module, tuple(names), tuple(tensors))
+        cost = _dry_run(program.graph_module, tensors, user[0].arg.name)
+        return cls(program.graph_module, tuple(names), tuple(tensors), cost)
 
     def instantiate(self, artifact: bytes | None = None, meta: KernelMetadata | None = None):
         """A fresh trainable `Kernel` that owns clones of the initial tensors (aliases within
@@ -792,10 +837,111 @@ class KernelTemplate:
         return Kernel(self.graph, self.names, [clones[id(t)] for t in self.tensors], artifact, meta)
 
 
-def _dry_run(graph: torch.fx.GraphModule, tensors: list, input_name: str, batch: int = 256):
+# --- cost bound --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """What one sample through a kernel's forward costs, counted on the meta device."""
+
+    flops: float
+    bytes: float  # every tensor its ops allocate: an upper bound of its peak memory
+
+
+# A kernel may cost at most COST_FACTOR times its blueprint template's own cost for the same slot
+# shape, in FLOPs and in bytes, or COST_FLOOR, whichever is more. An honest artifact costs what
+# its template costs (the same ops, counted the same way; measured ratios 0.96-1.00 over every
+# blueprint, default and largest size, on linear and conv shapes), so 8x leaves room for a
+# torch version that exports an op differently, while an allowed-ops-only graph that does
+# quadratic work (attention over a sequence thousands long built from a 32-wide slot) is
+# 10^3-10^5x over. The floor keeps tiny templates (norm on D=2:
+# ~10 FLOPs) from refusing a kernel for rounding; within it a batch of 128 costs ~13 MFLOP and
+# 8 MiB, about a millisecond's work.
+COST_FACTOR = 8.0
+COST_FLOOR = KernelCost(flops=1e5, bytes=2.0**16)
+
+
+class _CostMode(TorchDispatchMode):
+    """Adds up what the aten ops a run dispatches would cost: torch's FLOP formula where it has
+    one (matmuls, convolutions), else one per element of the op's largest operand; and the
+    bytes of every tensor an op allocates (views allocate nothing). On the meta device nothing
+    is computed, and attention is dispatched as its math decomposition, whose L x S scores (what
+    the batched simulator's vmap rewrite materialises) are counted like any other tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view:
+            return out
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        else:
+            sizes = [t.numel() for t in tree_leaves((args, kwargs, out)) if _is_tensor(t)]
+            self.flops += max(sizes, default=0)
+        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out) if _is_tensor(t))
+        return out
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+@functools.lru_cache(maxsize=1024)
+def _template_cost(blueprint_json: str, shape: Shape, batch: int = 256) -> KernelCost:
+    # The blueprint's own module, built and run on the meta device: no weights, no arithmetic.
+    blueprint = blueprint_from_dict(json.loads(blueprint_json))
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        module = blueprint.build(shape)
+    x = torch.empty((batch, *shape), device="meta")
+    with torch.no_grad(), _CostMode() as cost:
+        module(x)
+    return KernelCost(cost.flops / batch, cost.bytes / batch)
+
+
+def cost_problem(cost: KernelCost, blueprint: dict[str, Any], shape: Sequence[int]) -> str | None:
+    """Why a kernel costing `cost` may not serve as `blueprint` on a slot of `shape` (None: it
+    may): over max(COST_FACTOR x the template's own cost, COST_FLOOR) in FLOPs or bytes."""
+    shape = tuple(int(s) for s in shape)
+    try:
+        ref = _template_cost(json.dumps(blueprint, sort_keys=True), shape)
+    except Exception as e:  # an unknown or unbuildable blueprint leaves nothing to compare to
+        return (
+            f"its blueprint {blueprint} cannot be built for shape {shape} to bound its cost ({e})"
+        )
+    flops = max(COST_FACTOR * ref.flops, COST_FLOOR.flops)
+    nbytes = max(COST_FACTOR * ref.bytes, COST_FLOOR.bytes)
+    if cost.flops <= flops and cost.bytes <= nbytes:
+        return None
+    return (
+        f"costs {cost.flops:.3g} FLOPs and {cost.bytes:.3g} bytes per sample; its blueprint "
+        f"{blueprint.get('name')} costs {ref.flops:.3g} FLOPs and {ref.bytes:.3g} bytes for shape "
+        f"{shape}, so the budget is {flops:.3g} FLOPs and {nbytes:.3g} bytes "
+        f"(max({COST_FACTOR:g}x, {COST_FLOOR.flops:.3g} FLOPs, {COST_FLOOR.bytes:.3g} bytes))"
+    )
+
+
+def check_cost(
+    cost: KernelCost, blueprint: dict[str, Any], shape: Sequence[int], name: str
+) -> None:
+    """KernelRejected (naming kernel `name`, its cost and the budget) if `cost_problem`."""
+    problem = cost_problem(cost, blueprint, shape)
+    if problem is not None:
+        raise KernelRejected(f"kernel {name}: {problem}")
+
+
+def _dry_run(
+    graph: torch.fx.GraphModule, tensors: list, input_name: str, batch: int = 256
+) -> KernelCost:
     """Run the graph once on the meta device (shapes only: no memory, no arithmetic) before
     it ever runs for real: KernelRejected if its intermediates need more than
-    MAX_BYTES_PER_SAMPLE per sample, or its output is not the shape its graph declares."""
+    MAX_BYTES_PER_SAMPLE per sample, or its output is not the shape its graph declares.
+    Returns what one sample costs (`_CostMode`), for `check_cost`."""
     placeholders = {n.name: n for n in graph.graph.nodes if n.op == "placeholder"}
     outputs = [n for n in graph.graph.nodes if n.op == "output"]
     if input_name not in placeholders or len(outputs) != 1 or len(outputs[0].args[0]) != 1:
@@ -825,7 +971,8 @@ def _dry_run(graph: torch.fx.GraphModule, tensors: list, input_name: str, batch:
     state = [torch.empty_like(t, device="meta") for t in tensors]
     x = torch.empty((batch, *feature_shape), device="meta")
     try:
-        (out,) = Probe(graph).run(*state, x)
+        with torch.no_grad(), _CostMode() as cost:
+            (out,) = Probe(graph).run(*state, x)
     except KernelRejected:
         raise
     except Exception as e:  # a graph that cannot even run on shapes is not a kernel
@@ -834,6 +981,7 @@ def _dry_run(graph: torch.fx.GraphModule, tensors: list, input_name: str, batch:
         ) from None
     if tuple(out.shape) != (batch, *declared):
         raise KernelRejected(f"kernel returns {tuple(out.shape)}, its graph declares {declared}")
+    return KernelCost(cost.flops / batch, cost.bytes / batch)
 
 
 def instantiate(

@@ -4,7 +4,9 @@ Each builder takes a genuine artifact and returns bytes that would do harm if to
 ran them (`tests/test_artifact_security.py` shows that for the ones where it is cheap). The
 validator must refuse every one; the reliability benchmark (`experiments/bench_faults.py`) puts
 them in a kernel store under a genuine recipe, as a poisoned shared store would. The modules at
-the end misbehave at run time instead, as a kernel that passed validation still may.
+the end pass the static checks and misbehave later: at run time (a NaN gradient, a float64 or
+huge delta: runtime faults), by their cost (refused by the loader's cost bound), or inside
+torch.export.load (refused in one line); `tests/test_kernel_cost.py` uses the last three.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pickle
 import zipfile
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MODEL_JSON = "archive/models/model.json"
@@ -159,3 +162,51 @@ class Float64Delta(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x * 0).double()
+
+
+class HugeDelta(nn.Sequential):
+    """A blueprint's own layers (same tensor names and shapes), then an output of 3e38 in every
+    entry: finite, but its sum overflows, and so does the host's next layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0 + 3e38
+
+
+class QuadraticAttention(nn.Sequential):
+    """residual_mlp's own layers (same tensor names and shapes) around self-attention over a
+    sequence `repeats` times the hidden width (each hidden unit one token of 1 feature): only
+    allowed ops, right shapes, zero delta at birth, and O((repeats * hidden)^2) work and memory
+    per sample, so that a germination stalls the run."""
+
+    def __init__(self, first: nn.Linear, activation: nn.Module, out: nn.Linear, repeats: int):
+        super().__init__(first, activation, out)
+        self.repeats = repeats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, activation, out = self
+        h = activation(first(x))
+        tokens = torch.cat([h] * self.repeats, dim=1).reshape(x.shape[0], 1, -1, 1)
+        mixed = F.scaled_dot_product_attention(tokens, tokens, tokens)
+        return out(mixed.reshape(x.shape[0], self.repeats, -1).mean(dim=1))
+
+
+def exported(module: nn.Module, shape: tuple[int, ...]) -> bytes:
+    """The torch.export artifact of `module` for slot `shape`, as the compiler writes one."""
+    program = torch.export.export(
+        module, (torch.zeros(2, *shape),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+    )
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def schema_mismatch(artifact: bytes) -> bytes:
+    """The artifact with a graph schema version torch does not read: every static check passes
+    (the validator never reads that field) and torch.export.load raises."""
+    content = members(artifact)
+    doc = json.loads(content[MODEL_JSON])
+    doc["schema_version"]["major"] += 100
+    content[MODEL_JSON] = json.dumps(doc).encode()
+    return plain_zip(content)
