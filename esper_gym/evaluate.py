@@ -258,10 +258,15 @@ def checkpoint_file(path: str | os.PathLike) -> pathlib.Path:
     """A checkpoint file, or the `checkpoint.pt` in a train run dir."""
     p = pathlib.Path(path)
     if p.is_dir():
+        if not (p / "checkpoint.pt").exists() and (p / "checkpoint.zip").exists():
+            raise ValueError(
+                f"{p} holds an SB3 model (checkpoint.zip, agent=sb3_ppo or maskable_ppo): "
+                "checkpoints= takes Tamiyo checkpoints (checkpoint.pt, agent=tamiyo)"
+            )
         p = p / "checkpoint.pt"
     if not p.is_file():
         raise FileNotFoundError(f"no Tamiyo checkpoint at {p}")
-    return p
+    return p  # the loader refuses an SB3 checkpoint.zip named directly, saying what it is
 
 
 # ------------------------------------------------------------------------ episodes
@@ -302,10 +307,11 @@ def check_compatible(policy, env) -> None:
         )
 
 
-def load_checkpoint(checkpoint: str | os.PathLike):
+def load_checkpoint(checkpoint: str | os.PathLike, env=None):
+    """Tamiyo's checked loader; with `env` the policy's sizes must fit it before it is built."""
     from esper_gym.agents.tamiyo import load_checkpoint as load
 
-    return load(checkpoint)
+    return load(checkpoint, env=env)
 
 
 def load_policy(checkpoint: str | os.PathLike):
@@ -340,7 +346,7 @@ def make_player(job: Job, env):
     Baselines are built by `make_agent` with `job.agent_kwargs`; a baseline that needs the env
     itself (NEEDS_ENV, e.g. lookahead forks it) gets `env` there, in the process that plays."""
     if job.checkpoint:
-        ckpt = load_checkpoint(job.checkpoint)
+        ckpt = load_checkpoint(job.checkpoint, env)
         check_checkpoint(ckpt, job.checkpoint, env)
         policy = ckpt.policy.eval()
         actor = policy.actor(greedy=job.greedy, seed=job.seed, **(job.agent_kwargs or {}))

@@ -655,10 +655,17 @@ def mean_metrics(episodes: list[dict[str, Any]]) -> dict[str, float]:
 def _checkpoint_file(resume: str, suffix: str) -> pathlib.Path:
     path = pathlib.Path(resume)
     if path.is_dir():
+        other = {".pt": ".zip", ".zip": ".pt"}[suffix]
+        if not (path / f"checkpoint{suffix}").exists() and (path / f"checkpoint{other}").exists():
+            needs = "agent=tamiyo" if other == ".pt" else "agent=sb3_ppo or maskable_ppo"
+            raise ConfigError(
+                f"resume={resume!r} holds checkpoint{other}, not checkpoint{suffix}: "
+                f"it resumes with {needs}"
+            )
         path = path / f"checkpoint{suffix}"
     if not path.is_file():
         raise ConfigError(f"resume={resume!r}: no checkpoint at {path}")
-    return path
+    return path  # a file of the other kind is refused by its loader, saying which it is
 
 
 def train_tamiyo(cfg: DictConfig, make: Callable, logger, run_dir: pathlib.Path):

@@ -24,7 +24,6 @@ import copy
 import io
 import json
 import os
-import pathlib
 import zipfile
 from typing import Any
 
@@ -37,7 +36,23 @@ from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3 import PPO
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from esper_gym.agents.tamiyo import GraphEncoder, check_env_record, obs_to_batch
+from esper_gym.agents.tamiyo import (
+    BOOL,
+    CheckpointError,
+    GraphEncoder,
+    check_adam_state,
+    check_env_entry,
+    check_env_record,
+    check_table,
+    check_tensors,
+    int_in,
+    number_in,
+    obs_to_batch,
+    one_of,
+    read_checkpoint,
+    torch_load_checked,
+    zip_members,
+)
 
 
 class GraphFeaturesExtractor(BaseFeaturesExtractor):
@@ -179,7 +194,46 @@ REPLACED = (
 )
 
 
-class UnsafeCheckpointError(ValueError):
+# The plain entries of `data` that SB3's `load` copies onto the model (`model.__dict__.update`),
+# each with its check: a hostile value would train forever (num_timesteps=-1e12), allocate a
+# rollout buffer of 300 GiB (n_steps=1e9) or make the policy NaN (gamma=NaN). Ranges are
+# generous for real runs (conf/agent: n_steps 64, batch 32, 4 epochs) and bounded. Every one
+# must be there (SB3 2.x writes them all); anything else is refused.
+COUNT = int_in(0, 10**12)
+DATA = {
+    "verbose": int_in(0, 2),
+    "num_timesteps": COUNT,
+    "_total_timesteps": COUNT,
+    "_num_timesteps_at_start": COUNT,
+    "_episode_num": COUNT,
+    "_n_updates": COUNT,
+    "seed": (lambda v: v is None or int_in(0, 2**32 - 1)[0](v), "None or an int in [0, 2**32-1]"),
+    "start_time": number_in(0, 1e20),  # time.time_ns() at the last learn
+    "learning_rate": number_in(0.0, 1.0),
+    "tensorboard_log": one_of(None),  # a path from a file would make SB3 write there
+    "use_sde": one_of(False),  # discrete actions: PPO has no state-dependent exploration
+    "sde_sample_freq": int_in(-1, 10**6),
+    "_current_progress_remaining": number_in(-1e6, 1.0),
+    "_stats_window_size": int_in(1, 10**6),
+    "n_envs": int_in(1, 4096),  # replaced by the env's own count on load
+    "n_steps": int_in(1, 2**14),  # x envs = rollout buffer rows
+    "batch_size": int_in(2, 2**20),  # SB3 asserts > 1
+    "n_epochs": int_in(1, 1000),
+    "gamma": number_in(0.0, 1.0),
+    "gae_lambda": number_in(0.0, 1.0),
+    "ent_coef": number_in(0.0, 10.0),
+    "vf_coef": number_in(0.0, 10.0),
+    "max_grad_norm": number_in(0.0, 1e6, lo_open=True),
+    "normalize_advantage": BOOL,
+    "target_kl": (
+        lambda v: v is None or number_in(0.0, 1e6, lo_open=True)[0](v),
+        "None or a finite number in (0, 1e6]",
+    ),
+}
+MAX_DATA_BYTES = 64 << 20  # the JSON `data` member: ~16 KB, more with pickled rollout state
+
+
+class UnsafeCheckpointError(CheckpointError):
     """An SB3 archive that cannot be loaded without running code from it, or not ours."""
 
 
@@ -195,28 +249,41 @@ def load_model(path: str | os.PathLike, fresh, env, record: dict):
     (same class; its values replace every pickled entry), `env` the env to train on, `record`
     the env's `env_record` (a checkpoint of another task or library is refused).
 
-    The file is read once; the checks and SB3 see the same bytes. Refused, before SB3 reads
-    anything: a pickled entry not in REPLACED, an unexpected or duplicated member, PyTorch
-    variables the model does not have, no record or another task's. SB3 loads the `.pth`
-    members with `torch.load(weights_only=True)` (tensors and plain containers only).
+    The file is read once (a regular file, capped: `read_checkpoint`); the checks and SB3 see
+    the same bytes. Refused, before SB3 reads anything, with a one-line UnsafeCheckpointError: a
+    pickled entry not in REPLACED, any other `data` entry not in DATA or out of its range, an
+    unexpected or duplicated member, weights or optimizer state not of `fresh`'s shapes,
+    PyTorch variables the model does not have, no record or another task's. The `.pth`
+    members load with `torch.load(weights_only=True)` (tensors and plain containers only).
     """
-    raw = pathlib.Path(path).read_bytes()
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(raw))
-    except zipfile.BadZipFile as exc:
-        raise UnsafeCheckpointError(f"{path} is not an SB3 checkpoint (zip): {exc}") from None
-    with archive:
-        names = archive.namelist()
-        extra = sorted(set(names) - ARCHIVE_MEMBERS)
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if extra or dupes or "data" not in names:
+    raw = read_checkpoint(path)
+    names = zip_members(path, raw)
+    if any(n.endswith("/data.pkl") for n in names) and "data" not in names:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} is a Tamiyo checkpoint (checkpoint.pt, torch.save), not an SB3 "
+            "model: load it with esper_gym.agents.tamiyo.load_checkpoint (agent=tamiyo)"
+        )
+    extra = sorted(set(names) - ARCHIVE_MEMBERS)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    missing = sorted({"data", "policy.pth"} - set(names))
+    if extra or dupes or missing:
+        raise UnsafeCheckpointError(
+            f"{path}: unexpected archive members {extra}, duplicated {dupes}, missing {missing}; "
+            f"an SB3 checkpoint holds only {sorted(ARCHIVE_MEMBERS)}"
+        )
+    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+        if archive.getinfo("data").file_size > MAX_DATA_BYTES:
             raise UnsafeCheckpointError(
-                f"{path}: unexpected archive members {extra}, duplicated {dupes}"
-                f"{'' if 'data' in names else ', no data member'}; an SB3 checkpoint holds "
-                f"only {sorted(ARCHIVE_MEMBERS)}"
+                f"checkpoint {path}: data member over {MAX_DATA_BYTES} bytes"
             )
-        # Parsed exactly as SB3's load_from_zip_file/json_to_data will parse it.
-        data = json.loads(archive.read("data").decode())
+        try:  # parsed exactly as SB3's load_from_zip_file/json_to_data will parse it
+            data = json.loads(archive.read("data").decode())
+        except (ValueError, RecursionError) as exc:  # also too deeply nested JSON
+            raise UnsafeCheckpointError(
+                f"checkpoint {path}: data is not JSON: {str(exc)[:120]}"
+            ) from None
+        if not isinstance(data, dict):
+            raise UnsafeCheckpointError(f"checkpoint {path}: data is not a JSON object")
         pickled = [k for k, v in data.items() if isinstance(v, dict) and ":serialized:" in v]
         unknown = [k for k in pickled if k not in REPLACED]
         if unknown:
@@ -224,17 +291,41 @@ def load_model(path: str | os.PathLike, fresh, env, record: dict):
                 f"{path}: entries {unknown} are pickled (':serialized:'), and SB3 would run "
                 f"cloudpickle.loads on them; only {list(REPLACED)} are replaced on load"
             )
+        try:  # REPLACED entries are never read: this run's values stand in for them
+            check_table(path, "data", {k: v for k, v in data.items() if k not in REPLACED}, DATA)
+        except CheckpointError as exc:
+            raise UnsafeCheckpointError(str(exc)) from None
+        check_tensors(
+            path,
+            "policy.pth",
+            torch_load_checked(f"{path}:policy.pth", archive.read("policy.pth")),
+            fresh.policy.state_dict(),
+        )
+        if "policy.optimizer.pth" in names:
+            state = torch_load_checked(
+                f"{path}:policy.optimizer.pth", archive.read("policy.optimizer.pth")
+            )
+            check_adam_state(path, "policy.optimizer.pth", state, list(fresh.policy.parameters()))
         if "pytorch_variables.pth" in names:
             # SB3 sets `model.<name>.data` for every name in it: only the model's own names.
-            with archive.open("pytorch_variables.pth") as f:
-                variables = torch.load(f, map_location="cpu", weights_only=True)
+            variables = torch_load_checked(
+                f"{path}:pytorch_variables.pth", archive.read("pytorch_variables.pth")
+            )
             allowed = set(fresh._get_torch_save_params()[1])
             if not isinstance(variables, dict) or set(variables) - allowed:
                 names_found = sorted(variables) if isinstance(variables, dict) else variables
                 raise UnsafeCheckpointError(
                     f"{path}: pytorch_variables {names_found}; this model has {sorted(allowed)}"
                 )
-        saved = json.loads(archive.read(RECORD_MEMBER)) if RECORD_MEMBER in names else {}
+        saved = {}
+        if RECORD_MEMBER in names:
+            try:
+                saved = json.loads(archive.read(RECORD_MEMBER))
+            except (ValueError, RecursionError):
+                raise UnsafeCheckpointError(
+                    f"checkpoint {path}: {RECORD_MEMBER} is not JSON"
+                ) from None
+    check_env_entry(path, saved, record)
     check_env_record(saved, record, path, same_task=True)
     custom = {key: copy.copy(getattr(fresh, key, None)) for key in REPLACED}
     return type(fresh).load(io.BytesIO(raw), env=env, custom_objects=custom, device=fresh.device)
