@@ -12,7 +12,10 @@ the same methods, so callers never check which one they hold:
 | `progress(total, desc)`         | a tqdm bar that `log(.., step)` and `log_episode` advance       |
 | `finish()`                      | close the bar and the run                                       |
 
-Offline is the default and needs no account and no network: the run is written to
+The mode is W&B's own where the user set one: `logger.mode=` when given, else `WANDB_MODE`
+(or `WANDB_DISABLED=true`), else what `wandb offline` / `wandb online` / `wandb disabled` wrote
+to W&B's settings file (`./wandb/settings`, then `$WANDB_CONFIG_DIR/settings`). Only when the
+user set nothing is it offline, which needs no account and no network: the run is written to
 `<dir>/wandb/offline-run-*/run-<id>.wandb` and `wandb sync <that dir>` uploads it later. No mode
 ever prompts for a login: `online` without credentials (WANDB_API_KEY, `wandb login`) fails at
 `init` with a message saying so. Nothing here imports hydra or omegaconf: configs arrive as plain
@@ -21,6 +24,7 @@ dicts.
 
 from __future__ import annotations
 
+import configparser
 import csv
 import os
 import pathlib
@@ -30,6 +34,36 @@ from collections.abc import Mapping
 from typing import Any
 
 MODES = ("offline", "online", "disabled")
+# W&B's older spellings of the same modes (WANDB_MODE=dryrun / run still work in wandb).
+_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
+def resolve_mode(mode: str | None = None) -> tuple[str, str]:
+    """The W&B mode to run in and where it came from (see the module docstring)."""
+    if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"logger mode={mode!r}; allowed: {', '.join(MODES)}")
+        return mode, "logger.mode"
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return "disabled", "WANDB_DISABLED"
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        env = _ALIASES.get(env, env)
+        if env not in MODES:
+            raise ValueError(f"WANDB_MODE={env!r}; allowed: {', '.join(MODES)}")
+        return env, "WANDB_MODE"
+    config_dir = os.environ.get("WANDB_CONFIG_DIR") or pathlib.Path.home() / ".config" / "wandb"
+    for settings in (pathlib.Path("wandb") / "settings", pathlib.Path(config_dir) / "settings"):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(settings)
+        except configparser.Error:
+            continue  # a settings file wandb itself cannot read is not a choice the user made
+        value = parser.get("default", "mode", fallback="")
+        value = _ALIASES.get(value, value)
+        if value in MODES:
+            return value, str(settings)
+    return "offline", "default"
 
 
 def _scalar(value: Any) -> bool:
@@ -132,19 +166,20 @@ class RunLogger(NullLogger):
         project: str = "esper-gym",
         group: str | None = None,
         name: str | None = None,
-        mode: str = "offline",
+        mode: str | None = None,
         dir: str | os.PathLike | None = None,
         entity: str | None = None,
         tags: list[str] | tuple[str, ...] = (),
         run_id: str | None = None,
     ) -> RunLogger:
         """Start the run. `run_id` of an earlier run continues it (`resume="allow"`): offline,
-        the second part is its own directory and `wandb sync` joins them under one id."""
-        if mode not in MODES:
-            raise ValueError(f"logger mode={mode!r}; allowed: {', '.join(MODES)}")
+        the second part is its own directory and `wandb sync` joins them under one id.
+        `mode` None: W&B's own setting, offline if the user set none (`resolve_mode`)."""
+        mode, self.mode_source = resolve_mode(mode)
+        self.mode = mode
         # Set before wandb is imported: it reads them at import and at init. SILENT keeps its
         # banner out of test output; the mode is also the environment's so that nothing wandb
-        # starts on its own (a login check, a service) goes online when offline was asked for.
+        # starts on its own (a login check, a service) goes online when offline was resolved.
         os.environ.setdefault("WANDB_SILENT", "true")
         os.environ["WANDB_MODE"] = mode
         import wandb

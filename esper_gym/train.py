@@ -277,7 +277,7 @@ class AgentConf:
 @dataclass
 class LoggerConf:
     kind: str = "wandb"  # wandb | none
-    mode: str = "offline"  # offline | online | disabled
+    mode: str | None = None  # offline | online | disabled | None: W&B's own setting, else offline
     project: str = "esper-gym"
     entity: str | None = None
     group: str | None = None
@@ -538,7 +538,7 @@ def validate(cfg: DictConfig) -> Task:
         raise ConfigError(f"resume={cfg.resume!r}: agent {cfg.agent.name!r} does not train")
     if cfg.logger.kind not in ("wandb", "none"):
         raise ConfigError(f"logger.kind={cfg.logger.kind!r}; allowed: wandb, none")
-    if cfg.logger.mode not in ("offline", "online", "disabled"):
+    if cfg.logger.mode not in (None, "offline", "online", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.mode!r}; allowed: offline, online, disabled")
     return task
 
