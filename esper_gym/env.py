@@ -21,6 +21,7 @@ from esper_gym.hosts import build_host, data_flow_edges, host_macs, kernel_macs
 from esper_gym.kasmina import (
     ADVANCE_TO,
     CULLABLE,
+    PRESENT,
     RUNNING,
     FaultRecord,
     SeedState,
@@ -35,9 +36,11 @@ from esper_gym.kernels import (
     load_or_compile,
 )
 from esper_gym.observation import (
+    MEASURED_GLOBAL_FEATURES,
     MEASURED_NODE_FEATURES,
     GraphSpec,
     build_observation,
+    global_row,
     node_features,
     observation_space,
 )
@@ -45,7 +48,6 @@ from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome
 from esper_gym.tasks import Task, get_task
 from esper_gym.trainer import HostTrainer
 
-LIVE = frozenset({*CULLABLE, SeedState.FOSSILIZED})
 TELEMETRY = ("off", "measured")
 # How a tracked seed's life ended, by the state its event moved it to.
 FATE = {"FOSSILIZED": "fossilized", "CULLED": "culled"}
@@ -721,20 +723,22 @@ class MorphogeneticEnv(gym.Env):
         signals = [layer.health() for layer in self.layers]
         nodes = node_features(signals, self.budget, self.task.max_faults)
         slots_total = len(self.layers) * self.task.seed_slots
-        live = sum(s.state in LIVE for layer in self.layers for s in layer.slots)
-        globals_ = [
-            self.trainer.steps_done / self.budget,
-            self.val_acc,
-            math.log1p(_finite_or(self.val_loss, 1e3)),
-            math.log1p(_finite_or(self.train_loss, 1e3)),
-            self.acc_delta * 10.0,
-            self.best_acc,
-            self.plateau / 10.0,
-            math.log10(1.0 + self._added_params() / self.host_params),
-            live / slots_total,
-            math.log1p(self.faults_total),
-            self.train_acc,
-        ]
+        present = sum(s.state in PRESENT for layer in self.layers for s in layer.slots)
+        globals_ = global_row(
+            {
+                "progress": self.trainer.steps_done / self.budget,
+                "val_acc": self.val_acc,
+                "log_val_loss": math.log1p(_finite_or(self.val_loss, 1e3)),
+                "log_train_loss": math.log1p(_finite_or(self.train_loss, 1e3)),
+                "acc_delta": self.acc_delta * 10.0,
+                "best_acc": self.best_acc,
+                "plateau": self.plateau / 10.0,
+                "log_params_ratio": math.log10(1.0 + self._added_params() / self.host_params),
+                "live_seeds": present / slots_total,
+                "log_faults": math.log1p(self.faults_total),
+                "train_acc": self.train_acc,
+            }
+        )
         if self.telemetry == "measured":
             nodes, globals_ = self._measured_features(signals, nodes, globals_)
         if self.show_context:
@@ -755,12 +759,12 @@ class MorphogeneticEnv(gym.Env):
             )
         t = self.telemetry_stats()
         rate = t["cache_hit_rate"]
-        globals_ = [
-            *globals_,
-            0.0 if math.isnan(rate) else rate,
-            math.log1p(t["kernel_loads"]),
-            math.log1p(t["kernel_compiles"]),
-        ]
+        measured = {
+            "cache_hit_rate": 0.0 if math.isnan(rate) else rate,
+            "log_kernel_loads": math.log1p(t["kernel_loads"]),
+            "log_kernel_compiles": math.log1p(t["kernel_compiles"]),
+        }
+        globals_ = [*globals_, *global_row(measured, MEASURED_GLOBAL_FEATURES)]
         return np.concatenate([nodes, extra], axis=1), globals_
 
     def _info(self, events, faults, invalid, action, components=None, stats=None) -> dict:

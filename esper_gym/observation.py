@@ -19,6 +19,10 @@ the observation by default, so that a seeded episode is exactly reproducible; wi
 `telemetry="measured"` (`GraphSpec.measured`) each node row ends with MEASURED_NODE_FEATURES and
 the globals with MEASURED_GLOBAL_FEATURES (after every other feature, so indices of the
 others do not move).
+
+This module owns the contract, both ways: the feature tables and their order (the env builds
+the globals by name with `global_row`), and the reading of an observation back (`ObsView`:
+named features, seed states, the action layout), so no agent keeps its own index map.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 from gymnasium import spaces
 
+from esper_gym.actions import ActionLayout
 from esper_gym.kasmina.lifecycle import SeedState
 from esper_gym.kasmina.telemetry import HealthSignal
 
@@ -85,6 +91,9 @@ MEASURED_GLOBAL_FEATURES = (
     "log_kernel_loads",  # log1p(artifacts loaded from the store this episode)
     "log_kernel_compiles",  # log1p(blueprints compiled this episode)
 )
+NODE_INDEX = {name: i for i, name in enumerate(NODE_FEATURES)}
+SLOT_INDEX = {name: i for i, name in enumerate(SLOT_FEATURES)}
+GLOBAL_INDEX = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
 EDGE_FEATURES = 2
 # Features are logs, ratios and clipped values; the bound only guards against a diverging host.
 BOUND = np.float32(1e3)
@@ -126,6 +135,86 @@ def observation_space(spec: GraphSpec, n_actions: int) -> spaces.Dict:
             "action_mask": spaces.Box(0, 1, (n_actions,), np.int8),
         }
     )
+
+
+def global_row(values: Mapping[str, float], names: Sequence[str] = GLOBAL_FEATURES) -> list:
+    """`values` (feature name -> value) in the order of `names` (GLOBAL_FEATURES, or
+    MEASURED_GLOBAL_FEATURES); a missing or unknown name is an error, so the builder and the
+    table cannot drift apart."""
+    if set(values) != set(names):
+        missing, unknown = sorted(set(names) - set(values)), sorted(set(values) - set(names))
+        raise ValueError(f"global features: missing {missing}, unknown {unknown}")
+    return [values[name] for name in names]
+
+
+def slot_column(slot: int, feature: str) -> int:
+    """The column of `nodes` that holds seed slot `slot`'s `feature` (a SLOT_FEATURES name)."""
+    return len(NODE_FEATURES) + slot * len(SLOT_FEATURES) + SLOT_INDEX[feature]
+
+
+def layout_from_shapes(max_nodes: int, node_dim: int, n_actions: int) -> ActionLayout:
+    """The action layout of an observation's shapes: `nodes` (max_nodes, node_dim) and an
+    `action_mask` of n_actions."""
+    rest = node_dim - len(NODE_FEATURES)
+    if rest % len(SLOT_FEATURES) == len(MEASURED_NODE_FEATURES):  # telemetry="measured"
+        rest -= len(MEASURED_NODE_FEATURES)
+    slots = rest // len(SLOT_FEATURES)
+    per_node = (n_actions - 1) // max_nodes
+    return ActionLayout(max_nodes, slots, per_node // slots - 2)
+
+
+def layout_from_spaces(
+    observation_space: spaces.Dict, action_space: spaces.Discrete
+) -> ActionLayout:
+    """The action layout of an env's spaces (so one agent works on every task)."""
+    max_nodes, node_dim = observation_space["nodes"].shape
+    return layout_from_shapes(max_nodes, node_dim, int(action_space.n))
+
+
+class ObsView:
+    """Named reads of one observation, or of a batch of them (every key with the same leading
+    batch dimensions): each read keeps those dimensions in front and works on numpy arrays and
+    torch tensors alike. Nothing is copied or converted, so a read is the stored value."""
+
+    def __init__(self, obs: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        self.obs = obs
+
+    @cached_property
+    def layout(self) -> ActionLayout:
+        max_nodes, node_dim = self.obs["nodes"].shape[-2:]
+        return layout_from_shapes(max_nodes, node_dim, self.obs["action_mask"].shape[-1])
+
+    @property
+    def n_nodes(self):
+        """Real host layers (the rows before the padding): an int for one observation."""
+        n = self.obs["node_mask"].sum(-1)
+        return int(n) if n.ndim == 0 else n
+
+    def glob(self, name: str):
+        """Global feature `name` (a GLOBAL_FEATURES name): a scalar for one observation."""
+        g, i = self.obs["globals"], GLOBAL_INDEX[name]
+        return g[i] if g.ndim == 1 else g[..., i]  # g[..., i] of one row is a 0-d array
+
+    def node(self, name: str):
+        """Node feature `name` (a NODE_FEATURES name) of every node: (..., max_nodes)."""
+        return self.obs["nodes"][..., NODE_INDEX[name]]
+
+    def slot(self, slot: int, name: str):
+        """Seed slot `slot`'s feature `name` (a SLOT_FEATURES name) on every node."""
+        return self.obs["nodes"][..., slot_column(slot, name)]
+
+    @cached_property
+    def states(self):
+        """Every slot's SeedState value (the argmax of its one-hot state features):
+        (..., max_nodes, slots); padding nodes read DORMANT."""
+        slots, start = self.layout.slots, len(NODE_FEATURES)
+        block = self.obs["nodes"][..., start : start + slots * len(SLOT_FEATURES)]
+        block = block.reshape(*block.shape[:-1], slots, len(SLOT_FEATURES))
+        return block[..., : len(SeedState)].argmax(-1)
+
+    def state(self, layer: int, slot: int) -> SeedState:
+        """The state of `slot` on node `layer`, of one observation."""
+        return SeedState(int(self.states[layer, slot]))
 
 
 def _log(x: float) -> float:

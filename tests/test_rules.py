@@ -14,12 +14,12 @@ from esper_gym.evaluate import TaskSpec, make_env
 from esper_gym.kasmina import KasminaLayer
 from esper_gym.kasmina.lifecycle import SeedState
 from esper_gym.kasmina.telemetry import effective_rank
-from esper_gym.observation import GLOBAL_FEATURES, NODE_FEATURES, SLOT_FEATURES
+from esper_gym.observation import GLOBAL_INDEX as G
+from esper_gym.observation import NODE_INDEX as N
+from esper_gym.observation import slot_column
 from tests.conftest import SMALL
 
 TASK = {**SMALL, "blueprints": ("residual_mlp", "low_rank")}
-G = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
-N = {name: i for i, name in enumerate(NODE_FEATURES)}
 
 
 def _env(contexts=None, kernel_dir=None):
@@ -43,8 +43,7 @@ def _obs(progress=0.5, states=None, **node_values):
     for n in range(3):
         for s in range(lay.slots):
             state = states.get((n, s), SeedState.DORMANT)
-            base = len(NODE_FEATURES) + s * len(SLOT_FEATURES)
-            obs["nodes"][n, base + int(state)] = 1.0
+            obs["nodes"][n, slot_column(s, f"state_{state.name.lower()}")] = 1.0
             if state == SeedState.DORMANT:
                 for b in range(lay.blueprints):
                     obs["action_mask"][lay.encode(Action(GERMINATE, n, s, b))] = 1

@@ -15,39 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from gymnasium import spaces
 
-from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action, ActionLayout
+from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.agents.lookahead import LookaheadAgent
 from esper_gym.agents.rules import RULES, rule_params
 from esper_gym.episode import play_episode
-from esper_gym.kasmina.lifecycle import SeedState
-from esper_gym.observation import (
-    GLOBAL_FEATURES,
-    MEASURED_NODE_FEATURES,
-    NODE_FEATURES,
-    SLOT_FEATURES,
-)
-
-G = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
-N = {name: i for i, name in enumerate(NODE_FEATURES)}
-SL = {name: i for i, name in enumerate(SLOT_FEATURES)}
-
-
-def layout_from_spaces(
-    observation_space: spaces.Dict, action_space: spaces.Discrete
-) -> ActionLayout:
-    max_nodes, node_dim = observation_space["nodes"].shape
-    return layout_from_shapes(max_nodes, node_dim, int(action_space.n))
-
-
-def layout_from_shapes(max_nodes: int, node_dim: int, n_actions: int) -> ActionLayout:
-    """The action layout of an observation's shapes: `nodes` (max_nodes, node_dim) and an
-    `action_mask` of n_actions."""
-    rest = node_dim - len(NODE_FEATURES)
-    if rest % len(SLOT_FEATURES) == len(MEASURED_NODE_FEATURES):  # telemetry="measured"
-        rest -= len(MEASURED_NODE_FEATURES)
-    slots = rest // len(SLOT_FEATURES)
-    per_node = (n_actions - 1) // max_nodes
-    return ActionLayout(max_nodes, slots, per_node // slots - 2)
+from esper_gym.kasmina.lifecycle import GROWING, SeedState
+from esper_gym.observation import ObsView, layout_from_spaces
+from esper_gym.observation import layout_from_shapes as layout_from_shapes  # re-export (tamiyo)
 
 
 class NoOpAgent:
@@ -107,22 +81,16 @@ class HeuristicAgent:
         self.patience, self.min_gain, self.train_age = patience, min_gain, train_age
         self.cull_below, self.late = cull_below, late
 
-    def _slot(self, node: np.ndarray, s: int) -> tuple[SeedState, float, float]:
-        base = len(NODE_FEATURES) + s * len(SLOT_FEATURES)
-        state = SeedState(int(np.argmax(node[base : base + len(SeedState)])))
-        contribution = float(node[base + SL["contribution"]]) / 10.0
-        age = float(node[base + SL["age"]])
-        return state, contribution, age
-
     def act(self, obs: Mapping[str, np.ndarray], info: dict | None = None) -> int:
-        mask, nodes = obs["action_mask"], obs["nodes"]
-        n_nodes = int(obs["node_mask"].sum())
-        glob = obs["globals"]
+        view, mask = ObsView(obs), obs["action_mask"]
+        n_nodes = view.n_nodes
         lay = self.layout
         in_progress = False
         for n in range(n_nodes):
             for s in range(lay.slots):
-                state, contribution, age = self._slot(nodes[n], s)
+                state = view.state(n, s)
+                contribution = float(view.slot(s, "contribution")[n]) / 10.0
+                age = float(view.slot(s, "age")[n])
                 cull = lay.encode(Action(CULL, n, s))
                 advance = lay.encode(Action(ADVANCE, n, s))
                 old = age >= self.train_age
@@ -136,13 +104,12 @@ class HeuristicAgent:
                     return advance
                 if state == SeedState.PROBATION and contribution >= 0 and mask[advance]:
                     return advance
-        gain = glob[G["acc_delta"]] / 10.0
-        started = glob[G["progress"]] > 0
-        plateau = glob[G["plateau"]] * 10.0 >= self.patience or (started and gain < self.min_gain)
-        if plateau and not in_progress and glob[G["progress"]] < self.late:
-            candidates = sorted(
-                range(n_nodes), key=lambda n: (-float(nodes[n][N["dead_ratio"]]), n)
-            )
+        gain = view.glob("acc_delta") / 10.0
+        started = view.glob("progress") > 0
+        plateau = view.glob("plateau") * 10.0 >= self.patience or (started and gain < self.min_gain)
+        if plateau and not in_progress and view.glob("progress") < self.late:
+            dead = view.node("dead_ratio")
+            candidates = sorted(range(n_nodes), key=lambda n: (-float(dead[n]), n))
             for n in candidates:
                 for s in range(lay.slots):
                     for b in self.order:
@@ -236,9 +203,9 @@ class ScheduleAgent:
         self.last_layer = -1
 
     def act(self, obs: Mapping[str, np.ndarray], info: dict | None = None) -> int:
-        mask, nodes = obs["action_mask"], obs["nodes"]
-        n_nodes = int(obs["node_mask"].sum())
-        progress = float(obs["globals"][G["progress"]])
+        view, mask = ObsView(obs), obs["action_mask"]
+        n_nodes = view.n_nodes
+        progress = float(view.glob("progress"))
         if progress == 0 and self.done:  # a new episode (progress restarts): replay the plan
             self.reset()
         lay = self.layout
@@ -261,19 +228,10 @@ class ScheduleAgent:
                         return a
         for n in range(n_nodes):
             for s in range(lay.slots):
-                state = SeedState(int(np.argmax(_slot_states(nodes[n], s))))
                 a = lay.encode(Action(ADVANCE, n, s))
-                if state in _LIVE and mask[a]:
+                if view.state(n, s) in GROWING and mask[a]:
                     return a
         return 0
-
-
-_LIVE = (SeedState.GERMINATED, SeedState.TRAINING, SeedState.BLENDING, SeedState.PROBATION)
-
-
-def _slot_states(node: np.ndarray, s: int) -> np.ndarray:
-    base = len(NODE_FEATURES) + s * len(SLOT_FEATURES)
-    return node[base : base + len(SeedState)]
 
 
 AGENTS = {

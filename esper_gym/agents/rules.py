@@ -24,16 +24,11 @@ import numpy as np
 from gymnasium import spaces
 
 from esper_gym.actions import ADVANCE, GERMINATE, Action
-from esper_gym.kasmina.lifecycle import SeedState
-from esper_gym.observation import GLOBAL_FEATURES, NODE_FEATURES, SLOT_FEATURES
+from esper_gym.kasmina.lifecycle import GROWING, UNBLENDED
+from esper_gym.observation import ObsView, layout_from_spaces
 
 PARAMS_FILE = "rule_params.yaml"  # in esper_gym.config_dir(): experiments/tune_rules.py
 PREFERENCE = ("residual_mlp", "conv3x3", "bottleneck", "low_rank")
-_G = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
-_N = {name: i for i, name in enumerate(NODE_FEATURES)}
-# Seeds that have not reached alpha 1 yet: they have not changed the host's function.
-_IN_PROGRESS = (SeedState.GERMINATED, SeedState.TRAINING, SeedState.BLENDING)
-_LIVE = (*_IN_PROGRESS, SeedState.PROBATION)
 
 
 def _fraction(name: str, value, low_open: bool = True) -> float:
@@ -71,8 +66,6 @@ class GrowthRule:
         preference: tuple[str, ...] = PREFERENCE,
         hidden_only: bool = True,
     ) -> None:
-        # Imported here: esper_gym.agents.baselines imports this module to register the rules.
-        from esper_gym.agents.baselines import layout_from_spaces
         from esper_gym.kernels.blueprints import DEFAULT_LIBRARY
 
         self.layout = layout_from_spaces(observation_space, action_space)
@@ -94,16 +87,17 @@ class GrowthRule:
         raise TypeError(f"{type(self).__name__} is the rules' base class; use one of {list(RULES)}")
 
     def act(self, obs: Mapping[str, np.ndarray], info: dict | None = None) -> int:
-        progress = float(obs["globals"][_G["progress"]])
+        view = ObsView(obs)
+        progress = float(view.glob("progress"))
         if progress == 0 and self.grown:  # a new episode: progress restarts at 0
             self.reset()
-        n_nodes = int(obs["node_mask"].sum())
+        n_nodes = view.n_nodes
         action = self.grow(obs, progress, n_nodes)
         if action is not None:
             self.grown += 1
             self.last_growth = progress
             return action
-        return self._advance(obs, n_nodes)
+        return self.advance(obs, n_nodes)
 
     # ------------------------------------------------------------------ helpers
     def layers(self, n_nodes: int) -> range:
@@ -121,24 +115,20 @@ class GrowthRule:
                     return a
         return None
 
-    def state(self, obs: Mapping[str, np.ndarray], layer: int, s: int) -> SeedState:
-        base = len(NODE_FEATURES) + s * len(SLOT_FEATURES)
-        return SeedState(int(np.argmax(obs["nodes"][layer][base : base + len(SeedState)])))
-
     def in_progress(self, obs: Mapping[str, np.ndarray], n_nodes: int) -> bool:
-        """Some seed has not reached alpha 1 yet (GERMINATED, TRAINING or BLENDING)."""
+        """Some seed has not reached alpha 1 yet (UNBLENDED: GERMINATED, TRAINING or BLENDING)."""
+        view = ObsView(obs)
         return any(
-            self.state(obs, n, s) in _IN_PROGRESS
-            for n in range(n_nodes)
-            for s in range(self.layout.slots)
+            view.state(n, s) in UNBLENDED for n in range(n_nodes) for s in range(self.layout.slots)
         )
 
-    def _advance(self, obs: Mapping[str, np.ndarray], n_nodes: int) -> int:
-        mask, lay = obs["action_mask"], self.layout
+    def advance(self, obs: Mapping[str, np.ndarray], n_nodes: int) -> int:
+        """ADVANCE the first growing seed the mask allows (layer order), else WAIT."""
+        view, mask, lay = ObsView(obs), obs["action_mask"], self.layout
         for n in range(n_nodes):
             for s in range(lay.slots):
                 a = lay.encode(Action(ADVANCE, n, s))
-                if self.state(obs, n, s) in _LIVE and mask[a]:
+                if view.state(n, s) in GROWING and mask[a]:
                     return a
         return 0
 
@@ -180,7 +170,7 @@ class NorthAgent(GrowthRule):
     def grow(self, obs, progress, n_nodes):
         if progress >= self.late or self.in_progress(obs, n_nodes):
             return None
-        rank = obs["nodes"][:, _N["eff_rank"]]
+        rank = ObsView(obs).node("eff_rank")
         saturated = [n for n in self.layers(n_nodes) if rank[n] >= self.threshold]
         for n in sorted(saturated, key=lambda n: (-float(rank[n]), n)):
             action = self.germination(obs, n)
@@ -234,8 +224,8 @@ class FragrowAgent(GrowthRule):
 
     def interval(self, obs: Mapping[str, np.ndarray]) -> float:
         """The growth interval (a progress fraction) the current accuracy gap sets."""
-        glob = obs["globals"]
-        orl = 100.0 * (float(glob[_G["train_acc"]]) - float(glob[_G["val_acc"]]))
+        view = ObsView(obs)
+        orl = 100.0 * (float(view.glob("train_acc")) - float(view.glob("val_acc")))
         return (self.late / self.growths) / (1.0 + math.exp(min(self.alpha - orl, 50.0)))
 
     def grow(self, obs, progress, n_nodes):
@@ -287,7 +277,7 @@ class GradmaxAgent(GrowthRule):
     def grow(self, obs, progress, n_nodes):
         if self.grown >= self.growths or progress < self.start + self.grown * self.interval:
             return None
-        mass = obs["nodes"][:, _N["log_out_grad"]]
+        mass = ObsView(obs).node("log_out_grad")
         for n in sorted(self.layers(n_nodes), key=lambda n: (-float(mass[n]), n)):
             action = self.germination(obs, n)
             if action is not None:

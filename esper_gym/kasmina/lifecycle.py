@@ -40,10 +40,18 @@ TRANSITIONS: dict[SeedState, frozenset[SeedState]] = {
     S.EMBARGOED: frozenset({S.DORMANT}),
 }
 
-# States whose kernel takes part in the forward pass.
+# The named state sets: every "which seeds are ..." question asks one of these.
+# Growing: a kernel is loaded and the seed is still on its way to FOSSILIZED (agents advance these).
+GROWING = frozenset({S.GERMINATED, S.TRAINING, S.BLENDING, S.PROBATION})
+# Unblended: growing seeds below alpha 1 (PROBATION is at 1): they have not taken over yet.
+UNBLENDED = frozenset({S.GERMINATED, S.TRAINING, S.BLENDING})
+# Present: the slot holds a kernel, growing or fossilized (the `live_seeds` global counts these).
+PRESENT = GROWING | {S.FOSSILIZED}
+# Running: the kernel takes part in the forward pass (a GERMINATED kernel is loaded, not run).
 RUNNING = frozenset({S.TRAINING, S.BLENDING, S.PROBATION, S.FOSSILIZED})
-# States the agent may cull (a fossil is permanent as far as the agent is concerned).
-CULLABLE = frozenset({S.GERMINATED, S.TRAINING, S.BLENDING, S.PROBATION})
+# Cullable by the agent: exactly the growing seeds (a fossil is permanent as far as the agent is
+# concerned; only the circuit breaker culls it).
+CULLABLE = GROWING
 # What an agent's ADVANCE does; BLENDING -> PROBATION happens by itself when the ramp completes.
 ADVANCE_TO: dict[SeedState, SeedState] = {
     S.GERMINATED: S.TRAINING,
