@@ -32,6 +32,11 @@ _MODAL = (
 _MODE_FREE = (KasminaLayer, Kernel)
 
 SPIKE_FACTOR = 2.0  # a step's loss above this multiple of the running mean counts as a spike
+EVAL_CHUNK = 4096  # samples per forward in `evaluate`
+# Adam's constants, for every Adam here: the host's and the seeds' (and the batched simulator's
+# stacked steps, `adam_step`).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,36 @@ def make_optimizer(task: Task, params) -> torch.optim.Optimizer:
     if task.optimizer == "sgd":
         return torch.optim.SGD(params, lr=task.lr, momentum=0.9, weight_decay=task.weight_decay)
     # fused: one kernel for all parameters; on CPU it halves the step time of small hosts.
-    return torch.optim.Adam(params, lr=task.lr, weight_decay=task.weight_decay, fused=True)
+    return torch.optim.Adam(
+        params, lr=task.lr, weight_decay=task.weight_decay, betas=ADAM_BETAS, eps=ADAM_EPS,
+        fused=True,
+    )  # fmt: skip
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, weight_decay: float):
+    """What a fused Adam of `make_optimizer` computes for these tensors (their step counts
+    already advanced), in one call, without torch.optim's bookkeeping: the batched simulator
+    steps the rows of its stacked tensors with it, each row as its copy's own optimizer would."""
+    torch._fused_adam_(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps,
+        amsgrad=False, lr=lr, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1],
+        weight_decay=weight_decay, eps=ADAM_EPS, maximize=False,
+        grad_scale=None, found_inf=None,
+    )  # fmt: skip
+
+
+class FiniteCheck:
+    """Whether a list of tensors holds NaN/Inf, in one fused kernel (the one AMP's GradScaler
+    uses, here with scale 1, which leaves the values as they are) and one sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.found = torch.zeros(1, device=device)
+        self.one = torch.ones(1, device=device)
+
+    def any_nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+        self.found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, self.found, self.one)
+        return bool(self.found.item())
 
 
 class HostTrainer:
@@ -70,17 +104,18 @@ class HostTrainer:
         # kernel -> its param group; keyed by the object (not its id) so that a copy of the env
         # (pickle, env.fork), whose kernels are new objects, keeps its groups and Adam state.
         self._seed_groups: dict[nn.Module, dict] = {}
-        self._seeds: list[tuple[KasminaLayer, object, list[torch.Tensor]]] = []
-        self._seed_key: tuple = ()
+        # The running seeds that have parameters, as (layer, slot, params), and the kernels of
+        # all running seeds, as of the last `sync_seeds` (a new tuple when they change).
+        self.seeds: list[tuple[KasminaLayer, object, list[torch.Tensor]]] = []
+        self.seed_key: tuple = ()
         self._running_seen: tuple = (None,)
-        # The fast path of the per-step gradient check: one fused kernel sets this flag.
-        self._found_inf = torch.zeros(1, device=self.device)
-        self._one = torch.ones(1, device=self.device)
-        self._val_hits: torch.Tensor | None = None
+        self._finite = FiniteCheck(self.device)  # the fast path of the per-step gradient check
+        # The current model's per-sample hits on the validation subset (the last `evaluate`).
+        self.val_hits: torch.Tensor | None = None
         # Modules whose forward may read `training` (dropout, norms with running stats, and any
         # module defined outside torch.nn); switching only these keeps evaluate from walking
         # the whole module tree twice per call. Kernels' train/eval behaviour is fixed at export.
-        self._modal = [
+        self.modal = [
             m
             for m in model.modules()
             if isinstance(m, _MODAL)
@@ -110,7 +145,7 @@ class HostTrainer:
         self._pos += self.task.batch_size
         return idx
 
-    def _interval_indices(self, steps: int) -> torch.Tensor:
+    def interval_indices(self, steps: int) -> torch.Tensor:
         """(steps, batch_size): the indices of the next `steps` batches, drawn exactly as
         `steps` calls of `_next_indices` would draw them, in one slice per permutation."""
         size, parts = self.task.batch_size, []
@@ -167,9 +202,9 @@ class HostTrainer:
         # One transfer for both: the losses, then the hit count (exact in float32 below 2**24).
         values = torch.cat([torch.stack(losses).float(), torch.stack(hits).sum()[None].float()])
         *values, correct = values.cpu().tolist()
-        return self._interval_stats(values, correct, seen)
+        return self.interval_stats(values, correct, seen)
 
-    def _interval_stats(self, values: list[float], correct: float, seen: int) -> IntervalStats:
+    def interval_stats(self, values: list[float], correct: float, seen: int) -> IntervalStats:
         """Count the interval's steps and read its per-step losses (spikes, divergence) and its
         training hits (`correct` of `seen` samples)."""
         steps = len(values)
@@ -185,7 +220,7 @@ class HostTrainer:
         mean = sum(finite) / len(finite) if finite else float("nan")
         return IntervalStats(steps, mean, values[-1], spikes, diverged, correct / max(seen, 1))
 
-    def _sync_seed_optimizer(self) -> None:
+    def sync_seeds(self) -> None:
         """Keep a param group per running seed (at the seed's learning rate, no weight decay) in
         one optimizer: the host's own when it is Adam, so that one fused step updates host and
         seeds together; else one fused Adam of their own. Groups are added and dropped as the
@@ -193,7 +228,7 @@ class HostTrainer:
         state lives as long as it runs."""
         # A layer replaces its `_running` tuple on every state change: if none was replaced
         # since the last call, the set of running seeds is the same (the per-step common case).
-        running = tuple(layer._running for layer in self.layers)
+        running = tuple(layer.running for layer in self.layers)
         if len(running) == len(self._running_seen) and all(
             a is b for a, b in zip(running, self._running_seen)
         ):
@@ -202,19 +237,19 @@ class HostTrainer:
         live = [
             (layer, slot, layer.kernels[str(slot.index)])
             for layer in self.layers
-            if layer._busy
+            if layer.busy
             for slot in layer.slots
             if slot.state in RUNNING and slot.optimizer is None and str(slot.index) in layer.kernels
         ]
         key = tuple(kernel for _, _, kernel in live)
-        if len(key) == len(self._seed_key) and all(a is b for a, b in zip(key, self._seed_key)):
+        if len(key) == len(self.seed_key) and all(a is b for a, b in zip(key, self.seed_key)):
             return
-        self._seed_key = key
+        self.seed_key = key
         seeds = [
             (layer, slot, kernel, [p for p in kernel.parameters() if p.requires_grad])
             for layer, slot, kernel in live
         ]
-        self._seeds = [(layer, slot, params) for layer, slot, _, params in seeds if params]
+        self.seeds = [(layer, slot, params) for layer, slot, _, params in seeds if params]
         wanted = {kid: (layer, params) for layer, _, kid, params in seeds if params}
         if self.seed_optimizer is None and self.task.optimizer == "adam":
             self.seed_optimizer = self.optimizer
@@ -230,7 +265,9 @@ class HostTrainer:
                 continue
             group = {"params": params, "lr": layer.config.lr, "weight_decay": 0.0}
             if self.seed_optimizer is None:  # an SGD host: the seeds get an Adam of their own
-                self.seed_optimizer = torch.optim.Adam([group], fused=True)
+                self.seed_optimizer = torch.optim.Adam(
+                    [group], betas=ADAM_BETAS, eps=ADAM_EPS, fused=True
+                )
             else:
                 self.seed_optimizer.add_param_group(group)
             self._seed_groups[kid] = self.seed_optimizer.param_groups[-1]
@@ -247,25 +284,20 @@ class HostTrainer:
         otherwise they are the host's alone. A non-finite loss is the host diverging, not a seed
         fault: it is left to the interval's divergence check, as without seeds.
         """
-        self._sync_seed_optimizer()
-        return self._grads_checked(loss, x, y)
+        self.sync_seeds()
+        return self.check_grads(loss, x, y)
 
-    def _grads_checked(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """`_host_grads_safe` once the seed param groups are in sync."""
+    def check_grads(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """`_host_grads_safe` once the seed param groups are in sync (`sync_seeds`)."""
         coupled = any(layer.coupled for layer in self.layers)
         host = [p.grad for p in self.host_params if p.grad is not None] if coupled else []
-        seeds = [[p.grad for p in params if p.grad is not None] for _, _, params in self._seeds]
+        seeds = [[p.grad for p in params if p.grad is not None] for _, _, params in self.seeds]
         grads = host + [g for seed in seeds for g in seed]
         if not grads:
             return True
-        # The common case, all finite: one fused check (the kernel AMP's GradScaler uses, here
-        # with scale 1, which leaves the values as they are) and one sync. Only a step with a
+        # The common case, all finite: one fused check and one sync. Only a step with a
         # non-finite value pays for the per-tensor norms that say whose it is.
-        self._found_inf.zero_()
-        torch._amp_foreach_non_finite_check_and_unscale_(
-            [loss.detach(), *grads], self._found_inf, self._one
-        )
-        if not self._found_inf.item():
+        if not self._finite.any_nonfinite([loss.detach(), *grads]):
             return True
         values = torch.stack([loss.detach(), *torch._foreach_norm(grads)])
         flags = torch.isfinite(values).tolist()
@@ -281,11 +313,11 @@ class HostTrainer:
             self.model.zero_grad(set_to_none=True)  # the whole step is skipped, seeds' too
             return False
         at = 1 + len(host)
-        for (layer, slot, params), seed in zip(self._seeds, seeds):
+        for (layer, slot, params), seed in zip(self.seeds, seeds):
             if not all(flags[at : at + len(seed)]):
                 for p in params:
                     p.grad = None
-                layer._fault(slot, "nonfinite_grad", "kernel gradient contains NaN or Inf")
+                layer.record_fault(slot, "nonfinite_grad", "kernel gradient contains NaN or Inf")
             at += len(seed)
         return True
 
@@ -315,10 +347,10 @@ class HostTrainer:
         y = self.y_val if y is None else y
         self._set_training(False)
         hits, loss_sum = [], 0.0
-        for start in range(0, len(x), 4096):
+        for start in range(0, len(x), EVAL_CHUNK):
             xb, yb = (
-                x[start : start + 4096].to(self.device),
-                y[start : start + 4096].to(self.device),
+                x[start : start + EVAL_CHUNK].to(self.device),
+                y[start : start + EVAL_CHUNK].to(self.device),
             )
             logits = self.model(xb)
             loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
@@ -326,11 +358,11 @@ class HostTrainer:
         self._set_training(True)
         hits = torch.cat(hits)
         if on_val:
-            self._val_hits = hits  # the current model's per-sample hits, for contributions
+            self.val_hits = hits  # the current model's per-sample hits, for contributions
         return int(hits.sum()) / len(x), loss_sum / len(x)
 
     def _set_training(self, mode: bool) -> None:
-        for module in self._modal:
+        for module in self.modal:
             module.training = mode
 
     def measure_contributions(self, val_acc: float) -> None:
@@ -341,25 +373,35 @@ class HostTrainer:
         would give); blending and later seeds are "on" at their alpha, which is the current
         model, whose hits on those samples the last `evaluate()` kept: only the other pass runs.
         """
-        n = min(self.task.contribution_size, len(self.x_val))
+        n = self.contribution_samples()
         x, y = self.x_val[:n], self.y_val[:n]
         current = None
+        for layer, slot, training in self.contribution_passes():
+            if current is None:
+                current = self.val_accuracy(n)
+            with layer.seed_override(slot.index, 1.0 if training else 0.0):
+                accuracy = self._accuracy(x, y)
+            set_contribution(slot, accuracy, current, training)
+
+    def contribution_samples(self) -> int:
+        """How many validation samples (the first ones) contributions are measured on."""
+        return min(self.task.contribution_size, len(self.x_val))
+
+    def contribution_passes(self):
+        """The passes `measure_contributions` runs, one per running seed, as (layer, slot,
+        whether it is TRAINING: measured at alpha 1, else at 0). A generator: a seed is looked
+        at after the passes before it, so that one its breaker culled meanwhile is skipped."""
         for layer in self.layers:
             for slot in layer.slots:
-                if slot.state not in RUNNING:
-                    continue
-                if current is None:
-                    hits = self._val_hits
-                    current = float(hits[:n].float().mean()) if hits is not None else None
-                    current = self._accuracy(x, y) if current is None else current
-                if slot.state == SeedState.TRAINING:
-                    with layer.seed_override(slot.index, 1.0):
-                        on = self._accuracy(x, y)
-                    slot.contribution = on - current
-                else:
-                    with layer.seed_override(slot.index, 0.0):
-                        off = self._accuracy(x, y)
-                    slot.contribution = current - off
+                if slot.state in RUNNING:
+                    yield layer, slot, slot.state == SeedState.TRAINING
+
+    def val_accuracy(self, n: int) -> float:
+        """The current model's accuracy on the first n validation samples: from the hits the
+        last `evaluate` kept, else one pass."""
+        if self.val_hits is not None:
+            return float(self.val_hits[:n].float().mean())
+        return self._accuracy(self.x_val[:n], self.y_val[:n])
 
     @torch.no_grad()
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -368,6 +410,13 @@ class HostTrainer:
         hits = int((self.model(x).argmax(1) == y).sum())
         self._set_training(True)
         return hits / len(x)
+
+
+def set_contribution(slot, accuracy: float, current: float, training: bool) -> None:
+    """A seed's contribution from its pass's `accuracy`: on (alpha 1) minus the current model
+    for a TRAINING seed, which does not act on the output yet; else the current model minus
+    off (alpha 0)."""
+    slot.contribution = accuracy - current if training else current - accuracy
 
 
 def _made_nonfinite(taps: dict) -> bool:

@@ -54,7 +54,7 @@ group runs again without it, so that its kernel gets no backward); a group's wal
 out among its copies for the latency budget. Non-finite gradients are checked with one fused
 check over all copies (the kernel HostTrainer uses); when it fires, each copy runs the single
 env's own check
-(`HostTrainer._grads_checked`) on its rows of the stacked gradients, so a copy's skipped step,
+(`HostTrainer.check_grads`) on its rows of the stacked gradients, so a copy's skipped step,
 quarantined seed or faulted seed gradient is that copy's alone.
 
 ## Equivalence with single envs
@@ -103,13 +103,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from esper_gym.env import MorphogeneticEnv
-from esper_gym.kasmina import RUNNING, KasminaLayer, SeedState
-from esper_gym.kasmina.recovery import MAGNITUDE_FACTOR, guarded_call, max_abs, output_fault
-from esper_gym.trainer import IntervalStats
+from esper_gym.kasmina import KasminaLayer, SeedState
+from esper_gym.kasmina.recovery import check_output, form_fault, guarded_call
+from esper_gym.kasmina.seed import seed_delta, seed_mode
+from esper_gym.kasmina.telemetry import out_grad_norm, recorded_stats
+from esper_gym.trainer import (
+    EVAL_CHUNK,
+    FiniteCheck,
+    IntervalStats,
+    adam_step,
+    set_contribution,
+)
 
 # Parameter-free elementwise modules: applied to [N, B, ...] they compute what each copy would.
 _ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity)
-_EVAL_CHUNK = 4096  # HostTrainer.evaluate's chunk: the same samples per forward
 # Seed outcomes are written to the store once this many are pending (and at reset and close):
 # a SQLite commit here costs ~10 ms, a whole step of 32 copies ~50 ms.
 FLUSH_OUTCOMES = 64
@@ -220,7 +227,7 @@ class BatchedMorphogeneticEnv(VectorEnv):
                 decision, invalid, stats[i], *drained[i], evaluated[i]
             )
             for layer in lent[i]:
-                layer.__dict__.pop("_weight_norm", None)
+                layer.set_weight_norm(None)
             self._elapsed[i] += 1
             if self.max_episode_steps is not None and self._elapsed[i] >= self.max_episode_steps:
                 trunc = True  # as gymnasium's TimeLimit: truncated even when also terminated
@@ -231,7 +238,7 @@ class BatchedMorphogeneticEnv(VectorEnv):
                 self._elapsed[i] = 0
             self._obs[i] = obs
             infos = self._add_info(infos, info, i)
-        if len(self.store._pending) >= FLUSH_OUTCOMES:
+        if len(self.store.pending) >= FLUSH_OUTCOMES:
             self.store.flush()
         return self._stacked(), rewards, terminated, truncated, infos
 
@@ -259,7 +266,7 @@ class BatchedMorphogeneticEnv(VectorEnv):
             for k, stack in batch.host.items():
                 norms = torch.stack(torch._foreach_norm(stack.param_rows[0])).tolist()
                 for i, layer, norm in zip(members, batch.columns[k], norms):
-                    _set(layer, "_weight_norm", norm)
+                    layer.set_weight_norm(norm)
                     lent[i].append(layer)
         return lent
 
@@ -327,7 +334,7 @@ def _batch_key(env: MorphogeneticEnv) -> tuple | None:
     """What copies must share to train as one batch; None when the host cannot be batched
     (see the module docstring)."""
     task, model = env.task, env.model
-    if task.optimizer != "adam" or not isinstance(model, nn.Sequential) or env.trainer._modal:
+    if task.optimizer != "adam" or not isinstance(model, nn.Sequential) or env.trainer.modal:
         return None
     parts: list[Any] = []
     for module in model:
@@ -387,9 +394,7 @@ class _Batch:
         self.stacks: dict[int, dict[Any, _SeedStack]] = {}
         self._stack_list: list[_SeedStack] = []  # the same stacks, flat
         self.host: dict[int, _HostStack] = {}  # column index -> that layer's stacked weights
-        device = torch.device(task.device)
-        self._found_inf = torch.zeros(1, device=device)  # the fused gradient check's flag
-        self._one = torch.ones(1, device=device)
+        self._finite = FiniteCheck(torch.device(task.device))  # HostTrainer's gradient check
 
     def set_members(self, envs: list[MorphogeneticEnv]) -> None:
         self.envs = envs
@@ -440,7 +445,7 @@ class _Batch:
         device = first.device
         layers = [layer for t in trainers for layer in t.layers]
         # (steps, copies, batch): each copy's batches, drawn from its own data order
-        indices = torch.stack([t._interval_indices(steps) for t in trainers], 1)
+        indices = torch.stack([t.interval_indices(steps) for t in trainers], 1)
         idle = dict.fromkeys(layers, 0)  # optimizer steps a layer had nothing to step
         losses, hits = [], []
         for step in range(steps):
@@ -471,30 +476,30 @@ class _Batch:
             self._host_step(skipped)
             self._seed_step()
             for layer in layers:
-                if layer._busy:
+                if layer.busy:
                     layer.step_seeds()
                 else:  # step_seeds would only count the step; a layer cannot turn busy now
                     idle[layer] += 1
             losses.append(loss.detach())
         for layer, count in idle.items():
             if count:
-                _set(layer, "step_count", layer.step_count + count)
+                layer.count_idle_steps(count)
         # One transfer: (copies, steps) losses, then each copy's hit count.
         values = torch.cat([torch.stack(losses).float(), torch.stack(hits).sum(0)[None].float()])
         values = values.cpu().t().tolist()
         seen = steps * indices.shape[2]
-        return [t._interval_stats(v[:-1], v[-1], seen) for t, v in zip(trainers, values)]
+        return [t.interval_stats(v[:-1], v[-1], seen) for t, v in zip(trainers, values)]
 
     def _check_grads(self, loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> set[int]:
-        """HostTrainer._host_grads_safe for every copy: one reduction and one sync over all
+        """HostTrainer's gradient check for every copy: one reduction and one sync over all
         copies' losses and checked gradients; only when that is not finite, each copy's own
         check (which skips that copy's step, or faults its seeds, by clearing their grads).
         Returns the copies whose step is skipped."""
         grads, coupled = [], False
         for t in self.trainers:
-            t._sync_seed_optimizer()
+            t.sync_seeds()
             coupled = coupled or any(layer.coupled for layer in t.layers)
-            grads += [p.grad for _, _, params in t._seeds for p in params if p.grad is not None]
+            grads += [p.grad for _, _, params in t.seeds for p in params if p.grad is not None]
         seed_stacks = self._stack_list
         grads += [
             leaf.grad for stack in seed_stacks for leaf in stack.leaves if leaf.grad is not None
@@ -502,10 +507,7 @@ class _Batch:
         if coupled:  # every copy's host gradients: a superset of the coupled copies' own
             grads += [p.grad for p in self._host_params if p.grad is not None]
         # One fused check (as HostTrainer's) and one sync over every copy's loss and gradients.
-        found = self._found_inf
-        found.zero_()
-        torch._amp_foreach_non_finite_check_and_unscale_([loss.detach(), *grads], found, self._one)
-        if not found.item():
+        if not self._finite.any_nonfinite([loss.detach(), *grads]):
             return set()
         # Each copy's own check reads (and may clear) its own parameters' gradients: lend it
         # its rows of the stacked gradients (host and seeds); a copy whose host gradients it
@@ -519,7 +521,7 @@ class _Batch:
             for stack in stacks:
                 for p, tensor in zip(stack.params[i], stack.tensors):
                     p.grad = None if tensor.grad is None else tensor.grad[i]
-            t._grads_checked(loss[i], x[i], y[i])
+            t.check_grads(loss[i], x[i], y[i])
             if any(p.grad is None for p in params):
                 skipped.add(i)
             for p in params:
@@ -550,12 +552,7 @@ class _Batch:
             torch._foreach_add_(self._step_tensors, 1)
         if not params:
             return
-        torch._fused_adam_(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            amsgrad=False, lr=self.task.lr, beta1=0.9, beta2=0.999,
-            weight_decay=self.task.weight_decay, eps=1e-8, maximize=False,
-            grad_scale=None, found_inf=None,
-        )  # fmt: skip
+        adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, self.task.lr, self.task.weight_decay)
 
     @torch.no_grad()
     def _capture_grads(self, skipped: set[int]) -> None:
@@ -570,7 +567,7 @@ class _Batch:
             per_copy = torch.linalg.vector_norm(norms.t().contiguous(), dim=1)
             for j, layer in enumerate(self.columns[k]):
                 if j not in skipped:
-                    _set(layer, "_grad_norm", per_copy[j])
+                    layer.set_grad_norm(per_copy[j])
 
     def _sync_optimizer(self) -> None:
         """Make the seeds' Adam hold exactly the copies' running seeds, state carried over for
@@ -578,15 +575,15 @@ class _Batch:
         VMAP_MIN of them, in a `_SeedStack` (their tensors stacked); the others one parameter
         at a time (one list per learning rate). The host weights step in `_host_step`."""
         for t in self.trainers:
-            t._sync_seed_optimizer()
+            t.sync_seeds()
         # Which seeds run, and which of them are TRAINING: a stack's members are in the order
         # the training forward runs them (_seed_deltas), so that it reads the stack as it is.
         key = tuple(
-            (t, t._seed_key, tuple(slot.state == SeedState.TRAINING for _, slot, _ in t._seeds))
+            (t, t.seed_key, tuple(slot.state == SeedState.TRAINING for _, slot, _ in t.seeds))
             for t in self.trainers
         )
         self._stale = False
-        self._seed_keys = [t._seed_key for t in self.trainers]
+        self._seed_keys = [t.seed_key for t in self.trainers]
         if key == self._opt_key and not any(g in _VMAPPABLE for g in self._untried):
             return
         self._opt_key = key
@@ -597,7 +594,7 @@ class _Batch:
         groups: dict[tuple, list[tuple[KasminaLayer, nn.Module, list[torch.Tensor]]]] = {}
         order: dict[nn.Module, tuple[bool, int]] = {}
         for t in self.trainers:
-            for layer, slot, params in t._seeds:
+            for layer, slot, params in t.seeds:
                 kernel = layer.kernels[str(slot.index)]
                 order[kernel] = (slot.state != SeedState.TRAINING, slot.index)
                 groups.setdefault((self._column_of[layer], kernel.graph), []).append(
@@ -635,11 +632,11 @@ class _Batch:
         """After the gradient check: a seed culled during this optimizer step (its breaker
         tripped, or it was quarantined) is not stepped, as the single env drops its param group
         before stepping. The stacks are rebuilt before the next forward."""
-        # A trainer replaces its `_seed_key` tuple only when its running seeds change.
-        if all(t._seed_key is key for t, key in zip(self.trainers, self._seed_keys)):
+        # A trainer replaces its `seed_key` tuple only when its running seeds change.
+        if all(t.seed_key is key for t, key in zip(self.trainers, self._seed_keys)):
             return
         self._stale = True
-        live = {kernel for t in self.trainers for kernel in t._seed_key}
+        live = {kernel for t in self.trainers for kernel in t.seed_key}
         for kernel in self._live - live:
             for p in kernel.parameters():
                 p.grad = None
@@ -671,11 +668,7 @@ class _Batch:
         for lr, (params, grads, exp_avgs, exp_avg_sqs, steps) in lists.items():
             if not params:
                 continue
-            torch._fused_adam_(
-                params, grads, exp_avgs, exp_avg_sqs, [], steps,
-                amsgrad=False, lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
-                maximize=False, grad_scale=None, found_inf=None,
-            )  # fmt: skip
+            adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, 0.0)
 
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -687,8 +680,8 @@ class _Batch:
         m = len(members)
         loss_sum = [0.0] * m
         hits = []
-        for start in range(0, len(x), _EVAL_CHUNK):
-            xb, yb = x[start : start + _EVAL_CHUNK], y[start : start + _EVAL_CHUNK]
+        for start in range(0, len(x), EVAL_CHUNK):
+            xb, yb = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
             logits = self.forward(xb.unsqueeze(0).expand(m, *xb.shape), False, members)
             loss = F.cross_entropy(logits.transpose(1, 2), yb.expand(m, -1), reduction="none")
             loss_sum = [a + b for a, b in zip(loss_sum, loss.sum(1).tolist())]
@@ -697,7 +690,7 @@ class _Batch:
         counts = hits.sum(1).tolist()
         results = []
         for j, i in enumerate(members):
-            self.trainers[i]._val_hits = hits[j]
+            self.trainers[i].val_hits = hits[j]
             results.append((int(counts[j]) / len(x), loss_sum[j] / len(x)))
         return results
 
@@ -708,26 +701,21 @@ class _Batch:
         seed its breaker culled in an earlier pass is skipped) in one stacked forward."""
         trainers = self.trainers
         first = trainers[members[0]]
-        n = min(self.task.contribution_size, len(first.x_val))
+        n = first.contribution_samples()
         x, y = first.x_val[:n], first.y_val[:n]
-        pending = {
-            j: [(layer, slot) for layer in trainers[j].layers for slot in layer.slots]
-            for j in members
-        }
+        pending = {j: trainers[j].contribution_passes() for j in members}
         current: dict[int, float] = {}
         while True:
             passes = []  # (copy, layer, slot, whether it is TRAINING)
             for j in members:
-                while pending[j] and pending[j][0][1].state not in RUNNING:
-                    pending[j].pop(0)
-                if pending[j]:
-                    layer, slot = pending[j].pop(0)
-                    passes.append((j, layer, slot, slot.state == SeedState.TRAINING))
+                next_pass = next(pending[j], None)
+                if next_pass is not None:
+                    passes.append((j, *next_pass))
             if not passes:
                 return
             for j, *_ in passes:
                 if j not in current:
-                    current[j] = float(trainers[j]._val_hits[:n].float().mean())
+                    current[j] = trainers[j].val_accuracy(n)
             copies = [j for j, *_ in passes]
             with contextlib.ExitStack() as stack:
                 for _, layer, slot, training in passes:
@@ -735,8 +723,7 @@ class _Batch:
                 logits = self.forward(x.unsqueeze(0).expand(len(copies), *x.shape), False, copies)
                 hits = (logits.argmax(2) == y).sum(1).tolist()
             for (j, _, slot, training), h in zip(passes, hits):
-                acc = int(h) / n
-                slot.contribution = acc - current[j] if training else current[j] - acc
+                set_contribution(slot, int(h) / n, current[j], training)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, record: bool, members: list[int] | None = None):
@@ -779,7 +766,7 @@ def _layer_forward(
         h = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     else:
         h = torch.bmm(x, weight.transpose(1, 2))
-    if any(layer._running for layer in layers):
+    if any(layer.running for layer in layers):
         out = _seed_deltas(layers, h, record, stacks or {})
     else:
         out = h
@@ -787,46 +774,35 @@ def _layer_forward(
         if out.is_cuda:
             torch.cuda.synchronize(out.device)
         share = (time.perf_counter() - start) / len(layers)
-        stats = torch.cat([_activation_stats(out), _effective_ranks(out)[:, None]], 1).unbind(0)
-        for layer, row in zip(layers, stats):
-            _set(layer, "_latency_s", share)
-            _set(layer, "_stats", row)
+        for layer, row in zip(layers, recorded_stats(out, copies=True).unbind(0)):
+            layer.set_recorded(row, share)
         if out.requires_grad:  # the backward of this batch leaves each copy's output gradient
             out.register_hook(functools.partial(_keep_out_grads, layers))
     return out
 
 
 def _keep_out_grads(layers: list[KasminaLayer], g: torch.Tensor) -> None:
-    """KasminaLayer._keep_out_grad per copy: the loss is the sum of the copies' batch means, so
-    g[j] is copy j's own dL/d(out)."""
-    norms = torch.linalg.vector_norm(g.detach().float().flatten(1), dim=1) * math.sqrt(g.shape[1])
-    for j, layer in enumerate(layers):
-        _set(layer, "_out_grad", norms[j])
+    """KasminaLayer's output-gradient hook, per copy."""
+    for layer, norm in zip(layers, out_grad_norm(g, copies=True)):
+        layer.set_out_grad(norm)
 
 
 def _seed_deltas(
     layers: list[KasminaLayer], h: torch.Tensor, record: bool, stacks: dict[Any, _SeedStack]
 ) -> torch.Tensor:
-    """h plus every running seed's delta, per copy as KasminaLayer._seed_delta adds them: each
-    kernel reads the host's output h (detached for a TRAINING seed), and the deltas are added
-    in slot order, one `index_add` per slot index (a copy appears once in each: no two adds to
-    one row race, on any device)."""
+    """h plus every running seed's delta, per copy, by kasmina.seed's rule (`seed_mode`,
+    `seed_delta`) as KasminaLayer applies it: the deltas are added in slot order, one
+    `index_add` per slot index (a copy appears once in each: no two adds to one row race, on
+    any device)."""
     grad = torch.is_grad_enabled()
     groups: dict[int, list[_Member]] = {}  # by kernel graph: every slot and mode together
     for j, layer in enumerate(layers):
-        for slot in layer._running:
-            training = slot.state == SeedState.TRAINING and slot.alpha_override is None
-            if training:
-                if not grad:
-                    continue  # its value is exactly zero: nothing to add in eval
-                alpha = 1.0
-            else:
-                alpha = slot.alpha if slot.alpha_override is None else slot.alpha_override
-                if alpha == 0.0:
-                    continue
+        for slot in layer.running:
+            mode = seed_mode(slot, grad)
+            if mode is None:
+                continue
             kernel = layer.kernels[str(slot.index)]
-            detach = training or slot.alpha_override is not None  # as _seed_delta's input
-            member = _Member(j, layer, slot, kernel, alpha, training, detach)
+            member = _Member(j, layer, slot, kernel, *mode)
             groups.setdefault(id(kernel.graph), []).append(member)
     if not groups:
         return h
@@ -848,14 +824,14 @@ def _seed_deltas(
                 and kept[end].slot.index == first.slot.index
             ):
                 end += 1
-            run, part = kept[start:end], y[start:end]
-            if first.training:
-                part = _FitGroup.apply(
-                    part, first.layer.config.fit_step, [m.slot.fit_loss for m in run]
-                )
-            elif any(m.alpha != 1.0 for m in run):
-                alphas = torch.tensor([m.alpha for m in run], dtype=y.dtype, device=y.device)
-                part = part * alphas.view((len(run),) + (1,) * (y.dim() - 1))
+            run = kept[start:end]
+            part, _ = seed_delta(  # a stack's weight is 1: its alphas are applied in `part`
+                y[start:end],
+                [m.alpha for m in run],
+                first.training,
+                first.layer.config.fit_step,
+                [m.slot.fit_loss for m in run],
+            )
             copies, deltas = by_slot.setdefault(first.slot.index, ([], []))
             copies += [m.j for m in run]
             deltas.append(part)
@@ -930,24 +906,17 @@ def _run_group(members, inputs, record, budget, graph, stack):
     if result is not None:
         y, elapsed = result
         share = elapsed / len(members)
-        # guarded_call's output rule, per copy: one reduction and sync for the whole group
-        # decides when every copy is fine (finite and within the bound for any input); only
-        # otherwise is each copy checked on its own.
-        suspect = not max_abs(y) <= MAGNITUDE_FACTOR
+        # guarded_call's checks, on the whole group at once (one sync when every copy is fine)
+        checks = check_output(y, x, share, budget, copies=True)
         kept = []
-        for k, m in enumerate(members):
+        for k, (m, (keep, fault, msg)) in enumerate(zip(members, checks)):
             if record:
                 m.slot.latency_ms = share * 1e3
-            fault = output_fault(y[k], x[k]) if suspect else None
             if fault is not None:
-                m.layer._fault(m.slot, *fault)
-                continue
-            if budget is not None and share > budget:
-                m.layer._fault(
-                    m.slot, "slow", f"kernel took {share * 1e3:.1f} ms > {budget * 1e3:.1f} ms"
-                )
-            m.slot.calls += 1
-            kept.append(k)
+                m.layer.record_fault(m.slot, fault, msg)
+            if keep:
+                m.slot.calls += 1
+                kept.append(k)
         if len(kept) == len(members):
             return members, y
         # Run the healthy ones again without the faulted: a dropped row's backward would still
@@ -963,24 +932,17 @@ def _run_group(members, inputs, record, budget, graph, stack):
         for k, m in zip(kept, sub):
             y_m, fault, msg = guarded_call(_kernel_call(m, stack), inputs[k], None)
             if fault is not None:
-                m.layer._fault(m.slot, fault, msg)
+                m.layer.record_fault(m.slot, fault, msg)
             if y_m is not None:
                 ran.append(m)
                 outs.append(y_m)
         return ran, torch.stack(outs) if outs else y[:0]
     kept, outs = [], []
     for m, x in zip(members, inputs):
-        start = time.perf_counter()
-        y_m, fault, msg = guarded_call(_kernel_call(m, stack), x, budget)
-        if record:
-            m.slot.latency_ms = (time.perf_counter() - start) * 1e3
-        if fault is not None:
-            m.layer._fault(m.slot, fault, msg)
-        if y_m is None:
-            continue
-        m.slot.calls += 1
-        kept.append(m)
-        outs.append(y_m)
+        y_m = m.layer.run_seed(m.slot, x, _kernel_call(m, stack), record)
+        if y_m is not None:
+            kept.append(m)
+            outs.append(y_m)
     if not outs:
         return [], None
     return kept, outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
@@ -1015,12 +977,7 @@ def _vmapped_call(graph, states: list[torch.Tensor], x: torch.Tensor):
         _NOT_VMAPPABLE[graph] = True
         return None
     elapsed = time.perf_counter() - start
-    if (
-        not isinstance(y, torch.Tensor)
-        or y.shape != x.shape
-        or y.dtype != x.dtype
-        or y.device != x.device
-    ):
+    if form_fault(y, x) is not None:
         return None
     _VMAPPABLE[graph] = True
     return y, elapsed
@@ -1286,27 +1243,6 @@ class _SeedStack:
         self._lent = []
 
 
-class _FitGroup(torch.autograd.Function):
-    """kasmina.layer._Fit for a group of copies, s of shape (copies, B, ...): value 0; each
-    copy's kernel output gets the gradient of its own fit loss (and its sink that loss)."""
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, eta: float, sinks: list) -> torch.Tensor:
-        ctx.save_for_backward(s)
-        ctx.eta, ctx.sinks = eta, sinks
-        return torch.zeros_like(s)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (s,) = ctx.saved_tensors
-        batch = s.shape[1]
-        residual = s + ctx.eta * batch * g
-        losses = 0.5 * residual.detach().pow(2).flatten(1).sum(1) / batch
-        for sink, loss in zip(ctx.sinks, losses):
-            sink[:] = [loss]
-        return residual / batch, None, None
-
-
 class _HostStack:
     """One host layer's weights for all the copies of a batch: one leaf tensor (copies, ...)
     per parameter (weight, bias), which the batched forward reads and the backward fills in
@@ -1343,51 +1279,20 @@ class _HostStack:
         self.step_rows = [step.unbind(0) for step in steps]
 
 
-def _set(layer: nn.Module, name: str, value) -> None:
-    """`setattr` of a plain (not parameter, buffer or module) attribute of a module, without
-    nn.Module.__setattr__'s checks: ~2 us per call, paid per layer per copy per step."""
-    layer.__dict__[name] = value
-
-
-@torch.no_grad()
-def _effective_ranks(h: torch.Tensor) -> torch.Tensor:
-    """kasmina.telemetry.effective_rank of each copy of h (copies, B, units): (copies,), in one
-    batched Gram product and eigvalsh (float64, as there: each copy's value agrees to ~1e-16)."""
-    n, units = h.shape[0], h.shape[2]
-    m = h.detach().reshape(n, h.shape[1], units, -1).double()
-    m = m / m.abs().flatten(1).amax(1).clamp_min(1e-300).view(n, 1, 1, 1)
-    gram = torch.einsum("nbcp,nbdp->ncd", m, m)
-    gram = torch.nan_to_num(gram, nan=0.0, posinf=0.0, neginf=0.0)
-    s = torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt()
-    total = s.sum(1)
-    entropy = torch.special.entr(s / total.clamp_min(1e-300)[:, None]).sum(1)
-    return torch.where(total > 0, entropy.exp() / units, torch.zeros_like(total)).float()
-
-
-@torch.no_grad()
-def _activation_stats(h: torch.Tensor) -> torch.Tensor:
-    """kasmina.telemetry.activation_stats of each copy of h (copies, B, ...): (copies, 3)."""
-    h = h.detach().float()
-    n, units = h.shape[0], h.shape[2]
-    dead = (h.transpose(1, 2).reshape(n, units, -1).amax(dim=2) <= 0).float().mean(1)
-    flat = h.flatten(1)
-    return torch.stack([flat.mean(1), flat.var(1, unbiased=False), dead], 1)
-
-
 class _BufferedStore:
     """The copies' shared KernelStore, with seed outcomes held back and written in one
     transaction by `flush` (a commit costs milliseconds; the env flushes once a step)."""
 
     def __init__(self, store) -> None:
         self._store = store
-        self._pending: list = []
+        self.pending: list = []  # outcomes not written yet
 
     def record_outcome(self, outcome) -> None:
-        self._pending.append(outcome)
+        self.pending.append(outcome)
 
     def flush(self) -> None:
-        if self._pending:
-            pending, self._pending = self._pending, []
+        if self.pending:
+            pending, self.pending = self.pending, []
             self._store.record_outcomes(pending)
 
     def __getattr__(self, name: str):

@@ -41,37 +41,13 @@ from esper_gym.kasmina.lifecycle import (
     check_transition,
 )
 from esper_gym.kasmina.recovery import CircuitBreaker, FaultRecord, guarded_call
-from esper_gym.kasmina.telemetry import (
-    HealthSignal,
-    SlotSignal,
-    activation_stats,
-    effective_rank,
-)
+from esper_gym.kasmina.seed import seed_delta, seed_mode
+from esper_gym.kasmina.telemetry import HealthSignal, SlotSignal, out_grad_norm, recorded_stats
 
 BLEND_SCHEDULES = ("linear", "cosine")
 # States whose kernel reads the host's activation without detaching it: its backward reaches the
 # host's gradients, so the trainer checks those before the host optimizer steps.
 COUPLED = frozenset({SeedState.BLENDING, SeedState.PROBATION, SeedState.FOSSILIZED})
-
-
-class _Fit(torch.autograd.Function):
-    """Value 0; backward gives the kernel output s the gradient of
-    (1/B) * sum_i 0.5 * ||s_i - r_i||^2 with r_i = -eta * B * g_i, i.e. s/B + eta * g."""
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, eta: float, sink: list) -> torch.Tensor:
-        ctx.save_for_backward(s)
-        ctx.eta, ctx.sink = eta, sink
-        return torch.zeros_like(s)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (s,) = ctx.saved_tensors
-        batch = s.shape[0]
-        residual = s + ctx.eta * batch * g
-        # The fit loss, kept as a tensor (no sync) for telemetry and tests.
-        ctx.sink[:] = [0.5 * residual.detach().pow(2).sum() / batch]
-        return residual / batch, None, None
 
 
 class _Tap(torch.autograd.Function):
@@ -220,6 +196,18 @@ class KasminaLayer(nn.Module):
         self._grad_norm: torch.Tensor | None = None
         self._out_grad: torch.Tensor | None = None
         self._latency_s = 0.0
+        self._weight_norm: float | None = None  # set_weight_norm's, if any
+
+    @property
+    def running(self) -> tuple[SeedSlot, ...]:
+        """The slots whose kernel takes part in the forward, in slot order (a new tuple on every
+        state change: an unchanged tuple means an unchanged set)."""
+        return self._running
+
+    @property
+    def busy(self) -> bool:
+        """Any slot not DORMANT (step_seeds has work to do)."""
+        return self._busy
 
     def train(self, mode: bool = True) -> KasminaLayer:
         # Kernels loaded from torch.export artifacts refuse .train()/.eval(): their train/eval
@@ -251,50 +239,49 @@ class KasminaLayer(nn.Module):
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
             self._latency_s = time.perf_counter() - start
-            self._stats = torch.cat([activation_stats(out), effective_rank(out)[None]])
+            self._stats = recorded_stats(out)
             if out.requires_grad:  # the backward of this batch leaves its output-gradient norm
                 out.register_hook(self._keep_out_grad)
         return out
 
     def _keep_out_grad(self, g: torch.Tensor) -> None:
-        # g is dL/d(out) of a batch-mean loss: row i is sample i's gradient / B, so the RMS
-        # per-sample gradient norm is sqrt(B) * ||g||. Kept as a tensor: no sync here.
-        self._out_grad = torch.linalg.vector_norm(g.detach().float()) * math.sqrt(g.shape[0])
+        self._out_grad = out_grad_norm(g)
 
     def _seed_delta(self, slot: SeedSlot, h: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        """(kernel output, its weight alpha) to add to `h`, or None when the seed adds nothing."""
-        training = slot.state == SeedState.TRAINING and slot.alpha_override is None
-        if training:
-            if not torch.is_grad_enabled():
-                return None  # value would be exactly zero; skip the work in eval
-            x = h.detach()
-        else:
-            alpha = slot.alpha if slot.alpha_override is None else slot.alpha_override
-            if alpha == 0.0:
-                return None
-            x = h if slot.alpha_override is None else h.detach()
+        """(term, weight) to add to `h` as `weight * term` (kasmina.seed's rule), or None when
+        the seed adds nothing."""
+        mode = seed_mode(slot, torch.is_grad_enabled())
+        if mode is None:
+            return None
+        alpha, training, detach = mode
+        x = h.detach() if detach else h
         # Only on the trainer's diagnostic pass (after a non-finite host gradient): the taps
         # cost a Function call and a reduction per coupled seed, every step they are on.
         tapped = self.diagnose and x is h and torch.is_grad_enabled()
         if tapped:
             x = _Tap.apply(h, slot.grad_ok, "in")
-        budget = self.config.latency_budget_ms
-        start = time.perf_counter()
-        out, fault, msg = guarded_call(
-            self.kernels[str(slot.index)], x, None if budget is None else budget / 1e3
-        )
-        if self.record:  # guarded_call's finiteness check has synced the device already
-            slot.latency_ms = (time.perf_counter() - start) * 1e3
-        if fault is not None:
-            self._fault(slot, fault, msg)
+        out = self.run_seed(slot, x, self.kernels[str(slot.index)], self.record)
         if out is None:
             return None
-        slot.calls += 1
-        if training:
-            return _Fit.apply(out, self.config.fit_step, slot.fit_loss), 1.0
         if tapped:
             out = _Tap.apply(out, slot.grad_ok, "out")
-        return out, alpha
+        return seed_delta(out, alpha, training, self.config.fit_step, slot.fit_loss)
+
+    def run_seed(self, slot: SeedSlot, x: torch.Tensor, kernel, record: bool):
+        """One guarded call of `kernel` (the slot's kernel, or a call standing for it: the
+        batched simulator's row of a stack) on x: a fault is recorded, a call that gave an
+        output is counted, its wall time kept in `slot.latency_ms` when `record`. Returns the
+        output, or None."""
+        budget = self.config.latency_budget_ms
+        start = time.perf_counter()
+        out, fault, msg = guarded_call(kernel, x, None if budget is None else budget / 1e3)
+        if record:  # guarded_call's finiteness check has synced the device already
+            slot.latency_ms = (time.perf_counter() - start) * 1e3
+        if fault is not None:
+            self.record_fault(slot, fault, msg)
+        if out is not None:
+            slot.calls += 1
+        return out
 
     # ---------------------------------------------------------------- lifecycle
     def _set_state(self, slot: SeedSlot, new: SeedState, reason: str = "") -> None:
@@ -397,7 +384,7 @@ class KasminaLayer(nn.Module):
         if slot.state in RUNNING | CULLABLE:
             self.cull(index, reason=f"{kind} fault: {message}")
 
-    def _fault(self, slot: SeedSlot, kind: str, message: str) -> None:
+    def record_fault(self, slot: SeedSlot, kind: str, message: str) -> None:
         self.faults.append(
             FaultRecord(self.name, slot.index, slot.blueprint, kind, message, self.step_count)
         )
@@ -443,7 +430,7 @@ class KasminaLayer(nn.Module):
         # One sync per running seed per step: a NaN gradient must not reach the weights.
         if not bool(torch.isfinite(torch.stack([g.abs().sum() for g in grads])).all()):
             slot.optimizer.zero_grad(set_to_none=True)
-            self._fault(slot, "nonfinite_grad", "kernel gradient contains NaN or Inf")
+            self.record_fault(slot, "nonfinite_grad", "kernel gradient contains NaN or Inf")
             return
         slot.optimizer.step()
         slot.optimizer.zero_grad(set_to_none=True)
@@ -486,14 +473,38 @@ class KasminaLayer(nn.Module):
             return h.in_features, h.out_features
         return h.in_channels, h.out_channels
 
+    # Telemetry computed elsewhere: the batched simulator records many copies of a layer in
+    # one stacked pass. Written to __dict__: nn.Module.__setattr__'s checks (~2 us) would be
+    # paid per layer per copy per step.
+    def set_recorded(self, stats: torch.Tensor, latency_s: float) -> None:
+        """What a recorded forward keeps: [mean, var, dead_ratio, eff_rank] of the output (the
+        `telemetry` functions) and the layer's forward time."""
+        self.__dict__["_stats"], self.__dict__["_latency_s"] = stats, latency_s
+
+    def set_grad_norm(self, norm: torch.Tensor) -> None:
+        """What `capture_grad` keeps: the norm of the host's gradients."""
+        self.__dict__["_grad_norm"] = norm
+
+    def set_out_grad(self, norm: torch.Tensor) -> None:
+        """What the recorded forward's hook keeps: sqrt(B) * ||dL/d(out)||."""
+        self.__dict__["_out_grad"] = norm
+
+    def set_weight_norm(self, norm: float | None) -> None:
+        """The host weight's norm, computed by a caller for the current weights (the batched
+        simulator, for all copies in one call), for `health` to use instead of its own; valid
+        until the weights change: the caller sets None then."""
+        self.__dict__["_weight_norm"] = norm
+
+    def count_idle_steps(self, steps: int) -> None:
+        """`steps` calls of `step_seeds` on a layer with every slot dormant (all they do)."""
+        self.__dict__["step_count"] = self.step_count + steps
+
     def health(self) -> HealthSignal:
         """The layer's HealthSignal from the last recorded pass (one sync, here)."""
         stats = self._stats.tolist() if self._stats is not None else [0.0, 0.0, 0.0, 0.0]
         grad = float(self._grad_norm) if self._grad_norm is not None else 0.0
         out_grad = float(self._out_grad) if self._out_grad is not None else 0.0
-        # A batched simulator that holds this host's current weight norm (computed with its
-        # copies' in one call) lends it for the duration of one observation.
-        weight = self.__dict__.get("_weight_norm")
+        weight = self._weight_norm
         if weight is None:
             with torch.no_grad():
                 weight = float(torch.linalg.vector_norm(self.host.weight))

@@ -1,10 +1,11 @@
 """Error recovery for kernel calls: detect a fault, fall back to the host path, count, trip.
 
 A kernel call faults when it raises, returns a tensor of the wrong shape, dtype or device,
-returns NaN/Inf or values out of all proportion to its input (`output_fault`, shared with the
-batched simulator), or takes longer than its latency budget. The caller then uses the host path
-for that call (the training run goes on) and the fault is kept as a `FaultRecord`. A `CircuitBreaker` per seed
-trips after `max_faults` faults and the layer culls the seed.
+returns NaN/Inf or values out of all proportion to its input, or takes longer than its latency
+budget. The caller then uses the host path for that call (the training run goes on) and the
+fault is kept as a `FaultRecord`. A `CircuitBreaker` per seed trips after `max_faults` faults and
+the layer culls the seed. These are the only checks: the batched simulator runs `form_fault` and
+`check_output` on a stack of copies' outputs, and `guarded_call` for a seed run on its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 # "magnitude": a finite output far beyond its input's scale (see MAGNITUDE_FACTOR).
 # "load": the kernel could not be built or its artifact was refused (recorded by the env).
@@ -101,33 +101,68 @@ def output_fault(out: torch.Tensor, x: torch.Tensor) -> tuple[str, str] | None:
     return None
 
 
-def guarded_call(
-    kernel: nn.Module, x: torch.Tensor, latency_budget_s: float | None
-) -> tuple[torch.Tensor | None, str | None, str]:
-    """Run `kernel(x)`; return (output or None, fault kind or None, message).
+def form_fault(out, x: torch.Tensor) -> tuple[str, str] | None:
+    """("shape" | "device" | "dtype", message) if a kernel output is not a tensor of its input's
+    shape, device and dtype (one call's, or a stack of calls' against the stacked inputs); None
+    if it is."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return "shape", f"expected output shape {tuple(x.shape)}, got {got}"
+    # A float64 or off-device delta would make `h + delta` promote or raise in the host's next
+    # layer, far from the kernel: refuse it here, where the fault can be named and contained.
+    if out.device != x.device:
+        return "device", f"expected output on {x.device}, got {out.device}"
+    if out.dtype != x.dtype:
+        return "dtype", f"expected output dtype {x.dtype}, got {out.dtype}"
+    return None
 
-    A slow call still returns its (valid) output: it was paid for already, and the breaker
-    decides whether the seed stays.
+
+def check_output(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    elapsed_s: float,
+    latency_budget_s: float | None,
+    copies: bool = False,
+):
+    """The faults of a well-formed kernel output (see `form_fault`): (keep the output, fault
+    kind or None, message). "nonfinite" and "magnitude" drop it; "slow" keeps it (it was paid
+    for already, and the breaker decides whether the seed stays).
+
+    copies=True: `out` and `x` are stacks (copies, ...) of calls that took `elapsed_s` each;
+    returns one triple per copy. One reduction and one sync over the whole stack decide when
+    every copy is fine (finite and within the bound for any input); only otherwise is each
+    copy checked on its own.
     """
+    if not copies:  # one reduction and one sync per call of a running seed
+        return _fault_or_slow(output_fault(out, x), elapsed_s, latency_budget_s)
+    fine = max_abs(out) <= MAGNITUDE_FACTOR
+    return [
+        _fault_or_slow(None if fine else output_fault(out[k], x[k]), elapsed_s, latency_budget_s)
+        for k in range(len(out))
+    ]
+
+
+def _fault_or_slow(fault, elapsed_s: float, budget_s: float | None) -> tuple[bool, str | None, str]:
+    if fault is not None:
+        return False, *fault
+    if budget_s is not None and elapsed_s > budget_s:
+        return True, "slow", f"kernel took {elapsed_s * 1e3:.1f} ms > {budget_s * 1e3:.1f} ms"
+    return True, None, ""
+
+
+def guarded_call(
+    kernel, x: torch.Tensor, latency_budget_s: float | None
+) -> tuple[torch.Tensor | None, str | None, str]:
+    """Run `kernel(x)`; return (output or None, fault kind or None, message): the single env's
+    call of a seed, and the batched simulator's for a seed that runs on its own."""
     start = time.perf_counter()
     try:
         out = kernel(x)
     except Exception as exc:
         return None, "exception", f"{type(exc).__name__}: {exc}"[:500]
     elapsed = time.perf_counter() - start
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        return None, "shape", f"expected output shape {tuple(x.shape)}, got {got}"
-    # A float64 or off-device delta would make `h + delta` promote or raise in the host's next
-    # layer, far from the kernel: refuse it here, where the fault can be named and contained.
-    if out.device != x.device:
-        return None, "device", f"expected output on {x.device}, got {out.device}"
-    if out.dtype != x.dtype:
-        return None, "dtype", f"expected output dtype {x.dtype}, got {out.dtype}"
-    # One reduction and one sync per call of a running seed (a dormant layer never gets here).
-    fault = output_fault(out, x)
+    fault = form_fault(out, x)
     if fault is not None:
         return None, *fault
-    if latency_budget_s is not None and elapsed > latency_budget_s:
-        return out, "slow", f"kernel took {elapsed * 1e3:.1f} ms > {latency_budget_s * 1e3:.1f} ms"
-    return out, None, ""
+    keep, kind, message = check_output(out, x, elapsed, latency_budget_s)
+    return (out if keep else None), kind, message

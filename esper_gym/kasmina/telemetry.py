@@ -6,6 +6,7 @@ batch), so telemetry costs one forward's worth of reductions per interval, not p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,23 +44,36 @@ class HealthSignal:
     out_grad: float = 0.0
 
 
+# Each function takes one activation (B, ...) or, with copies=True, a stack of copies' activations
+# (copies, B, ...) (the batched simulator records all its copies of a layer in one call) and
+# returns one copy's value, or one per copy stacked. The stacked forms keep their own reduction
+# shapes: a copy's value may differ from its single env's in the last bits.
+
+
 @torch.no_grad()
-def activation_stats(h: torch.Tensor) -> torch.Tensor:
-    """[mean, var, dead_ratio] of an activation (B, D) or (B, C, H, W), as one tensor.
+def activation_stats(h: torch.Tensor, copies: bool = False) -> torch.Tensor:
+    """[mean, var, dead_ratio] of an activation (B, D) or (B, C, H, W), as one tensor (3,);
+    (copies, 3) for a stack.
 
     A unit is a feature (linear) or a channel (conv); it is dead when no sample and no position
     of the batch makes it positive. Kept as a tensor so that no device sync happens here.
     """
     h = h.detach().float()
-    units = h.transpose(0, 1).reshape(h.shape[1], -1)
-    dead = (units.amax(dim=1) <= 0).float().mean()
-    return torch.stack([h.mean(), h.var(unbiased=False), dead])
+    if not copies:
+        units = h.transpose(0, 1).reshape(h.shape[1], -1)
+        dead = (units.amax(dim=1) <= 0).float().mean()
+        return torch.stack([h.mean(), h.var(unbiased=False), dead])
+    n, units = h.shape[0], h.shape[2]
+    dead = (h.transpose(1, 2).reshape(n, units, -1).amax(dim=2) <= 0).float().mean(1)
+    flat = h.flatten(1)
+    return torch.stack([flat.mean(1), flat.var(1, unbiased=False), dead], 1)
 
 
 @torch.no_grad()
-def effective_rank(h: torch.Tensor) -> torch.Tensor:
+def effective_rank(h: torch.Tensor, copies: bool = False) -> torch.Tensor:
     """Effective rank of an activation (B, D) or (B, C, H, W) divided by its width (D or C): a
-    0-dim tensor in (0, 1]; 0 for an all-zero activation or one with NaN/Inf entries.
+    0-dim tensor in (0, 1]; 0 for an all-zero activation or one with NaN/Inf entries; (copies,)
+    for a stack.
 
     The effective rank (Roy & Vetterli 2007) of the matrix whose columns are the units and whose
     rows are the samples (and positions, for a conv) is exp(entropy of its singular values
@@ -73,14 +87,39 @@ def effective_rank(h: torch.Tensor) -> torch.Tensor:
     of the Gram matrix alone adds ~0.5% of spurious rank). The activation is first divided by
     its largest magnitude (the measure is scale-free), so the squares cannot overflow; a
     non-finite activation (a diverging host) gives a zero Gram matrix, not an exception. No
-    device sync here.
+    device sync here. A stack takes one batched Gram product and eigvalsh (each copy's value
+    agrees with its own to ~1e-16).
     """
-    units = h.shape[1]
-    m = h.detach().reshape(h.shape[0], units, -1).double()
-    m = m / m.abs().amax().clamp_min(1e-300)
-    gram = torch.einsum("bcp,bdp->cd", m, m)
+    lead = h.shape[:1] if copies else ()  # the copies dimension, if any
+    units = h.shape[len(lead) + 1]
+    m = h.detach().reshape(*lead, h.shape[len(lead)], units, -1).double()
+    if copies:
+        m = m / m.abs().flatten(1).amax(1).clamp_min(1e-300).view(-1, 1, 1, 1)
+        gram = torch.einsum("nbcp,nbdp->ncd", m, m)
+    else:
+        m = m / m.abs().amax().clamp_min(1e-300)
+        gram = torch.einsum("bcp,bdp->cd", m, m)
     gram = torch.nan_to_num(gram, nan=0.0, posinf=0.0, neginf=0.0)
     s = torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt()
-    total = s.sum()
-    entropy = torch.special.entr(s / total.clamp_min(1e-300)).sum()  # entr(p) = -p log p
+    total = s.sum(-1)
+    entropy = torch.special.entr(s / total.clamp_min(1e-300)[..., None]).sum(-1)  # -p log p
     return torch.where(total > 0, entropy.exp() / units, torch.zeros_like(total)).float()
+
+
+def recorded_stats(out: torch.Tensor, copies: bool = False) -> torch.Tensor:
+    """What a recorded forward keeps of its output: [mean, var, dead_ratio, eff_rank], (4,) or
+    (copies, 4)."""
+    if copies:
+        return torch.cat([activation_stats(out, True), effective_rank(out, True)[:, None]], 1)
+    return torch.cat([activation_stats(out), effective_rank(out)[None]])
+
+
+@torch.no_grad()
+def out_grad_norm(g: torch.Tensor, copies: bool = False) -> torch.Tensor:
+    """The RMS per-sample norm of a batch-mean loss's gradient g = dL/d(out) (B, ...): row i is
+    sample i's gradient / B, so it is sqrt(B) * ||g||; (copies,) for a stack, in which g[j] is
+    copy j's own gradient (the loss is the sum of the copies' batch means). No sync here."""
+    if copies:
+        norms = torch.linalg.vector_norm(g.detach().float().flatten(1), dim=1)
+        return norms * math.sqrt(g.shape[1])
+    return torch.linalg.vector_norm(g.detach().float()) * math.sqrt(g.shape[0])
