@@ -7,7 +7,7 @@ store (`kernel_dir`) per episode:
 1. before the episode, put a genuine low_rank kernel for fc1 in the store, then damage it, one
    variant per episode: on disk (bytes flipped, truncated, or replaced by a pickle: a checksum
    mismatch), or as a poisoned shared store would, with an index that agrees with the hostile
-   bytes (`esper_gym.kernels.hostile`): a kernel that zeroes its input in place, a graph that
+   bytes (`tests/hostile.py`): a kernel that zeroes its input in place, a graph that
    writes a file through aten.from_file, an archive with a second, case-colliding sample-input
    member holding a pickle payload;
 2. germinate and advance a real kernel (residual_mlp on fc0);
@@ -50,6 +50,7 @@ import hashlib
 import json
 import pathlib
 import pickle
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -64,14 +65,17 @@ from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.kasmina import SeedState
 from esper_gym.kernels import compile_blueprint
 from esper_gym.kernels.blueprints import BLUEPRINTS, FAULT_LIBRARY
-from esper_gym.kernels.hostile import (
+from esper_gym.tasks import TASKS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the attack builders are test code, not in the wheel
+from tests.hostile import (  # noqa: E402
     Float64Delta,
     NanBackward,
     case_collision,
     file_writer,
     input_mutator,
 )
-from esper_gym.tasks import TASKS
 
 ENV_ID = "Esper/SpiralsFaulty-v0"
 # Fault blueprints of the task's library: the kind each call records from TRAINING on.

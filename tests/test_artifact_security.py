@@ -28,15 +28,15 @@ from esper_gym.kernels import (
     validate_artifact,
 )
 from esper_gym.kernels.archive import MAX_ARCHIVE_BYTES, pack_members, read_members
-from esper_gym.kernels.compiler import op_schema_problem
-from esper_gym.kernels.hostile import (
+from esper_gym.kernels.validator import op_schema_problem
+from tests.hostile import (
     evil_sample_inputs,
     file_writer,
     graph_node,
     input_mutator,
     plain_zip,
 )
-from esper_gym.kernels.hostile import members as zip_members
+from tests.hostile import members as zip_members
 
 SHAPE = (16,)
 MODEL_JSON = "archive/models/model.json"

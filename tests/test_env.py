@@ -14,9 +14,9 @@ from esper_gym.data import DatasetNotFoundError
 from esper_gym.env import MorphogeneticEnv
 from esper_gym.kasmina import SeedState
 from esper_gym.kernels import KernelStore
-from esper_gym.kernels.hostile import Float64Delta, NanBackward
 from esper_gym.tasks import Task, get_task
 from tests.conftest import SMALL, small_kwargs, write_tiny_cifar
+from tests.hostile import Float64Delta, NanBackward
 
 
 def make(env_id="Esper/Spirals-v0", **kw):

@@ -10,7 +10,7 @@ from esper_gym.kasmina import kasmina_layers
 from esper_gym.kernels import BlueprintGenerator, KernelCache, KernelStore, load_or_compile
 from esper_gym.kernels.archive import read_members
 from esper_gym.kernels.blueprints import EXTRA_LIBRARY
-from esper_gym.kernels.compiler import ALLOWED_OPS, op_schema_problem
+from esper_gym.kernels.validator import ALLOWED_OPS, op_schema_problem
 from esper_gym.tasks import TASKS
 
 # Input shape and classes per dataset, so that no dataset has to be loaded to build a host.

@@ -17,7 +17,7 @@ from esper_gym.kasmina import (
     check_transition,
 )
 from esper_gym.kasmina.telemetry import activation_stats
-from esper_gym.kernels.hostile import Float64Delta
+from tests.hostile import Float64Delta
 
 S = SeedState
 

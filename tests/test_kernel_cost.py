@@ -31,12 +31,13 @@ from esper_gym.kernels import (
     KernelStore,
     KernelTemplate,
     compile_blueprint,
-    compiler,
     load_artifact,
     load_or_compile,
     validate_artifact,
 )
-from esper_gym.kernels.hostile import (
+from esper_gym.kernels.kernel import COST_FACTOR, COST_FLOOR, cost_problem, template_cost
+from tests.conftest import SMALL
+from tests.hostile import (
     MODEL_JSON,
     HugeDelta,
     QuadraticAttention,
@@ -45,7 +46,6 @@ from esper_gym.kernels.hostile import (
     plain_zip,
     schema_mismatch,
 )
-from tests.conftest import SMALL
 
 SHAPE = (32,)
 REPEATS = 64  # the attack's sequence: 64 copies of residual_mlp's 64 hidden units, L = 4096
@@ -97,7 +97,7 @@ def test_quadratic_attention_passes_every_other_check_and_its_cost_is_refused(ml
     message = str(refused.value)
     sha = hashlib.sha256(evil).hexdigest()
     assert message.startswith(f"kernel {sha}: costs {cost.flops:.3g} FLOPs and {cost.bytes:.3g}")
-    budget = max(compiler.COST_FACTOR * reference.cost.flops, compiler.COST_FLOOR.flops)
+    budget = max(COST_FACTOR * reference.cost.flops, COST_FLOOR.flops)
     assert f"budget is {budget:.3g} FLOPs" in message and "residual_mlp" in message
 
 
@@ -122,12 +122,12 @@ def test_a_poisoned_store_cannot_stall_an_episode(tmp_path):
 
 def test_the_budget_is_a_factor_of_the_template_or_the_floor():
     conv, shape = BLUEPRINTS["conv3x3"](), (16, 8, 8)
-    ref = compiler._template_cost(json.dumps(conv.to_dict(), sort_keys=True), shape)
-    floor = compiler.COST_FLOOR
+    ref = template_cost(json.dumps(conv.to_dict(), sort_keys=True), shape)
+    floor = COST_FLOOR
     assert 8 * ref.flops > floor.flops and 8 * ref.bytes > floor.bytes  # the factor applies
 
     def problem(cost, blueprint=conv, shape=shape):
-        return compiler.cost_problem(cost, blueprint.to_dict(), shape)
+        return cost_problem(cost, blueprint.to_dict(), shape)
 
     assert problem(KernelCost(7.9 * ref.flops, 7.9 * ref.bytes)) is None
     assert "costs" in problem(KernelCost(8.1 * ref.flops, ref.bytes))
@@ -138,7 +138,7 @@ def test_the_budget_is_a_factor_of_the_template_or_the_floor():
     norm = BLUEPRINTS["norm"]()
     assert problem(KernelCost(0.9 * floor.flops, 0.9 * floor.bytes), norm, (2,)) is None
     assert "costs" in problem(KernelCost(1.1 * floor.flops, 1), norm, (2,))
-    assert "cannot be built" in compiler.cost_problem(KernelCost(1, 1), {"name": "nope"}, shape)
+    assert "cannot be built" in cost_problem(KernelCost(1, 1), {"name": "nope"}, shape)
 
 
 @pytest.mark.parametrize("shape", [(32,), (16, 8, 8)])
@@ -149,7 +149,7 @@ def test_every_shipped_blueprint_costs_what_its_template_costs(shape):
             continue
         artifact, meta = compile_blueprint(blueprint, shape)
         cost = KernelTemplate.from_program(load_artifact(artifact, meta)).cost  # not refused
-        ref = compiler._template_cost(json.dumps(meta.blueprint, sort_keys=True), shape)
+        ref = template_cost(json.dumps(meta.blueprint, sort_keys=True), shape)
         assert 0.9 < cost.flops / ref.flops < 1.1 and 0.9 < cost.bytes / ref.bytes < 1.1, name
 
 

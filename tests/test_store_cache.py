@@ -25,6 +25,7 @@ from esper_gym.kernels import (
     KernelRejected,
     KernelStore,
     compile_blueprint,
+    library,
     load_or_compile,
     recipe_key,
     validate_artifact,
@@ -402,7 +403,7 @@ def test_load_or_compile_compiles_once(tmp_path, monkeypatch):
     def no_compile(*args, **kwargs):
         raise AssertionError("compiled although the store had the recipe")
 
-    monkeypatch.setattr(kernels, "compile_blueprint", no_compile)
+    monkeypatch.setattr(library, "compile_blueprint", no_compile)
     second, again = load_or_compile(blueprint, SHAPE, store, cache, seed=3)
     assert again == meta and _counts(cache) == (1, 1, 0, 0, 1)
     x = torch.randn(4, *SHAPE)

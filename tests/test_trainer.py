@@ -141,7 +141,7 @@ def test_contributions_use_the_fixed_subset(tmp_path):
 
 
 def test_a_poisoned_host_gradient_faults_only_its_culprit(tmp_path):
-    from esper_gym.kernels.hostile import NanBackward
+    from tests.hostile import NanBackward
 
     u = _env(tmp_path)
     upstream = _germinate(u, 0, 0)

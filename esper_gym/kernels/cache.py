@@ -8,18 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
-from esper_gym.kernels.compiler import (
+from esper_gym.kernels.kernel import Kernel, KernelTemplate, check_cost, load_program
+from esper_gym.kernels.store import KernelStore
+from esper_gym.kernels.validator import (
     ArtifactInfo,
-    Kernel,
     KernelMetadata,
-    KernelTemplate,
-    check_cost,
     is_fault_blueprint,
-    load_program,
     shape_problem,
     validated_archive,
 )
-from esper_gym.kernels.store import KernelStore
 
 
 class KernelIncompatible(ValueError):

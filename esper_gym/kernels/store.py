@@ -38,7 +38,7 @@ from typing import Any
 
 from esper_gym.kernels.archive import MAX_ARCHIVE_BYTES
 from esper_gym.kernels.blueprints import blueprint_from_dict
-from esper_gym.kernels.compiler import KernelMetadata, KernelRejected
+from esper_gym.kernels.validator import KernelMetadata, KernelRejected
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SCHEMA = (
