@@ -14,7 +14,7 @@ from gymnasium.envs.registration import register, registry
 __version__ = "0.1.0"
 
 ENTRY_POINT = "esper_gym.env:MorphogeneticEnv"
-VECTOR_ENTRY_POINT = "esper_gym.vector:BatchedMorphogeneticEnv"
+VECTOR_ENTRY_POINT = "esper_gym.vector.env:BatchedMorphogeneticEnv"
 
 # id -> (task name, max_episode_steps). The TimeLimit sits far beyond every task's own budget:
 # episodes end by `terminated` when the training budget is spent; truncation is the user's.

@@ -7,11 +7,11 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import esper_gym
-from esper_gym import vector as vec
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.kasmina import SeedState
 from esper_gym.kernels import load_or_compile
-from esper_gym.vector import BatchedMorphogeneticEnv
+from esper_gym.vector import BatchedMorphogeneticEnv, programs, stacks
+from esper_gym.vector import batch as vec_batch
 from tests.conftest import SMALL, small_kwargs
 
 # Bounds of copy i against its single env over whole episodes. Masks, events, fault kinds,
@@ -95,16 +95,16 @@ def _compare(env_id: str, kwargs: dict, kernel_dir: str, n: int, steps: int, see
 def count_vmapped(monkeypatch):
     """How many stacked (vmapped) kernel group calls ran, and how many fell back; groups of
     two copies already run stacked, so that these small tests exercise that path."""
-    monkeypatch.setattr(vec, "VMAP_MIN", 2)
+    monkeypatch.setattr(vec_batch, "VMAP_MIN", 2)
     counts = {"vmapped": 0, "fallback": 0}
-    real = vec._vmapped_call
+    real = vec_batch._vmapped_call
 
     def counting(graph, states, x):
         result = real(graph, states, x)
         counts["vmapped" if result is not None else "fallback"] += 1
         return result
 
-    monkeypatch.setattr(vec, "_vmapped_call", counting)
+    monkeypatch.setattr(vec_batch, "_vmapped_call", counting)
     return counts
 
 
@@ -153,9 +153,9 @@ def test_attention_groups_run_stacked(kernel_dir, count_vmapped):
     envs.step(np.full(2, layout.encode(Action(GERMINATE, 1, 0, 0))))
     envs.step(np.full(2, layout.encode(Action(ADVANCE, 1, 0))))
     graph = envs.unwrapped.envs[0].layers[1].kernels["0"].graph
-    assert graph in vec._VMAPPABLE and graph not in vec._NOT_VMAPPABLE
-    targets = {node.target for node in vec._batchable(graph).graph.nodes}
-    assert vec._attention in targets and vec._size in targets
+    assert graph in programs._VMAPPABLE and graph not in programs._NOT_VMAPPABLE
+    targets = {node.target for node in programs._batchable(graph).graph.nodes}
+    assert programs._attention in targets and programs._size in targets
     assert torch.ops.aten.scaled_dot_product_attention.default in {
         node.target for node in graph.graph.nodes
     }  # the validated graph itself is left as it was
@@ -313,7 +313,7 @@ def test_a_skipped_host_step_stays_in_that_copy(kernel_dir, monkeypatch):
     """A copy whose host gradients its own check finds non-finite (here: injected into its row
     of the stacked gradients, with a layer marked coupled) skips its host step: its weights and
     Adam step count stay as they were, the other copies' rows step on."""
-    real = vec._Batch._check_grads
+    real = vec_batch._Batch._check_grads
     inject = {"on": False}
 
     def poisoned(self, loss, x, y):
@@ -328,7 +328,7 @@ def test_a_skipped_host_step_stays_in_that_copy(kernel_dir, monkeypatch):
         finally:
             layer.coupled = False
 
-    monkeypatch.setattr(vec._Batch, "_check_grads", poisoned)
+    monkeypatch.setattr(vec_batch._Batch, "_check_grads", poisoned)
     envs = BatchedMorphogeneticEnv(num_envs=3, kernel_dir=kernel_dir, **SMALL)
     envs.reset(seed=0)
     envs.step(np.zeros(3, dtype=np.int64))
@@ -443,7 +443,7 @@ def test_a_cleared_gradient_unmarks_only_its_own_stacked_seed(kernel_dir):
     kernels = [
         load_or_compile(blueprint, layer.out_shape, env.store, env.cache)[0] for _ in range(3)
     ]
-    stack = vec._SeedStack(kernels, lr=1e-3)
+    stack = stacks._SeedStack(kernels, lr=1e-3)
     stack.leaves[0].grad = torch.ones_like(stack.leaves[0])  # the others: no gradient
     stack.used = [True, True, True]
     stack.lend_grads()
@@ -468,7 +468,7 @@ def test_linear_kernels_run_as_a_stacked_program(kernel_dir):
         kernels = [
             load_or_compile(blueprint, layer.out_shape, env.store, env.cache)[0] for _ in range(3)
         ]
-        program = vec._stacked_program(kernels[0].graph)
+        program = programs._stacked_program(kernels[0].graph)
         assert (program is not None) == expected, name
         if program is None:
             continue
