@@ -42,7 +42,14 @@ from esper_gym.kasmina.lifecycle import (
 )
 from esper_gym.kasmina.recovery import CircuitBreaker, FaultRecord, guarded_call
 from esper_gym.kasmina.seed import seed_delta, seed_mode
-from esper_gym.kasmina.telemetry import HealthSignal, SlotSignal, out_grad_norm, recorded_stats
+from esper_gym.kasmina.telemetry import (
+    HealthSignal,
+    SlotSignal,
+    grad_norm,
+    out_grad_norm,
+    recorded_stats,
+    weight_norm,
+)
 
 BLEND_SCHEDULES = ("linear", "cosine")
 # States whose kernel reads the host's activation without detaching it: its backward reaches the
@@ -440,9 +447,7 @@ class KasminaLayer(nn.Module):
         """After backward on the recorded batch: keep the host's gradient norm (no sync)."""
         grads = [p.grad for p in self.host.parameters() if p.grad is not None]
         if grads:
-            self._grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])
-            )
+            self._grad_norm = grad_norm(grads)
 
     @contextlib.contextmanager
     def seed_override(self, index: int, alpha: float) -> Iterator[None]:
@@ -506,8 +511,7 @@ class KasminaLayer(nn.Module):
         out_grad = float(self._out_grad) if self._out_grad is not None else 0.0
         weight = self._weight_norm
         if weight is None:
-            with torch.no_grad():
-                weight = float(torch.linalg.vector_norm(self.host.weight))
+            weight = weight_norm(self.host.weight)
         fan_in, fan_out = self.fan()
         return HealthSignal(
             layer=self.name,

@@ -115,6 +115,26 @@ def recorded_stats(out: torch.Tensor, copies: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
+def grad_norm(grads: list[torch.Tensor], copies: bool = False) -> torch.Tensor:
+    """The norm of a layer's host gradients (a norm of the per-tensor norms; no sync); with
+    copies=True, `grads` are stacked (copies, ...) and there is one per copy, (copies,)."""
+    if not copies:
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    rows = [row for g in grads for row in g.unbind(0)]
+    norms = torch.stack(torch._foreach_norm(rows)).view(len(grads), -1)
+    return torch.linalg.vector_norm(norms.t().contiguous(), dim=1)
+
+
+@torch.no_grad()
+def weight_norm(weight, copies: bool = False) -> float | list[float]:
+    """The norm of a host weight (one sync); with copies=True, `weight` is the copies' rows (a
+    sequence) and there is one per copy, in one call."""
+    if not copies:
+        return float(torch.linalg.vector_norm(weight))
+    return torch.stack(torch._foreach_norm(weight)).tolist()
+
+
+@torch.no_grad()
 def out_grad_norm(g: torch.Tensor, copies: bool = False) -> torch.Tensor:
     """The RMS per-sample norm of a batch-mean loss's gradient g = dL/d(out) (B, ...): row i is
     sample i's gradient / B, so it is sqrt(B) * ||g||; (copies,) for a stack, in which g[j] is

@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from esper_gym.kasmina import KasminaLayer, SeedState
 from esper_gym.kasmina.recovery import check_output, guarded_call
 from esper_gym.kasmina.seed import seed_delta, seed_mode
-from esper_gym.kasmina.telemetry import out_grad_norm, recorded_stats
+from esper_gym.kasmina.telemetry import grad_norm, out_grad_norm, recorded_stats
 from esper_gym.trainer import (
     EVAL_CHUNK,
     FiniteCheck,
@@ -259,10 +259,7 @@ class _Batch:
         for k, stack in self.host.items():
             if any(tensor.grad is None for tensor in stack.tensors):
                 continue
-            rows = [row for tensor in stack.tensors for row in tensor.grad.unbind(0)]
-            n = len(self.trainers)
-            norms = torch.stack(torch._foreach_norm(rows)).view(len(stack.tensors), n)
-            per_copy = torch.linalg.vector_norm(norms.t().contiguous(), dim=1)
+            per_copy = grad_norm([tensor.grad for tensor in stack.tensors], copies=True)
             for j, layer in enumerate(self.columns[k]):
                 if j not in skipped:
                     layer.set_grad_norm(per_copy[j])

@@ -51,13 +51,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from torch import nn
 
 from esper_gym.env import MorphogeneticEnv
 from esper_gym.kasmina import KasminaLayer
+from esper_gym.kasmina.telemetry import weight_norm
 from esper_gym.trainer import IntervalStats
 from esper_gym.vector.batch import _Batch
 
@@ -210,7 +210,7 @@ class BatchedMorphogeneticEnv(VectorEnv):
             if batch is None:
                 continue
             for k, stack in batch.host.items():
-                norms = torch.stack(torch._foreach_norm(stack.param_rows[0])).tolist()
+                norms = weight_norm(stack.param_rows[0], copies=True)
                 for i, layer, norm in zip(members, batch.columns[k], norms):
                     layer.set_weight_norm(norm)
                     lent[i].append(layer)
