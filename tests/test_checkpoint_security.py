@@ -196,7 +196,7 @@ def test_tampered_tamiyo_checkpoint_is_refused_fast_naming_the_key(
         def built(**kwargs):
             raise AssertionError(f"TamiyoPolicy built from a checkpoint refused later: {attack}")
 
-        monkeypatch.setattr("esper_gym.agents.tamiyo.TamiyoPolicy", built)
+        monkeypatch.setattr("esper_gym.agents.tamiyo.checkpoint.TamiyoPolicy", built)
     refused(lambda: load_checkpoint(bad), bad, key)
 
 

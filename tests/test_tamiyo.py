@@ -715,7 +715,7 @@ def test_the_policy_updated_is_the_policy_that_acted():
 
 
 def test_return_statistics_preserve_the_value_in_return_units():
-    from esper_gym.agents.tamiyo import _update_return_stats
+    from esper_gym.agents.tamiyo.popart import update_return_stats
 
     env = GraphBandit()
     policy = TamiyoPolicy.for_space(env.observation_space, hidden=32, layers=2, dropout=0.0)
@@ -723,7 +723,7 @@ def test_return_statistics_preserve_the_value_in_return_units():
     batch = obs_to_batch({k: np.stack([o[k] for o in obs]) for k in obs[0]})
     before = policy.eval()(batch)[1]
     for returns in (torch.randn(64) * 5 + 20, torch.randn(64) * 0.1 - 3):
-        _update_return_stats(policy, returns)
+        update_return_stats(policy, returns)
         after = policy(batch)[1]
         torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     assert float(policy.ret_mean) != 0.0 and float(policy.ret_var) != 1.0

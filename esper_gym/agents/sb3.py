@@ -1,7 +1,7 @@
 """Stable-Baselines3 agents on the model graph: PPO and sb3-contrib's MaskablePPO.
 
 Both use `GraphFeaturesExtractor`, which runs Tamiyo's message-passing trunk
-(`esper_gym.agents.tamiyo.GraphEncoder`) over the Dict observation and hands SB3 a fixed-size graph
+(`esper_gym.agents.graph.GraphEncoder`) over the Dict observation and hands SB3 a fixed-size graph
 embedding; SB3's own MLP heads then map it to the flat action logits and the value. That loses
 Tamiyo's per-node heads (the action head is sized for one `max_nodes`), which is the point of
 having both: the SB3 agents are the off-the-shelf reference.
@@ -36,18 +36,17 @@ from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3 import PPO
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from esper_gym.agents.tamiyo import (
+from esper_gym.agents.graph import GraphEncoder, obs_to_batch
+from esper_gym.agents.records import check_env_record
+from esper_gym.agents.tamiyo.checkpoint import (
     BOOL,
     CheckpointError,
-    GraphEncoder,
     check_adam_state,
     check_env_entry,
-    check_env_record,
     check_table,
     check_tensors,
     int_in,
     number_in,
-    obs_to_batch,
     one_of,
     read_checkpoint,
     torch_load_checked,
@@ -238,7 +237,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def save_model(model, path: str | os.PathLike, record: dict) -> None:
-    """SB3's `save`, plus `record` (agents.tamiyo.env_record) as an extra archive member."""
+    """SB3's `save`, plus `record` (agents.records.env_record) as an extra archive member."""
     model.save(path)
     with zipfile.ZipFile(path, "a") as archive:
         archive.writestr(RECORD_MEMBER, json.dumps(record))

@@ -1,0 +1,340 @@
+"""Tamiyo's learner: PPO in CleanRL's order (ppo.py, with action masks and graph observations).
+
+`train(config, make_env)` builds the vector env and the policy, optionally warm-starts it by
+imitation (esper_gym.agents.tamiyo.imitation), then repeats rollout -> GAE -> update -> log,
+checkpointing (esper_gym.agents.tamiyo.checkpoint) and checking the guards
+(esper_gym.agents.tamiyo.guards) after every update. The settings are `PPOConfig`
+(esper_gym.agents.tamiyo.config).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Categorical
+
+from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT
+from esper_gym.agents.baselines import layout_from_spaces
+from esper_gym.agents.graph import index_obs, obs_to_batch
+from esper_gym.agents.records import check_env_record, env_record, mixture_record
+from esper_gym.agents.tamiyo.checkpoint import load_checkpoint, save_checkpoint
+from esper_gym.agents.tamiyo.config import PPOConfig
+from esper_gym.agents.tamiyo.guards import TrainingCollapse, check_guards
+from esper_gym.agents.tamiyo.imitation import imitate, make_teacher
+from esper_gym.agents.tamiyo.policy import TamiyoPolicy
+from esper_gym.agents.tamiyo.popart import update_return_stats
+
+
+def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: bool = False):
+    """num_envs copies, autoreset in the same step (the final obs comes back in info). A
+    make_env with a `vector(num_envs)` method builds its own: env.vectorization=batched gives
+    the batched simulator (esper_gym.vector), whose autoreset is the same."""
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if callable(getattr(make_env, "vector", None)) and not use_async:
+        envs = make_env.vector(num_envs)
+        if envs.metadata.get("autoreset_mode") != mode:
+            raise ValueError(f"{make_env!r}.vector() must autoreset in the same step ({mode})")
+        return envs
+    if use_async:
+        # Spawn, not fork: torch and fork do not mix. Graph obs are small; no shared memory.
+        # make_env must be picklable (a module-level function or functools.partial).
+        return gym.vector.AsyncVectorEnv(
+            [make_env] * num_envs, context="spawn", shared_memory=False, autoreset_mode=mode
+        )
+    return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=mode)
+
+
+def _final_obs(info: dict, i: int) -> dict[str, np.ndarray]:
+    """Env i's last observation before a same-step autoreset. Gymnasium's vector envs give
+    `final_obs` as a per-env object array of dicts for Dict spaces (a dict of arrays is
+    accepted too)."""
+    final = info["final_obs"]
+    obs = final[i] if not isinstance(final, dict) else {k: v[i] for k, v in final.items()}
+    return {k: np.asarray(v) for k, v in obs.items()}
+
+
+def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
+    var = np.var(target)
+    return float("nan") if var == 0 else float(1 - np.var(target - pred) / var)
+
+
+def train(
+    config: PPOConfig,
+    make_env: Callable[[], gym.Env] | Sequence[Callable[[], gym.Env]],
+    log: Callable[[dict, int], None] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+) -> TamiyoPolicy:
+    """PPO (CleanRL's ppo.py, with action masks and graph observations) -> trained policy.
+
+    Every update calls `log(metrics, global_step)` with: losses/{policy,value,entropy,
+    approx_kl,clip_frac,ratio_start,explained_variance}, actions/{wait,germinate,advance,cull}
+    (counts in the rollout), charts/{steps_per_s,lr,episodes,episodic_return,episodic_length}
+    (the two last only when an episode ended in the rollout; with several tasks also
+    charts/episodic_return/<task> for each), uncertainty/{value_std,entropy},
+    diagnostics/wait_share (WAIT among the actions taken while some GERMINATE was valid; NaN if
+    none was), diagnostics/entropy (mean entropy of the acting policy over the rollout) and
+    diagnostics/churn (CULL actions per episode ended in the rollout: a seed is only culled after
+    it was germinated, so each is a germinate -> cull cycle; only when an episode ended). Then
+    `config.guards` checks them (`check_guards`): a collapse stops the run with TrainingCollapse.
+
+    With `checkpoint_path` the run is saved every `config.checkpoint_every` updates and at the
+    end. `resume_from` continues that run: weights, optimizer, global_step, return statistics
+    and torch RNG come back; episodes in flight at the save are lost (envs are reset, with
+    seeds offset by global_step so that they are new episodes). Dropout is off both while
+    acting and during updates (the policy updated is the one that acted: the first ratio of
+    each update is exactly 1, logged as losses/ratio_start); MC dropout is a separate pass.
+
+    Several tasks at once: `make_env` a sequence of env constructors (one per task, with the
+    same observation and action spaces and blueprint library) trains one policy on
+    `config.num_envs` copies of each (esper_gym.multitask.ConcatVectorEnv); each copy's teacher
+    is the teacher of its own task (its tuned schedule).
+    """
+    # One env per task in this process describes them (an Esper env loads no data until reset),
+    # and a checkpoint of another task or blueprint library is refused before any worker starts.
+    makers = list(make_env) if isinstance(make_env, Sequence) else [make_env]
+    records, teachers, probes = [], [], []
+    for make in makers:
+        probe = make()
+        probes.append(probe)  # closed below; its spaces and task still describe the run
+        records.append(env_record(probe))
+        if config.teacher is not None and resume_from is None:
+            teachers += [make_teacher(config.teacher, probe) for _ in range(config.num_envs)]
+        probe.close()
+    record = mixture_record(records)
+    ckpt = None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, env=probes[0])  # sizes checked before building
+        check_env_record(ckpt.env, record, resume_from, same_task=True)
+    torch.manual_seed(config.seed)
+    if len(makers) == 1:
+        envs = make_vector_env(makers[0], config.num_envs, config.async_envs)
+    else:
+        from esper_gym.multitask import ConcatVectorEnv
+
+        envs = ConcatVectorEnv(
+            [make_vector_env(m, config.num_envs, config.async_envs) for m in makers]
+        )
+    space = envs.single_observation_space
+    layout = layout_from_spaces(space, envs.single_action_space)  # for the action histogram
+    kind_of = np.array([layout.decode(a).kind for a in range(layout.size)])
+    is_germinate = kind_of == GERMINATE
+    n_envs, n_steps = envs.num_envs, config.rollout_steps
+    env_task = [str(rec.get("task")) for rec in records for _ in range(config.num_envs)]
+    batch_size = n_envs * n_steps
+    minibatch_size = max(batch_size // config.minibatches, 1)
+    num_updates = math.ceil(config.total_steps / batch_size)
+
+    policy = TamiyoPolicy.for_space(
+        space,
+        hidden=config.hidden,
+        layers=config.layers,
+        dropout=config.dropout,
+        wait_bias=config.wait_bias,
+        gated=config.gated,
+    )
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+    global_step = 0
+    if ckpt is not None:
+        policy = ckpt.policy
+        optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+        if ckpt.optimizer_state is not None:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        global_step = ckpt.global_step
+        if ckpt.torch_rng is not None:
+            torch.set_rng_state(ckpt.torch_rng)
+
+    # Rollout storage: observations stay numpy (obs_to_batch batches them per minibatch).
+    obs_buf = {k: np.zeros((n_steps, n_envs, *s.shape), s.dtype) for k, s in space.items()}
+    actions = torch.zeros(n_steps, n_envs, dtype=torch.long)
+    logprobs = torch.zeros(n_steps, n_envs)
+    rewards = torch.zeros(n_steps, n_envs)
+    dones = torch.zeros(n_steps, n_envs)
+    values = torch.zeros(n_steps, n_envs)
+
+    next_obs, _ = envs.reset(seed=config.seed + global_step)
+    next_done = torch.zeros(n_envs)
+    ep_return, ep_length = np.zeros(n_envs), np.zeros(n_envs, dtype=int)
+    ep_culls = np.zeros(n_envs, dtype=int)
+    guard_history: dict[str, list[float]] = {}
+
+    if teachers:
+        # The teacher's env steps count in the budget: PPO starts at the update they reach.
+        _, global_step, metrics = imitate(policy, optimizer, envs, teachers, next_obs, config)
+        if log is not None:
+            log(metrics, global_step)
+        if checkpoint_path is not None:  # the warm start alone is a policy to evaluate
+            save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
+        next_obs, _ = envs.reset(seed=config.seed + global_step)  # whole episodes for PPO
+
+    first_update = -(-global_step // batch_size) + 1  # ceil: an update starts after the teacher
+    for update in range(first_update, num_updates + 1):
+        if config.anneal_lr:
+            frac = (update - 1) / num_updates
+            optimizer.param_groups[0]["lr"] = config.lr + frac * (config.lr_final - config.lr)
+        start = time.perf_counter()
+        finished_returns, finished_lengths, finished_culls = [], [], []
+        finished_tasks = []
+        entropies = torch.zeros(n_steps, n_envs)
+
+        # --- rollout: act with dropout off --------------------------------------------------
+        policy.eval()
+        for step in range(n_steps):
+            global_step += n_envs
+            for k in obs_buf:
+                obs_buf[k][step] = next_obs[k]
+            dones[step] = next_done
+            with torch.no_grad():
+                logits, value = policy(obs_to_batch(next_obs))
+                dist = Categorical(logits=logits)
+                action = dist.sample()
+                entropies[step] = dist.entropy()
+            actions[step], logprobs[step], values[step] = action, dist.log_prob(action), value
+
+            next_obs, reward, terminated, truncated, info = envs.step(action.numpy())
+            done = np.logical_or(terminated, truncated)
+            ep_return += reward
+            ep_length += 1
+            ep_culls += kind_of[action.numpy()] == CULL
+            reward = torch.as_tensor(reward, dtype=torch.float32)
+            for i in np.flatnonzero(done):
+                finished_returns.append(ep_return[i])
+                finished_tasks.append(env_task[i])
+                finished_lengths.append(ep_length[i])
+                finished_culls.append(ep_culls[i])
+                ep_return[i], ep_length[i], ep_culls[i] = 0.0, 0, 0
+                if truncated[i] and not terminated[i]:
+                    # Cut by a time limit, not ended: bootstrap from the real final state.
+                    with torch.no_grad():
+                        reward[i] += config.gamma * policy(obs_to_batch(_final_obs(info, i)))[1][0]
+            rewards[step] = reward
+            next_done = torch.as_tensor(done, dtype=torch.float32)
+
+        # --- GAE ----------------------------------------------------------------------------
+        with torch.no_grad():
+            next_value = policy(obs_to_batch(next_obs))[1]
+        advantages = torch.zeros_like(rewards)
+        last_gae = torch.zeros(n_envs)
+        for t in reversed(range(n_steps)):
+            if t == n_steps - 1:
+                next_nonterminal, next_values = 1.0 - next_done, next_value
+            else:
+                next_nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
+            delta = rewards[t] + config.gamma * next_values * next_nonterminal - values[t]
+            last_gae = delta + config.gamma * config.gae_lambda * next_nonterminal * last_gae
+            advantages[t] = last_gae
+        returns = advantages + values
+
+        if config.norm_returns:
+            update_return_stats(policy, returns.flatten())
+        value_scale = (policy.ret_var + 1e-8).sqrt() if config.norm_returns else torch.ones(())
+
+        # --- update: the policy that acted (dropout off), so the first ratio is exactly 1 ----
+        b_obs = {k: v.reshape(batch_size, *v.shape[2:]) for k, v in obs_buf.items()}
+        b_actions, b_logprobs = actions.flatten(), logprobs.flatten()
+        b_adv, b_returns, b_values = advantages.flatten(), returns.flatten(), values.flatten()
+        policy.eval()  # MC-dropout uncertainty is a separate pass (policy.uncertainty)
+        clip_fracs, approx_kl = [], torch.zeros(())
+        ratio_start = None
+        for _epoch in range(config.update_epochs):
+            perm = torch.randperm(batch_size)
+            for lo in range(0, batch_size, minibatch_size):
+                mb = perm[lo : lo + minibatch_size]
+                logits, new_value = policy(obs_to_batch(index_obs(b_obs, mb.numpy())))
+                dist = Categorical(logits=logits)
+                new_logprob = dist.log_prob(b_actions[mb])
+                entropy = dist.entropy().mean()
+                log_ratio = new_logprob - b_logprobs[mb]
+                ratio = log_ratio.exp()
+                if ratio_start is None:  # before any step: must be 1 (acting == updating)
+                    ratio_start = (ratio.detach() - 1).abs().max().item()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clip_fracs.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
+
+                adv = b_adv[mb]
+                if config.norm_adv and len(mb) > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                pg_loss = torch.max(
+                    -adv * ratio, -adv * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef)
+                ).mean()
+
+                # Value loss in normalised units (value_scale is 1 without norm_returns).
+                v_new = new_value / value_scale
+                v_target = b_returns[mb] / value_scale
+                if config.clip_vloss:
+                    v_old = b_values[mb] / value_scale
+                    v_clipped = v_old + (v_new - v_old).clamp(-config.clip_coef, config.clip_coef)
+                    v_loss = 0.5 * torch.max((v_new - v_target) ** 2, (v_clipped - v_target) ** 2)
+                    v_loss = v_loss.mean()
+                else:
+                    v_loss = 0.5 * ((v_new - v_target) ** 2).mean()
+
+                loss = pg_loss - config.ent_coef * entropy + config.vf_coef * v_loss
+                if config.ent_floor > 0:
+                    loss = loss + config.ent_floor_coef * F.relu(config.ent_floor - entropy)
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                optimizer.step()
+            if config.target_kl is not None and approx_kl > config.target_kl:
+                break
+
+        # --- log ----------------------------------------------------------------------------
+        kinds = kind_of[b_actions.numpy()].tolist()
+        growth_valid = b_obs["action_mask"][:, is_germinate].any(1)
+        waited = kind_of[b_actions.numpy()] == WAIT
+        metrics = {
+            "losses/policy": pg_loss.item(),
+            "losses/value": v_loss.item(),
+            "losses/entropy": entropy.item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clip_frac": torch.stack(clip_fracs).mean().item(),
+            "losses/ratio_start": ratio_start,
+            "losses/explained_variance": explained_variance(b_values.numpy(), b_returns.numpy()),
+            **{f"actions/{k}": kinds.count(k) for k in (WAIT, GERMINATE, ADVANCE, CULL)},
+            "charts/steps_per_s": batch_size / (time.perf_counter() - start),
+            "charts/lr": optimizer.param_groups[0]["lr"],
+            "charts/episodes": len(finished_returns),
+            "diagnostics/wait_share": (
+                float(waited[growth_valid].mean()) if growth_valid.any() else math.nan
+            ),
+            "diagnostics/entropy": entropies.mean().item(),
+        }
+        if finished_returns:
+            metrics["charts/episodic_return"] = float(np.mean(finished_returns))
+            if len(records) > 1:  # several tasks: their returns are on different scales
+                for task in dict.fromkeys(finished_tasks):
+                    mine = [r for r, t in zip(finished_returns, finished_tasks) if t == task]
+                    metrics[f"charts/episodic_return/{task}"] = float(np.mean(mine))
+            metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
+            metrics["diagnostics/churn"] = float(np.mean(finished_culls))
+        if config.uncertainty_samples > 0:
+            unc = policy.uncertainty(obs_to_batch(next_obs), config.uncertainty_samples)
+            metrics["uncertainty/value_std"] = unc["value_std"].mean().item()
+            metrics["uncertainty/entropy"] = unc["entropy"].mean().item()
+        if log is not None:
+            log(metrics, global_step)
+        if checkpoint_path is not None and (
+            update % config.checkpoint_every == 0 or update == num_updates
+        ):
+            save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
+        try:
+            check_guards(metrics, config.guards, guard_history, global_step)
+        except TrainingCollapse:
+            envs.close()
+            if checkpoint_path is not None:  # the collapsed policy, for a post-mortem
+                save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
+            raise
+
+    envs.close()
+    policy.eval()
+    return policy
