@@ -1,8 +1,9 @@
 """esper-gym: Gymnasium environments for morphogenetic training.
 
-Importing the package registers the `Esper/*` environment ids (string entry points, so nothing
-heavy is imported until `gym.make`). Each id also has a vector entry point, the batched
-simulator (`esper_gym.vector`): `gym.make_vec(id, num_envs=N,
+Importing the package registers the `Esper/*` environment ids of the registered tasks
+(`esper_gym.tasks.TASKS`, each with its `gym_id` and `max_episode_steps`); the entry points
+are strings, so the env modules themselves load at `gym.make`. Each id also has a vector
+entry point, the batched simulator (`esper_gym.vector`): `gym.make_vec(id, num_envs=N,
 vectorization_mode="vector_entry_point")`; "sync" and "async" give gymnasium's own.
 """
 
@@ -11,21 +12,17 @@ import pathlib
 
 from gymnasium.envs.registration import register, registry
 
+from esper_gym.tasks import TASKS
+
 __version__ = "0.1.0"
 
 ENTRY_POINT = "esper_gym.env:MorphogeneticEnv"
 VECTOR_ENTRY_POINT = "esper_gym.vector.env:BatchedMorphogeneticEnv"
 
-# id -> (task name, max_episode_steps). The TimeLimit sits far beyond every task's own budget:
-# episodes end by `terminated` when the training budget is spent; truncation is the user's.
-ENV_IDS = {
-    "Esper/Spirals-v0": ("spirals", 1000),
-    "Esper/SpiralsFaulty-v0": ("spirals_faulty", 1000),
-    "Esper/FashionMNIST-v0": ("fashion_mnist", 1000),
-    "Esper/FashionMNISTCNN-v0": ("fashion_mnist_cnn", 1000),
-    "Esper/FashionMNISTResNet-v0": ("fashion_mnist_resnet", 1000),
-    "Esper/CIFAR10-v0": ("cifar10", 2000),
-}
+# Views of TASKS, the one registry: env id -> (task name, max_episode_steps), and task name ->
+# env id. The TimeLimit sits far beyond every task's own budget (esper_gym.tasks).
+ENV_IDS = {t.gym_id: (t.name, t.max_episode_steps) for t in TASKS.values() if t.gym_id}
+TASK_ENV_IDS = {name: env_id for env_id, (name, _) in ENV_IDS.items()}
 
 for _id, (_task, _steps) in ENV_IDS.items():
     if _id not in registry:

@@ -6,7 +6,8 @@ learning rate, training budget, decision interval, parameter budget, label noise
 class subsets, spiral arms): the runs differ in when, where and whether growth pays, so a
 controller that reads the run can beat a schedule (measured in the README, "Contexts").
 
-Each task has a `ContextSpace`: a grid of `Factor`s (each a few levels). **The split holds out
+A task's contexts are its `Task.context_space` (the registered tasks' are set in `TASKS`,
+esper_gym.tasks), a `ContextSpace`: a grid of `Factor`s (each a few levels). **The split holds out
 combinations, not ranges**: the full grid is shuffled once with a fixed seed (`split_seed`) and
 its first `test_share` becomes the test contexts, the rest the train contexts. Every level of
 every factor occurs in both splits (checked by `ContextSpace.__post_init__`), so a test context
@@ -34,11 +35,12 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esper_gym.tasks import Task
+if TYPE_CHECKING:  # tasks.py imports this module: each Task names its ContextSpace
+    from esper_gym.tasks import Task
 
 SPLITS = ("train", "test")
 DATASET_FACTORS = ("arms", "noise", "label_noise", "input_noise", "classes")
@@ -73,9 +75,10 @@ class Factor:
 
 @dataclass(frozen=True)
 class ContextSpace:
-    """The contexts of one task: the grid of its factors, split into train and test."""
+    """The contexts of a task: the grid of its factors, split into train and test. `name`
+    names the space in messages (tasks that share factors share a space)."""
 
-    task: str
+    name: str
     factors: tuple[Factor, ...]
     test_share: float = 0.25
     split_seed: int = 0
@@ -87,7 +90,7 @@ class ContextSpace:
                 seen = {c[factor.name] for c in contexts}
                 if seen != set(factor.levels):
                     raise ValueError(
-                        f"contexts of {self.task!r}: the {split} split lacks {factor.name} "
+                        f"contexts {self.name!r}: the {split} split lacks {factor.name} "
                         f"levels {sorted(set(factor.levels) - seen)}; change split_seed"
                     )
 
@@ -229,24 +232,33 @@ _CIFAR = (
     Factor("classes", (5, 10)),
 )
 
-CONTEXTS: dict[str, ContextSpace] = {
-    space.task: space
-    for space in (
-        ContextSpace("spirals", _SPIRALS),
-        ContextSpace("spirals_faulty", _SPIRALS),
-        ContextSpace("fashion_mnist", _FASHION),
-        ContextSpace("fashion_mnist_cnn", _CONV),
-        ContextSpace("fashion_mnist_resnet", _CONV),
-        ContextSpace("cifar10", _CIFAR),
-    )
-}
+# One space per family of tasks; TASKS (esper_gym.tasks) says which task has which.
+SPIRALS_CONTEXTS = ContextSpace("spirals", _SPIRALS)
+FASHION_CONTEXTS = ContextSpace("fashion_mnist", _FASHION)
+CONV_CONTEXTS = ContextSpace("fashion_mnist_conv", _CONV)
+CIFAR_CONTEXTS = ContextSpace("cifar10", _CIFAR)
+
+
+def registered_spaces() -> dict[str, ContextSpace]:
+    """Task name -> ContextSpace of the registered tasks that have contexts: a view of TASKS."""
+    from esper_gym.tasks import TASKS  # not at the top: tasks.py imports this module
+
+    return {t.name: t.context_space for t in TASKS.values() if t.context_space is not None}
+
+
+def __getattr__(name: str) -> Any:
+    # `CONTEXTS`, the name this view had when it was a table of its own, built on each use
+    # (at import time TASKS does not exist yet).
+    if name == "CONTEXTS":
+        return registered_spaces()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def context_space(task: Task) -> ContextSpace:
-    """The ContextSpace of a registered task (by its name)."""
-    if task.name not in CONTEXTS:
+    """The ContextSpace of `task` (its `context_space` field)."""
+    if task.context_space is None:
         raise ValueError(
             f"task {task.name!r} has no context distribution; tasks with contexts: "
-            f"{', '.join(CONTEXTS)} (or pass contexts=None for the fixed task)"
+            f"{', '.join(registered_spaces())} (or pass contexts=None for the fixed task)"
         )
-    return CONTEXTS[task.name]
+    return task.context_space

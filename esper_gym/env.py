@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import os
 import pathlib
@@ -222,8 +221,6 @@ class MorphogeneticEnv(gym.Env):
                 "(esper_gym.kernels.generator)"
             )
         self.generator = generator
-        # A generator written to the older protocol (no context argument) still works.
-        self._context = "context" in inspect.signature(generator.propose).parameters
         if telemetry not in TELEMETRY:
             raise ValueError(f"telemetry={telemetry!r}; allowed: {', '.join(TELEMETRY)}")
         self.telemetry = telemetry
@@ -521,21 +518,16 @@ class MorphogeneticEnv(gym.Env):
             name = self.task.blueprints[action.blueprint]
             features = self._node_context(layer)
             try:
-                if self._context:
-                    context = ProposalContext(
-                        features=features,
-                        host_params=self.host_params,
-                        task=self.task.name,
-                        store=self.store,
-                        rng=self.np_random,
-                    )
-                    blueprint = self.generator.propose(
-                        layer.out_shape, name, self.task.param_budget, context=context
-                    )
-                else:
-                    blueprint = self.generator.propose(
-                        layer.out_shape, name, self.task.param_budget
-                    )
+                context = ProposalContext(
+                    features=features,
+                    host_params=self.host_params,
+                    task=self.task.name,
+                    store=self.store,
+                    rng=self.np_random,
+                )
+                blueprint = self.generator.propose(
+                    layer.out_shape, name, self.task.param_budget, context=context
+                )
                 kernel, meta = load_or_compile(
                     blueprint, layer.out_shape, self.store, self.cache, device=self.task.device
                 )

@@ -14,11 +14,17 @@ import dataclasses
 import importlib
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from esper_gym.contexts import (
+    CIFAR_CONTEXTS,
+    CONV_CONTEXTS,
+    FASHION_CONTEXTS,
+    SPIRALS_CONTEXTS,
+    ContextSpace,
+)
 from esper_gym.data import DATASET_NAMES, Dataset, load_dataset
 from esper_gym.hosts import HOSTS
 from esper_gym.kasmina import SeedConfig
@@ -79,7 +85,13 @@ class Task:
     `dataset_kwargs`, see `esper_gym.data.load_dataset`) or its import path. The dataset's own
     validation split is set by its loader (`dataset_kwargs` `val_size`, `n_val` for spirals);
     `eval_size` is how many of those examples each evaluation uses (all of them when the split
-    is smaller). `val_size` is the old name of `eval_size`, kept for a while with a warning.
+    is smaller).
+
+    Registration: `TASKS` is the one table of the benchmark's tasks. A registered task names
+    its gymnasium id (`gym_id`, registered by `import esper_gym` with `max_episode_steps` as
+    its TimeLimit) and its context distribution (`context_space`, what `contexts="train"` or
+    `"test"` draws from). A task of your own leaves `gym_id` None (register it yourself with
+    `gym.register`) and may bring a `ContextSpace` of its own.
     """
 
     name: str = "spirals"
@@ -110,19 +122,15 @@ class Task:
     max_faults: int = 3
     latency_budget_ms: float | None = None
     device: str = "cpu"
-    val_size: int | None = None  # deprecated: the old name of eval_size
+    # Registration, not training knobs: compare=False, so a task equals its unregistered copy
+    # (gym.make's own max_episode_steps= sets an env's TimeLimit; this one is the id's default).
+    # Named gym_id, not env_id: train.py's Hydra schema (TaskConf) mirrors every Task field
+    # and already has an env_id of its own.
+    gym_id: str | None = field(default=None, compare=False)
+    max_episode_steps: int | None = field(default=None, compare=False)
+    context_space: ContextSpace | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.val_size is not None:
-            # Renamed: loaders' `val_size` (in dataset_kwargs) is the validation split itself.
-            warnings.warn(
-                f"task {self.name!r}: Task.val_size is now eval_size (examples per evaluation); "
-                "a dataset's validation split is its dataset_kwargs val_size",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            object.__setattr__(self, "eval_size", self.val_size)
-            object.__setattr__(self, "val_size", None)
         # Checked here so that a bad value fails at gym.make with its name, not at reset or
         # deep in the first episode (a float batch size slices tensors, inf epochs overflow).
         for key in COUNTS:
@@ -154,6 +162,18 @@ class Task:
                 f"task {self.name!r}: unknown blueprints {unknown}; known: {', '.join(BLUEPRINTS)}"
             )
         object.__setattr__(self, "blueprints", tuple(self.blueprints))
+        steps = self.max_episode_steps
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
+            raise ValueError(
+                f"task {self.name!r}: max_episode_steps={steps!r} must be None or an integer >= 1"
+            )
+        if not (self.context_space is None or isinstance(self.context_space, ContextSpace)):
+            raise ValueError(
+                f"task {self.name!r}: context_space={self.context_space!r} must be None or an "
+                "esper_gym.contexts.ContextSpace"
+            )
         try:
             self.seed_config()  # validates the seed fields (latency budget, blend schedule)
         except ValueError as exc:
@@ -226,16 +246,29 @@ class Task:
         return self.budget_steps(n_train) // self.decision_interval
 
 
+# The TimeLimit of the registered ids sits far beyond every task's own budget: episodes end by
+# `terminated` when the training budget is spent; truncation is the user's.
+EPISODE_LIMIT = 1000
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         # 8 optimizer steps per decision keeps spirals the fast task: hundreds of env steps/s.
-        Task(name="spirals", decision_interval=8),
+        Task(
+            name="spirals",
+            decision_interval=8,
+            gym_id="Esper/Spirals-v0",
+            max_episode_steps=EPISODE_LIMIT,
+            context_space=SPIRALS_CONTEXTS,
+        ),
         # The reliability benchmark: the library also offers fault-injecting blueprints.
         Task(
             name="spirals_faulty",
             blueprints=DEFAULT_LIBRARY + FAULT_LIBRARY,
             latency_budget_ms=20.0,
+            gym_id="Esper/SpiralsFaulty-v0",
+            max_episode_steps=EPISODE_LIMIT,
+            context_space=SPIRALS_CONTEXTS,
         ),
         Task(
             name="fashion_mnist",
@@ -253,6 +286,9 @@ TASKS: dict[str, Task] = {
             seed_lr=2e-3,
             blend_steps=100,
             embargo_steps=100,
+            gym_id="Esper/FashionMNIST-v0",
+            max_episode_steps=EPISODE_LIMIT,
+            context_space=FASHION_CONTEXTS,
         ),
         Task(
             name="fashion_mnist_cnn",
@@ -268,6 +304,9 @@ TASKS: dict[str, Task] = {
             seed_lr=3e-3,
             blend_steps=100,
             embargo_steps=100,
+            gym_id="Esper/FashionMNISTCNN-v0",
+            max_episode_steps=EPISODE_LIMIT,
+            context_space=CONV_CONTEXTS,
         ),
         Task(
             # A residual CNN: its graph has skip edges (the residual blocks' shortcuts), which
@@ -285,6 +324,9 @@ TASKS: dict[str, Task] = {
             seed_lr=3e-3,
             blend_steps=100,
             embargo_steps=100,
+            gym_id="Esper/FashionMNISTResNet-v0",
+            max_episode_steps=EPISODE_LIMIT,
+            context_space=CONV_CONTEXTS,
         ),
         Task(
             name="cifar10",
@@ -300,6 +342,9 @@ TASKS: dict[str, Task] = {
             seed_lr=2e-3,
             blend_steps=200,
             embargo_steps=200,
+            gym_id="Esper/CIFAR10-v0",
+            max_episode_steps=2 * EPISODE_LIMIT,
+            context_space=CIFAR_CONTEXTS,
         ),
     )
 }

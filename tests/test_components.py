@@ -87,15 +87,15 @@ def test_a_generator_of_your_own_is_used_given_context_and_told_outcomes(tmp_pat
     assert env.store.outcomes()[-1] == outcome
 
 
-def test_old_style_generator_without_context_and_bad_generator(tmp_path):
-    class Old:
+def test_a_generator_that_offers_one_kind_and_a_bad_generator(tmp_path):
+    class LowRankOnly:
         def fits(self, shape, kind, budget):
             return kind == "low_rank"
 
-        def propose(self, shape, kind, budget):
+        def propose(self, shape, kind, budget, context):
             return BLUEPRINTS["low_rank"](rank=2)
 
-    env = make(str(tmp_path), generator=Old())
+    env = make(str(tmp_path), generator=LowRankOnly())
     obs, _ = env.reset(seed=0)
     low_rank = env.layout.encode(Action(GERMINATE, 1, 0, DEFAULT_LIBRARY.index("low_rank")))
     assert obs["action_mask"][low_rank] and not obs["action_mask"][low_rank - 1]

@@ -16,7 +16,7 @@ from torch import nn
 import esper_gym
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.agents.tamiyo import TamiyoPolicy, obs_to_batch
-from esper_gym.contexts import CONTEXTS, apply_context
+from esper_gym.contexts import CONTEXTS, apply_context, context_space
 from esper_gym.data import make_spirals, shift_dataset
 from esper_gym.episode import decision_metrics
 from esper_gym.evaluate import decision_summary
@@ -40,6 +40,16 @@ def factors(context: dict) -> tuple:
 
 
 # --- the distributions --------------------------------------------------------------------------
+
+
+def test_a_task_names_its_contexts():
+    """TASKS is the one table: CONTEXTS is its view, and a Task of your own may bring a space."""
+    assert {name: task.context_space for name, task in TASKS.items()} == CONTEXTS
+    assert CONTEXTS["spirals_faulty"] is CONTEXTS["spirals"]  # same factors, one space
+    mine = esper_gym.tasks.Task(name="mine", context_space=CONTEXTS["cifar10"])
+    assert context_space(mine) is CONTEXTS["cifar10"]
+    with pytest.raises(ValueError, match="'mine' has no context distribution"):
+        context_space(esper_gym.tasks.Task(name="mine"))
 
 
 @pytest.mark.parametrize("task", sorted(CONTEXTS))

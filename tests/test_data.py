@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from esper_gym import data
 from esper_gym.data import (
     Dataset,
     DatasetNotFoundError,
+    cifar10,
     data_root,
+    fashion_mnist,
     load_cifar10,
     load_dataset,
     load_fashion_mnist,
@@ -261,7 +262,7 @@ def test_fashion_missing_names_paths_and_remedy(tmp_path, monkeypatch):
 
     # Without data_dir: $ESPER_DATA_DIR/fashion-mnist, then the system directory, both reported.
     system = tmp_path / "usr-share"
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", system)
     monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "env"))
     _write_fashion(tmp_path / "env" / "fashion-mnist")
     (tmp_path / "env" / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").unlink()  # incomplete
@@ -274,12 +275,12 @@ def test_fashion_missing_names_paths_and_remedy(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(
-    not data.FASHION_MNIST_SYSTEM_DIR.is_dir(),
-    reason=f"real Fashion-MNIST not installed in {data.FASHION_MNIST_SYSTEM_DIR} "
+    not fashion_mnist.FASHION_MNIST_SYSTEM_DIR.is_dir(),
+    reason=f"real Fashion-MNIST not installed in {fashion_mnist.FASHION_MNIST_SYSTEM_DIR} "
     "(apt-get install dataset-fashion-mnist)",
 )
 def test_fashion_real_files():
-    ds = load_fashion_mnist(data.FASHION_MNIST_SYSTEM_DIR)
+    ds = load_fashion_mnist(fashion_mnist.FASHION_MNIST_SYSTEM_DIR)
     _check_layout(ds, (55000, 5000, 10000))
     assert ds.input_shape == (1, 28, 28)
     for split in SPLITS:
@@ -291,7 +292,9 @@ def test_fashion_real_files():
     assert abs(ds.x_val.mean().item()) < 0.05
     assert abs(ds.x_test.mean().item()) < 0.05
     # Validation is the tail of the official training file, not the test set.
-    with gzip.open(data.FASHION_MNIST_SYSTEM_DIR / "train-labels-idx1-ubyte.gz", "rb") as f:
+    with gzip.open(
+        fashion_mnist.FASHION_MNIST_SYSTEM_DIR / "train-labels-idx1-ubyte.gz", "rb"
+    ) as f:
         train_labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
     np.testing.assert_array_equal(ds.y_val.numpy(), train_labels[-5000:])
     np.testing.assert_array_equal(ds.y_train.numpy(), train_labels[:-5000])
@@ -317,7 +320,7 @@ def _write_cifar(directory: pathlib.Path, per_batch: int = 20, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     written = {}
-    names = [*data.CIFAR10_TRAIN_BATCHES, data.CIFAR10_TEST_BATCH]
+    names = [*cifar10.CIFAR10_TRAIN_BATCHES, cifar10.CIFAR10_TEST_BATCH]
     for name in names:
         images = rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
         if name == "data_batch_1":
@@ -338,10 +341,10 @@ def _write_cifar(directory: pathlib.Path, per_batch: int = 20, seed: int = 0) ->
         b"num_cases_per_batch": per_batch,
         b"num_vis": 3072,
     }
-    (directory / data.CIFAR10_META).write_bytes(_official_pickle(meta))
-    train_x = np.concatenate([written[n][0] for n in data.CIFAR10_TRAIN_BATCHES])
-    train_y = np.concatenate([written[n][1] for n in data.CIFAR10_TRAIN_BATCHES])
-    test_x, test_y = written[data.CIFAR10_TEST_BATCH]
+    (directory / cifar10.CIFAR10_META).write_bytes(_official_pickle(meta))
+    train_x = np.concatenate([written[n][0] for n in cifar10.CIFAR10_TRAIN_BATCHES])
+    train_y = np.concatenate([written[n][1] for n in cifar10.CIFAR10_TRAIN_BATCHES])
+    test_x, test_y = written[cifar10.CIFAR10_TEST_BATCH]
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
@@ -391,7 +394,7 @@ def test_cifar_missing_names_path_and_url(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as info:
         load_cifar10(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(info.value)
-    assert data.CIFAR10_URL in str(info.value)
+    assert cifar10.CIFAR10_URL in str(info.value)
 
     monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "root"))
     with pytest.raises(DatasetNotFoundError) as info:

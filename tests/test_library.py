@@ -190,12 +190,11 @@ def test_dataset_kwargs_a_factory_does_not_take_are_named():
         Task(name="mine", dataset=make_blobs, dataset_kwargs={"arms": 3}).load_data()
 
 
-def test_eval_size_and_the_old_val_size_name():
+def test_eval_size():
     assert get_task("fashion_mnist").eval_size == 2000
-    with pytest.warns(DeprecationWarning, match="Task.val_size is now eval_size"):
-        task = Task(val_size=300)
-    assert task.eval_size == 300 and task.val_size is None
-    assert get_task(task, max_epochs=1.0).eval_size == 300  # replace keeps it, no new warning
+    assert get_task(Task(eval_size=300), max_epochs=1.0).eval_size == 300
+    with pytest.raises(ValueError, match=r"unknown Task field\(s\) \['val_size'\]"):
+        get_task("spirals", val_size=300)  # the old name of eval_size is gone
     with pytest.raises(ValueError, match="eval_size=0 must be an integer >= 1"):
         Task(eval_size=0)
 

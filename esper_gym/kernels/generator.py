@@ -16,7 +16,7 @@ The env (`MorphogeneticEnv(generator=...)`, `gym.make(id, generator=...)`) calls
   (`context.store.outcomes(kind)`: the history of every seed grown from a store kernel, see
   `esper_gym.kernels.store.SeedOutcome`) and the env's RNG (`context.rng`, seeded by
   `reset(seed=...)`: draw from it, not from a global RNG, and an episode stays reproducible
-  for a given store). A `propose` without a `context` parameter is called without one.
+  for a given store). `propose` is always called with `context=` (a generator must take it).
 * `observe(outcome)` (optional): each `SeedOutcome` the env records in the store when a seed
   it germinated is fossilized or culled, or is still live when the episode ends.
 
