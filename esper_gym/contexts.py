@@ -239,26 +239,12 @@ CONV_CONTEXTS = ContextSpace("fashion_mnist_conv", _CONV)
 CIFAR_CONTEXTS = ContextSpace("cifar10", _CIFAR)
 
 
-def registered_spaces() -> dict[str, ContextSpace]:
-    """Task name -> ContextSpace of the registered tasks that have contexts: a view of TASKS."""
-    from esper_gym.tasks import TASKS  # not at the top: tasks.py imports this module
-
-    return {t.name: t.context_space for t in TASKS.values() if t.context_space is not None}
-
-
-def __getattr__(name: str) -> Any:
-    # `CONTEXTS`, the name this view had when it was a table of its own, built on each use
-    # (at import time TASKS does not exist yet).
-    if name == "CONTEXTS":
-        return registered_spaces()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def context_space(task: Task) -> ContextSpace:
     """The ContextSpace of `task` (its `context_space` field)."""
     if task.context_space is None:
         raise ValueError(
-            f"task {task.name!r} has no context distribution; tasks with contexts: "
-            f"{', '.join(registered_spaces())} (or pass contexts=None for the fixed task)"
+            f"task {task.name!r} has no context distribution (its Task.context_space is None; "
+            "esper_gym.tasks.CONTEXTS lists the registered tasks that have one); pass "
+            "contexts=None for the fixed task"
         )
     return task.context_space

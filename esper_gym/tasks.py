@@ -349,6 +349,11 @@ TASKS: dict[str, Task] = {
     )
 }
 
+# Task name -> ContextSpace of the registered tasks that have contexts: a view of TASKS.
+CONTEXTS: dict[str, ContextSpace] = {
+    t.name: t.context_space for t in TASKS.values() if t.context_space is not None
+}
+
 
 def get_task(task: str | Task = "spirals", **overrides: Any) -> Task:
     """A registered task (by name) or a given Task, with `overrides` replacing fields."""

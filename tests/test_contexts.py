@@ -16,7 +16,7 @@ from torch import nn
 import esper_gym
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.agents.tamiyo import TamiyoPolicy, obs_to_batch
-from esper_gym.contexts import CONTEXTS, apply_context, context_space
+from esper_gym.contexts import apply_context, context_space
 from esper_gym.data import make_spirals, shift_dataset
 from esper_gym.episode import decision_metrics
 from esper_gym.evaluate import decision_summary
@@ -28,7 +28,7 @@ from esper_gym.hosts import (
 )
 from esper_gym.kasmina import KasminaLayer, SeedConfig, kasmina_layers
 from esper_gym.observation import GLOBAL_FEATURES, to_pyg
-from esper_gym.tasks import TASKS
+from esper_gym.tasks import CONTEXTS, TASKS
 from tests.conftest import SMALL, small_kwargs
 from tests.test_host_kernels import DATASETS
 

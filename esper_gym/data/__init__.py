@@ -22,7 +22,6 @@ from esper_gym.data.dataset import (
     Dataset,
     DatasetNotFoundError,
     data_root,
-    load_dataset,
     shift_dataset,
 )
 from esper_gym.data.fashion_mnist import (
@@ -33,6 +32,7 @@ from esper_gym.data.fashion_mnist import (
     IDX_LABELS_MAGIC,
     load_fashion_mnist,
 )
+from esper_gym.data.registry import load_dataset
 from esper_gym.data.spirals import make_spirals
 
 # Every public name of the loader modules, importable from esper_gym.data as before the split.

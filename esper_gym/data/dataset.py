@@ -1,12 +1,12 @@
-"""The Dataset type, its checks, the shared split/normalise helpers, dataset shifts, and
-`load_dataset`: the one place that maps a dataset name to its loader (`DATASET_NAMES`)."""
+"""The Dataset type, its checks, the shared split/normalise helpers and dataset shifts.
+`DATASET_NAMES` are the registered names; `esper_gym.data.registry.load_dataset` maps them to
+their loaders."""
 
 from __future__ import annotations
 
 import math
 import os
 import pathlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,58 +152,6 @@ def data_root() -> pathlib.Path:
     if env:
         return pathlib.Path(env).expanduser()
     return pathlib.Path.home() / ".cache" / "esper_gym"
-
-
-def load_dataset(
-    name: str | Dataset | Callable[..., Dataset],
-    *,
-    data_dir: str | os.PathLike | None = None,
-    **kwargs: Any,
-) -> Dataset:
-    """A benchmark dataset by name (``"spirals"``, ``"fashion_mnist"``, ``"cifar10"``), or yours.
-
-    ``data_dir`` and ``kwargs`` are passed to the loader; ``data_dir`` is ignored for spirals,
-    which are generated. Names are matched case-insensitively with ``-`` read as ``_``.
-    A ``Dataset`` is returned as it is (it takes no ``kwargs``); a callable is called with
-    ``kwargs`` (and ``data_dir=`` when one is given) and must return a ``Dataset``, e.g. one
-    made by :meth:`Dataset.from_tensors`. Raises ``ValueError`` for an unknown name.
-    """
-    if isinstance(name, Dataset):
-        if kwargs:
-            raise ValueError(
-                f"dataset {name.name!r} is a ready Dataset: it takes no dataset_kwargs, got "
-                f"{sorted(kwargs)}"
-            )
-        return name
-    if callable(name):
-        if data_dir is not None:
-            kwargs["data_dir"] = data_dir
-        data = name(**kwargs)
-        if not isinstance(data, Dataset):
-            raise TypeError(
-                f"dataset factory {getattr(name, '__qualname__', name)!r} returned "
-                f"{type(data).__name__}, not an esper_gym.data.Dataset (see Dataset.from_tensors)"
-            )
-        return data
-    # Imported here: the loader modules import this one (Dataset, the shared helpers).
-    from esper_gym.data.cifar10 import load_cifar10
-    from esper_gym.data.fashion_mnist import load_fashion_mnist
-    from esper_gym.data.spirals import make_spirals
-
-    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
-    shift = {k: kwargs.pop(k) for k in SHIFT_KWARGS if k in kwargs}
-    if key == "spirals":
-        data = make_spirals(**kwargs)
-    elif key == "fashion_mnist":
-        data = load_fashion_mnist(data_dir, **kwargs)
-    elif key == "cifar10":
-        data = load_cifar10(data_dir, **kwargs)
-    else:
-        raise ValueError(
-            f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}, a Dataset or "
-            "a callable returning one"
-        )
-    return shift_dataset(data, **shift) if shift else data
 
 
 # dataset_kwargs every built-in dataset takes on top of its loader's own (see shift_dataset).
