@@ -1,0 +1,165 @@
+"""MkDocs hooks: tables generated from committed result files, and result figures in the site.
+
+A page asks for a generated table with an HTML comment on a line of its own:
+
+    <!-- table: tamiyo_paired -->
+
+which this hook replaces by the Markdown table `TABLES["tamiyo_paired"]()` builds from the
+committed files under results/ (and conf/ for the tuned baselines). On a git host the comment
+is invisible and the link next to it leads to the file. `tests/test_docs.py` imports this module
+to check that the README's copy of the headline table is the generated one.
+
+Links from docs/ to ../results/... (which resolve on a git host and in a clone) are rewritten to
+results/..., and the files they name are added to the site, so the built site shows them too.
+"""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+import re
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"^<!-- table: (\w+) -->$", re.MULTILINE)
+RESULT_LINK = re.compile(r"\]\(\.\./((?:results|conf)/[^)#\s]+)")
+
+
+def _rows(path: str) -> list[dict[str, str]]:
+    with open(ROOT / path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ci(mid: float, lo: float, hi: float, digits: int = 2, sign: bool = True) -> str:
+    f = (lambda v: f"{v:+.{digits}f}") if sign else (lambda v: f"{v:.{digits}f}")
+    return f"{f(mid)} [{f(lo)}, {f(hi)}]"
+
+
+def headroom() -> str:
+    """Static host, ceiling and heuristic per test context (results/contexts/headroom_*.csv)."""
+    rows = []
+    for task in ("spirals", "fashion_mnist"):
+        for r in _rows(f"results/contexts/headroom_{task}.csv"):
+            rows.append(
+                [
+                    r["task"],
+                    f"{r['context_index']}: {r['context']}",
+                    f"{float(r['static_test_acc']):.2f}",
+                    f"{float(r['ceiling_test_acc']):.2f}",
+                    f"{float(r['heuristic_test_acc']):.2f}",
+                    f"{float(r['headroom']):+.2f}",
+                    f"{float(r['heuristic_gain']):+.2f}",
+                ]
+            )
+    header = ["task", "context", "static", "ceiling", "heuristic", "headroom", "heuristic gain"]
+    return _table(header, rows)
+
+
+def tamiyo_paired() -> str:
+    """Paired return difference of the three Tamiyo runs against the baselines, on the same 12
+    test seeds (results/tamiyo/test_contexts/paired.csv)."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in _rows("results/tamiyo/test_contexts/paired.csv"):
+        if r["metric"] == "return":
+            cell = _ci(float(r["diff"]), float(r["lo"]), float(r["hi"]))
+            cells.setdefault((r["task"], r["other"]), {})[r["agent"]] = cell
+    agents = ["tamiyo0", "tamiyo1", "tamiyo2"]
+    rows = [[task, other, *(c[a] for a in agents)] for (task, other), c in cells.items()]
+    return _table(["task", "against", *agents], rows)
+
+
+def tamiyo_unpaired() -> str:
+    """IQM [95% CI] of return and test accuracy per agent on the 12 test seeds
+    (results/tamiyo/test_contexts/summary.csv)."""
+    summary = [r for r in _rows("results/tamiyo/test_contexts/summary.csv")]
+    tasks = ["spirals", "fashion_mnist"]
+    by = {(r["task"], r["agent"]): r for r in summary}
+    agents = [r["agent"] for r in summary if r["task"] == tasks[0]]
+    rows = []
+    for agent in agents:
+        row = [agent + (" †" if by[(tasks[0], agent)]["privileged"] == "True" else "")]
+        for task in tasks:
+            r = by[(task, agent)]
+            row.append(_ci(float(r["return_iqm"]), float(r["return_lo"]), float(r["return_hi"]), sign=False))
+            acc = [100 * float(r[f"test_acc_{k}"]) for k in ("iqm", "lo", "hi")]
+            row.append(_ci(*acc, digits=1, sign=False))
+        rows.append(row)
+    header = ["agent"] + [f"{t} {m}" for t in tasks for m in ("return", "test acc. %")]
+    return _table(header, rows)
+
+
+def _value_of_reacting(path: str) -> str:
+    rows = []
+    for r in _rows(path):
+        if r["agent"] == "oracle" and r["value_of_reacting"]:
+            v = [float(r[k]) for k in ("value_of_reacting", "value_of_reacting_lo", "value_of_reacting_hi")]
+            rows.append([r["task"], _ci(*v, digits=3 if abs(v[0]) < 0.05 else 2), r["value_of_reacting_n"].split(".")[0]])
+    return _table(["task", "value of reacting (oracle − schedule), mean [95% CI]", "seeds"], rows)
+
+
+def reacting_baselines() -> str:
+    """Value of reacting on the baselines run (results/baselines_test/summary.csv)."""
+    return _value_of_reacting("results/baselines_test/summary.csv")
+
+
+def reacting_tamiyo() -> str:
+    """Value of reacting on the Tamiyo evaluation's 12 seeds (results/tamiyo/test_contexts)."""
+    return _value_of_reacting("results/tamiyo/test_contexts/summary.csv")
+
+
+def tuned_baselines() -> str:
+    """The tuned plans and rule parameters, with their mean train return and NoOp's on the same
+    train episodes (conf/schedule_plans.yaml, conf/rule_params.yaml)."""
+    plans = yaml.safe_load((ROOT / "conf/schedule_plans.yaml").read_text())
+    rules = yaml.safe_load((ROOT / "conf/rule_params.yaml").read_text())
+    rows = []
+    for task, entry in plans.items():
+        plan = ", ".join(f"{g['blueprint']} at {g['at']} ({g['layer']})" for g in entry["plan"])
+        rows.append([task, "schedule", plan, f"{entry['size']} plans x {len(entry['seeds'])} seeds",
+                     f"{entry['mean_return']:.2f}", f"{entry['noop_mean_return']:.2f}"])
+    for task, by_rule in rules.items():
+        for rule, entry in by_rule.items():
+            params = ", ".join(f"{k} {v}" for k, v in entry["params"].items())
+            searched = f"{entry['size']} settings x {len(entry['seeds'])} seeds" if entry.get("tuned") else "not tuned"
+            rows.append([task, rule, params, searched, f"{entry['mean_return']:.2f}", f"{entry['noop_mean_return']:.2f}"])
+    header = ["task", "agent", "plan or parameters", "searched", "mean train return", "NoOp, same episodes"]
+    return _table(header, rows)
+
+
+TABLES = {
+    "headroom": headroom,
+    "tamiyo_paired": tamiyo_paired,
+    "tamiyo_unpaired": tamiyo_unpaired,
+    "reacting_baselines": reacting_baselines,
+    "reacting_tamiyo": reacting_tamiyo,
+    "tuned_baselines": tuned_baselines,
+}
+
+
+def expand(markdown: str) -> str:
+    """The page's table markers replaced by the generated tables."""
+    return MARKER.sub(lambda m: TABLES[m.group(1)](), markdown)
+
+
+def on_page_markdown(markdown, page, config, files):
+    return RESULT_LINK.sub(r"](\1", expand(markdown))
+
+
+def on_files(files, config):
+    from mkdocs.structure.files import File
+
+    docs = pathlib.Path(config["docs_dir"])
+    wanted = set()
+    for page in docs.rglob("*.md"):
+        wanted.update(RESULT_LINK.findall(page.read_text()))
+    for path in sorted(wanted):
+        if (ROOT / path).is_file() and files.get_file_from_path(path) is None:
+            files.append(File(path, str(ROOT), config["site_dir"], config["use_directory_urls"]))
+    return files
