@@ -44,12 +44,12 @@ from esper_gym.observation import (
     observation_space,
 )
 from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome
+from esper_gym.seeds import SeedLog, SeedRecord, finite_or
 from esper_gym.tasks import Task, get_task
 from esper_gym.trainer import HostTrainer
 
 TELEMETRY = ("off", "measured")
 # How a tracked seed's life ended, by the state its event moved it to.
-FATE = {"FOSSILIZED": "fossilized", "CULLED": "culled"}
 
 
 def default_kernel_dir() -> pathlib.Path:
@@ -237,14 +237,13 @@ class MorphogeneticEnv(gym.Env):
         self._datasets: dict[tuple, Dataset] = {}  # contexts: one load per (dataset, kwargs)
         self._edges: dict[tuple, list[tuple[int, int]]] = {}  # traced once per host config
         self._context_features: list[float] = []
-        self.seed_log: list[dict] = []
+        self.seeds = SeedLog()
         self._store: KernelStore | None = None
         self._cache: KernelCache | None = None
         self.model: torch.nn.Module | None = None
         self.trainer: HostTrainer | None = None
         self.terminated = False
         self._mask = np.zeros(self.layout.size, np.int8)
-        self._seeds: dict[tuple[int, int], dict] = {}  # seeds the agent germinated, tracked
         self._cache_base = (0, 0, 0)
         self._layer_faults: dict[str, int] = {}
         self.outcomes_recorded = 0
@@ -349,7 +348,7 @@ class MorphogeneticEnv(gym.Env):
                 f"(now {self.task.max_nodes})"
             )
         self.graph_edges = self._graph_edges(data)
-        self.seed_log = []
+        self.seeds = SeedLog()
         order = torch.Generator().manual_seed(torch_seed + 1)
         self.trainer = HostTrainer(self.model, data, self.task, order)
         self.host_params = sum(p.numel() for p in self.model.parameters())
@@ -366,8 +365,6 @@ class MorphogeneticEnv(gym.Env):
         self.best_acc, self.plateau, self.acc_delta = self.val_acc, 0, 0.0
         self.faults_total, self.steps = 0, 0
         self.terminated = False
-        self._seeds = {}
-        self._layer_index = {layer.name: i for i, layer in enumerate(self.layers)}
         self._layer_faults = {layer.name: 0 for layer in self.layers}
         self.outcomes_recorded = 0
         self._update_mask()
@@ -473,7 +470,6 @@ class MorphogeneticEnv(gym.Env):
             self.val_loss = float("nan")
         else:
             self.val_acc, self.val_loss = evaluated
-        self._update_seed_log(events)
         self.train_loss, self.train_acc = stats.mean_loss, stats.train_acc
         self.acc_delta = self.val_acc - before
         if self.val_acc > self.best_acc:
@@ -496,13 +492,18 @@ class MorphogeneticEnv(gym.Env):
         reward, components = self.reward_fn(outcome)
         terminated = stats.diverged or self.trainer.steps_done >= self.budget
         self.terminated = terminated
-        self._track_outcomes(events, terminated)
+        settled = self.seeds.follow(
+            events, lambda n, k: self.layers[n].slots[k], self.trainer.steps_done
+        )
+        self._record_outcomes(
+            settled + (self.seeds.end(self.trainer.steps_done) if terminated else [])
+        )
         self._update_mask()
         info = self._info(events, faults, invalid, decision, components, stats)
         if terminated and not stats.diverged:
             info["test_acc"], _ = self.trainer.evaluate(self.data.x_test, self.data.y_test)
         if terminated:
-            info["seeds"] = [{**r, "outcome": r["outcome"] or r["state"]} for r in self.seed_log]
+            info["seeds"] = self.seeds.info()
         return self._observation(), float(reward), bool(terminated), False, info
 
     def _apply(self, action: Action) -> list:
@@ -543,26 +544,18 @@ class MorphogeneticEnv(gym.Env):
                     )
                 ]
             layer.germinate(action.slot, kernel, name, meta.sha256)
-            self._seeds[(action.layer, action.slot)] = {
-                "blueprint": blueprint.to_dict(),
-                "features": features,
-                "params": layer.slots[action.slot].params,
-                "start": self.trainer.steps_done,
-                "contribution": 0.0,
-            }
-            self.seed_log.append(
-                {
-                    "step": self.steps,
-                    "progress": self.trainer.steps_done / self.budget,
-                    "layer": action.layer,
-                    "layer_name": layer.name,
-                    "slot": action.slot,
-                    "blueprint": name,
-                    "params": layer.slots[action.slot].params,
-                    "contribution": 0.0,
-                    "state": SeedState.GERMINATED.name,
-                    "outcome": None,
-                }
+            self.seeds.add(
+                SeedRecord(
+                    step=self.steps,
+                    progress=self.trainer.steps_done / self.budget,
+                    layer=action.layer,
+                    layer_name=layer.name,
+                    slot=action.slot,
+                    blueprint=blueprint.to_dict(),
+                    params=layer.slots[action.slot].params,
+                    start=self.trainer.steps_done,
+                    features=features,
+                )
             )
         return []
 
@@ -583,37 +576,20 @@ class MorphogeneticEnv(gym.Env):
             "val_acc": self.val_acc,
         }
 
-    def _track_outcomes(self, events: list[dict], terminated: bool) -> None:
-        """Record the outcome of every tracked seed that was fossilized or culled this step
-        (or is still live at the end), then note the live ones' latest contributions."""
-        ended = []
-        for event in events:
-            key = (self._layer_index.get(event["layer"], -1), event["slot"])
-            if event["to"] in FATE and key in self._seeds:
-                seed = self._seeds.pop(key)
-                slot = self.layers[key[0]].slots[key[1]]
-                # A fossil was measured after this step; a culled seed's measure died with it.
-                if event["to"] == "FOSSILIZED":
-                    seed["contribution"] = slot.contribution
-                ended.append((key, seed, FATE[event["to"]]))
-        for key, seed in self._seeds.items():
-            seed["contribution"] = self.layers[key[0]].slots[key[1]].contribution
-        if terminated:
-            ended += [(key, seed, "live") for key, seed in self._seeds.items()]
-            self._seeds = {}
-        for (n, _), seed, fate in ended:
-            contribution = seed["contribution"]
+    def _record_outcomes(self, settled: list[SeedRecord]) -> None:
+        """Each settled seed's outcome, to the store and the generator (not from a fork)."""
+        for r in settled:
             outcome = SeedOutcome(
                 task=self.task.name,
-                kind=seed["blueprint"]["name"],
-                blueprint=seed["blueprint"],
-                shape=tuple(self.layers[n].out_shape),
-                features={k: float(_finite_or(v, 0.0)) for k, v in seed["features"].items()},
-                contribution=min(max(_finite_or(contribution, 0.0), -1.0), 1.0),
-                params=int(seed["params"]),
+                kind=r.blueprint["name"],
+                blueprint=r.blueprint,
+                shape=tuple(self.layers[r.layer].out_shape),
+                features={k: float(finite_or(v, 0.0)) for k, v in r.features.items()},
+                contribution=min(max(finite_or(r.fate_contribution, 0.0), -1.0), 1.0),
+                params=int(r.params),
                 host_params=int(self.host_params),
-                fate=fate,
-                age=self.trainer.steps_done - seed["start"],
+                fate=r.fate,
+                age=r.age,
             )
             self.outcomes_recorded += 1
             if self._is_fork:  # a hypothetical rollout: not evidence for the store or Karn
@@ -655,21 +631,6 @@ class MorphogeneticEnv(gym.Env):
         total = sum(layer._latency_s * 1e3 for layer in self.layers)
         host = total - seeds
         return seeds / host if host > 0 else 0.0
-
-    def _update_seed_log(self, events: list[dict]) -> None:
-        """Follow each germinated seed to its end: a cull closes its record (keeping the last
-        contribution measured before it), otherwise it tracks its slot's state and contribution."""
-        culled = {(e["layer"], e["slot"]) for e in events if e["to"] == SeedState.CULLED.name}
-        for record in self.seed_log:
-            if record["outcome"] is not None:
-                continue
-            key = (record["layer_name"], record["slot"])
-            if key in culled:
-                record["outcome"] = SeedState.CULLED.name
-                continue
-            slot = self.layers[record["layer"]].slots[record["slot"]]
-            record["state"] = slot.state.name
-            record["contribution"] = float(slot.contribution)
 
     # -------------------------------------------------------------- observation
     def _added_params(self) -> int:
@@ -720,8 +681,8 @@ class MorphogeneticEnv(gym.Env):
             {
                 "progress": self.trainer.steps_done / self.budget,
                 "val_acc": self.val_acc,
-                "log_val_loss": math.log1p(_finite_or(self.val_loss, 1e3)),
-                "log_train_loss": math.log1p(_finite_or(self.train_loss, 1e3)),
+                "log_val_loss": math.log1p(finite_or(self.val_loss, 1e3)),
+                "log_train_loss": math.log1p(finite_or(self.train_loss, 1e3)),
                 "acc_delta": self.acc_delta * 10.0,
                 "best_acc": self.best_acc,
                 "plateau": self.plateau / 10.0,
@@ -845,7 +806,3 @@ def _grow_option(options, blueprints: tuple[str, ...]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"grow={unknown}: not in this task's blueprints {list(blueprints)}")
     return tuple(names)
-
-
-def _finite_or(value: float, fallback: float) -> float:
-    return value if math.isfinite(value) else fallback
