@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from esper_gym.kasmina import ADVANCE_TO, CULLABLE, SeedState
+
 WAIT, GERMINATE, ADVANCE, CULL = "wait", "germinate", "advance", "cull"
 
 
@@ -79,3 +83,19 @@ class ActionLayout:
         raise ValueError(
             f"unknown action kind {action.kind!r}; allowed: wait, germinate, advance, cull"
         )
+
+
+def action_mask(layout: ActionLayout, layers, offered) -> np.ndarray:
+    """Which actions are valid now (int8, 1 = valid), from each slot's lifecycle state: WAIT
+    always; GERMINATE in a DORMANT slot for the blueprints `offered(layer)` says fit it;
+    ADVANCE and CULL where the lifecycle table allows them."""
+    mask = np.zeros(layout.size, np.int8)
+    mask[0] = 1
+    for n, layer in enumerate(layers):
+        for s, slot in enumerate(layer.slots):
+            base = layout.encode(Action(GERMINATE, n, s, 0))
+            if slot.state == SeedState.DORMANT:
+                mask[base : base + layout.blueprints] = offered(layer)
+            mask[base + layout.blueprints] = slot.state in ADVANCE_TO
+            mask[base + layout.blueprints + 1] = slot.state in CULLABLE
+    return mask

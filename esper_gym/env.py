@@ -14,16 +14,13 @@ import torch
 from gymnasium import spaces
 
 from esper_gym import contexts as ctx
-from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT, Action, ActionLayout
+from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT, Action, ActionLayout, action_mask
 from esper_gym.data import Dataset
 from esper_gym.hosts import build_host, data_flow_edges, host_macs, kernel_macs
 from esper_gym.kasmina import (
-    ADVANCE_TO,
-    CULLABLE,
     PRESENT,
     RUNNING,
     FaultRecord,
-    SeedState,
     kasmina_layers,
 )
 from esper_gym.kernels import (
@@ -43,6 +40,7 @@ from esper_gym.observation import (
     node_features,
     observation_space,
 )
+from esper_gym.options import context_option, grow_option
 from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome
 from esper_gym.seeds import SeedLog, SeedRecord, finite_or
 from esper_gym.tasks import Task, get_task
@@ -316,8 +314,8 @@ class MorphogeneticEnv(gym.Env):
 
     # --------------------------------------------------------------------- reset
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        grow = _grow_option(options, self.task.blueprints)  # before any work: a typo fails fast
-        pick = _context_option(options, self.context_space, self.contexts)
+        grow = grow_option(options, self.task.blueprints)  # before any work: a typo fails fast
+        pick = context_option(options, self.context_space, self.contexts)
         super().reset(seed=seed)
         if self.context_space is not None:
             # Drawn first, so that the host init and data order below come from the same
@@ -642,17 +640,7 @@ class MorphogeneticEnv(gym.Env):
         )
 
     def _update_mask(self) -> None:
-        mask = np.zeros(self.layout.size, np.int8)
-        mask[0] = 1
-        n_bp = len(self.task.blueprints)
-        for n, layer in enumerate(self.layers):
-            for s, slot in enumerate(layer.slots):
-                base = self.layout.encode(Action(GERMINATE, n, s, 0))
-                if slot.state == SeedState.DORMANT:
-                    mask[base : base + n_bp] = self._offered(layer)
-                mask[base + n_bp] = slot.state in ADVANCE_TO
-                mask[base + n_bp + 1] = slot.state in CULLABLE
-        self._mask = mask
+        self._mask = action_mask(self.layout, self.layers, self._offered)
 
     def _offered(self, layer: Any) -> list[bool]:
         """`generator.fits` of each blueprint of the library for a DORMANT slot of `layer`.
@@ -765,44 +753,3 @@ class MorphogeneticEnv(gym.Env):
             )
             lines.append(f"  {layer.name:>6} {tuple(layer.out_shape)!s:>14}  {slots}")
         return "\n".join(lines)
-
-
-RESET_OPTIONS = ("grow", "context")
-
-
-def _context_option(options, space, split) -> int | None:
-    """The context index of `reset(options={"context": i})`, None without it."""
-    if not isinstance(options, dict) or options.get("context") is None:
-        return None
-    index = options["context"]
-    if space is None:
-        raise ValueError("reset option context needs an env made with contexts='train'/'test'")
-    n = len(space.contexts(split))
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
-        raise ValueError(f"reset option context={index!r} must be an int in [0, {n - 1}]")
-    return int(index)
-
-
-def _grow_option(options, blueprints: tuple[str, ...]) -> tuple[str, ...]:
-    """The blueprint names of `reset(options={"grow": ...})` (a name or a list of names), ()
-    without it; anything else is refused with the value and what is allowed."""
-    if options is None:
-        return ()
-    if not isinstance(options, dict):
-        raise TypeError(f"reset options={options!r} must be a dict or None")
-    unknown = sorted(set(options) - set(RESET_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown reset option(s) {unknown}; allowed: {list(RESET_OPTIONS)}")
-    grow = options.get("grow")
-    if grow is None:
-        return ()
-    names = (grow,) if isinstance(grow, str) else grow
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise TypeError(
-            f"reset option grow={grow!r} must be a blueprint name or a list of names, "
-            f"from {list(blueprints)}"
-        )
-    unknown = [n for n in names if n not in blueprints]
-    if unknown:
-        raise ValueError(f"grow={unknown}: not in this task's blueprints {list(blueprints)}")
-    return tuple(names)
