@@ -23,6 +23,7 @@ from esper_gym.kasmina import (
     FaultRecord,
     kasmina_layers,
 )
+from esper_gym.kasmina.telemetry import latency_ratio, seed_latency_ms
 from esper_gym.kernels import (
     BlueprintGenerator,
     KernelCache,
@@ -32,17 +33,16 @@ from esper_gym.kernels import (
     load_or_compile,
 )
 from esper_gym.observation import (
-    MEASURED_GLOBAL_FEATURES,
-    MEASURED_NODE_FEATURES,
     GraphSpec,
     build_observation,
     global_row,
+    measured_features,
     node_features,
     observation_space,
 )
 from esper_gym.options import context_option, grow_option
 from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome
-from esper_gym.seeds import SeedLog, SeedRecord, finite_or
+from esper_gym.seeds import SeedLog, SeedRecord, finite_or, node_context
 from esper_gym.tasks import Task, get_task
 from esper_gym.trainer import HostTrainer
 
@@ -245,7 +245,7 @@ class MorphogeneticEnv(gym.Env):
         self._cache_base = (0, 0, 0)
         self._layer_faults: dict[str, int] = {}
         self.outcomes_recorded = 0
-        self._is_fork = False  # set on copies made by fork()
+        self.is_fork = False  # set on copies made by fork()
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -287,6 +287,12 @@ class MorphogeneticEnv(gym.Env):
         state["_store"] = state["_cache"] = None
         return state
 
+    def share_with(self, other: MorphogeneticEnv, store=None) -> None:
+        """Use `other`'s loaded datasets, traced graph edges and kernel cache (and `store`, or
+        its store): the copies of a batched simulator load and compile each thing once."""
+        self._store, self._cache = store or other.store, other.cache
+        self._datasets, self._edges = other._datasets, other._edges
+
     def fork(self) -> MorphogeneticEnv:
         """An independent copy of the running episode, for lookahead ("try before you commit").
 
@@ -309,7 +315,7 @@ class MorphogeneticEnv(gym.Env):
         # backward.) HostTrainer keys its seed param groups by kernel object, not id(), so the
         # copy's keys follow its own kernels.
         twin = copy.deepcopy(self, memo)
-        twin._is_fork = True
+        twin.is_fork = True
         return twin
 
     # --------------------------------------------------------------------- reset
@@ -357,7 +363,7 @@ class MorphogeneticEnv(gym.Env):
         self._cache_base = (0, 0, 0) if self._cache is None else self._cache_counts()
         if grow:
             self._grow_all(grow)
-        self._observe_untrained()
+        self.trainer.record_untrained()
         self.val_acc, self.val_loss = self.trainer.evaluate()
         self.train_loss, self.train_acc = self.val_loss, self.val_acc
         self.best_acc, self.plateau, self.acc_delta = self.val_acc, 0, 0.0
@@ -393,33 +399,18 @@ class MorphogeneticEnv(gym.Env):
                 )
                 layer.graft(slot.index, kernel, name, meta.sha256)
 
-    def _observe_untrained(self) -> None:
-        """Telemetry of the initial obs: one recorded forward/backward, no optimizer step."""
-        x, y = (
-            self.trainer.x_val[: self.task.batch_size],
-            self.trainer.y_val[: self.task.batch_size],
-        )
-        for layer in self.layers:
-            layer.record = True
-        loss = torch.nn.functional.cross_entropy(self.model(x), y)
-        loss.backward()
-        for layer in self.layers:
-            layer.capture_grad()
-            layer.record = False
-        self.model.zero_grad(set_to_none=True)
-
     # ---------------------------------------------------------------------- step
     def step(self, action):
-        decision, invalid, setup_faults = self._begin_step(action)
+        decision, invalid, setup_faults = self.begin_step(action)
         stats = self.trainer.run_interval()
-        events, faults = self._drain(setup_faults)
-        evaluated = None if stats.diverged else self._evaluate()
-        return self._end_step(decision, invalid, stats, events, faults, evaluated)
+        events, faults = self.drain_events(setup_faults)
+        evaluated = None if stats.diverged else self.evaluate_interval()
+        return self.end_step(decision, invalid, stats, events, faults, evaluated)
 
-    def _begin_step(self, action) -> tuple[Action, bool, list]:
+    def begin_step(self, action) -> tuple[Action, bool, list]:
         """Check and apply `action`: (the decision executed, whether the action was masked,
-        faults of building its kernel). `step` is `_begin_step`, the trainer's interval, then
-        `_end_step`; esper_gym.vector runs the middle for many copies at once."""
+        faults of building its kernel). `step` is `begin_step`, the trainer's interval, then
+        `end_step`; esper_gym.vector runs the middle for many copies at once."""
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
         if self.terminated:
@@ -437,7 +428,7 @@ class MorphogeneticEnv(gym.Env):
         decision = Action(WAIT) if invalid else self.layout.decode(index)
         return decision, invalid, self._apply(decision)
 
-    def _drain(self, setup_faults: list) -> tuple[list[dict], list]:
+    def drain_events(self, setup_faults: list) -> tuple[list[dict], list]:
         """The interval's events and faults (with those of building the step's kernel), counted."""
         self.steps += 1
         events, faults = [], list(setup_faults)
@@ -451,17 +442,17 @@ class MorphogeneticEnv(gym.Env):
                 self._layer_faults[fault.layer] += 1
         return events, faults
 
-    def _evaluate(self) -> tuple[float, float]:
+    def evaluate_interval(self) -> tuple[float, float]:
         """(val_acc, val_loss) after the interval; measures each live seed's contribution.
         Its kernel faults belong to the next step's info, as they are drained then."""
         val_acc, val_loss = self.trainer.evaluate()
         self.trainer.measure_contributions(val_acc)
         return val_acc, val_loss
 
-    def _end_step(self, decision, invalid, stats, events, faults, evaluated):
+    def end_step(self, decision, invalid, stats, events, faults, evaluated):
         """The rest of `step`: reward, outcomes, observation and info. `evaluated` is what
-        `_evaluate` returned, None when the host diverged. (`step` is `_begin_step`, the
-        interval, `_drain`, `_evaluate`, `_end_step`: esper_gym.vector runs the interval and
+        `evaluate_interval` returned, None when the host diverged. (`step` is `begin_step`, the
+        interval, `drain_events`, `evaluate_interval`, `end_step`: esper_gym.vector runs the interval and
         the evaluation of many copies at once.)"""
         before = self.val_acc
         if evaluated is None:
@@ -485,7 +476,7 @@ class MorphogeneticEnv(gym.Env):
             intervened=decision.kind != WAIT,
             diverged=stats.diverged,
             episode_steps=self.episode_steps,
-            latency_ratio=self._latency_ratio(),
+            latency_ratio=latency_ratio(self.layers),
         )
         reward, components = self.reward_fn(outcome)
         terminated = stats.diverged or self.trainer.steps_done >= self.budget
@@ -515,7 +506,7 @@ class MorphogeneticEnv(gym.Env):
             layer.cull(action.slot, reason="agent")
         elif action.kind == GERMINATE:
             name = self.task.blueprints[action.blueprint]
-            features = self._node_context(layer)
+            features = node_context(layer, self.trainer.steps_done / self.budget, self.val_acc)
             try:
                 context = ProposalContext(
                     features=features,
@@ -558,22 +549,6 @@ class MorphogeneticEnv(gym.Env):
         return []
 
     # ------------------------------------------------------- seed history, telemetry
-    def _node_context(self, layer) -> dict[str, float]:
-        """The node's health now, plus where the episode is: what a generator is given and
-        what an outcome records as the seed's features at germination."""
-        sig = layer.health()
-        return {
-            "act_mean": sig.act_mean,
-            "act_var": sig.act_var,
-            "dead_ratio": sig.dead_ratio,
-            "grad_norm": sig.grad_norm,
-            "weight_norm": sig.weight_norm,
-            "fan_in": float(sig.fan_in),
-            "fan_out": float(sig.fan_out),
-            "progress": self.trainer.steps_done / self.budget,
-            "val_acc": self.val_acc,
-        }
-
     def _record_outcomes(self, settled: list[SeedRecord]) -> None:
         """Each settled seed's outcome, to the store and the generator (not from a fork)."""
         for r in settled:
@@ -590,7 +565,7 @@ class MorphogeneticEnv(gym.Env):
                 age=r.age,
             )
             self.outcomes_recorded += 1
-            if self._is_fork:  # a hypothetical rollout: not evidence for the store or Karn
+            if self.is_fork:  # a hypothetical rollout: not evidence for the store or Karn
                 continue
             self.store.record_outcome(outcome)
             observe = getattr(self.generator, "observe", None)
@@ -611,24 +586,8 @@ class MorphogeneticEnv(gym.Env):
             "cache_hit_rate": hits / (hits + misses) if hits + misses else math.nan,
             "kernel_loads": misses,
             "kernel_compiles": compiles,
-            "seed_latency_ms": {
-                f"{layer.name}.{slot.index}": slot.latency_ms
-                for layer in self.layers
-                for slot in layer.slots
-                if slot.state in RUNNING
-            },
+            "seed_latency_ms": seed_latency_ms(self.layers),
         }
-
-    def _latency_ratio(self) -> float:
-        """Running seeds' kernel time / the host layers' own time, on the recorded batch."""
-        seeds = sum(
-            s.latency_ms for layer in self.layers for s in layer.slots if s.state in RUNNING
-        )
-        if seeds == 0.0:
-            return 0.0
-        total = sum(layer._latency_s * 1e3 for layer in self.layers)
-        host = total - seeds
-        return seeds / host if host > 0 else 0.0
 
     # -------------------------------------------------------------- observation
     def _added_params(self) -> int:
@@ -681,32 +640,16 @@ class MorphogeneticEnv(gym.Env):
             }
         )
         if self.telemetry == "measured":
-            nodes, globals_ = self._measured_features(signals, nodes, globals_)
+            extra, measured = measured_features(
+                signals, self.layers, self._layer_faults, self.steps, self.telemetry_stats()
+            )
+            nodes, globals_ = np.concatenate([nodes, extra], axis=1), [*globals_, *measured]
         if self.show_context:
             globals_ += self._context_features
         numels = [math.prod(self.layers[src].out_shape) for src, _ in self.graph_edges]
         return build_observation(
             self.spec_graph, nodes, self.graph_edges, numels, globals_, self._mask
         )
-
-    def _measured_features(self, signals, nodes: np.ndarray, globals_: list[float]):
-        extra = np.zeros((len(signals), len(MEASURED_NODE_FEATURES)), np.float32)
-        for i, (sig, layer) in enumerate(zip(signals, self.layers)):
-            seeds = sum(s.latency_ms for s in layer.slots if s.state in RUNNING)
-            extra[i] = (
-                math.log1p(max(sig.latency_ms, 0.0)),
-                math.log1p(seeds),
-                self._layer_faults.get(layer.name, 0) / max(self.steps, 1),
-            )
-        t = self.telemetry_stats()
-        rate = t["cache_hit_rate"]
-        measured = {
-            "cache_hit_rate": 0.0 if math.isnan(rate) else rate,
-            "log_kernel_loads": math.log1p(t["kernel_loads"]),
-            "log_kernel_compiles": math.log1p(t["kernel_compiles"]),
-        }
-        globals_ = [*globals_, *global_row(measured, MEASURED_GLOBAL_FEATURES)]
-        return np.concatenate([nodes, extra], axis=1), globals_
 
     def _info(self, events, faults, invalid, action, components=None, stats=None) -> dict:
         return {

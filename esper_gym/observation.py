@@ -332,3 +332,32 @@ def to_pyg(obs: Mapping[str, np.ndarray | torch.Tensor], device: str | torch.dev
         )
         graphs.append(data)
     return Batch.from_data_list(graphs).to(device)
+
+
+def measured_features(
+    signals: Sequence[HealthSignal],
+    layers,
+    layer_faults: Mapping[str, int],
+    steps: int,
+    telemetry: Mapping[str, float],
+) -> tuple[np.ndarray, list[float]]:
+    """`telemetry="measured"`'s extra node columns (MEASURED_NODE_FEATURES) and globals
+    (MEASURED_GLOBAL_FEATURES) from the layers' health, fault counts and the episode's kernel
+    telemetry (`MorphogeneticEnv.telemetry_stats`)."""
+    from esper_gym.kasmina.lifecycle import RUNNING
+
+    extra = np.zeros((len(signals), len(MEASURED_NODE_FEATURES)), np.float32)
+    for i, (sig, layer) in enumerate(zip(signals, layers)):
+        seeds = sum(s.latency_ms for s in layer.slots if s.state in RUNNING)
+        extra[i] = (
+            math.log1p(max(sig.latency_ms, 0.0)),
+            math.log1p(seeds),
+            layer_faults.get(layer.name, 0) / max(steps, 1),
+        )
+    rate = telemetry["cache_hit_rate"]
+    measured = {
+        "cache_hit_rate": 0.0 if math.isnan(rate) else rate,
+        "log_kernel_loads": math.log1p(telemetry["kernel_loads"]),
+        "log_kernel_compiles": math.log1p(telemetry["kernel_compiles"]),
+    }
+    return extra, global_row(measured, MEASURED_GLOBAL_FEATURES)

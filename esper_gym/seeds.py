@@ -107,5 +107,22 @@ class SeedLog:
         r.fate, r.fate_contribution, r.age = fate, contribution, steps_done - r.start
 
 
+def node_context(layer, progress: float, val_acc: float) -> dict[str, float]:
+    """The node's health now, plus where the episode is: what a generator is given and what a
+    seed's record keeps as its features at germination."""
+    sig = layer.health()
+    return {
+        "act_mean": sig.act_mean,
+        "act_var": sig.act_var,
+        "dead_ratio": sig.dead_ratio,
+        "grad_norm": sig.grad_norm,
+        "weight_norm": sig.weight_norm,
+        "fan_in": float(sig.fan_in),
+        "fan_out": float(sig.fan_out),
+        "progress": progress,
+        "val_acc": val_acc,
+    }
+
+
 def finite_or(value: float, fallback: float) -> float:
     return value if math.isfinite(value) else fallback

@@ -339,6 +339,18 @@ class HostTrainer:
                 layer.diagnose = False
         return [(layer, s) for layer, s in coupled if _made_nonfinite(s.grad_ok)] or coupled
 
+    def record_untrained(self) -> None:
+        """Telemetry of an episode's first observation: one recorded forward and backward on
+        a validation batch, no optimizer step."""
+        n = self.task.batch_size
+        for layer in self.layers:
+            layer.record = True
+        F.cross_entropy(self.model(self.x_val[:n]), self.y_val[:n]).backward()
+        for layer in self.layers:
+            layer.capture_grad()
+            layer.record = False
+        self.model.zero_grad(set_to_none=True)
+
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
         """(accuracy, mean loss) on the validation subset, or on (x, y)."""

@@ -212,6 +212,11 @@ class KasminaLayer(nn.Module):
         return self._running
 
     @property
+    def latency_s(self) -> float:
+        """The layer's forward time on the last recorded batch (host and running seeds)."""
+        return self._latency_s
+
+    @property
     def busy(self) -> bool:
         """Any slot not DORMANT (step_seeds has work to do)."""
         return self._busy

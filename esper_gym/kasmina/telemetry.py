@@ -143,3 +143,24 @@ def out_grad_norm(g: torch.Tensor, copies: bool = False) -> torch.Tensor:
         norms = torch.linalg.vector_norm(g.detach().float().flatten(1), dim=1)
         return norms * math.sqrt(g.shape[1])
     return torch.linalg.vector_norm(g.detach().float()) * math.sqrt(g.shape[0])
+
+
+def seed_latency_ms(layers) -> dict[str, float]:
+    """Each running seed's kernel time on the last recorded batch, by "layer.slot"."""
+    from esper_gym.kasmina.lifecycle import RUNNING
+
+    return {
+        f"{layer.name}.{slot.index}": slot.latency_ms
+        for layer in layers
+        for slot in layer.slots
+        if slot.state in RUNNING
+    }
+
+
+def latency_ratio(layers) -> float:
+    """Running seeds' kernel time / the host layers' own time, on the recorded batch."""
+    seeds = sum(seed_latency_ms(layers).values())
+    if seeds == 0.0:
+        return 0.0
+    host = sum(layer.latency_s * 1e3 for layer in layers) - seeds
+    return seeds / host if host > 0 else 0.0

@@ -106,8 +106,7 @@ class BatchedMorphogeneticEnv(VectorEnv):
         first = self.envs[0]
         self.store = _BufferedStore(first.store)
         for env in self.envs:
-            env._store, env._cache = self.store, first.cache
-            env._datasets, env._edges = first._datasets, first._edges
+            env.share_with(first, store=self.store)
         self.single_observation_space = first.observation_space
         self.single_action_space = first.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -158,9 +157,9 @@ class BatchedMorphogeneticEnv(VectorEnv):
         actions = np.asarray(actions)
         if not self.action_space.contains(actions.astype(self.action_space.dtype)):
             raise ValueError(f"actions {actions!r} are not in {self.action_space}")
-        begun = [env._begin_step(a) for env, a in zip(self.envs, actions)]
+        begun = [env.begin_step(a) for env, a in zip(self.envs, actions)]
         stats = self._train()
-        drained = [env._drain(setup) for env, (_, _, setup) in zip(self.envs, begun)]
+        drained = [env.drain_events(setup) for env, (_, _, setup) in zip(self.envs, begun)]
         evaluated = self._evaluate(stats)
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
@@ -169,7 +168,7 @@ class BatchedMorphogeneticEnv(VectorEnv):
         lent = self._lend_weight_norms()
         for i, env in enumerate(self.envs):
             decision, invalid, _ = begun[i]
-            obs, reward, term, trunc, info = env._end_step(
+            obs, reward, term, trunc, info = env.end_step(
                 decision, invalid, stats[i], *drained[i], evaluated[i]
             )
             for layer in lent[i]:
@@ -203,7 +202,7 @@ class BatchedMorphogeneticEnv(VectorEnv):
 
     def _lend_weight_norms(self) -> list[list[KasminaLayer]]:
         """Give every batched copy's layers their host weight norm (what `health` reads), one
-        norm call per batch, for the copy's `_end_step` only (the weights do not change in
+        norm call per batch, for the copy's `end_step` only (the weights do not change in
         it). Returns the layers lent one, per copy."""
         lent: list[list[KasminaLayer]] = [[] for _ in range(self.num_envs)]
         for members, batch in self._steps_plan:
@@ -217,14 +216,14 @@ class BatchedMorphogeneticEnv(VectorEnv):
         return lent
 
     def _evaluate(self, stats: list[IntervalStats]) -> list[tuple[float, float] | None]:
-        """MorphogeneticEnv._evaluate of every copy whose host did not diverge (None for
+        """MorphogeneticEnv.evaluate_interval of every copy whose host did not diverge (None for
         those): a batch's copies evaluate and measure contributions together."""
         evaluated: list[tuple[float, float] | None] = [None] * self.num_envs
         for members, batch in self._steps_plan:
             alive = [j for j, i in enumerate(members) if not stats[i].diverged]
             if batch is None:
                 for j in alive:
-                    evaluated[members[j]] = self.envs[members[j]]._evaluate()
+                    evaluated[members[j]] = self.envs[members[j]].evaluate_interval()
             elif alive:
                 for j, result in zip(alive, batch.evaluate(alive)):
                     evaluated[members[j]] = result
