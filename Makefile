@@ -23,6 +23,7 @@ lint: install
 	$(PY) -m ruff format --check .
 
 test: lint
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -q -d build/site
 	$(PY) -m pytest -q
 	.ci/check_wheel.sh $(PY)
 

@@ -87,7 +87,11 @@ def tamiyo_unpaired() -> str:
         row = [agent + (" †" if by[(tasks[0], agent)]["privileged"] == "True" else "")]
         for task in tasks:
             r = by[(task, agent)]
-            row.append(_ci(float(r["return_iqm"]), float(r["return_lo"]), float(r["return_hi"]), sign=False))
+            row.append(
+                _ci(
+                    float(r["return_iqm"]), float(r["return_lo"]), float(r["return_hi"]), sign=False
+                )
+            )
             acc = [100 * float(r[f"test_acc_{k}"]) for k in ("iqm", "lo", "hi")]
             row.append(_ci(*acc, digits=1, sign=False))
         rows.append(row)
@@ -99,8 +103,17 @@ def _value_of_reacting(path: str) -> str:
     rows = []
     for r in _rows(path):
         if r["agent"] == "oracle" and r["value_of_reacting"]:
-            v = [float(r[k]) for k in ("value_of_reacting", "value_of_reacting_lo", "value_of_reacting_hi")]
-            rows.append([r["task"], _ci(*v, digits=3 if abs(v[0]) < 0.05 else 2), r["value_of_reacting_n"].split(".")[0]])
+            v = [
+                float(r[k])
+                for k in ("value_of_reacting", "value_of_reacting_lo", "value_of_reacting_hi")
+            ]
+            rows.append(
+                [
+                    r["task"],
+                    _ci(*v, digits=3 if abs(v[0]) < 0.05 else 2),
+                    r["value_of_reacting_n"].split(".")[0],
+                ]
+            )
     return _table(["task", "value of reacting (oracle − schedule), mean [95% CI]", "seeds"], rows)
 
 
@@ -122,14 +135,42 @@ def tuned_baselines() -> str:
     rows = []
     for task, entry in plans.items():
         plan = ", ".join(f"{g['blueprint']} at {g['at']} ({g['layer']})" for g in entry["plan"])
-        rows.append([task, "schedule", plan, f"{entry['size']} plans x {len(entry['seeds'])} seeds",
-                     f"{entry['mean_return']:.2f}", f"{entry['noop_mean_return']:.2f}"])
+        rows.append(
+            [
+                task,
+                "schedule",
+                plan,
+                f"{entry['size']} plans x {len(entry['seeds'])} seeds",
+                f"{entry['mean_return']:.2f}",
+                f"{entry['noop_mean_return']:.2f}",
+            ]
+        )
     for task, by_rule in rules.items():
         for rule, entry in by_rule.items():
             params = ", ".join(f"{k} {v}" for k, v in entry["params"].items())
-            searched = f"{entry['size']} settings x {len(entry['seeds'])} seeds" if entry.get("tuned") else "not tuned"
-            rows.append([task, rule, params, searched, f"{entry['mean_return']:.2f}", f"{entry['noop_mean_return']:.2f}"])
-    header = ["task", "agent", "plan or parameters", "searched", "mean train return", "NoOp, same episodes"]
+            searched = (
+                f"{entry['size']} settings x {len(entry['seeds'])} seeds"
+                if entry.get("tuned")
+                else "not tuned"
+            )
+            rows.append(
+                [
+                    task,
+                    rule,
+                    params,
+                    searched,
+                    f"{entry['mean_return']:.2f}",
+                    f"{entry['noop_mean_return']:.2f}",
+                ]
+            )
+    header = [
+        "task",
+        "agent",
+        "plan or parameters",
+        "searched",
+        "mean train return",
+        "NoOp, same episodes",
+    ]
     return _table(header, rows)
 
 
