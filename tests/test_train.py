@@ -319,8 +319,9 @@ def test_cifar_experiment_runs_on_tiny_cifar(tmp_path):
 
 
 def readme_block(first_line: str) -> str:
-    """The README code block whose first line is `first_line` (the recipe a user copies)."""
-    text = (ROOT / "README.md").read_text()
+    """The code block of the documentation's recipe (docs/own-model.md, "Your own model and
+    data") whose first line is `first_line`: what a user copies."""
+    text = (ROOT / "docs" / "own-model.md").read_text()
     start = text.index(f"\n{first_line}\n") + 1
     return text[start : text.index("```", start)]
 
