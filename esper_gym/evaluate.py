@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esper_gym import config_dir, plots, stats, validate
+from esper_gym import config_dir, numerics, plots, stats, validate
 from esper_gym import oracle as oracle_lib
 from esper_gym.episode import play_episode
 from esper_gym.tasks import TASKS, Task, get_task
@@ -363,6 +363,7 @@ def make_player(job: Job, env):
 
 def run_job(job: Job) -> dict[str, Any]:
     """Play one job; returns {"row": CSV row, "events": [...]}. Runs in a pool worker."""
+    numerics.apply()  # a worker of a portable run: oneDNN off (its variables came with it)
     if job.threads is not None:
         import torch
 
@@ -405,6 +406,7 @@ def run_job(job: Job) -> dict[str, Any]:
         episode_return=metrics["return"],
         test_acc=metrics["test_acc"],
         threads=job.threads,
+        numerics=numerics.current(),  # this process's: the one that played the episode
     )
     return {"row": row, "events": [{**tag, **e} for e in events], "replay": replay}
 
@@ -1047,6 +1049,7 @@ def _schemas():
             ("first_seed", int, field(default=1_000_000)),
             ("n_jobs", int, field(default=2)),
             ("threads", Optional[int], field(default=1)),  # noqa: UP045
+            ("numerics", str, field(default="portable")),
             ("greedy", bool, field(default=False)),
             ("contexts", Optional[str], field(default=None)),  # noqa: UP045
             ("checkpoints", Dict[str, Optional[str]], field(default_factory=dict)),  # noqa: UP006, UP045
@@ -1153,6 +1156,9 @@ def main() -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
     def _main(cfg) -> float:
+        # Re-executes the command in that mode if it is not (before any episode: the variables
+        # must be set before torch loads MKL); workers inherit it.
+        numerics.ensure(cfg.numerics)
         result = run_from_config(cfg, HydraConfig.get().runtime.output_dir)
         # The objective a sweeper optimises: the first agent's IQM return over all its episodes.
         first = result.episodes[result.episodes["agent"] == result.episodes["agent"].iloc[0]]

@@ -7,12 +7,17 @@ python -m esper_gym.validate replays.json --device cuda          # GPU: within G
 
 `evaluate` writes `replays.json` beside `episodes.csv`: for every episode its env id, the env
 kwargs it was built with (Task fields, reward weights, context split), the context index, the
-seed, every action taken, the reported return and test accuracy, and the torch thread count
-(CPU reductions depend on it). An episode is a pure function of (env, seed, actions), so
-replaying the actions must give the reported numbers back: exactly
-on CPU (same floats, bit for bit), and within `GPU_TOLERANCE` on CUDA, where kernels are not
-bitwise deterministic. Any policy's result can be checked this way without its code or weights:
-what CompilerGym's `validate` gives a leaderboard.
+seed, every action taken, the reported return and test accuracy, the torch thread count and
+`numerics` (what CPU floats depend on: `esper_gym.numerics.current()`). An episode is a pure
+function of (env, seed, actions, numerics), so replaying the actions must give the reported
+numbers back: exactly on CPU (same floats, bit for bit), and within `GPU_TOLERANCE` on CUDA,
+where kernels are not bitwise deterministic. Any policy's result can be checked this way without
+its code or weights: what CompilerGym's `validate` gives a leaderboard. An episode recorded in
+the portable mode is replayed in it (`--numerics auto` re-executes the command) and must
+reproduce on any x86-64 CPU with the same torch; a native one, on the same CPU model. One
+recorded with other numerics (or in format 1, which did not say) that does not reproduce is
+"not comparable", with both sides' numerics, and does not fail (`--strict`: it does): that
+proves nothing either way; only portable files are checkable everywhere.
 
 The file is untrusted input: data, never code.
 - It is read only when it is a regular file of at most `MAX_FILE_BYTES` (no FIFO, device or
@@ -46,8 +51,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from esper_gym import numerics
+
 FORMAT = "esper-gym-replays"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)  # format 1 has no `numerics`: read as unknown (None)
 FILE_NAME = "replays.json"
 # Largest replay file read: the committed ones are ~200 KB; 100,000 long episodes fit.
 MAX_FILE_BYTES = 256 << 20
@@ -161,6 +169,7 @@ EPISODE_FIELDS = {  # field -> what it must be
     "return": "a finite number",
     "test_acc": "a number in [0, 1]",
     "threads": "null or an integer in [1, 1024]",
+    "numerics": "null (unknown) or an object {mode, torch, capability, arch, cpu, threads}",
 }
 MAX_EPISODES = 100_000
 MAX_ACTIONS = 100_000
@@ -173,6 +182,14 @@ GPU_TOLERANCE = {"return": 1e-2, "test_acc": 1e-3}
 
 class ReplayError(ValueError):
     """A replay file that is malformed, or whose numbers the replay does not reproduce."""
+
+
+class NotReproduced(ReplayError):
+    """The replay ran but gave other numbers; `here`: the numerics it ran with."""
+
+    def __init__(self, message: str, here: Mapping[str, Any]):
+        super().__init__(message)
+        self.here = here
 
 
 # Task fields a record leaves out: where data lives and what runs it are the replaying machine's.
@@ -203,8 +220,10 @@ def record(
     episode_return: float,
     test_acc: float,
     threads: int | None,
+    numerics: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One episode as it goes into the replay file (JSON-ready)."""
+    """One episode as it goes into the replay file (JSON-ready); `numerics`: `numerics.current()`
+    of the process that played it."""
     fields = {k: _jsonable(v) for k, v in overrides.items() if k not in _NOT_RECORDED}
     kwargs: dict[str, Any] = dict(fields)
     if reward_weights:
@@ -223,6 +242,7 @@ def record(
         "test_acc": float(test_acc),
         # CPU float reductions depend on the thread count: the replay runs with the same.
         "threads": threads,
+        "numerics": dict(numerics) if numerics is not None else None,
     }
 
 
@@ -284,11 +304,14 @@ def _episodes(path: str | os.PathLike) -> list:
         raise ReplayError(f"{path}: not a readable JSON replay file ({reason})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ReplayError(f'{path}: not a replay file (needs "format": {FORMAT!r})')
-    if doc.get("version") != VERSION:
-        raise ReplayError(f"{path}: version {doc.get('version')!r}; this reader knows {VERSION}")
+    version = doc.get("version")
+    if not _is_int(version) or version not in READ_VERSIONS:
+        raise ReplayError(f"{path}: version {repr(version)[:9]}; this reader knows {READ_VERSIONS}")
     episodes = doc.get("episodes")
     if not isinstance(episodes, list) or not 0 < len(episodes) <= MAX_EPISODES:
         raise ReplayError(f'{path}: "episodes" must be a list of 1..{MAX_EPISODES} episodes')
+    for ep in (e for e in episodes if version == 1 and isinstance(e, dict)):
+        ep.setdefault("numerics", None)  # format 1 predates `numerics`: unknown
     return episodes
 
 
@@ -349,6 +372,8 @@ def check_episode(i: int, ep: Any) -> None:
         raise bad("test_acc")
     if ep["threads"] is not None and (not _is_int(ep["threads"]) or not 1 <= ep["threads"] <= 1024):
         raise bad("threads")
+    if (why := numerics.check_record(ep["numerics"])) is not None:
+        raise ReplayError(f"{where}: field {why}")
     _check_env_kwargs(where, ep["env_kwargs"], ep["env_id"])
 
 
@@ -448,9 +473,11 @@ def replay(
     import torch
 
     where = _where(i, ep)
+    numerics.apply()  # the portable mode's in-process half (oneDNN off), if its variables are set
     threads = torch.get_num_threads()
     if ep["threads"] is not None:
         torch.set_num_threads(ep["threads"])
+    here = numerics.current()
     kwargs = {k: _tuples(v) for k, v in ep["env_kwargs"].items()}
     try:
         env = gym.make(
@@ -502,9 +529,10 @@ def replay(
     tol = GPU_TOLERANCE if device != "cpu" else {"return": 0.0, "test_acc": 0.0}
     for name in ("return", "test_acc"):
         if not abs(got[name] - ep[name]) <= tol[name]:
-            raise ReplayError(
+            raise NotReproduced(
                 f"{where}: field {name!r} = {ep[name]!r} but the replay gives {got[name]!r} "
-                f"(tolerance {tol[name]} on {device})"
+                f"(tolerance {tol[name]} on {device})",
+                here,
             )
     return got
 
@@ -517,10 +545,11 @@ class Report:
     reproduced: int = 0
     custom: int = 0
     refused: int = 0
+    not_comparable: int = 0  # other numbers, recorded with other numerics (numerics.incomparable)
 
     @property
     def ok(self) -> bool:
-        return self.refused == 0 and self.reproduced > 0
+        return self.refused == 0 and self.reproduced + self.not_comparable > 0
 
 
 def check(
@@ -555,6 +584,13 @@ def check(
                         "replay it as a custom task with --custom"
                     )
                 replay(i, ep, kernel_dir or scratch, device)
+            except NotReproduced as e:
+                if (why := numerics.incomparable(ep["numerics"], e.here)) is None:
+                    report.refused += 1
+                    say(f"REFUSED: {e}")
+                else:
+                    report.not_comparable += 1
+                    say(f"not comparable: {e}: {why}")
             except ReplayError as e:
                 report.refused += 1
                 say(f"REFUSED: {e}")
@@ -603,9 +639,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also replay episodes of tasks that differ from their registered definition",
     )
+    parser.add_argument(
+        "--numerics",
+        choices=("auto", "native", "portable"),
+        default="auto",
+        help="replay in this mode (re-executes); auto: portable if the file has portable episodes",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="an episode that is not comparable fails too"
+    )
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     quiet = args.quiet
+    mode = args.numerics
+    if mode == "auto":
+        mode = "portable" if _recorded_portable(args.file) else None
+    # Only the command re-executes itself; main() called as a function replays as it is.
+    if mode is not None and argv is None:
+        numerics.ensure(mode)
 
     def show(line: str) -> None:
         if line.startswith("REFUSED"):
@@ -619,18 +670,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"REFUSED: {e}", file=sys.stderr)
         return 1
     custom = f" ({report.custom} of them custom tasks)" if report.custom else ""
-    if report.refused:
+    others = f", {report.not_comparable} not comparable (recorded with other numerics)"
+    if report.refused or (args.strict and report.not_comparable):
         print(
             f"{args.file}: {report.refused} episode(s) refused, {report.reproduced} "
-            f"reproduced{custom}",
+            f"reproduced{custom}{others}",
             file=sys.stderr,
         )
         return 1
     print(
         f"{report.reproduced} episodes of {args.file} replayed: return and test accuracy "
-        f"reproduced{custom}"
+        f"reproduced{custom}{others}"
     )
     return 0
+
+
+def _recorded_portable(path: str) -> bool:
+    """Whether an episode of the file was recorded in the portable mode (a file that cannot be
+    read is reported by `check`)."""
+    try:
+        episodes = _episodes(path)
+    except ReplayError:
+        return False
+    numbers = [ep.get("numerics") for ep in episodes if isinstance(ep, dict)]
+    return any(isinstance(n, dict) and n.get("mode") == "portable" for n in numbers)
 
 
 if __name__ == "__main__":
