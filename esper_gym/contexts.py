@@ -14,6 +14,10 @@ every factor occurs in both splits (checked by `ContextSpace.__post_init__`), so
 is an unseen *combination* of seen values (CARL's interpolation setting): a policy that
 memorised the train contexts' schedules meets runs it never saw.
 
+A space with `fixed_decisions=True` scales `decision_interval` with `epochs_scale`, so every
+context has the same number of decisions: the training budget does not leak through the step
+size of `progress` (1/24 against 1/80 on spirals' own space).
+
 Factors act on a task as follows (`apply_context`); scales multiply the task's own value, so a
 user's overrides (`gym.make(..., max_epochs=4, contexts="train")`) still set the scale:
 
@@ -21,7 +25,7 @@ user's overrides (`gym.make(..., max_epochs=4, contexts="train")`) still set the
 |-----------------|--------------------------------------------------------------------------|
 | width, depth    | host_kwargs: mlp `hidden=(width,) * depth`; cnn/resnet `channels=(width, 2 width, ...)[:depth]` |
 | lr_scale        | lr = task.lr * value                                                     |
-| epochs_scale    | max_epochs = task.max_epochs * value                                     |
+| epochs_scale    | max_epochs = task.max_epochs * value (and decision_interval with it, where the space's `fixed_decisions`) |
 | interval_scale  | decision_interval = round(task.decision_interval * value)                |
 | budget_scale    | param_budget = round(task.param_budget * value)                          |
 | arms, noise     | dataset_kwargs (spirals: arm count, geometric noise)                     |
@@ -82,6 +86,8 @@ class ContextSpace:
     factors: tuple[Factor, ...]
     test_share: float = 0.25
     split_seed: int = 0
+    # epochs_scale also scales decision_interval: the same decisions whatever the budget.
+    fixed_decisions: bool = False
 
     def __post_init__(self) -> None:
         for split in SPLITS:
@@ -161,6 +167,10 @@ def apply_context(task: Task, context: Mapping[str, Any]) -> Task:
             key = SCALE_FACTORS[name]
             scaled = getattr(task, key) * value
             fields[key] = float(scaled) if key in ("lr", "max_epochs") else max(1, round(scaled))
+    space = task.context_space
+    if space is not None and space.fixed_decisions and "epochs_scale" in context:
+        interval = task.decision_interval * context["epochs_scale"]
+        fields["decision_interval"] = max(1, round(interval * context.get("interval_scale", 1)))
     return dataclasses.replace(
         task, host_kwargs=host_kwargs, dataset_kwargs=dataset_kwargs, **fields
     )
@@ -232,11 +242,25 @@ _CIFAR = (
     Factor("classes", (5, 10)),
 )
 
+# spirals_budget (param_cost 0.5): the factors that decide whether growth pays but that the
+# first observation does not show (DESIGN.md, "Baselines"): spiral and label noise, learning
+# rate, arms, the training budget (its under-trained 0.3 kept; decisions fixed, so it does not
+# leak through progress). Width is the one static fact, needed for contexts to change the host.
+_SPIRALS_BUDGET = (
+    Factor("width", (8, 16)),
+    Factor("lr_scale", (0.3, 1.0)),
+    Factor("epochs_scale", (0.3, 0.6, 1.0)),
+    Factor("arms", (3, 5)),
+    Factor("noise", (0.05, 0.15)),
+    Factor("label_noise", (0.0, 0.1)),
+)
+
 # One space per family of tasks; TASKS (esper_gym.tasks) says which task has which.
 SPIRALS_CONTEXTS = ContextSpace("spirals", _SPIRALS)
 FASHION_CONTEXTS = ContextSpace("fashion_mnist", _FASHION)
 CONV_CONTEXTS = ContextSpace("fashion_mnist_conv", _CONV)
 CIFAR_CONTEXTS = ContextSpace("cifar10", _CIFAR)
+SPIRALS_BUDGET_CONTEXTS = ContextSpace("spirals_budget", _SPIRALS_BUDGET, fixed_decisions=True)
 
 
 def context_space(task: Task) -> ContextSpace:

@@ -39,6 +39,7 @@ from esper_gym.observation import (
     measured_features,
     node_features,
     observation_space,
+    rent_globals,
 )
 from esper_gym.options import context_option, grow_option
 from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome
@@ -86,7 +87,7 @@ class MorphogeneticEnv(gym.Env):
     ## Observation space
     `Dict` of fixed shapes (see `esper_gym.observation` for every feature):
     `nodes (max_nodes, F)`, `edges (2 * max_nodes, 2)`, `edge_attr (2 * max_nodes, 2)`,
-    `node_mask (max_nodes,)`, `globals (11 [+ context factors],)`, `action_mask (A,)`. Nodes
+    `node_mask (max_nodes,)`, `globals (11 [+ rent] [+ context],)`, `action_mask (A,)`. Nodes
     are the host's KasminaLayers with their health signals (activation mean/variance, dead
     units, gradient and weight norms, added parameters, the output's effective rank and
     gradient mass) and per-slot seed state (state, alpha,
@@ -119,10 +120,10 @@ class MorphogeneticEnv(gym.Env):
     ## Rewards
     Weighted sum of accuracy gain, parameter and latency rent, loss spikes, kernel faults,
     invalid actions, interventions and divergence (`esper_gym.reward`); each component is in
-    `info["reward_components"]`. Weights: `reward_weights=RewardWeights(...)` or a dict; or
-    replace the whole computation with `reward_fn` (any callable taking a `StepOutcome` and
-    returning `(reward, components)`). `reward_fn=RewardComputer(latency="measured")` prices
-    latency on measured kernel time (wall clock: not reproducible bit for bit) instead of MACs.
+    `info["reward_components"]`. Weights: `reward_weights=RewardWeights(...)` or a dict (none:
+    the task's `reward_weights`); or replace the whole computation with `reward_fn` (a callable
+    taking a `StepOutcome`, returning `(reward, components)`). As `reward_fn`,
+    `RewardComputer(latency="measured")` prices latency on measured kernel time (not MACs).
 
     ## Starting state
     A freshly initialised host (every slot DORMANT), evaluated once before any training.
@@ -207,7 +208,7 @@ class MorphogeneticEnv(gym.Env):
         self.render_mode = render_mode
         if isinstance(reward_weights, dict):
             reward_weights = RewardWeights(**reward_weights)
-        self.reward_fn = reward_fn or RewardComputer(reward_weights)
+        self.reward_fn = reward_fn or RewardComputer(reward_weights or self.task.reward_weights)
         self.kernel_dir = pathlib.Path(kernel_dir) if kernel_dir else default_kernel_dir()
         if generator is None:
             generator = BlueprintGenerator(self.task.blueprints)
@@ -226,6 +227,7 @@ class MorphogeneticEnv(gym.Env):
             self.task.max_nodes, self.task.seed_slots, len(self.task.blueprints)
         )
         extra = len(self.context_space.factors) if self.show_context else 0
+        extra += len(rent_globals(self.task, self.reward_fn))  # Task.show_rent
         self.spec_graph = GraphSpec(
             self.task.max_nodes, self.task.seed_slots, extra, measured=telemetry == "measured"
         )
@@ -644,8 +646,8 @@ class MorphogeneticEnv(gym.Env):
                 signals, self.layers, self._layer_faults, self.steps, self.telemetry_stats()
             )
             nodes, globals_ = np.concatenate([nodes, extra], axis=1), [*globals_, *measured]
-        if self.show_context:
-            globals_ += self._context_features
+        context = self._context_features if self.show_context else []
+        globals_ += rent_globals(self.task, self.reward_fn) + context
         numels = [math.prod(self.layers[src].out_shape) for src, _ in self.graph_edges]
         return build_observation(
             self.spec_graph, nodes, self.graph_edges, numels, globals_, self._mask

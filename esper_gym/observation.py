@@ -11,14 +11,15 @@ from the live training run.
 | edges       | (2 * max_nodes, 2)  | int64   | (source, target) node indices; padding is (0, 0)  |
 | edge_attr   | (2 * max_nodes, 2)  | float32 | [1 for a real edge / 0 for padding, log1p(numel)/10 of the tensor] |
 | node_mask   | (max_nodes,)        | int8    | 1 for a real layer                                 |
-| globals     | (G,)                | float32 | GLOBAL_FEATURES, then the context (show_context)  |
+| globals     | (G,)                | float32 | GLOBAL_FEATURES, then RENT_FEATURES (Task.show_rent), then the context (show_context) |
 | action_mask | (A,)                | int8    | 1 where the action is valid now (see actions.py)   |
 
 F = len(NODE_FEATURES) + slots * len(SLOT_FEATURES). Wall-clock measurements are not part of
 the observation by default, so that a seeded episode is exactly reproducible; with
 `telemetry="measured"` (`GraphSpec.measured`) each node row ends with MEASURED_NODE_FEATURES and
 the globals with MEASURED_GLOBAL_FEATURES (after every other feature, so indices of the
-others do not move).
+others do not move). A task with `show_rent` (spirals_budget) appends RENT_FEATURES after
+those: the reward's parameter rent, the user's preference, which the agent may see.
 
 This module owns the contract, both ways: the feature tables and their order (the env builds
 the globals by name with `global_row`), and the reading of an observation back (`ObsView`:
@@ -91,6 +92,8 @@ MEASURED_GLOBAL_FEATURES = (
     "log_kernel_loads",  # log1p(artifacts loaded from the store this episode)
     "log_kernel_compiles",  # log1p(blueprints compiled this episode)
 )
+# Task.show_rent only: the reward's param_cost weight (rent per doubling of the host, all episode).
+RENT_FEATURES = ("param_cost",)
 NODE_INDEX = {name: i for i, name in enumerate(NODE_FEATURES)}
 SLOT_INDEX = {name: i for i, name in enumerate(SLOT_FEATURES)}
 GLOBAL_INDEX = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
@@ -145,6 +148,15 @@ def global_row(values: Mapping[str, float], names: Sequence[str] = GLOBAL_FEATUR
         missing, unknown = sorted(set(names) - set(values)), sorted(set(values) - set(names))
         raise ValueError(f"global features: missing {missing}, unknown {unknown}")
     return [values[name] for name in names]
+
+
+def rent_globals(task, reward_fn) -> list[float]:
+    """RENT_FEATURES of `task`'s observation: [] unless `task.show_rent`; else the `param_cost`
+    of `reward_fn`'s weights (NaN, written as 0, for a reward without `weights`)."""
+    if not getattr(task, "show_rent", False):
+        return []
+    weights = getattr(reward_fn, "weights", None)
+    return [float(getattr(weights, "param_cost", math.nan))]
 
 
 def slot_column(slot: int, feature: str) -> int:

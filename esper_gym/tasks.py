@@ -22,6 +22,7 @@ from esper_gym.contexts import (
     CIFAR_CONTEXTS,
     CONV_CONTEXTS,
     FASHION_CONTEXTS,
+    SPIRALS_BUDGET_CONTEXTS,
     SPIRALS_CONTEXTS,
     ContextSpace,
 )
@@ -29,6 +30,7 @@ from esper_gym.data import DATASET_NAMES, Dataset, load_dataset
 from esper_gym.hosts import HOSTS
 from esper_gym.kasmina import SeedConfig
 from esper_gym.kernels.blueprints import BLUEPRINTS, DEFAULT_LIBRARY, FAULT_LIBRARY
+from esper_gym.reward import RewardWeights
 
 OPTIMIZERS = ("adam", "sgd")
 # Fields that count things (steps, samples, slots): integers >= 1.
@@ -92,6 +94,12 @@ class Task:
     its TimeLimit) and its context distribution (`context_space`, what `contexts="train"` or
     `"test"` draws from). A task of your own leaves `gym_id` None (register it yourself with
     `gym.register`) and may bring a `ContextSpace` of its own.
+
+    Preferences: `reward_weights` (RewardWeights fields) are the task's reward weights, used by
+    the env when the caller gives none (None: the RewardWeights defaults). `show_rent=True`
+    appends the reward's `param_cost` to the observation's globals (after the measured ones,
+    before the context's): the rent is the user's preference, so the agent may see it. Off for
+    every task but spirals_budget, whose observation shape it changes.
     """
 
     name: str = "spirals"
@@ -122,6 +130,8 @@ class Task:
     max_faults: int = 3
     latency_budget_ms: float | None = None
     device: str = "cpu"
+    reward_weights: Mapping[str, float] | None = None
+    show_rent: bool = False
     # Registration, not training knobs: compare=False, so a task equals its unregistered copy
     # (gym.make's own max_episode_steps= sets an env's TimeLimit; this one is the id's default).
     # Named gym_id, not env_id: train.py's Hydra schema (TaskConf) mirrors every Task field
@@ -162,6 +172,13 @@ class Task:
                 f"task {self.name!r}: unknown blueprints {unknown}; known: {', '.join(BLUEPRINTS)}"
             )
         object.__setattr__(self, "blueprints", tuple(self.blueprints))
+        if self.reward_weights is not None:
+            try:
+                RewardWeights(**dict(self.reward_weights))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"task {self.name!r}: reward_weights: {exc}") from None
+        if not isinstance(self.show_rent, bool):
+            raise ValueError(f"task {self.name!r}: show_rent={self.show_rent!r} must be a bool")
         steps = self.max_episode_steps
         if steps is not None and (
             isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
@@ -260,6 +277,18 @@ TASKS: dict[str, Task] = {
             gym_id="Esper/Spirals-v0",
             max_episode_steps=EPISODE_LIMIT,
             context_space=SPIRALS_CONTEXTS,
+        ),
+        # The budget-conscious benchmark: rent 0.5 a doubling (10x the default), shown in the
+        # globals; contexts hide what decides whether growth pays (noise, lr, budget), and
+        # every context has 32 decisions (decision_interval scales with the epochs: 6, 12, 20).
+        Task(
+            name="spirals_budget",
+            decision_interval=20,
+            reward_weights={"param_cost": 0.5},
+            show_rent=True,
+            gym_id="Esper/SpiralsBudget-v0",
+            max_episode_steps=EPISODE_LIMIT,
+            context_space=SPIRALS_BUDGET_CONTEXTS,
         ),
         # The reliability benchmark: the library also offers fault-injecting blueprints.
         Task(

@@ -20,6 +20,17 @@ python experiments/tune_schedule.py --task fashion_mnist --contexts train --seed
 ```
 Selection is by mean return (the quantity the agents maximise; with few seeds the mean uses
 every episode, the IQM would drop half of them), ties broken by the smaller plan.
+
+`--per-context K` plays every plan on `--n-contexts` train contexts (a fixed spread subset;
+all with 0) with K train seeds each (`reset(options={"context": i})`), writes the returns
+table (`--table`, default results/value_of_reacting/<task>_train.csv) and, besides the best
+single plan, the **pruned family** (`plans`: NoOp, the best single plan, and every plan that is
+the best of some train context by its mean over the K seeds) that the oracle, the hindsight
+bound and experiments/value_of_reacting.py search instead of the whole family:
+```bash
+nice -n 10 python experiments/tune_schedule.py --task spirals_budget --per-context 2 \
+    --n-contexts 24 --counts 1 2 3 --starts 0.0 0.25 0.5 --gaps 0.0 --layers next --n-jobs 2
+```
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,6 +53,7 @@ from esper_gym import config_dir  # noqa: E402
 from esper_gym.agents.baselines import LAYER_RULES, PLANS_FILE, ScheduleAgent  # noqa: E402
 from esper_gym.episode import play_episode  # noqa: E402
 from esper_gym.evaluate import TaskSpec, make_env  # noqa: E402
+from esper_gym.oracle import describe  # noqa: E402
 from esper_gym.oracle import plan_family as family  # noqa: E402 (the oracle's family too)
 from esper_gym.stats import iqm  # noqa: E402
 
@@ -52,16 +65,39 @@ HEADER = """\
 """
 
 
-def score(task: str, contexts: str | None, plan, seed: int, kernel_dir) -> float:
-    """The return of one episode of `plan` from `seed` (runs in a pool worker)."""
+def score(task: str, contexts: str | None, plan, seed: int, kernel_dir, context=None) -> float:
+    """The return of one episode of `plan` from `seed` (runs in a pool worker), in context
+    `context` of the split (None: the one the seed draws)."""
     import torch
 
     torch.set_num_threads(1)
     env = make_env(TaskSpec(task, task), kernel_dir=kernel_dir, contexts=contexts)
     agent = ScheduleAgent(env.observation_space, env.action_space, plan, env.task.blueprints)
-    metrics, _ = play_episode(env, agent.act, seed)
+    options = None if context is None else {"context": int(context)}
+    metrics, _ = play_episode(env, agent.act, seed, options)
     env.close()
     return float(metrics["return"])
+
+
+def train_contexts(task: str, n: int) -> list[int]:
+    """`n` train context indices of `task` (all with n <= 0): a fixed spread subset, sorted."""
+    from esper_gym.tasks import get_task
+
+    total = len(get_task(task).context_space.contexts("train"))
+    if n <= 0 or n >= total:
+        return list(range(total))
+    return sorted(np.random.default_rng(0).permutation(total)[:n].tolist())
+
+
+def pruned(plans, returns: np.ndarray, best: int) -> tuple[list[int], dict[int, int]]:
+    """NoOp, the best single plan and each plan that is the best of some context (`returns`:
+    plans x contexts x seeds; ties: fewer germinations), and how many contexts each wins."""
+    wins: dict[int, int] = {}
+    for c in range(returns.shape[1]):
+        mean = returns[:, c].mean(axis=1)
+        i = min(range(len(plans)), key=lambda i: (-round(mean[i], 9), len(plans[i]), i))
+        wins[i] = wins.get(i, 0) + 1
+    return sorted({0, best, *wins}), wins
 
 
 def main(argv=None) -> None:
@@ -77,21 +113,29 @@ def main(argv=None) -> None:
     p.add_argument("--n-jobs", type=int, default=2)
     p.add_argument("--kernel-dir", default=None)
     p.add_argument("--out", default=str(config_dir() / PLANS_FILE))
+    p.add_argument("--per-context", type=int, default=0, help="seeds per train context")
+    p.add_argument("--n-contexts", type=int, default=0, help="train contexts (0: all)")
+    p.add_argument("--table", default=None, help="returns table (csv) with --per-context")
     args = p.parse_args(argv)
 
     plans = family(args.counts, args.starts, args.gaps, args.blueprints, args.layers)
-    seeds = list(range(args.seeds))
-    jobs = [(i, j) for i in range(len(plans)) for j in range(len(seeds))]
-    print(f"{args.task}: {len(plans)} plans x {len(seeds)} train seeds = {len(jobs)} episodes")
-    returns = np.full((len(plans), len(seeds)), np.nan)
+    if args.per_context:
+        contexts = train_contexts(args.task, args.n_contexts)
+        seeds = list(range(args.per_context))
+        cells = [(c, s) for c in contexts for s in seeds]
+    else:
+        contexts, seeds = [None], list(range(args.seeds))
+        cells = [(None, s) for s in seeds]
+    jobs = [(i, j) for i in range(len(plans)) for j in range(len(cells))]
+    print(f"{args.task}: {len(plans)} plans x {len(cells)} train episodes = {len(jobs)} episodes")
+    returns = np.full((len(plans), len(cells)), np.nan)
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.n_jobs, mp_context=ctx) as pool:
         futures = {
-            pool.submit(score, args.task, args.contexts, plans[i], seeds[j], args.kernel_dir): (
-                i,
-                j,
-            )
+            pool.submit(
+                score, args.task, args.contexts, plans[i], cells[j][1], args.kernel_dir, cells[j][0]
+            ): (i, j)
             for i, j in jobs
         }
         for done, f in enumerate(concurrent.futures.as_completed(futures), 1):
@@ -124,9 +168,35 @@ def main(argv=None) -> None:
         },
         "size": len(plans),
         "episodes": len(jobs),
+        **({"contexts_played": contexts} if args.per_context else {}),
         "wall_s": round(wall),
         "command": "python experiments/tune_schedule.py " + " ".join(argv or sys.argv[1:]),
     }
+    if args.per_context:
+        table = returns.reshape(len(plans), len(contexts), len(seeds))
+        keep, wins = pruned(plans, table, best)
+        entry["plans"] = [[dict(g) for g in plans[i]] for i in keep]
+        entry["plans_wins"] = [wins.get(i, 0) for i in keep]  # train contexts each is best in
+        print(f"pruned family: {len(keep)} of {len(plans)} plans (NoOp, best, per-context bests)")
+        for i in keep:
+            print(f"  wins {wins.get(i, 0):3d}  mean {mean[i]:7.3f}  {describe(plans[i])}")
+        path = pathlib.Path(
+            args.table or ROOT / "results" / "value_of_reacting" / f"{args.task}_train.csv"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {
+                "plan_id": i,
+                "plan": describe(plans[i]),
+                "context": c,
+                "seed": s,
+                "return": returns[i, j],
+            }
+            for i in range(len(plans))
+            for j, (c, s) in enumerate(cells)
+        ]
+        pd.DataFrame(rows).to_csv(path, index=False)
+        print(f"wrote the returns table to {path}")
     out = pathlib.Path(args.out)
     plans_doc = (yaml.safe_load(out.read_text()) if out.exists() else None) or {}
     plans_doc[args.task] = entry
