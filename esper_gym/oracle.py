@@ -14,11 +14,25 @@ per-seed difference on common seeds with its paired bootstrap CI: how much an ag
 which plan suits the context could gain over the best fixed plan. A context set separates
 controllers only where this is well above the noise of a paired comparison.
 
-Cost: (plans in the family) x `selection_seeds` episodes per distinct scored context, plus one
-episode per scored seed. The spirals family has 57 plans and fashion_mnist's 21; with the
-default 2 selection seeds and 5 scored seeds that is up to 570 + 210 short episodes, about 1 s
-each on one busy CPU thread (measured: 114 spirals selection episodes in 2 minutes of one
-worker). A smaller `family` (fields replacing the tuned family's) keeps a quick run quick.
+Cost: (plans searched) x `selection_seeds` episodes per distinct scored context, plus one
+episode per scored seed. Selection on 2 seeds picked noise (a plan's mean over 2 episodes has
+the paired sd of one, about 0.3-0.5 of return), so the default is 8 seeds; what keeps it
+affordable is the **pruned family**: where tune_schedule.py was run with `--per-context`, the
+task's entry in conf/schedule_plans.yaml lists `plans` (NoOp, the best single plan and every
+plan that was the best of some train context), and the oracle searches those (spirals_budget:
+see the entry) instead of the whole family (spirals 57 plans, fashion_mnist 21).
+A `family` given here (fields replacing the tuned family's) searches that family instead.
+
+Beside it, from a table of every plan's return on the scored episodes themselves (plans x
+contexts x seeds; experiments/value_of_reacting.py plays one):
+- `hindsight`: the best plan of each episode, picked after seeing it. A loose ceiling: no
+  policy can know which plan an episode's noise favours, so it is above any controller's mean
+  and above the oracle.
+- `references`: the in-sample means of the best fixed plan <= the per-context best (oracle) <=
+  hindsight (an identity of maxima; tests/test_oracle.py checks it on a toy table).
+- `loso_value_of_reacting`: the value of reacting with both choices made leave-one-seed-out
+  (the scored seed never helps choose its own plan), its context-cluster bootstrap CI, the
+  paired sd of one episode and their ratio.
 """
 
 from __future__ import annotations
@@ -72,6 +86,21 @@ def tuned_family(task: str) -> dict[str, list]:
     return {k: list(plans[task]["family"][k]) for k in FAMILY_FIELDS}
 
 
+def tuned_plans(task: str) -> list[tuple[dict, ...]] | None:
+    """The pruned family of `task` (`plans` of its conf/schedule_plans.yaml entry, written by
+    `tune_schedule.py --per-context`), NoOp first; None where the entry has none."""
+    import yaml
+
+    from esper_gym import config_dir
+    from esper_gym.agents.baselines import PLANS_FILE
+
+    entry = (yaml.safe_load((config_dir() / PLANS_FILE).read_text()) or {}).get(task) or {}
+    if not entry.get("plans"):
+        return None
+    plans = [tuple(dict(g) for g in plan) for plan in entry["plans"]]
+    return sorted(plans, key=lambda p: len(p) > 0)  # stable: NoOp first, the rest in order
+
+
 @dataclass(frozen=True)
 class OracleConfig:
     """What the oracle searches and on which seeds.
@@ -82,7 +111,7 @@ class OracleConfig:
     fields keep the tuned ones, so `{counts: [1]}` searches its single-germination plans."""
 
     enabled: bool = True
-    selection_seeds: int = 2
+    selection_seeds: int = 8
     selection_first_seed: int = 2_000_000
     family: Mapping[str, Sequence] = field(default_factory=dict)
 
@@ -113,8 +142,13 @@ class OracleConfig:
         return cls(**kwargs)
 
     def plans(self, task: str) -> list[tuple[dict, ...]]:
-        """The plans searched for registered task `task`."""
+        """The plans searched for registered task `task`: its pruned family where it has one
+        and no `family` is given here, else the (tuned, overridden) family."""
         given = dict(self.family or {})
+        if not given:
+            pruned = tuned_plans(task)
+            if pruned is not None:
+                return pruned
         fields = given if set(given) == set(FAMILY_FIELDS) else tuned_family(task) | given
         return plan_family(*(fields[k] for k in FAMILY_FIELDS))
 
@@ -223,3 +257,144 @@ def oracle_gap_share(
             share = gained / gap if gap > 0 else math.nan
             out.append({"task": task, "agent": agent, "oracle_gap_share": share})
     return pd.DataFrame(out, columns=["task", "agent", "oracle_gap_share"])
+
+
+# --- a table of every plan on the scored episodes: hindsight, references, leave-one-seed-out --
+HINDSIGHT = "hindsight"  # its rows' agent name
+
+
+def returns_cube(
+    table: pd.DataFrame, metric: str = "return"
+) -> tuple[np.ndarray, list, list, list]:
+    """(returns[plans, contexts, seeds], plan ids, contexts, seeds) from a long table with
+    columns plan_id, context, seed and `metric`. Every plan must have played every (context,
+    seed) cell: the comparisons are paired."""
+    plans = sorted(table["plan_id"].unique())
+    contexts = sorted(table["context"].unique())
+    seeds = sorted(table["seed"].unique())
+    cube = np.full((len(plans), len(contexts), len(seeds)), np.nan)
+    p = {v: i for i, v in enumerate(plans)}
+    c = {v: i for i, v in enumerate(contexts)}
+    s = {v: i for i, v in enumerate(seeds)}
+    for row in table[["plan_id", "context", "seed", metric]].itertuples(index=False):
+        cube[p[row[0]], c[row[1]], s[row[2]]] = row[3]
+    if np.isnan(cube).any():
+        raise ValueError("the returns table is not complete: every plan on every (context, seed)")
+    return cube, plans, contexts, seeds
+
+
+def _best(means: np.ndarray, sizes: Sequence[int] | None) -> int:
+    """argmax over the first axis; ties (to 1e-9): the fewer germinations, then the first."""
+    sizes = sizes if sizes is not None else [0] * len(means)
+    return min(range(len(means)), key=lambda i: (-round(float(means[i]), 9), sizes[i], i))
+
+
+def references(returns: np.ndarray, sizes: Sequence[int] | None = None) -> dict[str, Any]:
+    """In-sample means over every (context, seed) of `returns` [plans, contexts, seeds]: the
+    best fixed plan (one plan for all), the oracle (the best plan of each context by its mean)
+    and hindsight (the best plan of each episode). best_fixed <= oracle <= hindsight always."""
+    r = np.asarray(returns, float)
+    fixed = _best(r.mean(axis=(1, 2)), sizes)
+    per_context = [_best(r[:, c].mean(axis=1), sizes) for c in range(r.shape[1])]
+    oracle = np.mean([r[per_context[c], c].mean() for c in range(r.shape[1])])
+    return {
+        "best_fixed": float(r[fixed].mean()),
+        "best_fixed_plan": fixed,
+        "oracle": float(oracle),
+        "oracle_plans": per_context,
+        "hindsight": float(r.max(axis=0).mean()),
+    }
+
+
+def loso_choices(returns: np.ndarray, sizes: Sequence[int] | None = None):
+    """(fixed[c, s], per_context[c, s]): the plan the best single plan and the per-context best
+    are for episode (c, s) when chosen without seed s (leave-one-seed-out)."""
+    r = np.asarray(returns, float)
+    _, n_ctx, n_seeds = r.shape
+    if n_seeds < 2:
+        raise ValueError("leave-one-seed-out needs >= 2 seeds per context")
+    fixed = np.zeros((n_ctx, n_seeds), int)
+    per_context = np.zeros((n_ctx, n_seeds), int)
+    for s in range(n_seeds):
+        rest = np.delete(r, s, axis=2)
+        f = _best(rest.mean(axis=(1, 2)), sizes)
+        fixed[:, s] = f
+        for c in range(n_ctx):
+            per_context[c, s] = _best(rest[:, c].mean(axis=1), sizes)
+    return fixed, per_context
+
+
+def loso_value_of_reacting(
+    returns: np.ndarray,
+    sizes: Sequence[int] | None = None,
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Value of reacting on `returns` [plans, contexts, seeds], leave-one-seed-out: per
+    episode (c, s), the per-context best plan minus the best single plan, each chosen on the
+    other seeds, both played on (c, s) itself (paired). `value` is their mean, `lo`/`hi` its
+    CI from a bootstrap over contexts (clusters: a context's seeds share its choice), `sd` the
+    paired sd of one episode's difference, `ratio` = value / sd; `hindsight` the mean of the
+    best plan of each episode minus the LOSO best single plan (a loose ceiling). `sizes`
+    (germinations per plan) break ties toward the smaller plan."""
+    r = np.asarray(returns, float)
+    fixed, per_context = loso_choices(r, sizes)
+    c_idx, s_idx = np.indices(fixed.shape)
+    base = r[fixed, c_idx, s_idx]
+    diff = r[per_context, c_idx, s_idx] - base
+    ci = stats.cluster_bootstrap_ci(list(diff), reps, confidence, seed)
+    sd = float(diff.std(ddof=1))
+    return {
+        "value": ci.estimate,
+        "lo": ci.lo,
+        "hi": ci.hi,
+        "sd": sd,
+        "ratio": ci.estimate / sd if sd > 0 else math.nan,
+        "hindsight": float((r.max(axis=0) - base).mean()),
+        "episodes": int(diff.size),
+        "contexts": int(r.shape[1]),
+        "seeds": int(r.shape[2]),
+    }
+
+
+def hindsight(
+    plan_episodes: pd.DataFrame, keys: Sequence[str] = ("task", "seed"), metric: str = "return"
+) -> pd.DataFrame:
+    """The per-seed hindsight bound as agent rows: for each `keys` group (an episode: the same
+    task and seed, so the same context, data and init) of `plan_episodes` (one row per plan
+    played on it), the row of the plan with the highest `metric`, agent `HINDSIGHT`. For
+    esper_gym.evaluate: play every plan of the (pruned) family on the scored seeds, then these
+    rows sit next to the oracle's; never a competitor (it picks after seeing the episode)."""
+    best = plan_episodes.loc[plan_episodes.groupby(list(keys), sort=False)[metric].idxmax()]
+    return best.assign(agent=HINDSIGHT).reset_index(drop=True)
+
+
+def value_of_reacting_noise(
+    episodes: pd.DataFrame, schedule: str = "schedule", metric: str = "return"
+) -> pd.DataFrame:
+    """Per task, the paired sd of one episode's oracle - `schedule` difference on common seeds
+    (`value_of_reacting_sd`) and value_of_reacting / that sd (`value_of_reacting_ratio`): a
+    task separates controllers only where the ratio is well above 0 (DESIGN.md, "Baselines").
+    Columns to join on (task, agent) beside `value_of_reacting`'s."""
+    out = []
+    for task in dict.fromkeys(episodes["task"]):
+        mine = episodes[episodes["task"] == task]
+        both = mine[mine["agent"] == ORACLE].merge(
+            mine[mine["agent"] == schedule], on="seed", suffixes=("", "_schedule")
+        )
+        if len(both) < 2:
+            continue
+        diff = (both[metric] - both[f"{metric}_schedule"]).to_numpy(float)
+        sd = float(diff.std(ddof=1))
+        ratio = float(diff.mean()) / sd if sd > 0 else math.nan
+        out.append(
+            {
+                "task": task,
+                "agent": ORACLE,
+                "value_of_reacting_sd": sd,
+                "value_of_reacting_ratio": ratio,
+            }
+        )
+    cols = ["task", "agent", "value_of_reacting_sd", "value_of_reacting_ratio"]
+    return pd.DataFrame(out, columns=cols)

@@ -21,6 +21,7 @@ inside the bootstrap are pinned equal to rliable's functions by tests/test_stats
 | `stratified_bootstrap_ci`    | percentile CI of a statistic, resampling within each stratum      |
 | `probability_of_improvement` | P(X > Y) with a stratified bootstrap CI (X and Y resampled apart) |
 | `paired_difference`          | mean per-seed difference X - Y on common seeds, with its CI       |
+| `cluster_bootstrap_ci`       | CI of the mean of values grouped in clusters, clusters resampled  |
 | `performance_profile`        | fraction of runs scoring above each threshold, with CI bands      |
 | `overlaps(a, b)`             | whether two closed intervals share a point                       |
 | `summarize(df, ...)`         | per (task, agent) IQM + CI of several metrics, and an all-tasks row |
@@ -169,6 +170,28 @@ def paired_difference(
     The mean, not the IQM, because the differences are one sample each, not agents' scores to
     be set beside published IQMs."""
     return stratified_bootstrap_ci(diff_strata, _mean, reps, confidence, seed)
+
+
+def cluster_bootstrap_ci(
+    clusters: Sequence[Sequence[float]],
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Mean of every value, with a percentile CI from resampling whole clusters (e.g. the
+    seeds of one context, which share a choice made on that context) with replacement: honest
+    where values within a cluster are correlated, which resampling single values is not."""
+    tail = _check(reps, confidence)  # percent in each tail
+    groups = [np.asarray(c, dtype=float).ravel() for c in clusters]
+    if not groups or any(g.size == 0 for g in groups):
+        raise ValueError("cluster bootstrap: every cluster needs at least one value")
+    sums = np.array([g.sum() for g in groups])
+    sizes = np.array([g.size for g in groups])
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(groups), size=(reps, len(groups)))
+    boot = sums[pick].sum(axis=1) / sizes[pick].sum(axis=1)
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return Interval(float(sums.sum() / sizes.sum()), float(lo), float(hi))
 
 
 def _mean(x, axis: int = -1):

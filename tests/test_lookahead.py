@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from esper_gym import config_dir
-from esper_gym.actions import GERMINATE, Action
+from esper_gym.actions import ADVANCE, GERMINATE, Action
 from esper_gym.agents.baselines import AGENTS, PRIVILEGED, make_agent
 from esper_gym.agents.lookahead import LookaheadAgent
 from esper_gym.episode import play_episode
@@ -34,7 +34,8 @@ def _forked_return(env, first, agent) -> float:
 
 def test_lookahead_commits_the_best_candidate_and_leaves_the_run_untouched(kernel_dir):
     env = _env(kernel_dir)
-    agent = make_agent("lookahead", env, every=2)
+    # The "noop" continuation (no further growth), checked against a hand-made rollout.
+    agent = make_agent("lookahead", env, every=2, continuation="noop", cull=False)
     assert isinstance(agent, LookaheadAgent) and agent.horizon is None
     actions, scores = [], []
 
@@ -84,13 +85,16 @@ def test_lookahead_commits_the_best_candidate_and_leaves_the_run_untouched(kerne
 
 def test_cost_is_counted_per_episode_and_bounded_by_the_horizon(kernel_dir):
     env = _env(kernel_dir)
-    agent = make_agent("lookahead", env, every=3, horizon=2, blueprints=["low_rank"])
+    agent = make_agent(
+        "lookahead", env, every=3, horizon=2, blueprints=["low_rank"], continuation="noop",
+        cull=False,
+    )  # fmt: skip
     for seed in (1, 1):  # the same episode twice: the second count starts from zero again
         metrics, _ = play_episode(env, agent.act, seed=seed)
         cost = agent.episode_cost()
-        # decisions at steps 0 and 3, <= 1 + 3 layers candidates, 2 forked steps each
+        # decisions at steps 0 and 3, <= 1 + WAIT + 3 layers candidates, 2 forked steps each
         assert cost["decisions"] == 2
-        assert 2 * 2 <= cost["cost_steps"] <= 2 * 4 * 2
+        assert 2 * 2 <= cost["cost_steps"] <= 2 * 5 * 2
     assert metrics["length"] == 6
 
 
@@ -109,6 +113,81 @@ def test_bad_settings_are_refused_with_the_value(kernel_dir):
         make_agent("lookahead", env, blueprints=["residual_mlp", "conv9"])
     with pytest.raises(TypeError, match="needs an env with fork"):
         LookaheadAgent(env.observation_space, env.action_space, env=object())
+    with pytest.raises(ValueError, match="continuation='later'"):
+        make_agent("lookahead", env, continuation="later")
+    with pytest.raises(ValueError, match="needs schedule="):
+        LookaheadAgent(env.observation_space, env.action_space, env, continuation="schedule")
+
+
+class StubSchedule:
+    """A schedule continuation that records what it is asked: GERMINATE residual_mlp in layer
+    1 once progress reaches 0.5 (its one entry), else ADVANCE what it can, else WAIT."""
+
+    calls = 0
+
+    def __init__(self, layout):
+        self.layout, self.done = layout, 0
+
+    def reset(self):
+        self.done = 0
+
+    def act(self, obs, info=None):
+        StubSchedule.calls += 1
+        mask, lay = obs["action_mask"], self.layout
+        germ = lay.encode(Action(GERMINATE, 1, 0, 0))
+        if not self.done and obs["globals"][0] >= 0.5 and mask[germ]:
+            self.done = 1
+            return germ
+        return next(
+            (a for n in range(lay.max_nodes) for s in range(lay.slots)
+             if mask[a := lay.encode(Action(ADVANCE, n, s))]),
+            0,
+        )  # fmt: skip
+
+
+def test_lookahead_continues_with_the_schedule(kernel_dir):
+    """Each candidate is scored by playing it, then the schedule (a copy of its state as of
+    now) to the end; the committed run is at least as good as the schedule's own."""
+    import copy
+
+    env = _env(kernel_dir)
+    stub = StubSchedule(env.unwrapped.layout)
+    agent = LookaheadAgent(
+        env.observation_space, env.action_space, env, every=1, continuation="schedule",
+        schedule=stub, cull=True,
+    )  # fmt: skip
+    checked = []
+
+    def act(obs):
+        state = copy.deepcopy(agent.states["schedule"])  # the schedule as of this step
+        probe = copy.deepcopy(state)
+        own = probe.act(obs)
+        a = agent.act(obs)
+        if env.unwrapped.steps == 0:
+            candidates = agent.candidates(obs["action_mask"], [own])
+            assert candidates[0] == own and list(agent.last_scores) == candidates
+            for c in candidates:
+                fork, follow = env.unwrapped.fork(), copy.deepcopy(probe if c == own else state)
+                total, action = 0.0, c
+                while True:
+                    o, r, term, trunc, _ = fork.step(action)
+                    total += r
+                    if term or trunc:
+                        break
+                    action = follow.act(o)
+                assert agent.last_scores[c] == pytest.approx(total)
+            checked.append(len(candidates))
+        return a
+
+    StubSchedule.calls = 0
+    metrics, _ = play_episode(env, act, seed=11)
+    assert checked and StubSchedule.calls > metrics["length"]  # the rollouts asked it
+    # The schedule's own episode on the same seed: the lookahead is at least as good.
+    alone_env = _env(kernel_dir)
+    alone = StubSchedule(alone_env.unwrapped.layout)
+    plain, _ = play_episode(alone_env, alone.act, seed=11)
+    assert metrics["return"] >= plain["return"] - 1e-9
+    assert agent.episode_cost()["decisions"] == metrics["length"]  # it decided at every step
 
 
 def test_config_defaults_are_the_agents_defaults():

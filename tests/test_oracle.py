@@ -204,3 +204,94 @@ def test_no_oracle_without_contexts(tmp_path, kernel_dir):
     )
     assert list(result.episodes["agent"]) == ["noop"]
     assert not (tmp_path / "oracle_selection.csv").exists()
+
+
+# --- references from a table of every plan on the scored episodes ------------------------------
+def _toy():
+    """returns[plans, contexts, seeds]: NoOp (plan 0), grow (plan 1), grow late (plan 2); the
+    first context wants growth, the second does not, plan 2 is lucky on one episode."""
+    return np.array(
+        [
+            [[1.0, 1.2, 0.8, 1.0], [2.0, 2.1, 1.9, 2.0]],  # NoOp
+            [[2.0, 2.3, 1.9, 2.2], [1.0, 1.1, 0.9, 1.0]],  # grow
+            [[1.5, 3.0, 1.4, 1.5], [1.5, 1.6, 1.4, 1.5]],  # grow late (lucky at (0, 1))
+        ]
+    )
+
+
+def test_hindsight_is_above_the_oracle_which_is_above_the_best_fixed_plan():
+    cube = _toy()
+    refs = oracle_lib.references(cube, sizes=[0, 1, 1])
+    assert refs["hindsight"] >= refs["oracle"] >= refs["best_fixed"]
+    assert refs["oracle_plans"] == [1, 0]  # grow where it pays, wait where it does not
+    assert refs["best_fixed"] == pytest.approx(cube[2].mean())  # the hedge is the best fixed plan
+    assert refs["hindsight"] == pytest.approx(cube.max(axis=0).mean())
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # an identity of maxima: on any table
+        r = rng.normal(size=(5, 4, 3))
+        refs = oracle_lib.references(r)
+        assert refs["hindsight"] >= refs["oracle"] >= refs["best_fixed"]
+
+
+def test_leave_one_seed_out_value_its_noise_and_the_hindsight_bound():
+    cube = _toy()
+    fixed, per_context = oracle_lib.loso_choices(cube, [0, 1, 1])
+    assert (per_context[0] == 1).all() and (per_context[1] == 0).all()
+    v = oracle_lib.loso_value_of_reacting(cube, [0, 1, 1], reps=500)
+    c, s = np.indices(fixed.shape)
+    diff = cube[per_context, c, s] - cube[fixed, c, s]
+    assert v["value"] == pytest.approx(diff.mean()) and v["lo"] <= v["value"] <= v["hi"]
+    assert v["sd"] == pytest.approx(diff.std(ddof=1)) and v["ratio"] == pytest.approx(
+        v["value"] / v["sd"]
+    )
+    assert v["hindsight"] >= v["value"] > 0 and v["episodes"] == 8
+    with pytest.raises(ValueError, match="2 seeds"):
+        oracle_lib.loso_choices(cube[:, :, :1])
+    # The long table <-> cube round trip, and a hole is refused (the comparison is paired).
+    rows = [
+        {"plan_id": p, "context": c, "seed": 10 + s, "return": cube[p, c, s]}
+        for p, c, s in np.ndindex(cube.shape)
+    ]
+    back, _, _, seeds = oracle_lib.returns_cube(pd.DataFrame(rows))
+    assert np.array_equal(back, cube) and seeds == [10, 11, 12, 13]
+    with pytest.raises(ValueError, match="not complete"):
+        oracle_lib.returns_cube(pd.DataFrame(rows[1:]))
+
+
+def test_hindsight_rows_pick_each_episodes_best_plan_and_noise_columns():
+    plan_rows = pd.DataFrame(
+        {"task": "t", "seed": [1, 1, 2, 2], "plan_id": [0, 1, 0, 1], "return": [1.0, 2.0, 3, 0]}
+    )
+    rows = oracle_lib.hindsight(plan_rows)
+    assert list(rows["plan_id"]) == [1, 0] and set(rows["agent"]) == {oracle_lib.HINDSIGHT}
+    episodes = pd.DataFrame(
+        {
+            "task": "t",
+            "agent": ["oracle"] * 3 + ["schedule"] * 3,
+            "seed": [1, 2, 3, 1, 2, 3],
+            "return": [2.0, 3.0, 4.0, 1.0, 1.0, 1.0],
+        }
+    )
+    noise = oracle_lib.value_of_reacting_noise(episodes).iloc[0]
+    assert noise["value_of_reacting_sd"] == pytest.approx(1.0)  # differences 1, 2, 3
+    assert noise["value_of_reacting_ratio"] == pytest.approx(2.0)
+
+
+def test_selection_defaults_to_eight_seeds_and_the_pruned_family():
+    assert OracleConfig().selection_seeds == 8
+    pruned = oracle_lib.tuned_plans("spirals_budget")
+    assert pruned is not None and pruned[0] == ()  # NoOp first
+    assert OracleConfig().plans("spirals_budget") == pruned
+    assert len(OracleConfig(family={"counts": [1]}).plans("spirals_budget")) > 1  # a family given
+    assert oracle_lib.tuned_plans("spirals") is None  # no pruned family: the tuned family
+    assert len(OracleConfig().plans("spirals")) == 57
+
+
+def test_cluster_bootstrap_resamples_whole_clusters():
+    from esper_gym.stats import cluster_bootstrap_ci
+
+    ci = cluster_bootstrap_ci([[1.0, 1.0, 1.0], [3.0]], reps=500)
+    assert ci.estimate == pytest.approx(1.5)  # the mean of every value, not of the clusters
+    assert ci.lo >= 1.0 and ci.hi <= 3.0
+    same = cluster_bootstrap_ci([[2.0, 2.0], [2.0]], reps=100)
+    assert same.lo == same.hi == 2.0

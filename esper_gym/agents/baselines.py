@@ -239,7 +239,7 @@ AGENTS = {
     "random": RandomAgent,
     "heuristic": HeuristicAgent,
     "schedule": ScheduleAgent,
-    **RULES,  # published growth rules: north, fragrow, gradmax (esper_gym.agents.rules)
+    **RULES,  # growth rules: north, fragrow, gradmax, reactive (esper_gym.agents.rules)
     "lookahead": LookaheadAgent,
 }
 # Agents with access no deployed controller has (e.g. forks of the running episode): upper
@@ -265,6 +265,17 @@ def make_agent(name: str, env, **kwargs):
     if name == "schedule" and kwargs.get("plan") is None:
         # The plan tuned on the task's train contexts (the base task: contexts vary its fields).
         kwargs["plan"] = tuned_plan(env.unwrapped.base_task.name)
+    if name == "lookahead" and kwargs.get("continuation") != "noop" and "schedule" not in kwargs:
+        try:  # the schedule continuation: the task's tuned plan (none tuned: noop only)
+            plan = tuned_plan(env.unwrapped.base_task.name)
+        except ValueError:
+            plan = None
+        blueprints = env.unwrapped.task.blueprints
+        kwargs["schedule"] = (
+            None
+            if plan is None
+            else ScheduleAgent(env.observation_space, env.action_space, plan, blueprints)
+        )
     return AGENTS[name](env.observation_space, env.action_space, **kwargs)
 
 
