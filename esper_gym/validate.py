@@ -661,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def show(line: str) -> None:
         if line.startswith("REFUSED"):
             print(line, file=sys.stderr)
-        elif not quiet:
+        elif not quiet or line.startswith("not comparable"):
             print(line)
 
     try:
