@@ -1,4 +1,4 @@
-"""Tune the published growth rules (`north`, `fragrow`, `gradmax`) on train contexts.
+"""Tune the growth rules (`north`, `fragrow`, `gradmax`; `reactive`) on train contexts.
 
 A published rule is only a fair baseline with thresholds fit to the task, as the schedule's plan
 is (experiments/tune_schedule.py). This script grid-searches a small stated family of parameters
@@ -13,10 +13,17 @@ The family (all combinations of the flags' values; the other parameters keep the
   after this training progress);
 - fragrow: `--growths` (number of seeds) x `--alphas` (sigmoid offset of the interval);
 - gradmax: `--intervals` (progress between seeds) x `--starts` (progress of the first) x
-  `--growths`.
+  `--growths`;
+- reactive (not published; the rule that reads the run): `--looks` (progress from which it
+  reads) x `--min-slopes` (val accuracy per unit progress below which learning has stalled) x
+  `--max-accs` (val accuracy above which the run is done) x `--max-gaps` (how far training
+  accuracy may sit below validation accuracy: label noise; 1 turns the check off) x
+  `--reactive-growths` (seeds once triggered); `window` 3, `late` 0.6 and `hidden_only` false
+  keep their defaults.
 
 ```bash
 nice python experiments/tune_rules.py --task spirals --contexts train --seeds 8 --n-jobs 2
+nice -n 10 python experiments/tune_rules.py --task spirals_budget --rules reactive --seeds 24
 ```
 Selection is by mean return over the train episodes, ties broken by grid order (the first,
 most conservative, candidate); NoOp is scored on the same seeds for reference.
@@ -46,13 +53,13 @@ from esper_gym.evaluate import TaskSpec, make_env  # noqa: E402
 from esper_gym.stats import iqm  # noqa: E402
 
 HEADER = """\
-# Tuned parameters of the published growth rules, per task and rule (esper_gym.agents.rules).
+# Tuned parameters of the growth rules, per task and rule (esper_gym.agents.rules).
 # Written by experiments/tune_rules.py on train contexts and train seeds only; `agents=[north,
-# fragrow, gradmax]` (esper_gym.evaluate, params: null) play the task's entry. `family`, `size`,
-# `seeds` and `episodes` say what was searched; `mean_return` is the chosen parameters' mean over
-# those train episodes, `noop_mean_return` NoOp's on the same episodes; `wall_s` is the whole
-# run's (every rule and NoOp). An entry with `tuned: false` would hold the rule's defaults, not
-# searched (see its `note`).
+# fragrow, gradmax, reactive]` (esper_gym.evaluate, params: null) play the task's entry.
+# `family`, `size`, `seeds` and `episodes` say what was searched; `mean_return` is the chosen
+# parameters' mean over those train episodes, `noop_mean_return` NoOp's on the same episodes;
+# `wall_s` is the whole run's (every rule and NoOp). An entry with `tuned: false` would hold
+# the rule's defaults, not searched (see its `note`).
 """
 
 
@@ -71,6 +78,13 @@ def grids(args) -> dict[str, list[dict]]:
             for p in product(interval=args.intervals, start=args.starts, growths=args.growths)
             if p["start"] + (p["growths"] - 1) * p["interval"] < 1  # every seed fits the run
         ],
+        "reactive": product(
+            look=args.looks,
+            min_slope=args.min_slopes,
+            max_acc=args.max_accs,
+            max_gap=args.max_gaps,
+            growths=args.reactive_growths,
+        ),
     }
 
 
@@ -94,13 +108,19 @@ def main(argv=None) -> None:
     p.add_argument("--task", required=True)
     p.add_argument("--contexts", default="train", choices=["train"])  # never tune on test
     p.add_argument("--seeds", type=int, default=8, help="train seeds 0..seeds-1")
-    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    published = [r for r in RULES if r != "reactive"]  # reactive: ask for it (--rules reactive)
+    p.add_argument("--rules", nargs="+", default=published, choices=list(RULES))
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
     p.add_argument("--lates", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--growths", type=int, nargs="+", default=[2, 3, 4, 6])
     p.add_argument("--alphas", type=float, nargs="+", default=[-2.0, 0.0, 2.0, 4.0])
     p.add_argument("--intervals", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--starts", type=float, nargs="+", default=[0.0, 0.1, 0.2])
+    p.add_argument("--looks", type=float, nargs="+", default=[0.1, 0.25])
+    p.add_argument("--min-slopes", type=float, nargs="+", default=[0.3, 1.0, 2.0])
+    p.add_argument("--max-accs", type=float, nargs="+", default=[0.8, 1.0])
+    p.add_argument("--max-gaps", type=float, nargs="+", default=[0.02, 1.0])
+    p.add_argument("--reactive-growths", type=int, nargs="+", default=[2, 3])
     p.add_argument("--n-jobs", type=int, default=2)
     p.add_argument("--kernel-dir", default=None)
     p.add_argument("--out", default=str(config_dir() / PARAMS_FILE))

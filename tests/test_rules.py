@@ -1,4 +1,4 @@
-"""Published growth rules (north, fragrow, gradmax) and the features they read."""
+"""Growth rules (north, fragrow, gradmax; reactive) and the features they read."""
 
 import math
 
@@ -8,7 +8,13 @@ import torch
 
 from esper_gym.actions import ADVANCE, GERMINATE, Action
 from esper_gym.agents.baselines import AGENTS, make_agent
-from esper_gym.agents.rules import FragrowAgent, GradmaxAgent, NorthAgent, rule_params
+from esper_gym.agents.rules import (
+    FragrowAgent,
+    GradmaxAgent,
+    NorthAgent,
+    ReactiveAgent,
+    rule_params,
+)
 from esper_gym.episode import play_episode
 from esper_gym.evaluate import TaskSpec, make_env
 from esper_gym.kasmina import KasminaLayer
@@ -219,7 +225,7 @@ def test_new_features_carry_real_values_in_an_episode(kernel_dir):
     assert info["params_added"] > 0  # and gradmax grew
 
 
-@pytest.mark.parametrize("name", ["north", "fragrow", "gradmax"])
+@pytest.mark.parametrize("name", ["north", "fragrow", "gradmax", "reactive"])
 def test_the_rules_play_spirals_episodes_with_valid_actions(name, kernel_dir):
     assert name in AGENTS
     env = _env(contexts="train", kernel_dir=kernel_dir)
@@ -227,3 +233,48 @@ def test_the_rules_play_spirals_episodes_with_valid_actions(name, kernel_dir):
     metrics, events = play_episode(env, agent.act, seed=1)
     assert metrics["invalid_actions"] == 0 and metrics["length"] > 0
     assert not any(e.get("reason") == "agent" and e.get("to") == "CULLED" for e in events)
+
+
+# --------------------------------------------------------------------------------- reactive
+def _curve(agent, accs, train_gap=0.0, steps=10):
+    """Feed `agent` a run whose val accuracy at step t (progress t / steps) is accs[t] (train
+    accuracy `train_gap` above it); the actions it took."""
+    actions = []
+    for t, acc in enumerate(accs):
+        obs = _obs(progress=t / steps)
+        obs["globals"][G["val_acc"]] = acc
+        obs["globals"][G["train_acc"]] = acc + train_gap
+        actions.append(agent.act(obs))
+    return actions
+
+
+def test_reactive_grows_a_slow_learner_and_not_a_fast_one_nor_a_noisy_one():
+    params = dict(look=0.3, min_slope=0.2, max_acc=0.75, max_gap=0.02, growths=3, window=2)
+    # Slow: 0.30 -> 0.45 by progress 0.4, still rising (slope 0.4 per unit progress).
+    slow = _curve(_agent(ReactiveAgent, **params), [0.30, 0.33, 0.36, 0.39, 0.42, 0.45, 0.48])
+    # Fast: at 0.9 by progress 0.2 (converged: above max_acc), flat after.
+    fast = _curve(_agent(ReactiveAgent, **params), [0.30, 0.70, 0.90, 0.91, 0.91, 0.91, 0.91])
+    # Noisy: a plateau at 0.5 from progress 0.1 (slope 0 < min_slope once it reads, at 0.3).
+    flat = _curve(_agent(ReactiveAgent, **params), [0.30, 0.50, 0.50, 0.50, 0.50, 0.50, 0.50])
+    # Noisy labels: slow and low, but training accuracy under validation accuracy.
+    labels = _curve(
+        _agent(ReactiveAgent, **params), [0.30, 0.33, 0.36, 0.39, 0.42, 0.45, 0.48], train_gap=-0.1
+    )
+    assert fast == flat == labels == [0] * 7
+    # The slow run triggers at its first step past `look` (step 3, progress 0.3) and grows one
+    # layer after another (this hand-built mask keeps every slot dormant, so the same slot
+    # index), three seeds, then never again.
+    assert slow[:3] == [0, 0, 0]
+    assert slow[3:6] == [_germinate(0), _germinate(1), _germinate(2)]
+    assert slow[6:] == [0]
+
+
+def test_reactive_restarts_with_each_episode_and_refuses_bad_thresholds():
+    agent = _agent(ReactiveAgent, look=0.1, min_slope=0.2, max_acc=0.75, window=1, growths=1)
+    first = _curve(agent, [0.3, 0.35, 0.4])
+    again = _curve(agent, [0.3, 0.35, 0.4])  # progress restarts at 0: a new episode
+    assert first == again and first.count(0) == 2
+    with pytest.raises(ValueError, match="max_acc"):
+        _agent(ReactiveAgent, max_acc=1.5)
+    with pytest.raises(ValueError, match="min_slope"):
+        _agent(ReactiveAgent, min_slope=float("nan"))

@@ -1,4 +1,4 @@
-"""Published growth rules as agents: `north`, `fragrow` and `gradmax`.
+"""Growth rules as agents: the published `north`, `fragrow` and `gradmax`, and `reactive`.
 
 Each is the *when* and *where* of a published method, adapted to the seed action space (WAIT,
 GERMINATE a blueprint in a slot of a layer, ADVANCE, CULL, under the action mask). The *how*
@@ -285,12 +285,108 @@ class GradmaxAgent(GrowthRule):
         return None
 
 
-RULES = {"north": NorthAgent, "fragrow": FragrowAgent, "gradmax": GradmaxAgent}
+class ReactiveAgent(GrowthRule):
+    """A reactive baseline that reads the run: grow a clean run that learns too slowly to finish.
+
+    Not a published method: the rule the measured value of reacting asks for (DESIGN.md,
+    "Baselines": at a high rent, clean under-trained runs want growth, noisy or converged ones
+    do not, and only the run shows which is which). From `look` (training progress) to `late`,
+    at each step it reads, from the observation's globals:
+    - the val-acc slope: accuracy gained per unit of progress over the last `window` steps
+      (its own memory of `val_acc` and `progress`);
+    - the val accuracy itself: a converged run is already high;
+    - the train/val gap (train_acc - val_acc): noisy labels make training accuracy the lower.
+    The run is slow but learning, so growth pays, when slope >= `min_slope` (still learning: not
+    a noise plateau), val_acc <= `max_acc` (far from done: not converged) and the gap is at least
+    `-max_gap` (clean labels). The first time that holds it germinates `growths` seeds on
+    consecutive steps, one layer after another (hidden layers first, `hidden_only`), and never
+    again; seeds advance as soon as the mask allows and are never culled. A run that never
+    qualifies stays the static host (NoOp). Thresholds are tuned on train contexts
+    (experiments/tune_rules.py, conf/rule_params.yaml).
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        blueprints: tuple[str, ...] | None = None,
+        look: float = 0.1,
+        min_slope: float = 0.2,
+        max_acc: float = 0.75,
+        max_gap: float = 0.02,
+        growths: int = 3,
+        window: int = 3,
+        late: float = 0.6,
+        preference: tuple[str, ...] = PREFERENCE,
+        hidden_only: bool = False,
+    ) -> None:
+        self.look = _fraction("look", look, low_open=False)
+        self.late = _fraction("late", late)
+        self.max_acc = _fraction("max_acc", max_acc)
+        for name, value in (("min_slope", min_slope), ("max_gap", max_gap)):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (ok and math.isfinite(value)):
+                raise ValueError(f"{name}={value!r} must be a finite number")
+        self.min_slope, self.max_gap = float(min_slope), float(max_gap)
+        self.growths = _count("growths", growths)
+        self.window = _count("window", window)
+        super().__init__(observation_space, action_space, blueprints, preference, hidden_only)
+
+    def reset(self) -> None:
+        super().reset()
+        self.history: list[tuple[float, float]] = []  # (progress, val_acc) at each step
+        self.triggered = False
+
+    def act(self, obs, info=None):
+        view = ObsView(obs)
+        progress = float(view.glob("progress"))
+        if progress == 0 and (self.grown or self.history):  # a new episode
+            self.reset()
+        self.history.append((progress, float(view.glob("val_acc"))))
+        return super().act(obs, info)
+
+    def slope(self) -> float:
+        """Val accuracy gained per unit of progress over the last `window` steps (NaN before)."""
+        if len(self.history) <= self.window:
+            return math.nan
+        (p0, a0), (p1, a1) = self.history[-1 - self.window], self.history[-1]
+        return (a1 - a0) / (p1 - p0) if p1 > p0 else math.nan
+
+    def slow(self, obs) -> bool:
+        """The trigger: learning, but too slowly to finish, on clean labels."""
+        view = ObsView(obs)
+        val = float(view.glob("val_acc"))
+        gap = float(view.glob("train_acc")) - val
+        slope = self.slope()
+        return slope >= self.min_slope and val <= self.max_acc and gap >= -self.max_gap
+
+    def grow(self, obs, progress, n_nodes):
+        if self.grown >= self.growths:
+            return None
+        if not self.triggered:
+            if not self.look <= progress < self.late or not self.slow(obs):
+                return None
+            self.triggered = True
+        layers = list(self.layers(n_nodes))
+        for k in range(len(layers)):  # one layer after another, wrapping
+            action = self.germination(obs, layers[(self.grown + k) % len(layers)])
+            if action is not None:
+                return action
+        return None
+
+
+RULES = {
+    "north": NorthAgent,
+    "fragrow": FragrowAgent,
+    "gradmax": GradmaxAgent,
+    "reactive": ReactiveAgent,
+}
 # The parameters tune_rules.py searches per rule (the rest keep their defaults).
 TUNED = {
     "north": ("threshold", "late"),
     "fragrow": ("growths", "alpha"),
     "gradmax": ("interval", "start", "growths"),
+    "reactive": ("look", "min_slope", "max_acc", "growths"),
 }
 
 
