@@ -29,10 +29,11 @@ def make_teacher(name: str, env: gym.Env):
         raise ValueError(f"{err}. Or train without a warm start: agent.ppo.teacher=null") from err
 
 
-def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
+def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig, budget: int | None = None):
     """Warm start: play `teachers` (one per env of `envs`, starting from observations `obs`)
     until `config.imitation_episodes` episodes have ended and every copy has ended at least one
-    (with several tasks, a task of long episodes is not left out), then fit `policy` for
+    (with several tasks, a task of long episodes is not left out), or until one more step of
+    every env would pass `budget` env steps (the run's total_steps), then fit `policy` for
     `config.imitation_epochs` epochs: cross-entropy to the teacher's action plus `vf_coef` times
     the value loss to its discounted return (in the return statistics' units, which these
     returns set). Dropout is off, as in PPO. Steps of episodes still in flight when the last one
@@ -50,7 +51,10 @@ def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
     ended: list[float] = []
     copy_ended = np.zeros(n_envs, bool)
     steps = 0
-    while len(ended) < config.imitation_episodes or not copy_ended.all():
+    budget = float("inf") if budget is None else budget
+    while (len(ended) < config.imitation_episodes or not copy_ended.all()) and (
+        steps + n_envs <= budget
+    ):
         acts = np.array([t.act(index_obs(obs, i)) for i, t in enumerate(teachers)])
         for i, path in enumerate(paths):
             path["obs"].append(index_obs(obs, i))
@@ -75,6 +79,11 @@ def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig):
             if hasattr(teachers[i], "reset"):
                 teachers[i].reset()
 
+    if not data["obs"]:  # the budget ended before any episode did: nothing to fit
+        nan = float("nan")
+        metrics = {"imitation/steps": steps, "imitation/episodes": 0}
+        metrics.update({f"imitation/{k}": nan for k in ("teacher_return", "loss", "agreement")})
+        return obs, steps, metrics
     b_obs = {k: np.stack([o[k] for o in data["obs"]]) for k in data["obs"][0]}
     b_actions = torch.as_tensor(data["actions"])
     b_returns = torch.as_tensor(data["returns"], dtype=torch.float32)

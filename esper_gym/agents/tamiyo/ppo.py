@@ -9,6 +9,7 @@ checkpointing (esper_gym.agents.tamiyo.checkpoint) and checking the guards
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -32,6 +33,8 @@ from esper_gym.agents.tamiyo.imitation import imitate, make_teacher
 from esper_gym.agents.tamiyo.policy import TamiyoPolicy
 from esper_gym.agents.tamiyo.popart import update_return_stats
 
+LOG = logging.getLogger(__name__)
+
 
 def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: bool = False):
     """num_envs copies, autoreset in the same step (the final obs comes back in info). A
@@ -50,6 +53,26 @@ def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: b
             [make_env] * num_envs, context="spawn", shared_memory=False, autoreset_mode=mode
         )
     return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=mode)
+
+
+def _warn_budget(config, step, end_step, batch_size, n_envs, imitated, resumed) -> None:
+    """One line (logging, esper_gym.agents.tamiyo.ppo) when the run does not end at exactly
+    `config.total_steps` env steps: PPO's whole rollouts, or a warm start the budget cut."""
+    if imitated is not None and imitated < config.imitation_episodes:
+        LOG.warning(
+            "total_steps=%d ends in the imitation warm start: %d env steps, %d of "
+            "imitation_episodes=%d teacher episodes, no PPO update",
+            *(config.total_steps, step, imitated, config.imitation_episodes),
+        )
+    elif end_step != config.total_steps and not (resumed and step >= config.total_steps):
+        # e.g. 1024 asked, 8 envs x 64 steps after 192 imitation steps: 192 + 2 x 512 = 1216
+        LOG.warning(
+            "total_steps=%d is rounded to whole PPO rollouts of %d env steps (%d envs x "
+            "rollout_steps=%d): this run ends at %d env steps (%s%d updates)",
+            *(config.total_steps, batch_size, n_envs, config.rollout_steps, end_step),
+            f"{step} imitation steps + " if imitated is not None else "",
+            (end_step - step) // batch_size,
+        )
 
 
 def _final_obs(info: dict, i: int) -> dict[str, np.ndarray]:
@@ -131,7 +154,6 @@ def train(
     env_task = [str(rec.get("task")) for rec in records for _ in range(config.num_envs)]
     batch_size = n_envs * n_steps
     minibatch_size = max(batch_size // config.minibatches, 1)
-    num_updates = math.ceil(config.total_steps / batch_size)
 
     policy = TamiyoPolicy.for_space(
         space,
@@ -166,19 +188,34 @@ def train(
     ep_culls = np.zeros(n_envs, dtype=int)
     guard_history: dict[str, list[float]] = {}
 
+    imitated = None
     if teachers:
-        # The teacher's env steps count in the budget: PPO starts at the update they reach.
-        _, global_step, metrics = imitate(policy, optimizer, envs, teachers, next_obs, config)
+        # The teacher's env steps count in the budget, and never run past it.
+        _, global_step, metrics = imitate(
+            policy, optimizer, envs, teachers, next_obs, config, budget=config.total_steps
+        )
+        imitated = metrics["imitation/episodes"]
         if log is not None:
             log(metrics, global_step)
         if checkpoint_path is not None:  # the warm start alone is a policy to evaluate
             save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
         next_obs, _ = envs.reset(seed=config.seed + global_step)  # whole episodes for PPO
 
-    first_update = -(-global_step // batch_size) + 1  # ceil: an update starts after the teacher
-    for update in range(first_update, num_updates + 1):
+    # PPO runs whole rollouts of batch_size steps: the budget left, rounded to the nearest
+    # number of them (at least one for a run that starts from scratch). The end is the same from
+    # any step on the way, so a resumed run ends where the uninterrupted one would.
+    left = max(config.total_steps - global_step, 0)
+    num_updates = (2 * left + batch_size) // (2 * batch_size)
+    if global_step == 0 and left > 0:
+        num_updates = max(num_updates, 1)
+    if imitated is not None and imitated < config.imitation_episodes:
+        num_updates = 0  # the warm start was cut by the budget: nothing left for PPO
+    end_step = global_step + num_updates * batch_size
+    _warn_budget(config, global_step, end_step, batch_size, n_envs, imitated, ckpt is not None)
+    for _ in range(num_updates):
+        update = global_step // batch_size + 1  # checkpoint_every counts these
         if config.anneal_lr:
-            frac = (update - 1) / num_updates
+            frac = global_step / end_step  # 0 at the first update without a warm start
             optimizer.param_groups[0]["lr"] = config.lr + frac * (config.lr_final - config.lr)
         start = time.perf_counter()
         finished_returns, finished_lengths, finished_culls = [], [], []
@@ -324,7 +361,7 @@ def train(
         if log is not None:
             log(metrics, global_step)
         if checkpoint_path is not None and (
-            update % config.checkpoint_every == 0 or update == num_updates
+            update % config.checkpoint_every == 0 or global_step >= end_step
         ):
             save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
         try:
