@@ -73,7 +73,7 @@ def test_one_policy_trains_on_two_tasks_each_copy_imitating_its_own_task(tmp_pat
     )
     logs = []
     cfg = PPOConfig(
-        total_steps=64,
+        total_steps=42,  # 10 imitation steps and one update of 2 x 16
         num_envs=1,
         rollout_steps=16,
         update_epochs=1,

@@ -571,7 +571,7 @@ def test_imitation_warm_start_copies_the_schedule_and_counts_its_steps(tmp_path)
     )
     logs = []
     cfg = PPOConfig(
-        total_steps=1,  # imitation only: its steps already exceed the budget
+        total_steps=24,  # imitation only: 6 episodes of 4 steps on 2 envs fill the budget
         num_envs=2,
         rollout_steps=16,
         teacher="schedule",
