@@ -25,7 +25,7 @@ import shutil
 import pandas as pd
 import torch
 
-from esper_gym import plots
+from esper_gym.bench import plots
 
 
 def main() -> None:

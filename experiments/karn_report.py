@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from esper_gym.agents.baselines import make_agent
+from esper_gym.bench.stats import iqm, stratified_bootstrap_ci
 from esper_gym.episode import play_episode
 from esper_gym.kernels import BlueprintGenerator, KernelStore
 from esper_gym.kernels.karn import KarnGenerator, fit_outcomes, outcome_features
-from esper_gym.stats import iqm, stratified_bootstrap_ci
 
 
 def episode(env_kwargs: dict, generator, seed: int) -> dict:

@@ -4,7 +4,7 @@
 baseline with the highest IQM return). A claim often needs more: the agent against its teacher,
 against NoOp, or against the baseline with the highest mean paired difference. This prints, for
 each (task, agent, other, metric), the mean per-seed difference agent - other on common seeds
-with its paired bootstrap 95% CI (esper_gym.stats.paired_difference, as evaluate computes it),
+with its paired bootstrap 95% CI (esper_gym.bench.stats.paired_difference, as evaluate computes it),
 and writes the table as CSV next to the episodes.
 
     python experiments/paired_table.py results/tamiyo/test_contexts \
@@ -26,7 +26,7 @@ import pathlib
 
 import pandas as pd
 
-from esper_gym import stats
+from esper_gym.bench import stats
 
 
 def paired_table(

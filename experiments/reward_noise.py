@@ -9,7 +9,7 @@ the task's own split and one `--val-scale` times larger (`dataset_kwargs n_val` 
 `eval_size`; the reward is the change in accuracy on it). Per (setting, variant) it prints:
 
 - `effect`: mean over seeds of return(variant) - return(schedule), with a paired bootstrap 95%
-  CI (esper_gym.stats.paired_difference);
+  CI (esper_gym.bench.stats.paired_difference);
 - `sd paired`: the spread of that per-seed difference (what a paired reward, one that compares
   both choices on common random numbers, would have to resolve);
 - `sd ctx`: the spread of return(variant, seed s) - return(schedule, seed t) over pairs of
@@ -44,8 +44,8 @@ import numpy as np
 import pandas as pd
 
 import esper_gym
-from esper_gym import stats
 from esper_gym.agents.baselines import Germination, ScheduleAgent, tuned_plan
+from esper_gym.bench import stats
 from esper_gym.contexts import context_space
 from esper_gym.tasks import get_task
 

@@ -35,8 +35,9 @@ import pandas as pd
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `agents` lives at the root
 
-from esper_gym import plots, stats  # noqa: E402
-from esper_gym.evaluate import SUMMARY_METRICS, evaluate, resolve_tasks  # noqa: E402
+from esper_gym.bench import plots, stats  # noqa: E402
+from esper_gym.bench.report import SUMMARY_METRICS  # noqa: E402
+from esper_gym.evaluate import EvalConfig, evaluate, resolve_tasks  # noqa: E402
 from esper_gym.logger import CsvMetrics  # noqa: E402
 
 SETTINGS = {
@@ -130,14 +131,16 @@ def main(argv=None) -> None:
 
     tasks = resolve_tasks(args.tasks, VARIANTS)
     result = evaluate(
-        ["tamiyo", "heuristic", "random", "noop"],
-        tasks,
-        args.seeds,
-        out,
-        checkpoints={"tamiyo": str(ckpt)},
-        n_jobs=args.n_jobs,
-        kernel_dir=args.kernel_dir,
-        timeline={"agent": "tamiyo"},
+        EvalConfig(
+            ["tamiyo", "heuristic", "random", "noop"],
+            tasks,
+            args.seeds,
+            out,
+            checkpoints={"tamiyo": str(ckpt)},
+            n_jobs=args.n_jobs,
+            kernel_dir=args.kernel_dir,
+            timeline={"agent": "tamiyo"},
+        )
     )
     write_table(out, result.summary, ckpt, args.seeds)
 

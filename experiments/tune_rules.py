@@ -15,11 +15,14 @@ The family (all combinations of the flags' values; the other parameters keep the
 - gradmax: `--intervals` (progress between seeds) x `--starts` (progress of the first) x
   `--growths`;
 - reactive (not published; the rule that reads the run): `--looks` (progress from which it
-  reads) x `--min-slopes` (val accuracy per unit progress below which learning has stalled) x
-  `--max-accs` (val accuracy above which the run is done) x `--max-gaps` (how far training
-  accuracy may sit below validation accuracy: label noise; 1 turns the check off) x
-  `--reactive-growths` (seeds once triggered); `window` 3, `late` 0.6 and `hidden_only` false
-  keep their defaults.
+  reads) x `--min-slopes` (val accuracy per unit progress below which learning has stalled; -1
+  turns it off) x `--max-slopes` (above which the run learns fast enough alone) x `--max-accs`
+  (val accuracy above which the run is done) x `--max-gaps` (how far training accuracy may sit
+  below validation accuracy: label noise; 1 turns the check off) x `--reactive-growths` (seeds
+  once triggered); `window` 3, `late` 0.6 and `hidden_only` false keep their defaults. A first
+  search (min slope 0.3/1/2 x max acc 0.8/1 x max gap 0.02/1 x growths 2/3, no max slope)
+  chose a slope floor that skipped the slow runs where growth pays most: -0.20 against the
+  schedule on spirals_budget's test contexts (results/value_of_reacting/spirals_budget.md).
 
 ```bash
 nice python experiments/tune_rules.py --task spirals --contexts train --seeds 8 --n-jobs 2
@@ -48,9 +51,9 @@ sys.path.insert(0, str(ROOT))
 from esper_gym import config_dir  # noqa: E402
 from esper_gym.agents.baselines import NoOpAgent  # noqa: E402
 from esper_gym.agents.rules import PARAMS_FILE, RULES  # noqa: E402
+from esper_gym.bench.jobs import TaskSpec, task_env  # noqa: E402
+from esper_gym.bench.stats import iqm  # noqa: E402
 from esper_gym.episode import play_episode  # noqa: E402
-from esper_gym.evaluate import TaskSpec, make_env  # noqa: E402
-from esper_gym.stats import iqm  # noqa: E402
 
 HEADER = """\
 # Tuned parameters of the growth rules, per task and rule (esper_gym.agents.rules).
@@ -81,6 +84,7 @@ def grids(args) -> dict[str, list[dict]]:
         "reactive": product(
             look=args.looks,
             min_slope=args.min_slopes,
+            max_slope=args.max_slopes,
             max_acc=args.max_accs,
             max_gap=args.max_gaps,
             growths=args.reactive_growths,
@@ -93,11 +97,13 @@ def score(task: str, contexts: str, rule: str | None, params: dict, seed: int, k
     import torch
 
     torch.set_num_threads(1)
-    env = make_env(TaskSpec(task, task), kernel_dir=kernel_dir, contexts=contexts)
+    env = task_env(TaskSpec(task, task), kernel_dir=kernel_dir, contexts=contexts)
     if rule is None:
         agent = NoOpAgent()
     else:
-        agent = RULES[rule](env.observation_space, env.action_space, env.task.blueprints, **params)
+        agent = RULES[rule](
+            env.observation_space, env.action_space, env.unwrapped.task.blueprints, **params
+        )
     metrics, _ = play_episode(env, agent.act, seed)
     env.close()
     return float(metrics["return"])
@@ -117,10 +123,11 @@ def main(argv=None) -> None:
     p.add_argument("--intervals", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--starts", type=float, nargs="+", default=[0.0, 0.1, 0.2])
     p.add_argument("--looks", type=float, nargs="+", default=[0.1, 0.25])
-    p.add_argument("--min-slopes", type=float, nargs="+", default=[0.3, 1.0, 2.0])
-    p.add_argument("--max-accs", type=float, nargs="+", default=[0.8, 1.0])
-    p.add_argument("--max-gaps", type=float, nargs="+", default=[0.02, 1.0])
-    p.add_argument("--reactive-growths", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--min-slopes", type=float, nargs="+", default=[-1.0, 0.3])
+    p.add_argument("--max-slopes", type=float, nargs="+", default=[1.0, 3.0, 100.0])
+    p.add_argument("--max-accs", type=float, nargs="+", default=[0.7, 0.85, 1.0])
+    p.add_argument("--max-gaps", type=float, nargs="+", default=[1.0])
+    p.add_argument("--reactive-growths", type=int, nargs="+", default=[2])
     p.add_argument("--n-jobs", type=int, default=2)
     p.add_argument("--kernel-dir", default=None)
     p.add_argument("--out", default=str(config_dir() / PARAMS_FILE))

@@ -51,11 +51,11 @@ sys.path.insert(0, str(ROOT))
 
 from esper_gym import config_dir  # noqa: E402
 from esper_gym.agents.baselines import LAYER_RULES, PLANS_FILE, ScheduleAgent  # noqa: E402
+from esper_gym.bench.jobs import TaskSpec, task_env  # noqa: E402
+from esper_gym.bench.oracle import describe  # noqa: E402
+from esper_gym.bench.oracle import plan_family as family  # noqa: E402 (the oracle's family too)
+from esper_gym.bench.stats import iqm  # noqa: E402
 from esper_gym.episode import play_episode  # noqa: E402
-from esper_gym.evaluate import TaskSpec, make_env  # noqa: E402
-from esper_gym.oracle import describe  # noqa: E402
-from esper_gym.oracle import plan_family as family  # noqa: E402 (the oracle's family too)
-from esper_gym.stats import iqm  # noqa: E402
 
 HEADER = """\
 # Tuned open-loop plans of the `schedule` agent, one per task (esper_gym.agents.baselines).
@@ -71,8 +71,10 @@ def score(task: str, contexts: str | None, plan, seed: int, kernel_dir, context=
     import torch
 
     torch.set_num_threads(1)
-    env = make_env(TaskSpec(task, task), kernel_dir=kernel_dir, contexts=contexts)
-    agent = ScheduleAgent(env.observation_space, env.action_space, plan, env.task.blueprints)
+    env = task_env(TaskSpec(task, task), kernel_dir=kernel_dir, contexts=contexts)
+    agent = ScheduleAgent(
+        env.observation_space, env.action_space, plan, env.unwrapped.task.blueprints
+    )
     options = None if context is None else {"context": int(context)}
     metrics, _ = play_episode(env, agent.act, seed, options)
     env.close()

@@ -281,7 +281,7 @@ def test_huge_pickle_is_refused_before_unpickling(tmp_path):
 
 
 def test_sb3_checkpoint_given_to_tamiyo_says_which_loader_it_needs(tmp_path):
-    from esper_gym.evaluate import checkpoint_file, make_jobs, resolve_tasks
+    from esper_gym.bench.jobs import checkpoint_file, make_jobs, resolve_tasks
 
     archive = _sb3_zip(tmp_path / "checkpoint.zip")
     message = refused(lambda: load_checkpoint(archive), archive, "SB3")

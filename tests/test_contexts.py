@@ -16,10 +16,10 @@ from torch import nn
 import esper_gym
 from esper_gym.actions import ADVANCE, CULL, GERMINATE, Action
 from esper_gym.agents.tamiyo import TamiyoPolicy, obs_to_batch
+from esper_gym.bench.report import decision_summary
 from esper_gym.contexts import apply_context, context_space
 from esper_gym.data import make_spirals, shift_dataset
 from esper_gym.episode import decision_metrics
-from esper_gym.evaluate import decision_summary
 from esper_gym.hosts import (
     _autograd_edges,
     _fx_edges,

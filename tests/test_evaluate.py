@@ -1,4 +1,4 @@
-"""The benchmark pipeline (esper_gym.evaluate) and its figures (esper_gym.plots).
+"""The benchmark pipeline (esper_gym.evaluate) and its figures (esper_gym.bench.plots).
 
 The CSV is checked against the episodes themselves: every row is replayed independently with
 gym.make + esper_gym.agents.baselines.run_episode, and the numbers must be identical.
@@ -15,22 +15,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esper_gym import plots
 from esper_gym.agents.baselines import make_agent, run_episode
-from esper_gym.evaluate import (
+from esper_gym.bench import plots
+from esper_gym.bench.jobs import (
     CSV_COLUMNS,
     Job,
     TaskSpec,
     check_compatible,
-    evaluate,
-    load_events,
-    make_env,
     make_jobs,
     resolve_tasks,
     run_job,
     with_agent_kwargs,
 )
-from esper_gym.stats import iqm
+from esper_gym.bench.jobs import task_env as make_env
+from esper_gym.bench.report import load_events
+from esper_gym.bench.stats import iqm
+from esper_gym.evaluate import EvalConfig, evaluate
 from tests.conftest import SMALL
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,15 +50,17 @@ def small_run(tmp_path_factory, kernel_dir):
     out = tmp_path_factory.mktemp("eval")
     tasks = resolve_tasks(["spirals"], overrides={"spirals": TASK})
     result = evaluate(
-        ["heuristic", "random", "noop"],
-        tasks,
-        seeds=2,
-        out_dir=out,
-        first_seed=7,
-        n_jobs=2,
-        kernel_dir=kernel_dir,
-        reps=500,
-        progress=False,
+        EvalConfig(
+            ["heuristic", "random", "noop"],
+            tasks,
+            seeds=2,
+            out_dir=out,
+            first_seed=7,
+            n_jobs=2,
+            kernel_dir=kernel_dir,
+            reps=500,
+            progress=False,
+        )
     )
     return out, result
 
@@ -217,7 +219,7 @@ def test_variant_changes_the_host_graph_but_not_the_spaces(kernel_dir):
     assert a.observation_space == b.observation_space and a.action_space == b.action_space
     a.reset(seed=0)
     b.reset(seed=0)
-    assert (len(a.layers), len(b.layers)) == (3, 4)
+    assert (len(a.unwrapped.layers), len(b.unwrapped.layers)) == (3, 4)
 
 
 def test_tamiyo_checkpoint_runs_zero_shot_on_another_graph_and_refuses_other_spaces(
@@ -305,7 +307,7 @@ def test_checkpoint_trained_seeing_the_context_is_evaluated_seeing_it(tmp_path, 
     env = make_env(spirals, kernel_dir=kernel_dir, contexts="test", show_context=True)
     plain = make_env(spirals, kernel_dir=kernel_dir, contexts="test")
     extra = env.observation_space["globals"].shape[0] - plain.observation_space["globals"].shape[0]
-    assert extra == len(env.context_space.factors) > 0
+    assert extra == len(env.unwrapped.context_space.factors) > 0
     record = env_record(env)
     assert record["show_context"] is True and "show_context" not in env_record(plain)
     torch.manual_seed(0)

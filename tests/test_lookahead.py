@@ -8,8 +8,10 @@ from esper_gym import config_dir
 from esper_gym.actions import ADVANCE, GERMINATE, Action
 from esper_gym.agents.baselines import AGENTS, PRIVILEGED, make_agent
 from esper_gym.agents.lookahead import LookaheadAgent
+from esper_gym.bench.jobs import TaskSpec
+from esper_gym.bench.jobs import task_env as make_env
+from esper_gym.bench.report import comparison_baselines
 from esper_gym.episode import play_episode
-from esper_gym.evaluate import TaskSpec, comparison_baselines, make_env
 from tests.conftest import SMALL
 
 TASK = {**SMALL, "blueprints": ("residual_mlp", "low_rank")}

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from nbclient import NotebookClient
 
-from esper_gym.evaluate import CSV_COLUMNS
+from esper_gym.bench.jobs import CSV_COLUMNS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "compare_agents.ipynb"

@@ -156,10 +156,11 @@ def test_format_1_is_read_without_numerics_and_format_2_needs_them(tmp_path):
 
 _RECORD = """
 import json, sys
-from esper_gym import evaluate, numerics, validate
+from esper_gym import numerics, validate
+from esper_gym.bench import jobs
 assert numerics.env_is_portable()
-job = evaluate.Job("noop", evaluate.resolve_tasks(["spirals"])[0], seed=3, kernel_dir=sys.argv[2])
-ep = evaluate.run_job(job)["replay"]
+job = jobs.Job("noop", jobs.resolve_tasks(["spirals"])[0], seed=3, kernel_dir=sys.argv[2])
+ep = jobs.run_job(job)["replay"]
 assert ep["numerics"]["mode"] == "portable", ep["numerics"]
 tampered = {**ep, "test_acc": ep["test_acc"] + 2**-20}
 validate.write(sys.argv[1], [ep, tampered])

@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esper_gym import oracle as oracle_lib
-from esper_gym.evaluate import evaluate, make_env, resolve_tasks
-from esper_gym.oracle import OracleConfig, context_index, plan_family, value_of_reacting
+from esper_gym.bench import oracle as oracle_lib
+from esper_gym.bench.jobs import resolve_tasks
+from esper_gym.bench.jobs import task_env as make_env
+from esper_gym.bench.oracle import OracleConfig, context_index, plan_family, value_of_reacting
+from esper_gym.evaluate import EvalConfig, evaluate
 from tests.conftest import SMALL
 
 TASK = {**SMALL, "blueprints": ("residual_mlp", "low_rank")}
@@ -29,19 +31,21 @@ def run(tmp_path_factory, kernel_dir):
     the oracle with a 2-plan family chosen on one selection seed."""
     out = tmp_path_factory.mktemp("oracle")
     result = evaluate(
-        ["schedule", "lookahead", "noop"],
-        resolve_tasks(["spirals"], overrides={"spirals": TASK}),
-        seeds=2,
-        out_dir=out,
-        first_seed=FIRST_SEED,
-        n_jobs=2,
-        kernel_dir=kernel_dir,
-        contexts="test",
-        reps=500,
-        make_plots=False,
-        progress=False,
-        agent_kwargs={"lookahead": {"every": 1, "horizon": 2}},
-        oracle={"selection_seeds": 1, "selection_first_seed": 500, "family": TWO_PLANS},
+        EvalConfig(
+            ["schedule", "lookahead", "noop"],
+            resolve_tasks(["spirals"], overrides={"spirals": TASK}),
+            seeds=2,
+            out_dir=out,
+            first_seed=FIRST_SEED,
+            n_jobs=2,
+            kernel_dir=kernel_dir,
+            contexts="test",
+            reps=500,
+            make_plots=False,
+            progress=False,
+            agent_kwargs={"lookahead": {"every": 1, "horizon": 2}},
+            oracle={"selection_seeds": 1, "selection_first_seed": 500, "family": TWO_PLANS},
+        )
     )
     return out, result
 
@@ -192,15 +196,17 @@ def test_oracle_gap_share_is_the_paired_share_of_the_gap():
 
 def test_no_oracle_without_contexts(tmp_path, kernel_dir):
     result = evaluate(
-        ["noop"],
-        resolve_tasks(["spirals"], overrides={"spirals": TASK}),
-        seeds=1,
-        out_dir=tmp_path,
-        kernel_dir=kernel_dir,
-        reps=50,
-        make_plots=False,
-        progress=False,
-        oracle={"family": TWO_PLANS},
+        EvalConfig(
+            ["noop"],
+            resolve_tasks(["spirals"], overrides={"spirals": TASK}),
+            seeds=1,
+            out_dir=tmp_path,
+            kernel_dir=kernel_dir,
+            reps=50,
+            make_plots=False,
+            progress=False,
+            oracle={"family": TWO_PLANS},
+        )
     )
     assert list(result.episodes["agent"]) == ["noop"]
     assert not (tmp_path / "oracle_selection.csv").exists()
@@ -288,7 +294,7 @@ def test_selection_defaults_to_eight_seeds_and_the_pruned_family():
 
 
 def test_cluster_bootstrap_resamples_whole_clusters():
-    from esper_gym.stats import cluster_bootstrap_ci
+    from esper_gym.bench.stats import cluster_bootstrap_ci
 
     ci = cluster_bootstrap_ci([[1.0, 1.0, 1.0], [3.0]], reps=500)
     assert ci.estimate == pytest.approx(1.5)  # the mean of every value, not of the clusters

@@ -15,8 +15,9 @@ from esper_gym.agents.rules import (
     ReactiveAgent,
     rule_params,
 )
+from esper_gym.bench.jobs import TaskSpec
+from esper_gym.bench.jobs import task_env as make_env
 from esper_gym.episode import play_episode
-from esper_gym.evaluate import TaskSpec, make_env
 from esper_gym.kasmina import KasminaLayer
 from esper_gym.kasmina.lifecycle import SeedState
 from esper_gym.kasmina.telemetry import effective_rank
@@ -40,7 +41,7 @@ def _obs(progress=0.5, states=None, **node_values):
     every slot DORMANT unless `states` = {(layer, slot): SeedState}; the mask allows every
     germination of a dormant slot and the advance of a GERMINATED/TRAINING/PROBATION seed.
     `node_values`: feature name -> 3 values (one per layer)."""
-    space, lay = ENV.observation_space, ENV.layout
+    space, lay = ENV.observation_space, ENV.unwrapped.layout
     obs = {k: np.zeros(s.shape, s.dtype) for k, s in space.spaces.items()}
     obs["node_mask"][:3] = 1
     obs["globals"][G["progress"]] = progress
@@ -61,7 +62,7 @@ def _obs(progress=0.5, states=None, **node_values):
 
 
 def _germinate(layer, slot=0, blueprint=0):
-    return ENV.layout.encode(Action(GERMINATE, layer, slot, blueprint))
+    return ENV.unwrapped.layout.encode(Action(GERMINATE, layer, slot, blueprint))
 
 
 def _agent(cls, **params):
@@ -88,7 +89,7 @@ def test_north_waits_below_threshold_while_a_seed_is_in_progress_and_late():
     assert agent.act(blending) == 0
     # A seed in TRAINING is advanced, not joined by another.
     training = _obs(eff_rank=[0.9, 0.9, 0.9], states={(0, 0): SeedState.TRAINING})
-    assert agent.act(training) == ENV.layout.encode(Action(ADVANCE, 0, 0))
+    assert agent.act(training) == ENV.unwrapped.layout.encode(Action(ADVANCE, 0, 0))
 
 
 # ---------------------------------------------------------------------------------- fragrow
@@ -113,7 +114,7 @@ def test_fragrow_counts_from_the_last_growth_fills_front_to_back_and_stops():
     assert agent.act(_gap(_obs(0.25), 0.8, 0.8)) == _germinate(0)
     # 0.1 after the last growth (< 0.2): not yet, the seed on probation is advanced instead.
     probation = _gap(_obs(0.35, {(0, 0): SeedState.PROBATION}), 0.8, 0.8)
-    assert agent.act(probation) == ENV.layout.encode(Action(ADVANCE, 0, 0))
+    assert agent.act(probation) == ENV.unwrapped.layout.encode(Action(ADVANCE, 0, 0))
     # Due: fc0 still has a free slot, so fc0 again (a layer fills before the next).
     due = _gap(_obs(0.46, {(0, 0): SeedState.FOSSILIZED}), 0.8, 0.8)
     assert agent.act(due) == _germinate(0, 1)
@@ -138,7 +139,7 @@ def test_gradmax_grows_on_its_clock_where_the_output_gradient_is_largest():
 def test_gradmax_takes_the_next_layer_when_the_mask_forbids_the_best():
     agent = _agent(GradmaxAgent, interval=0.2, start=0.0, growths=1)
     obs = _obs(0.0, log_out_grad=[0.2, 0.5, 0.9])
-    lay = ENV.layout
+    lay = ENV.unwrapped.layout
     for s in range(lay.slots):
         for b in range(lay.blueprints):
             obs["action_mask"][lay.encode(Action(GERMINATE, 1, s, b))] = 0
@@ -150,7 +151,9 @@ def test_rules_advance_seeds_as_soon_as_the_mask_allows_and_never_cull():
     # No growth due at progress 0.9 (past `late`; gradmax's first seed only at 0.95).
     for cls, params in ((NorthAgent, {}), (FragrowAgent, {}), (GradmaxAgent, {"start": 0.95})):
         agent = _agent(cls, **params)
-        assert agent.act(germinated) == ENV.layout.encode(Action(ADVANCE, 1, 1)), cls.__name__
+        assert agent.act(germinated) == ENV.unwrapped.layout.encode(Action(ADVANCE, 1, 1)), (
+            cls.__name__
+        )
 
 
 def test_bad_parameters_are_refused_with_what_is_allowed():
@@ -267,6 +270,14 @@ def test_reactive_grows_a_slow_learner_and_not_a_fast_one_nor_a_noisy_one():
     assert slow[:3] == [0, 0, 0]
     assert slow[3:6] == [_germinate(0), _germinate(1), _germinate(2)]
     assert slow[6:] == [0]
+    # "Slow" also bounds the slope from above: a fast learner (1.2 per unit progress) still
+    # far from done is left alone with max_slope 0.8, while the slow run still grows.
+    capped = {**params, "max_acc": 1.0, "max_slope": 0.8}
+    quick = _curve(_agent(ReactiveAgent, **capped), [0.30, 0.42, 0.54, 0.66, 0.78, 0.90, 0.95])
+    assert quick == [0] * 7
+    assert (
+        _curve(_agent(ReactiveAgent, **capped), [0.30, 0.33, 0.36, 0.39, 0.42, 0.45, 0.48]) == slow
+    )
 
 
 def test_reactive_restarts_with_each_episode_and_refuses_bad_thresholds():
@@ -278,3 +289,5 @@ def test_reactive_restarts_with_each_episode_and_refuses_bad_thresholds():
         _agent(ReactiveAgent, max_acc=1.5)
     with pytest.raises(ValueError, match="min_slope"):
         _agent(ReactiveAgent, min_slope=float("nan"))
+    with pytest.raises(ValueError, match="max_slope"):
+        _agent(ReactiveAgent, max_slope="fast")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from esper_gym.agents.baselines import Germination, ScheduleAgent, make_agent, tuned_plan
+from esper_gym.bench.jobs import TaskSpec
+from esper_gym.bench.jobs import task_env as make_env
 from esper_gym.episode import play_episode
-from esper_gym.evaluate import TaskSpec, make_env
 from esper_gym.observation import GLOBAL_INDEX as G
 from esper_gym.observation import NODE_FEATURES
 from tests.conftest import SMALL

@@ -1,4 +1,4 @@
-"""esper_gym.stats: rliable's IQM and P(improvement), stratified bootstrap CIs, paired
+"""esper_gym.bench.stats: rliable's IQM and P(improvement), stratified bootstrap CIs, paired
 differences, performance profiles, overlap logic."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from rliable import metrics as rly_metrics
 from scipy.stats import trim_mean
 
-from esper_gym.stats import (
+from esper_gym.bench.stats import (
     ALL_TASKS,
     _poi,
     iqm,

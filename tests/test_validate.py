@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from esper_gym import validate
-from esper_gym.evaluate import evaluate, resolve_tasks
+from esper_gym.evaluate import EvalConfig, evaluate, resolve_tasks
 from esper_gym.validate import ReplayError
 from tests.conftest import SMALL
 
@@ -21,17 +21,19 @@ def replays(tmp_path_factory, kernel_dir):
     out = tmp_path_factory.mktemp("replay")
     tasks = resolve_tasks(["spirals"], overrides={"spirals": TASK})
     evaluate(
-        ["heuristic", "random"],
-        tasks,
-        seeds=2,
-        out_dir=out,
-        first_seed=11,
-        n_jobs=1,
-        kernel_dir=kernel_dir,
-        contexts="test",
-        reps=100,
-        make_plots=False,
-        progress=False,
+        EvalConfig(
+            ["heuristic", "random"],
+            tasks,
+            seeds=2,
+            out_dir=out,
+            first_seed=11,
+            n_jobs=1,
+            kernel_dir=kernel_dir,
+            contexts="test",
+            reps=100,
+            make_plots=False,
+            progress=False,
+        )
     )
     return out
 
@@ -311,3 +313,16 @@ def test_replays_do_not_write_to_the_default_kernel_store(replays, tmp_path, mon
     monkeypatch.setenv("ESPER_KERNEL_DIR", str(store))
     assert validate.validate(replays / validate.FILE_NAME, custom=True) == 4
     assert not store.exists()  # kernels and outcome rows went to a throwaway store
+
+
+def test_every_dataset_takes_the_shift_kwargs_within_bounds():
+    """esper_gym.data.SHIFT_KWARGS are allowed for every registered dataset, bounded."""
+    from esper_gym.bench.records import DATASET_KWARGS, check_episode
+    from esper_gym.data import SHIFT_KWARGS
+
+    assert all(set(SHIFT_KWARGS) <= set(allowed) for allowed in DATASET_KWARGS.values())
+    shift = {"classes": 3, "label_noise": 0.2, "input_noise": 0.5, "shift_seed": 7}
+    check_episode(0, {**_one_episode(dataset_kwargs=shift), "numerics": None})
+    for bad in ({"classes": 1}, {"label_noise": 1.5}, {"input_noise": -1}, {"shift_seed": 2**40}):
+        with pytest.raises(ReplayError, match=f"dataset_kwargs.{next(iter(bad))}"):
+            check_episode(0, {**_one_episode(dataset_kwargs=bad), "numerics": None})

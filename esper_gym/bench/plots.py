@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
+from esper_gym.bench.stats import iqm, performance_profile, stratified_bootstrap_ci
 from esper_gym.kasmina.lifecycle import SeedState
-from esper_gym.stats import iqm, performance_profile, stratified_bootstrap_ci
 
 PathLike = str | os.PathLike
 

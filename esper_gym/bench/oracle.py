@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esper_gym import stats
+from esper_gym.bench import stats
+from esper_gym.bench.jobs import Job, TaskSpec, print_progress
 
 ORACLE = "oracle"  # its rows' agent name in episodes.csv and the tables
 SELECT = "oracle/select"  # selection episodes (never scored, never in episodes.csv)
@@ -398,3 +399,88 @@ def value_of_reacting_noise(
         )
     cols = ["task", "agent", "value_of_reacting_sd", "value_of_reacting_ratio"]
     return pd.DataFrame(out, columns=cols)
+
+
+# ----------------------------------------------------------- evaluate's oracle episodes
+
+
+def selection_jobs(
+    cfg: OracleConfig,
+    tasks: Sequence[TaskSpec],
+    jobs: Sequence[Job],
+    common: Mapping[str, Any],
+) -> list[tuple[Job, tuple[str, int, int]]]:
+    """The oracle's selection episodes, each with its (task label, context, plan index): every
+    plan of the family, on every selection seed, in every context a scored seed of the task
+    plays (`context_index`). Selection seeds never meet scored seeds."""
+    scored = sorted({j.seed for j in jobs})
+    sel_seeds = cfg.selection_seed_list(scored)
+    out = []
+    for task in tasks:
+        plans = cfg.plans(task.base)
+        built = task.build()
+        played = {context_index(built, common["contexts"], s) for s in scored}
+        for c in sorted(played):
+            for i, plan in enumerate(plans):
+                for s in sel_seeds:
+                    job = Job(SELECT, task, s, plan=plan, context=c, **common)
+                    out.append((job, (task.label, c, i)))
+    return out
+
+
+def choices(
+    selection: Sequence[tuple[Job, tuple[str, int, int]]], results: Sequence[Mapping]
+) -> tuple[dict[tuple[str, int], tuple], pd.DataFrame]:
+    """The plan picked per (task label, context) from the selection episodes (`pick`), and
+    every selection episode as a table (task, context_index, plan_id, plan, seed, return,
+    mean_return of the plan in that context, chosen)."""
+    returns: dict[tuple[str, int], dict[int, list[float]]] = {}
+    plans: dict[tuple[str, int], dict[int, tuple]] = {}
+    rows = []
+    for (job, (label, c, i)), r in zip(selection, results):
+        returns.setdefault((label, c), {}).setdefault(i, []).append(float(r["row"]["return"]))
+        plans.setdefault((label, c), {})[i] = job.plan
+        rows.append(
+            {
+                "task": label,
+                "context_index": c,
+                "plan_id": i,
+                "plan": describe(job.plan),
+                "seed": job.seed,
+                "return": float(r["row"]["return"]),
+            }
+        )
+    picks, best = {}, {}
+    for key, by_plan in returns.items():
+        family = [plans[key][i] for i in sorted(plans[key])]
+        best[key] = pick(by_plan, family)
+        picks[key] = plans[key][best[key]]
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        keys = list(zip(table["task"], table["context_index"]))
+        table["mean_return"] = [np.mean(returns[k][i]) for k, i in zip(keys, table["plan_id"])]
+        table["chosen"] = [best[k] == i for k, i in zip(keys, table["plan_id"])]
+    return picks, table
+
+
+def scoring_jobs(
+    tasks: Sequence[TaskSpec],
+    jobs: Sequence[Job],
+    picks: Mapping[tuple[str, int], tuple],
+    common: Mapping[str, Any],
+) -> list[tuple[Job, int]]:
+    """One `oracle` episode per (task, scored seed): the plan picked for the seed's context,
+    played from the seed as every agent's episode is (no context option: the seed draws it)."""
+    out = []
+    for task in tasks:
+        built = task.build()
+        for s in sorted({j.seed for j in jobs if j.task == task}):
+            c = context_index(built, common["contexts"], s)
+            out.append((Job(ORACLE, task, s, plan=picks[(task.label, c)], **common), c))
+    return out
+
+
+def progress(done: int, total: int, row: Mapping[str, Any]) -> None:
+    """`print_progress`, but one line in 25 for the selection episodes (hundreds of them)."""
+    if row["agent"] != SELECT or not done % 25 or done == total:
+        print_progress(done, total, row)
