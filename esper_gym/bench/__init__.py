@@ -1,3 +1,4 @@
-"""The benchmark machinery both entry points use: `jobs` (the one way to play seeded episodes
-and collect their metrics) and `report` (the tables printed after a run). No Hydra here: every
-function takes plain values."""
+"""The benchmark machinery both entry points use: `jobs` (the one env constructor and the one way
+to play seeded episodes), `learners` (train's), `suite` (evaluate's run), `oracle`, `stats`,
+`report` (tables), `plots`, `records` and `replay` (replays.json, `python -m esper_gym.validate`).
+No Hydra here: every function takes plain values."""
