@@ -38,7 +38,9 @@ CULL of each live seed the mask allows. Ties go to the first (the continuation's
 growth has to earn its place). Cost per decision: at most candidates x continuations x
 (horizon, or the steps left) forked env steps; `episode_cost()` reports the forked steps and the
 time spent in rollouts this episode (`esper_gym.evaluate`'s `cost_steps`, `cost_s` columns).
-Measured on Esper/SpiralsBudget-v0 (32 decisions): see experiments/value_of_reacting.py.
+Measured on Esper/SpiralsBudget-v0 (32 decisions, test context 3, seed 1_000_000, one busy
+CPU thread, continuation "best"): `every=4` 2,120 forked steps, 77 s, return 2.66; `every=1`
+8,668 forked steps, 359 s, return 2.62 (schedule 2.32, NoOp 0.96 on that episode).
 """
 
 from __future__ import annotations

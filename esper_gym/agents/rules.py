@@ -296,9 +296,10 @@ class ReactiveAgent(GrowthRule):
       (its own memory of `val_acc` and `progress`);
     - the val accuracy itself: a converged run is already high;
     - the train/val gap (train_acc - val_acc): noisy labels make training accuracy the lower.
-    The run is slow but learning, so growth pays, when slope >= `min_slope` (still learning: not
-    a noise plateau), val_acc <= `max_acc` (far from done: not converged) and the gap is at least
-    `-max_gap` (clean labels). The first time that holds it germinates `growths` seeds on
+    The run is slow but learning, so growth pays, when `min_slope` <= slope <= `max_slope`
+    (still learning, not a noise plateau; but slowly: a fast learner catches up without help),
+    val_acc <= `max_acc` (far from done: not converged) and the gap is at least `-max_gap`
+    (clean labels). A bound of -1 or inf turns its check off. The first time that holds it germinates `growths` seeds on
     consecutive steps, one layer after another (hidden layers first, `hidden_only`), and never
     again; seeds advance as soon as the mask allows and are never culled. A run that never
     qualifies stays the static host (NoOp). Thresholds are tuned on train contexts
@@ -312,6 +313,7 @@ class ReactiveAgent(GrowthRule):
         blueprints: tuple[str, ...] | None = None,
         look: float = 0.1,
         min_slope: float = 0.2,
+        max_slope: float = math.inf,
         max_acc: float = 0.75,
         max_gap: float = 0.02,
         growths: int = 3,
@@ -323,11 +325,16 @@ class ReactiveAgent(GrowthRule):
         self.look = _fraction("look", look, low_open=False)
         self.late = _fraction("late", late)
         self.max_acc = _fraction("max_acc", max_acc)
-        for name, value in (("min_slope", min_slope), ("max_gap", max_gap)):
+        for name, value in (
+            ("min_slope", min_slope),
+            ("max_slope", max_slope),
+            ("max_gap", max_gap),
+        ):
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            if not (ok and math.isfinite(value)):
-                raise ValueError(f"{name}={value!r} must be a finite number")
-        self.min_slope, self.max_gap = float(min_slope), float(max_gap)
+            if not (ok and not math.isnan(value)):
+                raise ValueError(f"{name}={value!r} must be a number")
+        self.min_slope, self.max_slope = float(min_slope), float(max_slope)
+        self.max_gap = float(max_gap)
         self.growths = _count("growths", growths)
         self.window = _count("window", window)
         super().__init__(observation_space, action_space, blueprints, preference, hidden_only)
@@ -358,7 +365,8 @@ class ReactiveAgent(GrowthRule):
         val = float(view.glob("val_acc"))
         gap = float(view.glob("train_acc")) - val
         slope = self.slope()
-        return slope >= self.min_slope and val <= self.max_acc and gap >= -self.max_gap
+        learning = self.min_slope <= slope <= self.max_slope
+        return learning and val <= self.max_acc and gap >= -self.max_gap
 
     def grow(self, obs, progress, n_nodes):
         if self.grown >= self.growths:
@@ -386,7 +394,7 @@ TUNED = {
     "north": ("threshold", "late"),
     "fragrow": ("growths", "alpha"),
     "gradmax": ("interval", "start", "growths"),
-    "reactive": ("look", "min_slope", "max_acc", "growths"),
+    "reactive": ("look", "min_slope", "max_slope", "max_acc", "max_gap", "growths"),
 }
 
 
