@@ -129,12 +129,12 @@ RewardWeightsConf = _mirror(
 )
 
 # agent.ppo: PPOConfig (its defaults, the only ones) less `seed`, `num_envs`, `async_envs`,
-# which come from `seed` and env/.
+# `runners`, `ray_address`, which come from `seed`, env/ and ray.
 PPOConf = _mirror(
     PPOConfig,
     "PPOConf",
     head=[("_target_", str, field(default="esper_gym.agents.tamiyo.PPOConfig"))],
-    exclude=("seed", "num_envs", "async_envs"),
+    exclude=("seed", "num_envs", "async_envs", "runners", "ray_address"),
     module=__name__,
 )
 GuardConf = typing.get_type_hints(PPOConf)["guards"]
@@ -195,6 +195,17 @@ class EnvConf:
     contexts: str | None = None  # None: the task as configured; train: train contexts
     show_context: bool = False  # append the context's factors to the observation's globals
     also_train_on: list[str] = field(default_factory=list)  # tamiyo: more registered tasks
+    # tamiyo: rollouts on this many Ray actors of num_envs copies each; 0: in this process;
+    # "auto": the CPUs Ray sees (int | str: OmegaConf types no such union, hence Any)
+    runners: Any = 0
+
+
+@dataclass
+class RayConf:
+    """Where Ray runs (env.runners > 0): address null starts it in this process; auto (or
+    host:port) joins the cluster `ray start` made (docs/scale.md)."""
+
+    address: str | None = None
 
 
 class AgentKind(enum.Enum):
@@ -246,6 +257,7 @@ class TrainConf:
     threads: int | None = 1  # torch threads per process; None: torch's default
     eval: EvalConf = field(default_factory=EvalConf)
     env: EnvConf = MISSING
+    ray: RayConf = field(default_factory=RayConf)
     task: TaskConf = MISSING
     agent: AgentConf = MISSING
     reward: RewardConf = MISSING
@@ -445,6 +457,22 @@ def check_device(device: str) -> None:
         )
 
 
+def check_runners(runners: Any, kind: Any) -> None:
+    """env.runners: 0, a count or auto; above 0 only for tamiyo, and only with Ray installed."""
+    if runners == 0:
+        return
+    if runners != "auto" and (isinstance(runners, bool) or not isinstance(runners, int)):
+        raise ConfigError(f"env.runners={runners!r}: 0 (in this process), a count >= 1, or auto")
+    if runners != "auto" and runners < 0:
+        raise ConfigError(f"env.runners={runners}: 0 (in this process), a count >= 1, or auto")
+    if kind != AgentKind.tamiyo:
+        raise ConfigError(f"env.runners={runners}: Ray rollout runners are Tamiyo's (agent=tamiyo)")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(f'env.runners={runners} needs Ray: pip install "esper-gym[ray]"')
+
+
 def validate(cfg: DictConfig) -> Task:
     """Everything that can be checked before any work; returns the resolved Task."""
     from esper_gym.agents.baselines import AGENTS
@@ -463,6 +491,7 @@ def validate(cfg: DictConfig) -> Task:
             "trains on its own VecEnv: use sync or async"
         )
     _one_of(env.telemetry, "env.telemetry", ("off", "measured"))
+    check_runners(env.get("runners", 0), kind)
     if env.get("contexts") not in (None, "train"):
         raise ConfigError(
             f"env.contexts={env.contexts!r}; allowed: null (the configured task), train "
@@ -610,7 +639,14 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike) -> Built:
     ppo = None
     if cfg.agent.kind == AgentKind.tamiyo:
         try:
-            ppo = instantiate(cfg.agent.ppo, seed=cfg.seed, num_envs=n, async_envs=mode == "async")
+            ppo = instantiate(
+                cfg.agent.ppo,
+                seed=cfg.seed,
+                num_envs=n,
+                async_envs=mode == "async",
+                runners=cfg.env.get("runners", 0),
+                ray_address=cfg.get("ray", {}).get("address"),
+            )
         except Exception as exc:  # PPOConfig's own check, wrapped by instantiate
             raise ConfigError(f"agent.ppo: {exc.__cause__ or exc}") from exc
     resume = None

@@ -67,6 +67,10 @@ class PPOConfig:
     layers: int = 3
     dropout: float = 0.1
     async_envs: bool = False  # AsyncVectorEnv (spawn) instead of SyncVectorEnv
+    # Rollouts on `runners` Ray actors of num_envs copies each (esper_gym.agents.tamiyo.runners);
+    # 0: in this process; "auto": the CPUs Ray sees. ray_address: None embedded, "auto" a cluster.
+    runners: int | str = 0
+    ray_address: str | None = None
     checkpoint_every: int = 10  # updates; only when a checkpoint_path is given
     uncertainty_samples: int = 8  # MC-dropout passes on the last observations (0: skip)
     # Initial bias of the WAIT logit (0: WAIT is as likely as any one valid action). A prior

@@ -32,6 +32,7 @@ from esper_gym.agents.tamiyo.guards import TrainingCollapse, check_guards
 from esper_gym.agents.tamiyo.imitation import imitate, make_teacher
 from esper_gym.agents.tamiyo.policy import TamiyoPolicy
 from esper_gym.agents.tamiyo.popart import update_return_stats
+from esper_gym.agents.tamiyo.runners import RemoteRunners, Runner, resolve_runners
 
 LOG = logging.getLogger(__name__)
 
@@ -55,6 +56,18 @@ def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: b
     return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=mode)
 
 
+def build_vector_env(
+    makers: Sequence[Callable[[], gym.Env]], num_envs: int, use_async: bool = False
+) -> gym.vector.VectorEnv:
+    """num_envs copies of each maker's env: one vector env, or their concatenation
+    (esper_gym.multitask.ConcatVectorEnv) for several tasks."""
+    if len(makers) == 1:
+        return make_vector_env(makers[0], num_envs, use_async)
+    from esper_gym.multitask import ConcatVectorEnv
+
+    return ConcatVectorEnv([make_vector_env(m, num_envs, use_async) for m in makers])
+
+
 def _warn_budget(config, step, end_step, batch_size, n_envs, imitated, resumed) -> None:
     """One line (logging, esper_gym.agents.tamiyo.ppo) when the run does not end at exactly
     `config.total_steps` env steps: PPO's whole rollouts, or a warm start the budget cut."""
@@ -75,15 +88,6 @@ def _warn_budget(config, step, end_step, batch_size, n_envs, imitated, resumed) 
         )
 
 
-def _final_obs(info: dict, i: int) -> dict[str, np.ndarray]:
-    """Env i's last observation before a same-step autoreset. Gymnasium's vector envs give
-    `final_obs` as a per-env object array of dicts for Dict spaces (a dict of arrays is
-    accepted too)."""
-    final = info["final_obs"]
-    obs = final[i] if not isinstance(final, dict) else {k: v[i] for k, v in final.items()}
-    return {k: np.asarray(v) for k, v in obs.items()}
-
-
 def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
     var = np.var(target)
     return float("nan") if var == 0 else float(1 - np.var(target - pred) / var)
@@ -95,6 +99,8 @@ def train(
     log: Callable[[dict, int], None] | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
+    runners: int | str | None = None,
+    ray_address: str | None = None,
 ) -> TamiyoPolicy:
     """PPO (CleanRL's ppo.py, with action masks and graph observations) -> trained policy.
 
@@ -124,13 +130,19 @@ def train(
     # One env per task in this process describes them (an Esper env loads no data until reset),
     # and a checkpoint of another task or blueprint library is refused before any worker starts.
     makers = list(make_env) if isinstance(make_env, Sequence) else [make_env]
+    # Rollouts on K Ray actors (esper_gym.agents.tamiyo.runners), each `num_envs` copies per
+    # task; 0: in this process. The arguments win over config.runners / config.ray_address.
+    runners = getattr(config, "runners", 0) if runners is None else runners
+    ray_address = ray_address or getattr(config, "ray_address", None)
+    n_runners = resolve_runners(runners, ray_address)
+    copies = config.num_envs * max(n_runners, 1)  # per task, over all runners
     records, teachers, probes = [], [], []
     for make in makers:
         probe = make()
         probes.append(probe)  # closed below; its spaces and task still describe the run
         records.append(env_record(probe))
         if config.teacher is not None and resume_from is None:
-            teachers += [make_teacher(config.teacher, probe) for _ in range(config.num_envs)]
+            teachers += [make_teacher(config.teacher, probe) for _ in range(copies)]
         probe.close()
     record = mixture_record(records)
     ckpt = None
@@ -138,19 +150,18 @@ def train(
         ckpt = load_checkpoint(resume_from, env=probes[0])  # sizes checked before building
         check_env_record(ckpt.env, record, resume_from, same_task=True)
     torch.manual_seed(config.seed)
-    if len(makers) == 1:
-        envs = make_vector_env(makers[0], config.num_envs, config.async_envs)
-    else:
-        from esper_gym.multitask import ConcatVectorEnv
-
-        envs = ConcatVectorEnv(
-            [make_vector_env(m, config.num_envs, config.async_envs) for m in makers]
-        )
-    space = envs.single_observation_space
-    layout = layout_from_spaces(space, envs.single_action_space)  # for the action histogram
+    # In this process: the envs PPO collects from (runners=0), or those of the imitation warm
+    # start only (runners > 0: the same copies and seeds as one process would have).
+    envs = None
+    if n_runners == 0 or teachers:
+        envs = build_vector_env(makers, copies, config.async_envs)
+    space = envs.single_observation_space if envs is not None else probes[0].observation_space
+    action_space = envs.single_action_space if envs is not None else probes[0].action_space
+    layout = layout_from_spaces(space, action_space)  # for the action histogram
     kind_of = np.array([layout.decode(a).kind for a in range(layout.size)])
     is_germinate = kind_of == GERMINATE
-    n_envs, n_steps = envs.num_envs, config.rollout_steps
+    n_envs, n_steps = copies * len(makers), config.rollout_steps
+    # Copy i's task, in one runner (runners=0: this process's only one).
     env_task = [str(rec.get("task")) for rec in records for _ in range(config.num_envs)]
     batch_size = n_envs * n_steps
     minibatch_size = max(batch_size // config.minibatches, 1)
@@ -174,18 +185,26 @@ def train(
         if ckpt.torch_rng is not None:
             torch.set_rng_state(ckpt.torch_rng)
 
-    # Rollout storage: observations stay numpy (obs_to_batch batches them per minibatch).
-    obs_buf = {k: np.zeros((n_steps, n_envs, *s.shape), s.dtype) for k, s in space.items()}
-    actions = torch.zeros(n_steps, n_envs, dtype=torch.long)
-    logprobs = torch.zeros(n_steps, n_envs)
-    rewards = torch.zeros(n_steps, n_envs)
-    dones = torch.zeros(n_steps, n_envs)
-    values = torch.zeros(n_steps, n_envs)
-
-    next_obs, _ = envs.reset(seed=config.seed + global_step)
-    next_done = torch.zeros(n_envs)
-    ep_return, ep_length = np.zeros(n_envs), np.zeros(n_envs, dtype=int)
-    ep_culls = np.zeros(n_envs, dtype=int)
+    # The rollout's collector: observations stay numpy (obs_to_batch batches them per
+    # minibatch). In this process it acts with `policy` itself and torch's global RNG.
+    remote = None
+    if n_runners == 0:
+        runner = Runner(envs, policy, kind_of, env_task, config.gamma)
+        next_obs = runner.reset(config.seed + global_step)
+    else:
+        remote = RemoteRunners(
+            n_runners,
+            makers,
+            config.num_envs,
+            config.async_envs,
+            policy,
+            kind_of,
+            env_task,
+            config.gamma,
+            address=ray_address,
+        )
+        if envs is not None:
+            next_obs, _ = envs.reset(seed=config.seed + global_step)
     guard_history: dict[str, list[float]] = {}
 
     imitated = None
@@ -199,7 +218,12 @@ def train(
             log(metrics, global_step)
         if checkpoint_path is not None:  # the warm start alone is a policy to evaluate
             save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
-        next_obs, _ = envs.reset(seed=config.seed + global_step)  # whole episodes for PPO
+        if remote is None:
+            next_obs = runner.reset(config.seed + global_step)  # whole episodes for PPO
+        else:
+            envs.close()
+    if remote is not None:
+        remote.reset(config.seed + global_step, global_step)
 
     # PPO runs whole rollouts of batch_size steps: the budget left, rounded to the nearest
     # number of them (at least one for a run that starts from scratch). The end is the same from
@@ -218,42 +242,22 @@ def train(
             frac = global_step / end_step  # 0 at the first update without a warm start
             optimizer.param_groups[0]["lr"] = config.lr + frac * (config.lr_final - config.lr)
         start = time.perf_counter()
-        finished_returns, finished_lengths, finished_culls = [], [], []
-        finished_tasks = []
-        entropies = torch.zeros(n_steps, n_envs)
 
         # --- rollout: act with dropout off --------------------------------------------------
-        policy.eval()
-        for step in range(n_steps):
-            global_step += n_envs
-            for k in obs_buf:
-                obs_buf[k][step] = next_obs[k]
-            dones[step] = next_done
-            with torch.no_grad():
-                logits, value = policy(obs_to_batch(next_obs))
-                dist = Categorical(logits=logits)
-                action = dist.sample()
-                entropies[step] = dist.entropy()
-            actions[step], logprobs[step], values[step] = action, dist.log_prob(action), value
-
-            next_obs, reward, terminated, truncated, info = envs.step(action.numpy())
-            done = np.logical_or(terminated, truncated)
-            ep_return += reward
-            ep_length += 1
-            ep_culls += kind_of[action.numpy()] == CULL
-            reward = torch.as_tensor(reward, dtype=torch.float32)
-            for i in np.flatnonzero(done):
-                finished_returns.append(ep_return[i])
-                finished_tasks.append(env_task[i])
-                finished_lengths.append(ep_length[i])
-                finished_culls.append(ep_culls[i])
-                ep_return[i], ep_length[i], ep_culls[i] = 0.0, 0, 0
-                if truncated[i] and not terminated[i]:
-                    # Cut by a time limit, not ended: bootstrap from the real final state.
-                    with torch.no_grad():
-                        reward[i] += config.gamma * policy(obs_to_batch(_final_obs(info, i)))[1][0]
-            rewards[step] = reward
-            next_done = torch.as_tensor(done, dtype=torch.float32)
+        timing = {}
+        if remote is None:
+            rollout = runner.collect(None, n_steps)
+        else:
+            rollout, timing = remote.collect(policy, n_steps, step=global_step)
+        global_step += batch_size
+        obs_buf, actions, logprobs = rollout["obs"], rollout["actions"], rollout["logprobs"]
+        rewards, dones, values = rollout["rewards"], rollout["dones"], rollout["values"]
+        entropies, next_obs = rollout["entropies"], rollout["next_obs"]
+        next_done = rollout["next_done"]
+        finished = rollout["finished"]
+        finished_returns, finished_lengths = finished["returns"], finished["lengths"]
+        finished_culls, finished_tasks = finished["culls"], finished["tasks"]
+        update_start = time.perf_counter()
 
         # --- GAE ----------------------------------------------------------------------------
         with torch.no_grad():
@@ -325,6 +329,8 @@ def train(
             if config.target_kl is not None and approx_kl > config.target_kl:
                 break
 
+        if remote is not None:  # where a distributed update's time goes (bench_scale.py)
+            timing["timing/update_s"] = time.perf_counter() - update_start
         # --- log ----------------------------------------------------------------------------
         kinds = kind_of[b_actions.numpy()].tolist()
         growth_valid = b_obs["action_mask"][:, is_germinate].any(1)
@@ -339,6 +345,7 @@ def train(
             "losses/explained_variance": explained_variance(b_values.numpy(), b_returns.numpy()),
             **{f"actions/{k}": kinds.count(k) for k in (WAIT, GERMINATE, ADVANCE, CULL)},
             "charts/steps_per_s": batch_size / (time.perf_counter() - start),
+            **timing,
             "charts/lr": optimizer.param_groups[0]["lr"],
             "charts/episodes": len(finished_returns),
             "diagnostics/wait_share": (
@@ -367,11 +374,11 @@ def train(
         try:
             check_guards(metrics, config.guards, guard_history, global_step)
         except TrainingCollapse:
-            envs.close()
+            (runner if remote is None else remote).close()
             if checkpoint_path is not None:  # the collapsed policy, for a post-mortem
                 save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
             raise
 
-    envs.close()
+    (runner if remote is None else remote).close()
     policy.eval()
     return policy

@@ -1,0 +1,151 @@
+"""Ray: PPO rollouts on actors (esper_gym.agents.tamiyo.runners) and evaluate's jobs as Ray tasks
+(esper_gym.bench.ray_executor). Skipped without Ray (`pip install "esper-gym[ray]"`)."""
+
+import logging
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import esper_gym
+from tests.conftest import SMALL
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.ray
+
+from esper_gym.agents.baselines import layout_from_spaces  # noqa: E402
+from esper_gym.agents.tamiyo import PPOConfig, TamiyoPolicy  # noqa: E402
+from esper_gym.agents.tamiyo import train as ppo_train  # noqa: E402
+from esper_gym.agents.tamiyo.ppo import build_vector_env  # noqa: E402
+from esper_gym.agents.tamiyo.runners import RemoteRunners, Runner  # noqa: E402
+from esper_gym.bench.jobs import BatchedFactory, TaskSpec, make_jobs, run_job, run_jobs  # noqa: E402
+from esper_gym.bench.ray_executor import JobsFailed, run_jobs_ray  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_ray():
+    from esper_gym.agents.tamiyo.runners import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _maker(kernel_dir) -> BatchedFactory:
+    env_id = esper_gym.TASK_ENV_IDS["spirals"]
+    return BatchedFactory(env_id, 1, {**SMALL, "kernel_dir": kernel_dir})
+
+
+def _policy_parts(make):
+    probe = make()
+    space = probe.observation_space
+    layout = layout_from_spaces(space, probe.action_space)
+    probe.close()
+    kind_of = np.array([layout.decode(a).kind for a in range(layout.size)])
+    torch.manual_seed(0)
+    return TamiyoPolicy.for_space(space, dropout=0.0), kind_of
+
+
+def test_two_runners_play_the_episodes_of_one_process(kernel_dir):
+    """runners=2 num_envs=2 gives copy i of runner r the seed of copy 2r+i of one process of 4:
+    with a fixed (greedy) policy, the same observations, rewards and dones bit for bit,
+    through an autoreset (episodes of 6 steps)."""
+    make = _maker(kernel_dir)
+    policy, kind_of = _policy_parts(make)
+    n_steps = 8
+    local = Runner(build_vector_env([make], 4), policy, kind_of, ["spirals"] * 4, 0.99)
+    local.reset(7)
+    one = local.collect(None, n_steps, greedy=True)
+    local.close()
+    remote = RemoteRunners(2, [make], 2, False, policy, kind_of, ["spirals"] * 2, 0.99)
+    try:
+        remote.reset(7)
+        two, timing = remote.collect(policy, n_steps, greedy=True)
+    finally:
+        remote.close()
+    assert set(timing) == {"timing/broadcast_s", "timing/rollout_s", "timing/transfer_s"}
+    assert one["dones"].sum() > 0  # an episode ended in the rollout
+    for k in one["obs"]:
+        np.testing.assert_array_equal(one["obs"][k], two["obs"][k], err_msg=k)
+        np.testing.assert_array_equal(one["next_obs"][k], two["next_obs"][k], err_msg=k)
+    for k in ("actions", "rewards", "dones"):
+        assert torch.equal(one[k], two[k]), k
+    for k in ("values", "logprobs"):  # batches of 2 and of 4: the same to rounding
+        torch.testing.assert_close(one[k], two[k])
+    assert one["finished"]["returns"] == two["finished"]["returns"]
+
+
+def test_ppo_trains_on_runners_and_a_killed_runner_is_restarted(kernel_dir, caplog):
+    """PPO with runners=2: whole updates of 2 x num_envs copies, the parts timed. A runner
+    whose process is killed mid-rollout is restarted by Ray, its rollout collected again (a
+    warning says so), and training goes on to the end of its budget."""
+    make = _maker(kernel_dir)
+    config = PPOConfig(
+        total_steps=48, num_envs=2, rollout_steps=6, update_epochs=1, seed=0, runners=2
+    )
+    logs = []
+    killed = {}
+    real_collect = RemoteRunners.collect
+
+    def collect_and_kill(self, policy, n_steps, step=0, greedy=False):
+        if not killed:  # the first rollout: kill runner 1's process while it plays
+            pid = self.pids()[1]
+            killed["pid"] = pid
+            threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+        return real_collect(self, policy, n_steps, step, greedy)
+
+    RemoteRunners.collect = collect_and_kill
+    try:
+        with caplog.at_level(logging.WARNING, "esper_gym.agents.tamiyo.runners"):
+            ppo_train(config, make, log=lambda m, s: logs.append((s, m)))
+    finally:
+        RemoteRunners.collect = real_collect
+    assert [s for s, _ in logs] == [24, 48]
+    assert all(m["timing/rollout_s"] > 0 and "timing/update_s" in m for _, m in logs)
+    assert "runner 1 died mid-rollout" in caplog.text
+
+
+def _row(result: dict) -> dict:
+    """A job's CSV row less what depends on the process (seconds, kernel cache telemetry),
+    NaN as a string (NaN != NaN)."""
+    row = result["row"]
+    row = {k: v for k, v in row.items() if not k.endswith("_s") and not k.startswith("telemetry/")}
+    return {k: "nan" if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
+
+
+def test_ray_jobs_match_the_local_pool_and_failures_name_their_seed(kernel_dir, tmp_path):
+    """executor=ray: the rows of the local executor, in job order, one progress count over
+    all jobs; a job whose process dies once is retried; one that dies twice is reported by
+    seed (JobsFailed), the other results kept."""
+    task = TaskSpec("spirals", "spirals", {k: v for k, v in SMALL.items()})
+    jobs = make_jobs(["noop", "random"], [task], 2, kernel_dir=kernel_dir)
+    local = run_jobs(jobs, progress=False)
+    seen = []
+    remote = run_jobs(jobs, "ray", 2, progress=lambda d, t, row: seen.append((d, t)))
+    assert [_row(r) for r in remote] == [_row(r) for r in local]
+    assert [r["replay"] for r in remote] == [r["replay"] for r in local]
+    assert sorted(seen) == [(i, len(jobs)) for i in range(1, len(jobs) + 1)]
+
+    marker = str(tmp_path / "died")
+
+    def dies_once(job):  # a worker that dies the first time round
+        if job.seed == jobs[0].seed and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return run_job(job)
+
+    again = run_jobs_ray(jobs[:2], dies_once)
+    assert [_row(r) for r in again] == [_row(r) for r in local[:2]]
+
+    def always_dies(job):
+        if job.seed == jobs[1].seed:
+            os._exit(1)
+        return run_job(job)
+
+    with pytest.raises(JobsFailed, match=rf"1 of 2 jobs failed.*seed {jobs[1].seed}") as info:
+        run_jobs_ray(jobs[:2], always_dies)
+    assert _row(info.value.results[0]) == _row(local[0]) and info.value.results[1] is None
