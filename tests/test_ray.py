@@ -1,42 +1,61 @@
 """Ray: PPO rollouts on actors (esper_gym.agents.tamiyo.runners) and evaluate's jobs as Ray tasks
-(esper_gym.bench.ray_executor). Skipped without Ray (`pip install "esper-gym[ray]"`)."""
+(esper_gym.bench.ray_executor). Those marked `ray` are skipped without Ray
+(`pip install "esper-gym[ray]"`)."""
 
 import logging
 import os
 import signal
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-import esper_gym
+from esper_gym.agents.baselines import layout_from_spaces
+from esper_gym.agents.tamiyo import PPOConfig, TamiyoPolicy
+from esper_gym.agents.tamiyo import train as ppo_train
+from esper_gym.agents.tamiyo.ppo import build_vector_env
+from esper_gym.agents.tamiyo.runners import RemoteRunners, Runner
+from esper_gym.bench.jobs import BatchedFactory, TaskSpec, make_jobs, run_job, run_jobs
+from esper_gym.bench.ray_executor import JobsFailed, run_jobs_ray
 from tests.conftest import SMALL
 
-ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.ray
-
-from esper_gym.agents.baselines import layout_from_spaces  # noqa: E402
-from esper_gym.agents.tamiyo import PPOConfig, TamiyoPolicy  # noqa: E402
-from esper_gym.agents.tamiyo import train as ppo_train  # noqa: E402
-from esper_gym.agents.tamiyo.ppo import build_vector_env  # noqa: E402
-from esper_gym.agents.tamiyo.runners import RemoteRunners, Runner  # noqa: E402
-from esper_gym.bench.jobs import BatchedFactory, TaskSpec, make_jobs, run_job, run_jobs  # noqa: E402
-from esper_gym.bench.ray_executor import JobsFailed, run_jobs_ray  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def embedded_ray():
+@pytest.fixture(scope="module")
+def ray():
+    ray = pytest.importorskip("ray")
     from esper_gym.agents.tamiyo.runners import init_ray
 
     init_ray(None, num_cpus=2)
-    yield
+    yield ray
     ray.shutdown()
 
 
+def test_without_ray_runners_are_a_one_line_config_error(monkeypatch):
+    """No ray installed: env.runners > 0 is refused before any work, naming the extra."""
+    from hydra import compose, initialize_config_dir
+
+    import esper_gym
+    from esper_gym import config
+    from esper_gym.agents.tamiyo.runners import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    config.register_configs()
+    with initialize_config_dir(config_dir=str(esper_gym.config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["env.runners=2"])
+    with pytest.raises(config.ConfigError, match=r'needs Ray: pip install "esper-gym\[ray\]"'):
+        config.validate(cfg)
+    with pytest.raises(ImportError, match="esper-gym"):
+        import_ray()
+    with pytest.raises(ValueError, match="esper-gym"):  # evaluate's one-line error too
+        run_jobs([], "ray")
+
+
 def _maker(kernel_dir) -> BatchedFactory:
-    env_id = esper_gym.TASK_ENV_IDS["spirals"]
+    from esper_gym import TASK_ENV_IDS
+
+    env_id = TASK_ENV_IDS["spirals"]
     return BatchedFactory(env_id, 1, {**SMALL, "kernel_dir": kernel_dir})
 
 
@@ -50,7 +69,8 @@ def _policy_parts(make):
     return TamiyoPolicy.for_space(space, dropout=0.0), kind_of
 
 
-def test_two_runners_play_the_episodes_of_one_process(kernel_dir):
+@pytest.mark.ray
+def test_two_runners_play_the_episodes_of_one_process(kernel_dir, ray):
     """runners=2 num_envs=2 gives copy i of runner r the seed of copy 2r+i of one process of 4:
     with a fixed (greedy) policy, the same observations, rewards and dones bit for bit,
     through an autoreset (episodes of 6 steps)."""
@@ -79,7 +99,8 @@ def test_two_runners_play_the_episodes_of_one_process(kernel_dir):
     assert one["finished"]["returns"] == two["finished"]["returns"]
 
 
-def test_ppo_trains_on_runners_and_a_killed_runner_is_restarted(kernel_dir, caplog):
+@pytest.mark.ray
+def test_ppo_trains_on_runners_and_a_killed_runner_is_restarted(kernel_dir, caplog, ray):
     """PPO with runners=2: whole updates of 2 x num_envs copies, the parts timed. A runner
     whose process is killed mid-rollout is restarted by Ray, its rollout collected again (a
     warning says so), and training goes on to the end of its budget."""
@@ -117,7 +138,8 @@ def _row(result: dict) -> dict:
     return {k: "nan" if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
 
 
-def test_ray_jobs_match_the_local_pool_and_failures_name_their_seed(kernel_dir, tmp_path):
+@pytest.mark.ray
+def test_ray_jobs_match_the_local_pool_and_failures_name_their_seed(kernel_dir, tmp_path, ray):
     """executor=ray: the rows of the local executor, in job order, one progress count over
     all jobs; a job whose process dies once is retried; one that dies twice is reported by
     seed (JobsFailed), the other results kept."""

@@ -39,7 +39,7 @@ from esper_gym.actions import CULL
 
 LOG = logging.getLogger(__name__)
 
-RAY_MISSING = 'runners > 0 needs Ray: pip install "esper-gym[ray]"'
+RAY_MISSING = 'Ray is not installed (env.runners > 0, executor=ray): pip install "esper-gym[ray]"'
 MAX_RESTARTS = 3  # per actor; then the run stops with Ray's error
 
 
@@ -165,11 +165,15 @@ def concat_rollouts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # --- Ray -----------------------------------------------------------------------------------------
 
 
+class RayMissing(ImportError, ValueError):
+    """Ray is not installed. A ValueError too: an entry point ends with its one line."""
+
+
 def import_ray():
     try:
         import ray
     except ImportError:
-        raise ImportError(RAY_MISSING) from None
+        raise RayMissing(RAY_MISSING) from None
     return ray
 
 
