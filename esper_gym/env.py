@@ -42,7 +42,7 @@ from esper_gym.observation import (
     rent_globals,
 )
 from esper_gym.options import context_option, grow_option
-from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome
+from esper_gym.reward import RewardComputer, RewardWeights, StepOutcome, resolve_weights
 from esper_gym.seeds import SeedLog, SeedRecord, finite_or, node_context
 from esper_gym.tasks import Task, get_task
 from esper_gym.trainer import HostTrainer
@@ -206,9 +206,9 @@ class MorphogeneticEnv(gym.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; allowed: None, 'ansi'")
         self.render_mode = render_mode
-        if isinstance(reward_weights, dict):
-            reward_weights = RewardWeights(**reward_weights)
-        self.reward_fn = reward_fn or RewardComputer(reward_weights or self.task.reward_weights)
+        if not isinstance(reward_weights, RewardWeights):  # a dict sets some over the task's
+            reward_weights = resolve_weights(self.task.reward_weights, reward_weights)
+        self.reward_fn = reward_fn or RewardComputer(reward_weights)
         self.kernel_dir = pathlib.Path(kernel_dir) if kernel_dir else default_kernel_dir()
         if generator is None:
             generator = BlueprintGenerator(self.task.blueprints)

@@ -11,7 +11,7 @@ python -m esper_gym.evaluate 'agents=[schedule,lookahead,noop]' contexts=test or
 python -m esper_gym.evaluate -m reward.weights.param_cost=0,0.2,1  # writes result.json per job
 ```
 
-A run: conf/evaluate.yaml composed and checked (`esper_gym.config_evaluate.build_evaluate`: a
+A run: conf/evaluate.yaml composed and checked (`esper_gym.config.evaluate.build_evaluate`: a
 bad value stops it before any episode, `error: <message>`, exit status 2), the numerics mode
 applied (`numerics=portable` re-executes the command), then `esper_gym.bench.suite.evaluate`:
 the jobs (`esper_gym.bench.jobs`), the oracle (`esper_gym.bench.oracle`), the statistics,
@@ -38,8 +38,9 @@ def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from esper_gym import config, config_evaluate
+    from esper_gym import config
     from esper_gym.bench import stats
+    from esper_gym.config import evaluate as config_evaluate
 
     config_evaluate.register_configs()
 

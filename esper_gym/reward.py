@@ -38,6 +38,7 @@ constructor takes a `weights` argument).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 
@@ -83,6 +84,16 @@ class StepOutcome:
 
 
 LATENCY_SOURCES = ("macs", "measured")
+
+
+def resolve_weights(*layers: Mapping[str, float] | None) -> RewardWeights:
+    """The weights in force: RewardWeights' defaults, then each layer's values in turn (a
+    task's own preference, then what the caller or the config set; None values and None
+    layers keep the layer below)."""
+    values = asdict(RewardWeights())
+    for layer in layers:
+        values |= {k: v for k, v in dict(layer or {}).items() if v is not None}
+    return RewardWeights(**values)
 
 
 class RewardComputer:

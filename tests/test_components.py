@@ -581,3 +581,27 @@ def test_config_error_messages_name_the_generator_key():
     assert type(fn.weights) is RewardWeights  # the dataclass, not a DictConfig wrapping it
     assert type(train.build_reward_fn(load()).weights) is RewardWeights
     assert pathlib.Path(train.CONF_DIR, "generator", "karn.yaml").is_file()
+
+
+def test_a_tasks_own_reward_weights_hold_under_the_config_unless_a_weight_is_set(tmp_path):
+    """spirals_budget prices parameters at 0.5 (its Task.reward_weights): the Hydra entry points
+    keep that unless the user sets reward.weights.param_cost, and a replay record carries the
+    weights in force, which validate takes as the registered task's."""
+    from esper_gym import config
+    from esper_gym.bench import records
+    from esper_gym.bench.jobs import Job, resolve_tasks, run_job
+    from tests.test_config import load
+
+    task = config.build_task(load("task=spirals_budget"))
+    assert config.build_reward_fn(load("task=spirals_budget"), task).weights.param_cost == 0.5
+    set_ = load("task=spirals_budget", "reward.weights.param_cost=0.2")
+    assert config.build_reward_fn(set_, task).weights.param_cost == 0.2
+    spirals = config.build_task(load())
+    assert config.build_reward_fn(load(), spirals).weights.param_cost == 0.05
+    assert config.build_reward_weights(load("reward.weights.fault=1.0")) == {"fault": 1.0}
+    (spec,) = resolve_tasks(["spirals_budget"], overrides={"spirals_budget": {"max_epochs": 1.0}})
+    out = run_job(Job("noop", spec, seed=3, kernel_dir=str(tmp_path), reward_weights={}))
+    weights = out["replay"]["env_kwargs"]["reward_weights"]
+    assert weights["param_cost"] == 0.5 and weights["accuracy"] == 10.0
+    diffs = records.differences(out["replay"])
+    assert not [d for d in diffs if d.startswith("reward_weights")], diffs

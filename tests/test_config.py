@@ -135,14 +135,21 @@ def test_blueprint_libraries():
     assert config.validate(load("blueprints=mlp_only")).blueprints == ("residual_mlp", "low_rank")
 
 
-def test_reward_options_instantiate_weights():
-    assert instantiate(load().reward.weights) == RewardWeights()
-    frugal = instantiate(load("reward=frugal").reward.weights)
-    assert frugal.param_cost > RewardWeights().param_cost
-    only = instantiate(load("reward=accuracy_only").reward.weights)
+def test_reward_options_give_weights_over_the_tasks_own():
+    from esper_gym.config import build_reward_weights, build_task
+
+    def weights(*overrides):
+        cfg = load(*overrides)
+        return build_reward_weights(cfg, build_task(cfg))
+
+    assert weights() == RewardWeights()
+    assert weights("reward=frugal").param_cost > RewardWeights().param_cost
+    only = weights("reward=accuracy_only")
     assert only.accuracy > 0
     assert all(v == 0 for k, v in dataclasses.asdict(only).items() if k != "accuracy")
-    assert instantiate(load("reward.weights.param_cost=0").reward.weights).param_cost == 0.0
+    assert weights("reward.weights.param_cost=0").param_cost == 0.0
+    assert weights("task=spirals_budget").param_cost == 0.5  # the task's own preference
+    assert weights("task=spirals_budget", "reward=frugal").param_cost == 1.0  # set: it wins
 
 
 def test_experiments_override_task_agent_and_budgets():

@@ -1,4 +1,4 @@
-"""conf/evaluate.yaml (esper_gym.config_evaluate): train's spellings mean the same here, a bad value
+"""conf/evaluate.yaml (esper_gym.config.evaluate): train's spellings mean the same here, a bad value
 is one line before any episode, and committed results are never overwritten."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import esper_gym
-from esper_gym import config_evaluate
 from esper_gym.bench.jobs import make_jobs, resolve_tasks
 from esper_gym.bench.suite import EvalConfig, check_out_dir, evaluate
 from esper_gym.config import ConfigError
+from esper_gym.config import evaluate as config_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 config_evaluate.register_configs()

@@ -30,6 +30,7 @@ import esper_gym
 from esper_gym import numerics
 from esper_gym.bench import records
 from esper_gym.episode import play_episode
+from esper_gym.reward import resolve_weights
 from esper_gym.tasks import TASKS, Task, get_task
 
 EVAL_SEED = 1_000_000  # held-out evaluation episodes are seeds EVAL_SEED + i, in every run
@@ -471,7 +472,10 @@ def run_job(job: Job) -> dict[str, Any]:
         task=job.task.label,
         base_task=job.task.base,
         overrides=job.task.overrides,
-        reward_weights=job.reward_weights,
+        # The weights in force (the task's own under the run's): what a replay must use.
+        reward_weights=dataclasses.asdict(
+            resolve_weights(env.unwrapped.task.reward_weights, job.reward_weights)
+        ),
         contexts=job.contexts,
         context_index=metrics["context_index"],
         seed=job.seed,

@@ -407,7 +407,7 @@ def differences(ep: Mapping[str, Any]) -> list[str]:
     """How `ep` differs from its env id's registered task: its label, Task overrides and reward
     weights, as "name=value (registered value)" strings. Empty for a registered-task episode."""
     from esper_gym import ENV_IDS
-    from esper_gym.reward import RewardWeights
+    from esper_gym.reward import resolve_weights
     from esper_gym.tasks import TASKS
 
     name = ENV_IDS[ep["env_id"]][0]
@@ -415,7 +415,7 @@ def differences(ep: Mapping[str, Any]) -> list[str]:
     diffs = [] if ep["task"] == name else [f"task label {ep['task']!r} ({name!r})"]
     for key, value in ep["env_kwargs"].items():
         if key == "reward_weights":
-            registered = dataclasses.asdict(RewardWeights())
+            registered = dataclasses.asdict(resolve_weights(task.reward_weights))
             diffs += [
                 f"reward_weights.{k}={w!r} ({registered[k]!r})"
                 for k, w in value.items()

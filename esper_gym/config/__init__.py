@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import sys
-import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ from esper_gym.bench.jobs import (  # noqa: F401  (the one env constructor, the 
     BatchedFactory,
     make_env,
 )
-from esper_gym.reward import RewardWeights
+from esper_gym.config.mirror import _conf_type, _mirror
+from esper_gym.reward import RewardWeights, resolve_weights
 from esper_gym.tasks import TASKS, Task, get_task
 
 TASK_ENV_IDS = esper_gym.TASK_ENV_IDS  # task name -> its registered env id
@@ -55,58 +55,6 @@ class ConfigError(ValueError):
 
 
 # --- Schemas -------------------------------------------------------------------------------------
-
-
-def _conf_type(tp: Any) -> Any:
-    """The closest annotation OmegaConf can check for a dataclass field's type: tuples become
-    lists, mappings `dict[str, Any]`, a union keeps `str` if it has it (`str | Callable` is a
-    name in a config file) or its one other member, and anything else is `Any`."""
-    if tp in (int, float, str, bool):
-        return tp
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        members = [a for a in args if a is not type(None)]
-        inner = str if str in members else _conf_type(members[0]) if len(members) == 1 else Any
-        return inner | None if len(members) < len(args) else inner
-    if origin in (list, tuple, collections.abc.Sequence):
-        return list[_conf_type(args[0]) if args else Any]
-    if origin in (dict, collections.abc.Mapping):
-        return dict[str, Any]
-    return Any
-
-
-def _mirror(
-    cls: type, name: str, *, head: list, exclude=(), all_optional=False, module=None
-) -> type:
-    """A schema dataclass with `head` fields, then every field of `cls` but `exclude` with its
-    type made checkable (`_conf_type`) and its default; a dataclass-typed field gets its own
-    mirror (`...Config` -> `...Conf`). `all_optional`: no defaults of `cls`, every field
-    `... | None = None` ("keep the registered value"), except that a mapping is `Any = None`:
-    OmegaConf can put a dict (`task.host_kwargs={hidden:[64,64]}`) into an `Any` None node but
-    not into a None `Dict` one. `module`: where the class is a global (pickled by reference)."""
-    hints = typing.get_type_hints(cls)
-    out = list(head)
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint) and not all_optional:
-            sub = _mirror(hint, hint.__name__.replace("Config", "Conf"), head=[], module=module)
-            out.append((f.name, sub, field(default_factory=sub)))
-            continue
-        tp = _conf_type(hint)
-        if all_optional and tp == dict[str, Any]:
-            out.append((f.name, Any, field(default=None)))
-        elif all_optional:
-            out.append((f.name, tp | None, field(default=None)))
-        elif f.default_factory is not dataclasses.MISSING:
-            out.append((f.name, tp, field(default_factory=f.default_factory)))
-        else:
-            out.append((f.name, tp, field(default=f.default)))
-    schema = dataclasses.make_dataclass(name, out)
-    if module is not None:
-        schema.__module__ = module
-    return schema
 
 
 # task/: the registered task plus Task field overrides. `blueprints` comes from blueprints/ and
@@ -121,10 +69,12 @@ TaskConf = _mirror(
     module=__name__,
 )
 
+# reward.weights: every weight None ("the task's own, else RewardWeights' default") unless set.
 RewardWeightsConf = _mirror(
     RewardWeights,
     "RewardWeightsConf",
-    head=[("_target_", str, field(default="esper_gym.reward.RewardWeights"))],
+    head=[],
+    all_optional=True,
     module=__name__,
 )
 
@@ -356,17 +306,22 @@ def _check_task_name(cfg: DictConfig) -> None:
         )
 
 
-def build_reward_weights(cfg: DictConfig) -> RewardWeights:
+def build_reward_weights(cfg: DictConfig, task: Task | None = None) -> RewardWeights | dict:
+    """With `task`: the weights in force for it (its own preference, then `reward.weights`'
+    set values). Without: only the set values, for each task to layer over its own."""
+    values = _plain(cfg.reward.weights)
     try:
-        return instantiate(cfg.reward.weights)
-    except Exception as exc:  # instantiate wraps the dataclass's own message
-        raise ConfigError(f"reward.weights: {exc.__cause__ or exc}") from exc
+        resolved = resolve_weights(task.reward_weights if task else None, values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"reward.weights: {exc}") from exc
+    return resolved if task is not None else {k: v for k, v in values.items() if v is not None}
 
 
-def build_reward_fn(cfg: DictConfig, weights: RewardWeights | None = None):
-    """The reward callable of `reward.computer` (`weights=` passed if its constructor takes
-    it); ConfigError naming the key if it cannot be built or is not callable."""
-    weights = weights or build_reward_weights(cfg)
+def build_reward_fn(cfg: DictConfig, task: Task | None = None):
+    """The reward callable of `reward.computer` (`weights=`, the weights in force for `task`,
+    passed if its constructor takes it); ConfigError naming the key if it cannot be built or
+    is not callable."""
+    weights = build_reward_weights(cfg, task or build_task(cfg))
     node = cfg.reward.get("computer")
     if node is None:
         from esper_gym.reward import RewardComputer
@@ -478,7 +433,7 @@ def validate(cfg: DictConfig) -> Task:
     from esper_gym.agents.baselines import AGENTS
 
     task = build_task(cfg)
-    build_reward_fn(cfg)
+    build_reward_fn(cfg, task)
     build_generator(cfg)
     check_device(cfg.env.device)
     env, kind = cfg.env, cfg.agent.kind
@@ -579,7 +534,7 @@ def env_factory(
         # A task of the user's own goes whole; it holds strings only (host and dataset by
         # import path), so it pickles into env workers.
         kwargs = {"task": build_task(cfg)}
-    kwargs["reward_fn"] = build_reward_fn(cfg)
+    kwargs["reward_fn"] = build_reward_fn(cfg, build_task(cfg))
     generator = build_generator(cfg)
     if generator is not None:
         kwargs["generator"] = generator

@@ -176,7 +176,7 @@ def build_evaluate(cfg: DictConfig, run_dir: str | os.PathLike) -> EvalConfig:
             specs = [_with_library(s, names, add) for s in specs]
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"tasks: {exc}") from exc
-    weights = dataclasses.asdict(config.build_reward_weights(cfg))
+    weights = config.build_reward_weights(cfg)  # the set values: each task layers them
     greedy = cfg.eval.greedy if cfg.eval.greedy is not None else cfg.greedy
     boot, plots = cfg.bootstrap, cfg.plots
     return EvalConfig(
