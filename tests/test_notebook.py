@@ -2,6 +2,7 @@
 cannot rot: a renamed column or function in esper_gym.evaluate/stats/plots fails here."""
 
 import json
+import os
 import pathlib
 
 import nbformat
@@ -88,12 +89,17 @@ def test_notebook_executes_and_shows_the_table_and_figures(tmp_path, monkeypatch
     results = tmp_path / "results"
     results.mkdir()
     write_results(results)
-    monkeypatch.setenv("ESPER_RESULTS", str(results))
+    # As a user runs it from the repository root: a path relative to the root, while Jupyter
+    # starts the kernel in notebooks/.
+    monkeypatch.setenv("ESPER_RESULTS", os.path.relpath(results, ROOT))
     monkeypatch.setenv("ESPER_FIGURES", str(tmp_path / "figures"))
     monkeypatch.delenv("ESPER_SWEEP", raising=False)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
-        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     ).execute()  # raises CellExecutionError on any failing cell
 
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
