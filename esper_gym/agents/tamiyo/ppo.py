@@ -93,6 +93,76 @@ def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
     return float("nan") if var == 0 else float(1 - np.var(target - pred) / var)
 
 
+def group_seeds(seed: int, n_envs: int, group: int) -> int | list[int]:
+    """The reset seed(s) of `n_envs` copies: `seed` (copy i gets seed + i), or with groups of
+    `group` >= 2 copies one seed per group (copy i gets seed + i // group): common random
+    numbers, the copies of a group play the same context, init and data order."""
+    return seed if group < 2 else [seed + i // group for i in range(n_envs)]
+
+
+def rloo_advantages(
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    fresh: torch.Tensor,
+    next_done: torch.Tensor,
+    group: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative (leave-one-out) advantages of a rollout: (advantages, valid), both
+    (n_steps, n_envs). `dones[t, i]` says copy i's observation t starts an episode (the
+    previous one ended at t - 1), `fresh[i]` that observation 0 does, `next_done[i]` that the
+    last step ended one. The k-th episode played whole in the rollout by each copy of a group
+    (copies g * group ... (g + 1) * group - 1) gets, on each of its steps, its undiscounted
+    return minus the mean of the other copies' k-th returns; so a group's advantages sum to 0
+    per episode. Steps of episodes cut by the rollout's ends, or with no counterpart in every
+    copy of the group, are not valid (advantage 0)."""
+    n_steps, n_envs = rewards.shape
+    segments = []  # per copy: [(start, end)] of episodes played whole in the rollout
+    for i in range(n_envs):
+        ends = [t for t in range(1, n_steps) if dones[t, i]] + ([n_steps] if next_done[i] else [])
+        start, segs = (0 if fresh[i] else None), []
+        for end in ends:
+            if start is not None:
+                segs.append((start, end))
+            start = end
+        segments.append(segs)
+    advantages = torch.zeros_like(rewards)
+    valid = torch.zeros(n_steps, n_envs, dtype=torch.bool)
+    for g in range(0, n_envs, group):
+        members = range(g, g + group)
+        for k in range(min(len(segments[i]) for i in members)):
+            rets = torch.stack([rewards[slice(*segments[i][k]), i].sum() for i in members])
+            loo = (rets.sum() - rets) / (group - 1)
+            for j, i in enumerate(members):
+                advantages[slice(*segments[i][k]), i] = rets[j] - loo[j]
+                valid[slice(*segments[i][k]), i] = True
+    return advantages, valid
+
+
+def teacher_actions(teachers, obs_buf: dict, dones: torch.Tensor, fresh: torch.Tensor):
+    """The teachers' actions (n_steps, n_envs) along the rollout's own episodes: teacher i is
+    replayed on copy i's observations in order, reset where an episode starts."""
+    n_steps, n_envs = dones.shape
+    out = torch.zeros(n_steps, n_envs, dtype=torch.long)
+    for i, teacher in enumerate(teachers):
+        for t in range(n_steps):
+            if ((fresh[i] if t == 0 else dones[t, i]) > 0) and hasattr(teacher, "reset"):
+                teacher.reset()
+            out[t, i] = int(teacher.act({k: v[t, i] for k, v in obs_buf.items()}))
+    return out
+
+
+def anchor_kl(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smoothing: float
+) -> torch.Tensor:
+    """Mean KL(q || policy) where q is one-hot on `target` (the teacher's action), smoothed by
+    `smoothing` spread evenly over the valid actions (`mask`). 0 when the policy is q."""
+    valid = mask.float()
+    q = smoothing * valid / valid.sum(1, keepdim=True).clamp_min(1.0)
+    q = q + (1 - smoothing) * F.one_hot(target, logits.shape[1]).float()
+    log_q = q.clamp_min(1e-12).log()
+    return (q * (log_q - logits.log_softmax(1))).sum(1).mean()
+
+
 def train(
     config: PPOConfig,
     make_env: Callable[[], gym.Env] | Sequence[Callable[[], gym.Env]],
@@ -122,6 +192,12 @@ def train(
     acting and during updates (the policy updated is the one that acted: the first ratio of
     each update is exactly 1, logged as losses/ratio_start); MC dropout is a separate pass.
 
+    Rollouts on Ray actors: `runners` (else `config.runners`) K > 0 collects them on K actors
+    of `config.num_envs` copies each (esper_gym.agents.tamiyo.runners; "auto": one per CPU Ray
+    sees), on the Ray at `ray_address` (else `config.ray_address`; None: started embedded);
+    every update then also logs timing/{rollout_s,update_s,broadcast_s,transfer_s}. 0 (the
+    default): in this process, the run it always was.
+
     Several tasks at once: `make_env` a sequence of env constructors (one per task, with the
     same observation and action spaces and blueprint library) trains one policy on
     `config.num_envs` copies of each (esper_gym.multitask.ConcatVectorEnv); each copy's teacher
@@ -145,6 +221,15 @@ def train(
             teachers += [make_teacher(config.teacher, probe) for _ in range(copies)]
         probe.close()
     record = mixture_record(records)
+    group = getattr(config, "group_advantages", 0)
+    anchor_coef = getattr(config, "anchor_coef", 0.0)
+    if (group or anchor_coef) and (n_runners > 0 or len(makers) > 1):
+        raise ValueError(
+            "group_advantages and anchor_coef train on one task in this process (runners=0)"
+        )
+    anchors = []
+    if anchor_coef > 0:  # the teacher replayed along the policy's episodes, one per copy
+        anchors = [make_teacher(config.teacher, probes[0]) for _ in range(copies)]
     ckpt = None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, env=probes[0])  # sizes checked before building
@@ -190,7 +275,7 @@ def train(
     remote = None
     if n_runners == 0:
         runner = Runner(envs, policy, kind_of, env_task, config.gamma)
-        next_obs = runner.reset(config.seed + global_step)
+        next_obs = runner.reset(group_seeds(config.seed + global_step, n_envs, group))
     else:
         remote = RemoteRunners(
             n_runners,
@@ -219,7 +304,8 @@ def train(
         if checkpoint_path is not None:  # the warm start alone is a policy to evaluate
             save_checkpoint(checkpoint_path, policy, optimizer, global_step, config, record)
         if remote is None:
-            next_obs = runner.reset(config.seed + global_step)  # whole episodes for PPO
+            # whole episodes for PPO
+            next_obs = runner.reset(group_seeds(config.seed + global_step, n_envs, group))
         else:
             envs.close()
     if remote is not None:
@@ -235,6 +321,7 @@ def train(
     if imitated is not None and imitated < config.imitation_episodes:
         num_updates = 0  # the warm start was cut by the budget: nothing left for PPO
     end_step = global_step + num_updates * batch_size
+    fresh = torch.ones(n_envs)  # observation 0 of the next rollout starts an episode
     _warn_budget(config, global_step, end_step, batch_size, n_envs, imitated, ckpt is not None)
     for _ in range(num_updates):
         update = global_step // batch_size + 1  # checkpoint_every counts these
@@ -258,6 +345,7 @@ def train(
         finished_returns, finished_lengths = finished["returns"], finished["lengths"]
         finished_culls, finished_tasks = finished["culls"], finished["tasks"]
         update_start = time.perf_counter()
+        rollout_fresh, fresh = fresh, next_done.clone()
 
         # --- GAE ----------------------------------------------------------------------------
         with torch.no_grad():
@@ -273,6 +361,16 @@ def train(
             last_gae = delta + config.gamma * config.gae_lambda * next_nonterminal * last_gae
             advantages[t] = last_gae
         returns = advantages + values
+        # The policy's advantages: GAE's, or group-relative ones (the critic trains on GAE's
+        # returns either way); pg_valid weighs each step in the policy loss.
+        pg_adv, pg_valid = advantages, torch.ones_like(advantages, dtype=torch.bool)
+        if group:
+            pg_adv, pg_valid = rloo_advantages(rewards, dones, rollout_fresh, next_done, group)
+        coef = 0.0
+        if anchor_coef > 0:
+            decay = config.anchor_decay_steps or end_step
+            coef = anchor_coef * max(0.0, 1.0 - (global_step - batch_size) / decay)
+            b_teacher = teacher_actions(anchors, obs_buf, dones, rollout_fresh).flatten()
 
         if config.norm_returns:
             update_return_stats(policy, returns.flatten())
@@ -281,7 +379,9 @@ def train(
         # --- update: the policy that acted (dropout off), so the first ratio is exactly 1 ----
         b_obs = {k: v.reshape(batch_size, *v.shape[2:]) for k, v in obs_buf.items()}
         b_actions, b_logprobs = actions.flatten(), logprobs.flatten()
-        b_adv, b_returns, b_values = advantages.flatten(), returns.flatten(), values.flatten()
+        b_adv, b_returns, b_values = pg_adv.flatten(), returns.flatten(), values.flatten()
+        b_valid = pg_valid.flatten()
+        anchor_losses = []
         policy.eval()  # MC-dropout uncertainty is a separate pass (policy.uncertainty)
         clip_fracs, approx_kl = [], torch.zeros(())
         ratio_start = None
@@ -301,12 +401,16 @@ def train(
                     approx_kl = ((ratio - 1) - log_ratio).mean()
                     clip_fracs.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
 
-                adv = b_adv[mb]
-                if config.norm_adv and len(mb) > 1:
+                adv, w = b_adv[mb], b_valid[mb].float()
+                if group:  # already centred per group: scaled only, over the valid steps
+                    if config.norm_adv and w.sum() > 1:
+                        adv = adv / (adv[w > 0].std() + 1e-8)
+                elif config.norm_adv and len(mb) > 1:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
                 pg_loss = torch.max(
                     -adv * ratio, -adv * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef)
-                ).mean()
+                )
+                pg_loss = (pg_loss * w).sum() / w.sum().clamp_min(1.0)
 
                 # Value loss in normalised units (value_scale is 1 without norm_returns).
                 v_new = new_value / value_scale
@@ -322,6 +426,11 @@ def train(
                 loss = pg_loss - config.ent_coef * entropy + config.vf_coef * v_loss
                 if config.ent_floor > 0:
                     loss = loss + config.ent_floor_coef * F.relu(config.ent_floor - entropy)
+                if coef > 0:
+                    mask = torch.as_tensor(b_obs["action_mask"][mb.numpy()]).bool()
+                    anchor = anchor_kl(logits, b_teacher[mb], mask, config.anchor_smoothing)
+                    anchor_losses.append(anchor.detach())
+                    loss = loss + coef * anchor
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
@@ -353,6 +462,12 @@ def train(
             ),
             "diagnostics/entropy": entropies.mean().item(),
         }
+        if group:
+            metrics["diagnostics/group_valid"] = pg_valid.float().mean().item()
+        if anchor_coef > 0:
+            metrics["charts/anchor_coef"] = coef
+            if anchor_losses:
+                metrics["losses/anchor"] = torch.stack(anchor_losses).mean().item()
         if finished_returns:
             metrics["charts/episodic_return"] = float(np.mean(finished_returns))
             if len(records) > 1:  # several tasks: their returns are on different scales

@@ -180,10 +180,12 @@ def import_ray():
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Ray, initialised once: `address` None starts it embedded in this process (no dashboard,
     workers' logs not copied to this terminal) with `num_cpus` logical CPUs (None: the cores);
-    "auto" or "host:port" joins the cluster `ray start` made (its CPUs are the cluster's)."""
+    "auto" or "host:port" (or Ray's own RAY_ADDRESS variable) joins the cluster `ray start`
+    made (its CPUs are the cluster's)."""
     ray = import_ray()
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"num_cpus": num_cpus} if address is None else {}
+        joins = address is not None or bool(os.environ.get("RAY_ADDRESS"))  # ray.init reads it
+        kwargs: dict[str, Any] = {} if joins else {"num_cpus": num_cpus}
         ray.init(
             address=address,
             include_dashboard=False,
@@ -219,24 +221,26 @@ def _actor_errors(ray) -> tuple[type, ...]:
 
 class RunnerActor:
     """A Runner in a Ray actor: builds its own vector env (one copy of the learner's layout,
-    `num_envs` per task), acts with a copy of the learner's policy and its own torch RNG, one
-    torch thread."""
+    `num_envs` per task) and its own policy (`TamiyoPolicy(**policy_kwargs)`, the learner's
+    weights loaded at each collect), acts with its own torch RNG, one torch thread."""
 
     def __init__(
         self,
         makers: Sequence[Callable],
         num_envs: int,
         use_async: bool,
-        policy,
+        policy_kwargs: dict,
         kind_of: np.ndarray,
         env_task: Sequence[str],
         gamma: float,
     ):
         torch.set_num_threads(1)
+        from esper_gym.agents.tamiyo.policy import TamiyoPolicy
         from esper_gym.agents.tamiyo.ppo import build_vector_env
 
         envs = build_vector_env(makers, num_envs, use_async)
         torch.set_num_threads(1)  # a maker's `threads` may have set more
+        policy = TamiyoPolicy(**policy_kwargs)
         self.runner = Runner(envs, policy, kind_of, env_task, gamma)
 
     def pid(self) -> int:
@@ -275,9 +279,11 @@ class RemoteRunners:
         ray = self.ray = init_ray(address, None if address else max(k, os.cpu_count() or 1))
         remote = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=0)(RunnerActor)
         self.per_runner = num_envs * len(makers)
-        # The policy by value, not an object reference: a restart re-runs the constructor.
+        # The policy's sizes only (its weights come with each collect): small arguments, held
+        # by value, so that a restart (which re-runs the constructor) never misses them.
+        kwargs = dict(policy.init_kwargs)
         self.actors = [
-            remote.remote(makers, num_envs, use_async, policy, kind_of, env_task, gamma)
+            remote.remote(makers, num_envs, use_async, kwargs, kind_of, env_task, gamma)
             for _ in range(k)
         ]
         self.seed = 0
