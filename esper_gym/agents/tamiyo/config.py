@@ -87,6 +87,22 @@ class PPOConfig:
     teacher: str | None = None
     imitation_episodes: int = 64
     imitation_epochs: int = 10
+    # Group-relative advantages with common random numbers (RLOO): G > 1 resets the copies in
+    # groups of G with one seed per group (copy i gets seed + i // G instead of seed + i), so a
+    # group shares context, init and data order and differs only in its sampled decisions. A
+    # step's advantage is then its episode's return minus the mean return of the other G - 1
+    # copies' episodes of that group (the k-th episode each ended in the rollout), used for the
+    # policy loss instead of GAE; steps of episodes not played whole within one rollout train
+    # the critic only (set rollout_steps to a multiple of the episode length). 0: GAE.
+    group_advantages: int = 0
+    # Anchor to the teacher: + coef * KL(q || policy) on the rollout's observations, where q is
+    # the teacher's action (config.teacher, replayed along the policy's own episodes) one-hot,
+    # smoothed by `anchor_smoothing` over the valid actions. coef = anchor_coef * (1 -
+    # global_step / anchor_decay_steps), floored at 0 (anchor_decay_steps None: the run's last
+    # step). 0: off.
+    anchor_coef: float = 0.0
+    anchor_decay_steps: int | None = None
+    anchor_smoothing: float = 0.1
     guards: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
@@ -97,3 +113,18 @@ class PPOConfig:
                 f"imitation_episodes={self.imitation_episodes} and imitation_epochs="
                 f"{self.imitation_epochs}: both must be >= 1 (teacher=null turns imitation off)"
             )
+        if self.group_advantages < 0 or self.group_advantages == 1:
+            raise ValueError(
+                f"group_advantages={self.group_advantages}: 0 (GAE) or a group size >= 2"
+            )
+        if self.group_advantages and self.num_envs % self.group_advantages:
+            raise ValueError(
+                f"group_advantages={self.group_advantages} must divide num_envs={self.num_envs}"
+            )
+        if self.anchor_coef < 0 or not 0 <= self.anchor_smoothing < 1:
+            raise ValueError(
+                f"anchor_coef={self.anchor_coef} must be >= 0 and anchor_smoothing="
+                f"{self.anchor_smoothing} in [0, 1)"
+            )
+        if self.anchor_coef > 0 and self.teacher is None:
+            raise ValueError("anchor_coef > 0 anchors to the teacher: set teacher (e.g. schedule)")
