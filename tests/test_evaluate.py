@@ -330,19 +330,14 @@ def test_checkpoint_trained_seeing_the_context_is_evaluated_seeing_it(tmp_path, 
     assert returns[0] == returns[1]
 
 
-def test_agent_kwargs_gate_a_checkpointed_policy(tmp_path, kernel_dir):
-    """agent_kwargs.<checkpoint name>: the policy's actor settings (the uncertainty gate); a
-    gate of 0 turns every disputed action into WAIT; other keys are refused by name."""
+def test_agent_kwargs_of_a_checkpointed_policy_are_refused_by_name(tmp_path, kernel_dir):
+    """A checkpointed policy has no actor settings since the MC-dropout gate was removed: any
+    agent_kwargs.<checkpoint name> key is refused by name, as is an unknown agent."""
     (spirals,) = resolve_tasks(["spirals"], common=TASK)
     ckpt = str(_checkpoint_on(tmp_path, spirals, kernel_dir))
-    jobs = make_jobs(["open", "shut"], [spirals], [3], checkpoints={"open": ckpt, "shut": ckpt},
-                     kernel_dir=kernel_dir)  # fmt: skip
-    jobs = with_agent_kwargs(jobs, {"shut": {"gate": 0.0}})
-    assert [j.agent_kwargs for j in jobs] == [None, {"gate": 0.0}]
-    rows = [run_job(j)["row"] for j in jobs]
-    assert rows[0]["interventions"] > 0 and rows[1]["interventions"] == 0
-    with pytest.raises(ValueError, match=r"agent_kwargs.shut: \['horizon'\].*allowed: gate"):
-        with_agent_kwargs(jobs, {"shut": {"horizon": 3}})
+    jobs = make_jobs(["shut"], [spirals], [3], checkpoints={"shut": ckpt}, kernel_dir=kernel_dir)
+    with pytest.raises(ValueError, match=r"agent_kwargs.shut: \['gate'\].*allowed: none"):
+        with_agent_kwargs(jobs, {"shut": {"gate": 0.0}})
     with pytest.raises(ValueError, match=r"agent_kwargs for \['ghost'\]"):
         with_agent_kwargs(jobs, {"ghost": {"gate": 0.1}})
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from esper_gym.actions import ADVANCE, CULL, GERMINATE, WAIT, ActionLayout
+from esper_gym.actions import ActionLayout
 from esper_gym.agents.tamiyo import (
     MASKED,
     GuardConfig,
@@ -251,43 +251,13 @@ def test_mc_dropout_uncertainty_is_zero_without_dropout_and_positive_with_it():
     assert torch.all(some["entropy"] > 0)
 
 
-def test_uncertainty_gate_turns_disputed_actions_into_wait():
-    """epistemic is the MC-dropout mutual information: 0 without dropout, > 0 with it, seeded
-    (global RNG and mode untouched). A gate of 0 turns every disputed non-WAIT action into
-    WAIT, a gate above every disagreement changes nothing, and gated episodes replay."""
-    obs = make_obs(5, seed=61, valid=0.8)
-    assert policy_for(dropout=0.0).epistemic(obs, 4, seed=0) == pytest.approx(0.0, abs=1e-6)
-    policy = policy_for(dropout=0.5).eval()
-    state = torch.random.get_rng_state()
-    mi = policy.epistemic(obs, 8, seed=3)
-    assert mi > 0 and mi == policy.epistemic(obs, 8, seed=3) != policy.epistemic(obs, 8, seed=4)
-    assert torch.equal(torch.random.get_rng_state(), state) and not policy.training
-
-    def episode(actor, steps=40):
-        return [actor(obs) for _ in range(steps)]
-
-    plain = episode(policy.actor(seed=7))
-    assert sum(a != 0 for a in plain) > 20
-    assert episode(policy.actor(seed=7, gate=10.0)) == plain  # no disagreement is that high
-    every = (GERMINATE, ADVANCE, CULL)
-    closed = episode(policy.actor(seed=7, gate=0.0, gate_kinds=every))
-    assert closed == [0] * 40  # every non-WAIT draw was disputed: all WAIT
-    kinds = [LAYOUT.decode(a).kind for a in plain]
-    grow_only = episode(policy.actor(seed=7, gate=0.0))  # default: GERMINATE alone is gated
-    assert grow_only == [0 if k == GERMINATE else a for a, k in zip(plain, kinds)]
-    assert GERMINATE in kinds and set(kinds) - {GERMINATE, WAIT}
-    mid = float(np.median([policy.epistemic(obs, 8, seed=k) for k in range(20)]))
-    gated = episode(policy.actor(seed=7, gate=mid, gate_kinds=every))
-    assert gated == episode(policy.actor(seed=7, gate=mid, gate_kinds=every))
-    changed = [(p, g) for p, g in zip(plain, gated) if p != g]
-    assert changed and all(g == 0 for _, g in changed) and len(changed) < sum(a != 0 for a in plain)
-    with pytest.raises(ValueError, match="gate_kinds"):
-        policy.actor(gate=0.1, gate_kinds=("grow",))
-    for bad in (-0.1, True, float("nan")):
-        with pytest.raises(ValueError, match="uncertainty gate"):
-            policy.actor(gate=bad)
-    with pytest.raises(ValueError, match="gate_samples"):
-        policy.actor(gate=0.1, gate_samples=1)
+def test_the_mc_dropout_gate_is_gone():
+    """The MC-dropout gate (dropout masks sampled on a network never trained with dropout) was
+    removed: actor takes no gate, and there is no epistemic score (docs/agents.md)."""
+    policy = policy_for(dropout=0.5)
+    assert not hasattr(policy, "epistemic")
+    with pytest.raises(TypeError):
+        policy.actor(seed=7, gate=0.1)
 
 
 def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path):

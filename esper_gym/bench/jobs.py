@@ -166,8 +166,9 @@ CSV_COLUMNS = (
     "cost_steps",
     "cost_s",
 )
-# A checkpointed policy's settings in agent_kwargs: TamiyoPolicy.actor's uncertainty gate.
-CHECKPOINT_KWARGS = ("gate", "gate_samples", "gate_kinds")
+# A checkpointed policy's settings in agent_kwargs: none since TamiyoPolicy.actor's MC-dropout
+# gate was removed (docs/agents.md).
+CHECKPOINT_KWARGS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,7 @@ def with_agent_kwargs(
     jobs: Sequence[Job], agent_kwargs: Mapping[str, Mapping[str, Any]] | None
 ) -> list[Job]:
     """`jobs` with each agent's `agent_kwargs[name]`: a baseline's make_agent kwargs, or a
-    checkpointed policy's actor settings (CHECKPOINT_KWARGS: the uncertainty gate). A name
+    checkpointed policy's actor settings (CHECKPOINT_KWARGS, none today). A name
     that is neither, or a checkpoint setting that is not one, is refused."""
     from esper_gym.agents.baselines import AGENTS
 
@@ -363,7 +364,7 @@ def with_agent_kwargs(
         if bad:
             raise ValueError(
                 f"agent_kwargs.{name}: {bad} are not settings of a checkpointed policy; "
-                f"allowed: {', '.join(CHECKPOINT_KWARGS)}"
+                f"allowed: {', '.join(CHECKPOINT_KWARGS) or 'none'}"
             )
     return [
         dataclasses.replace(j, agent_kwargs=kwargs[j.agent]) if j.agent in kwargs else j

@@ -19,7 +19,7 @@ observation -> graph conversion (`obs_to_batch`) are esper_gym/agents/graph.py, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import gymnasium as gym
 import torch
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical
 
-from esper_gym.actions import ADVANCE, CULL, GERMINATE
 from esper_gym.agents.graph import GraphEncoder, obs_to_batch
 
 # Logit given to masked and padded actions. exp(-1e9 - logsumexp) is exactly 0.0 in float32,
@@ -187,78 +186,16 @@ class TamiyoPolicy(nn.Module):
         # actions have probability exactly 0 (MASKED), so they are never drawn.
         return int(torch.multinomial(logits[0].softmax(-1), 1, generator=generator))
 
-    def actor(
-        self,
-        *,
-        greedy: bool = False,
-        seed: int | None = None,
-        gate: float | None = None,
-        gate_samples: int = 8,
-        gate_kinds: Sequence[str] = (GERMINATE,),
-    ) -> Callable[..., int]:
+    def actor(self, *, greedy: bool = False, seed: int | None = None) -> Callable[..., int]:
         """`act(obs, info=None) -> action` for one episode. Sampling (the default: that is the
         policy PPO trained) draws from a generator seeded with `seed`, so the same episode seed
         gives the same actions in every run and every agent comparison stays paired; `seed=None`
-        draws from torch's global RNG.
-
-        `gate` (nats): the uncertainty gate. An action of a kind in `gate_kinds` (by default
-        GERMINATE: growth, not the lifecycle of seeds already growing) whose MC-dropout
-        disagreement (`epistemic`, `gate_samples` passes) exceeds it becomes WAIT: the policy
-        grows only where its dropout ensemble agrees. The passes are seeded from `seed` and the
-        step, so a gated episode is as reproducible as an ungated one."""
-        if gate is not None and (isinstance(gate, bool) or not gate >= 0):
-            raise ValueError(f"uncertainty gate={gate!r}: a disagreement in nats, >= 0")
-        if isinstance(gate_samples, bool) or not isinstance(gate_samples, int) or gate_samples < 2:
-            raise ValueError(f"gate_samples={gate_samples!r}: an int >= 2 (MC-dropout passes)")
+        draws from torch's global RNG. (The MC-dropout uncertainty gate that was here is gone:
+        docs/agents.md.)"""
         generator = None
         if not greedy and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
-        unknown = sorted(set(gate_kinds) - {GERMINATE, ADVANCE, CULL})
-        if unknown:
-            raise ValueError(f"gate_kinds {unknown}; allowed: {GERMINATE}, {ADVANCE}, {CULL}")
-        if gate is None:
-            return lambda obs, info=None: self.act(obs, greedy=greedy, generator=generator)
-        from esper_gym.agents.baselines import layout_from_shapes
-
-        steps = iter(range(1 << 62))
-        layouts: dict[tuple, object] = {}  # by observation shape: decoded once, not every step
-
-        def gated(obs, info=None) -> int:
-            action = self.act(obs, greedy=greedy, generator=generator)
-            mc_seed = (0 if seed is None else int(seed)) * 1_000_003 + next(steps)
-            shape = (*obs["nodes"].shape, len(obs["action_mask"]))
-            layout = layouts.get(shape) or layouts.setdefault(shape, layout_from_shapes(*shape))
-            gated_kind = action != 0 and layout.decode(action).kind in gate_kinds
-            # WAIT is action 0; always valid in an Esper env, but never substitute an invalid one
-            if (
-                gated_kind
-                and obs["action_mask"][0]
-                and self.epistemic(obs, gate_samples, mc_seed) > gate
-            ):
-                return 0
-            return action
-
-        return gated
-
-    @torch.inference_mode()
-    def epistemic(self, obs, samples: int = 8, seed: int = 0) -> float:
-        """MC-dropout disagreement at one observation (nats): the mutual information between
-        the action and the dropout mask, H(mean_k p_k) - mean_k H(p_k) over `samples` passes
-        with dropout on. 0 when every pass gives the same distribution; high where the
-        policy's choice rests on a few units (epistemic, not the policy's own randomness).
-        Seeded; torch's global RNG and the module's mode are left as they were."""
-        batch = obs_to_batch(obs)
-        was_training = self.training
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.train()
-            probs = torch.stack([self(batch)[0][0].softmax(-1) for _ in range(samples)])
-        self.train(was_training)
-
-        def entropy(p: torch.Tensor) -> torch.Tensor:
-            return -(p * p.clamp_min(1e-12).log()).sum(-1)
-
-        return float((entropy(probs.mean(0)) - entropy(probs).mean()).clamp_min(0.0))
+        return lambda obs, info=None: self.act(obs, greedy=greedy, generator=generator)
 
     @classmethod
     def for_space(cls, space: gym.spaces.Dict, **kw) -> TamiyoPolicy:
