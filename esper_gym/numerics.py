@@ -57,6 +57,15 @@ def apply() -> None:
         torch.backends.mkldnn.enabled = False
 
 
+def tag() -> str:
+    """What a kernel's drawn initial weights depend on: "portable", or "native-<capability>"."""
+    if env_is_portable():
+        return "portable"
+    import torch
+
+    return f"native-{torch.backends.cpu.get_cpu_capability()}"
+
+
 def _cpu() -> str:
     """The CPU's model name: MKL picks its code path by vendor and model, not by capability
     alone, so native numbers are comparable only on the same model."""

@@ -186,3 +186,20 @@ def test_a_portable_record_replays_bit_for_bit_with_other_machine_knobs(tmp_path
     assert "ok episode 0 (noop, spirals, seed 3)" in done.stdout, done.stdout + done.stderr
     assert "REFUSED: episode 1 (noop, spirals, seed 3): field 'test_acc'" in done.stderr
     assert "1 episode(s) refused, 1 reproduced, 0 not comparable" in done.stderr
+
+
+def test_a_kernel_compiled_natively_never_serves_a_portable_run(monkeypatch):
+    """A template's initial weights come from ATen's random kernels, which draw other floats on
+    another CPU capability: the recipe key carries the numerics, so a store filled by native
+    runs compiles anew for a portable one (a shared store once made portable records that
+    did not replay)."""
+    from esper_gym.kernels import BLUEPRINTS, recipe_key
+
+    for key in numerics.PORTABLE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    native = recipe_key(BLUEPRINTS["residual_mlp"](), (16,))
+    assert numerics.tag().startswith("native-")
+    for key, value in numerics.PORTABLE_ENV.items():
+        monkeypatch.setenv(key, value)
+    assert numerics.tag() == "portable"
+    assert recipe_key(BLUEPRINTS["residual_mlp"](), (16,)) != native

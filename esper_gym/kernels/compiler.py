@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from esper_gym import numerics
 from esper_gym.kernels.blueprints import Blueprint
 from esper_gym.kernels.kernel import (
     COST_FACTOR,
@@ -94,7 +95,10 @@ def recipe_key(
 ) -> str:
     """sha256 of the canonical JSON of everything that determines an artifact's bytes.
 
-    Includes the torch version (archives are tied to it) and FORMAT_VERSION (template code).
+    Includes the torch version (archives are tied to it), FORMAT_VERSION (template code) and
+    the numerics the weights were drawn under (`numerics.tag()`): a template's initial weights
+    come from ATen's random kernels, which draw other floats on another CPU capability, so an
+    artifact compiled natively must never serve a portable run (or another capability's).
     """
     recipe = {
         "blueprint": blueprint.to_dict(),
@@ -103,6 +107,7 @@ def recipe_key(
         "seed": int(seed),
         "torch": torch.__version__,
         "format": FORMAT_VERSION,
+        "numerics": numerics.tag(),
     }
     canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
