@@ -64,6 +64,15 @@ def test_copies_of_a_group_start_identical(tmp_path):
         np.testing.assert_array_equal(v[0], v[1], err_msg=k)
         np.testing.assert_array_equal(v[2], v[3], err_msg=k)
     assert any(not np.array_equal(v[0], v[2]) for v in obs.values())  # groups differ
+    # Different decisions, then the autoreset: the group's next episode is shared too.
+    rng, done = np.random.default_rng(0), np.zeros(4, bool)
+    while not done.any():
+        actions = np.array([rng.choice(np.flatnonzero(m)) for m in obs["action_mask"]])
+        obs, _, terminated, truncated, _ = envs.step(actions)
+        done = terminated | truncated
+    assert done.all()
+    for k, v in obs.items():
+        np.testing.assert_array_equal(v[0], v[1], err_msg=k)
     envs.close()
 
 
