@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch.distributions import Categorical
@@ -236,7 +237,6 @@ class RunnerActor:
     ):
         torch.set_num_threads(1)
         from esper_gym.agents.tamiyo.policy import TamiyoPolicy
-        from esper_gym.agents.tamiyo.ppo import build_vector_env
 
         envs = build_vector_env(makers, num_envs, use_async)
         torch.set_num_threads(1)  # a maker's `threads` may have set more
@@ -357,3 +357,34 @@ class RemoteRunners:
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def make_vector_env(make_env: Callable[[], gym.Env], num_envs: int, use_async: bool = False):
+    """num_envs copies, autoreset in the same step (the final obs comes back in info). A
+    make_env with a `vector(num_envs)` method builds its own: env.vectorization=batched gives
+    the batched simulator (esper_gym.vector), whose autoreset is the same."""
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if callable(getattr(make_env, "vector", None)) and not use_async:
+        envs = make_env.vector(num_envs)
+        if envs.metadata.get("autoreset_mode") != mode:
+            raise ValueError(f"{make_env!r}.vector() must autoreset in the same step ({mode})")
+        return envs
+    if use_async:
+        # Spawn, not fork: torch and fork do not mix. Graph obs are small; no shared memory.
+        # make_env must be picklable (a module-level function or functools.partial).
+        return gym.vector.AsyncVectorEnv(
+            [make_env] * num_envs, context="spawn", shared_memory=False, autoreset_mode=mode
+        )
+    return gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=mode)
+
+
+def build_vector_env(
+    makers: Sequence[Callable[[], gym.Env]], num_envs: int, use_async: bool = False
+) -> gym.vector.VectorEnv:
+    """num_envs copies of each maker's env: one vector env, or their concatenation
+    (esper_gym.multitask.ConcatVectorEnv) for several tasks."""
+    if len(makers) == 1:
+        return make_vector_env(makers[0], num_envs, use_async)
+    from esper_gym.multitask import ConcatVectorEnv
+
+    return ConcatVectorEnv([make_vector_env(m, num_envs, use_async) for m in makers])
