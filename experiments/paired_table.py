@@ -21,105 +21,17 @@ every agent both hold must have the very same per-seed returns, or the merge is 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
 import pandas as pd
 
-from esper_gym.bench import stats
-
-
-def paired_table(
-    episodes: pd.DataFrame, agents: list[str], against: list[str], metrics: list[str]
-) -> pd.DataFrame:
-    known = set(episodes["agent"])
-    missing = [a for a in [*agents, *against] if a not in known]
-    if missing:
-        raise SystemExit(f"agents {missing} are not in the episodes; there: {sorted(known)}")
-    rows = []
-    for task, block in episodes.groupby("task", sort=False):
-        for agent in agents:
-            for other in against:
-                both = block[block["agent"] == agent].merge(
-                    block[block["agent"] == other], on="seed", suffixes=("", "_other")
-                )
-                if both.empty or agent == other:
-                    continue  # not both on this task (a merged train run's task only)
-                for metric in metrics:
-                    diff = (both[metric] - both[f"{metric}_other"]).to_numpy(float)
-                    ci = stats.paired_difference([diff])
-                    rows.append(
-                        {
-                            "task": task,
-                            "agent": agent,
-                            "other": other,
-                            "metric": metric,
-                            "n": len(diff),
-                            "diff": ci.estimate,
-                            "lo": ci.lo,
-                            "hi": ci.hi,
-                        }
-                    )
-    return pd.DataFrame(rows)
-
-
-EPISODE_FIELDS = ("return", "test_acc", "params_added")
-
-
-def train_episodes(path: pathlib.Path) -> pd.DataFrame:
-    """The evaluation episodes in a train run's results.json, as episodes.csv rows."""
-    results = json.loads(path.read_text())
-    rows = [
-        {"agent": agent, "task": results["task"], "seed": ep["seed"],
-         **{k: ep[k] for k in EPISODE_FIELDS}}
-        for agent, block in results["eval"].items()
-        for ep in block["episodes"]
-    ]  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def merge(episodes: pd.DataFrame, extra: pd.DataFrame, source) -> pd.DataFrame:
-    """`episodes` plus the agents of `extra` it lacks; refused unless every agent in both has
-    the same return on every common (task, seed): the proof that they are the same episodes."""
-    keys = ["agent", "task", "seed"]
-    both = episodes.merge(extra, on=keys, suffixes=("", "_extra"))
-    if both.empty:
-        raise SystemExit(f"{source}: no (agent, task, seed) in common: cannot show they pair")
-    off = both[(both["return"] - both["return_extra"]).abs() > 1e-9]
-    if len(off):
-        first = off.iloc[0]
-        raise SystemExit(
-            f"{source}: {first['agent']} on {first['task']} seed {first['seed']} returned "
-            f"{first['return_extra']!r} there, {first['return']!r} here: not the same episodes "
-            "(match eval.first_seed and contexts to the evaluate run)"
-        )
-    new = extra[~extra["agent"].isin(set(episodes["agent"]))]
-    return pd.concat([episodes, new], ignore_index=True)
-
-
-def markdown(table: pd.DataFrame, metric: str) -> str:
-    """One row per (task, other), one column per agent: `diff [lo, hi]` of `metric`."""
-    sub = table[table["metric"] == metric]
-    agents = list(dict.fromkeys(sub["agent"]))
-    scale = 100 if metric.endswith("_acc") else 1  # accuracies in points
-    fmt = (
-        "{:+,.0f} [{:+,.0f}, {:+,.0f}]"
-        if metric == "params_added"
-        else "{:+.2f} [{:+.2f}, {:+.2f}]"
-    )
-    lines = [f"| task | {metric} vs | " + " | ".join(agents) + " |"]
-    lines.append("|---|---|" + "---|" * len(agents))
-    for (task, other), g in sub.groupby(["task", "other"], sort=False):
-        cells = []
-        for agent in agents:
-            mine = g[g["agent"] == agent]
-            if mine.empty:
-                cells.append("–")
-                continue
-            r = mine.iloc[0]
-            cells.append(fmt.format(r["diff"] * scale, r["lo"] * scale, r["hi"] * scale))
-        lines.append(f"| {task} | {other} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+from esper_gym.bench.paired import (  # noqa: F401  (the logic lives in the package)
+    EPISODE_FIELDS,
+    markdown,
+    merge,
+    paired_table,
+    train_episodes,
+)
 
 
 def main() -> None:

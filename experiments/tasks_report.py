@@ -33,8 +33,8 @@ import torch
 
 import esper_gym
 from esper_gym.agents.baselines import make_agent
-from esper_gym.tasks import CONTEXTS
 from esper_gym.episode import play_episode
+from esper_gym.tasks import CONTEXTS
 
 GROW = ("residual_mlp", "conv3x3")  # the kernels full growth would add, linear / conv layers
 

@@ -128,7 +128,9 @@ def test_task_fields_override_and_mappings_merge():
 def test_blueprint_libraries():
     assert config.validate(load()).blueprints == DEFAULT_LIBRARY
     # The faulty task keeps its own library under the default blueprints option...
-    assert config.validate(load("task=spirals_faulty")).blueprints == DEFAULT_LIBRARY + FAULT_LIBRARY
+    assert (
+        config.validate(load("task=spirals_faulty")).blueprints == DEFAULT_LIBRARY + FAULT_LIBRARY
+    )
     assert config.validate(load("blueprints=with_faults")).blueprints == (
         DEFAULT_LIBRARY + FAULT_LIBRARY
     )

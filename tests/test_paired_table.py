@@ -3,17 +3,12 @@ episodes, and pairs only where both agents played."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pandas as pd
 import pytest
 
-PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "paired_table.py"
-spec = importlib.util.spec_from_file_location("paired_table", PATH)
-paired_table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(paired_table)
+from esper_gym.bench import paired as paired_table
 
 
 def _episodes():

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from esper_gym.agents.baselines import Germination
-
-PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "reward_noise.py"
-spec = importlib.util.spec_from_file_location("reward_noise", PATH)
-reward_noise = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reward_noise)
+from esper_gym.bench import noise as reward_noise
 
 
 def test_variants_change_one_decision_of_the_plan():
