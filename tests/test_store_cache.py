@@ -471,3 +471,22 @@ def test_hostile_index_rows_and_objects_are_refused_in_one_line(tmp_path):
             store.meta(meta.sha256)
         with pytest.raises(KernelRejected, match=f"recipe {meta.recipe_key}: .*{message}"):
             load_or_compile(blueprint, SHAPE, store, KernelCache(store))
+
+
+def test_two_recipes_of_the_same_bytes_both_load(tmp_path):
+    """Recipes that differ only in what does not change the bytes (here the numerics tag: a
+    store filled by native runs, then a portable run) share one content-addressed row whose
+    metadata names the first recipe; the second must load, not fault."""
+    from esper_gym.kernels import compiler
+
+    store, blueprint = KernelStore(tmp_path), BLUEPRINTS["norm"]()
+    _, first = load_or_compile(blueprint, SHAPE, store, KernelCache(store))
+    original = compiler.numerics.tag
+    try:
+        compiler.numerics.tag = lambda: "another"
+        _, second = load_or_compile(blueprint, SHAPE, store, KernelCache(store))
+        assert second.sha256 == first.sha256  # the same bytes, one row
+        _, again = load_or_compile(blueprint, SHAPE, store, KernelCache(store))  # from the index
+        assert again.sha256 == first.sha256
+    finally:
+        compiler.numerics.tag = original
