@@ -171,3 +171,32 @@ def test_ray_jobs_match_the_local_pool_and_failures_name_their_seed(kernel_dir, 
     with pytest.raises(JobsFailed, match=rf"1 of 2 jobs failed.*seed {jobs[1].seed}") as info:
         run_jobs_ray(jobs[:2], always_dies)
     assert _row(info.value.results[0]) == _row(local[0]) and info.value.results[1] is None
+
+
+@pytest.mark.ray
+def test_the_warm_start_on_runners_is_the_one_process_warm_start(kernel_dir, ray):
+    """With runners=2 num_envs=2 the runners play the imitation warm start's teacher episodes
+    (chunks of 8 steps, cut where one process stops), and this process fits: the same
+    episodes, steps and fitted weights as runners=0 num_envs=4, bit for bit."""
+    make = _maker(kernel_dir)
+    results = {}
+    for runners, num_envs in ((0, 4), (2, 2)):
+        config = PPOConfig(
+            total_steps=48,  # the warm start only: 6-step episodes, 8 of them by step 12
+            num_envs=num_envs,
+            runners=runners,
+            teacher="schedule",
+            imitation_episodes=6,
+            imitation_epochs=3,
+            seed=0,
+        )
+        logs = []
+        policy = ppo_train(config, make, log=lambda m, s, logs=logs: logs.append((s, m)))
+        results[runners] = (logs, policy.state_dict())
+    (one_logs, one), (two_logs, two) = results[0], results[2]
+    assert [s for s, _ in one_logs] == [s for s, _ in two_logs] == [48]
+    assert one_logs[0][1]["imitation/episodes"] == 8
+    assert one_logs[0][1] == two_logs[0][1]
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.equal(one[k], two[k]), k

@@ -697,3 +697,22 @@ def test_return_statistics_preserve_the_value_in_return_units():
         after = policy(batch)[1]
         torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     assert float(policy.ret_mean) != 0.0 and float(policy.ret_var) != 1.0
+
+
+def test_the_warm_start_cut_is_where_one_step_at_a_time_would_stop():
+    """imitation_cut: episodes played ahead (a runner's chunk) past the cut are not counted;
+    the budget stops the warm start at its last whole step of every copy."""
+    from esper_gym.agents.tamiyo.imitation import Episode, imitation_cut
+
+    config = PPOConfig(teacher="schedule", imitation_episodes=3)
+
+    def ep(step, copy):
+        return Episode(step, copy, [], [], [], 0.0)
+
+    # 2 copies: copy 0 ends at 4 and 8, copy 1 at 6 and 12.
+    played = [ep(4, 0), ep(6, 1), ep(8, 0), ep(12, 1)]
+    assert imitation_cut(played[:2], 6, 2, config, None) is None  # 2 of 3 episodes
+    assert imitation_cut(played, 16, 2, config, None) == 8  # the third ended at step 8
+    assert imitation_cut(played, 16, 2, config, 14) == 7  # 2 copies x 7 steps = 14 env steps
+    assert imitation_cut(played[:2], 6, 2, PPOConfig(teacher="schedule"), 14) is None
+    assert imitation_cut(played[:2], 6, 2, PPOConfig(teacher="schedule"), 13) == 6

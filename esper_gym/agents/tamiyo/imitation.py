@@ -3,6 +3,9 @@ and fit the policy to its actions and the critic to its returns."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -42,48 +45,110 @@ def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig, budget: i
     Returns (the envs' observations after the last step, env steps played, metrics): imitation/{steps,
     episodes, teacher_return (mean undiscounted), loss, agreement (share of the teacher's actions
     that are the policy's most likely action after the fit)}."""
-    n_envs = len(teachers)
-    for teacher in teachers:
-        if hasattr(teacher, "reset"):
-            teacher.reset()
-    paths = [{"obs": [], "actions": [], "rewards": []} for _ in range(n_envs)]
-    data = {"obs": [], "actions": [], "returns": []}
-    ended: list[float] = []
-    copy_ended = np.zeros(n_envs, bool)
-    steps = 0
-    budget = float("inf") if budget is None else budget
-    while (len(ended) < config.imitation_episodes or not copy_ended.all()) and (
-        steps + n_envs <= budget
-    ):
-        acts = np.array([t.act(index_obs(obs, i)) for i, t in enumerate(teachers)])
-        for i, path in enumerate(paths):
-            path["obs"].append(index_obs(obs, i))
-            path["actions"].append(int(acts[i]))
-        obs, reward, terminated, truncated, _ = envs.step(acts)
-        steps += n_envs
-        for i, path in enumerate(paths):
-            path["rewards"].append(float(reward[i]))
-            if not (terminated[i] or truncated[i]):
-                continue
-            # A time-limit cut has no critic to bootstrap from yet: its return is the rewards'.
-            ret, returns = 0.0, []
-            for r in reversed(path["rewards"]):
-                ret = r + config.gamma * ret
-                returns.append(ret)
-            data["obs"] += path["obs"]
-            data["actions"] += path["actions"]
-            data["returns"] += returns[::-1]
-            ended.append(float(sum(path["rewards"])))
-            copy_ended[i] = True
-            paths[i] = {"obs": [], "actions": [], "rewards": []}
-            if hasattr(teachers[i], "reset"):
-                teachers[i].reset()
+    play = TeacherPlay(envs, teachers, obs, config.gamma)
+    episodes: list[Episode] = []
+    while (cut := imitation_cut(episodes, play.steps, len(teachers), config, budget)) is None:
+        episodes += play.play(1)
+    steps = cut * len(teachers)
+    return play.obs, steps, fit_imitation(policy, optimizer, episodes, steps, config, len(teachers))
 
+
+@dataclass
+class Episode:
+    """One teacher episode: it ended after `step` steps of every copy (1 for the first), on copy
+    `copy`; its observations, the teacher's actions, the discounted returns from each step, and
+    the undiscounted return."""
+
+    step: int
+    copy: int
+    obs: list[dict[str, np.ndarray]]
+    actions: list[int]
+    returns: list[float]
+    total: float
+
+
+class TeacherPlay:
+    """`teachers` (one per env of the vector env `envs`) playing from observations `obs`; the
+    paths of episodes in flight carry over from one `play` to the next. A runner on a Ray actor
+    plays its own copies with one (esper_gym.agents.tamiyo.runners)."""
+
+    def __init__(self, envs, teachers, obs, gamma: float):
+        self.envs, self.teachers, self.obs, self.gamma = envs, list(teachers), obs, gamma
+        for teacher in self.teachers:
+            if hasattr(teacher, "reset"):
+                teacher.reset()
+        self.paths = [_path() for _ in self.teachers]
+        self.steps = 0  # of every copy
+
+    def play(self, n_steps: int) -> list[Episode]:
+        """n_steps steps of every copy: the episodes that ended, by step then copy. A time-limit
+        cut has no critic to bootstrap from yet: its return is the rewards'."""
+        ended = []
+        for _ in range(n_steps):
+            obs = self.obs
+            acts = np.array([t.act(index_obs(obs, i)) for i, t in enumerate(self.teachers)])
+            for i, path in enumerate(self.paths):
+                path["obs"].append(index_obs(obs, i))
+                path["actions"].append(int(acts[i]))
+            self.obs, reward, terminated, truncated, _ = self.envs.step(acts)
+            self.steps += 1
+            for i, path in enumerate(self.paths):
+                path["rewards"].append(float(reward[i]))
+                if not (terminated[i] or truncated[i]):
+                    continue
+                ret, returns = 0.0, []
+                for r in reversed(path["rewards"]):
+                    ret = r + self.gamma * ret
+                    returns.append(ret)
+                total = float(sum(path["rewards"]))
+                ended.append(
+                    Episode(self.steps, i, path["obs"], path["actions"], returns[::-1], total)
+                )
+                self.paths[i] = _path()
+                if hasattr(self.teachers[i], "reset"):
+                    self.teachers[i].reset()
+        return ended
+
+
+def _path() -> dict[str, list]:
+    return {"obs": [], "actions": [], "rewards": []}
+
+
+def imitation_cut(
+    episodes: Sequence[Episode], played: int, n_envs: int, config: PPOConfig, budget: int | None
+) -> int | None:
+    """How many steps of every copy the warm start takes, once `played` steps of all `n_envs`
+    copies have given `episodes`: the first step count after which `config.imitation_episodes`
+    episodes have ended and every copy has ended one, or the last one within `budget` env steps
+    (None: no budget); None while neither is reached in `played`. The one rule for one process
+    and for Ray runners that play ahead in chunks."""
+    last = played if budget is None else min(played, budget // n_envs)
+    copies = set()
+    for ended, ep in enumerate(sorted(episodes, key=lambda e: (e.step, e.copy)), 1):
+        if ep.step > last:
+            break
+        copies.add(ep.copy)
+        if ended >= config.imitation_episodes and len(copies) == n_envs:
+            return ep.step
+    if budget is not None and (played + 1) * n_envs > budget:
+        return last
+    return None
+
+
+def fit_imitation(policy, optimizer, episodes, steps: int, config: PPOConfig, n_envs: int):
+    """Fit `policy` to the teacher `episodes` that ended within `steps` env steps (by step, then
+    copy); metrics as `imitate`'s."""
+    kept = sorted((e for e in episodes if e.step * n_envs <= steps), key=lambda e: (e.step, e.copy))
+    data = {"obs": [], "actions": [], "returns": []}
+    for ep in kept:
+        data["obs"] += ep.obs
+        data["actions"] += ep.actions
+        data["returns"] += ep.returns
     if not data["obs"]:  # the budget ended before any episode did: nothing to fit
         nan = float("nan")
         metrics = {"imitation/steps": steps, "imitation/episodes": 0}
         metrics.update({f"imitation/{k}": nan for k in ("teacher_return", "loss", "agreement")})
-        return obs, steps, metrics
+        return metrics
     b_obs = {k: np.stack([o[k] for o in data["obs"]]) for k in data["obs"][0]}
     b_actions = torch.as_tensor(data["actions"])
     b_returns = torch.as_tensor(data["returns"], dtype=torch.float32)
@@ -114,9 +179,9 @@ def imitate(policy, optimizer, envs, teachers, obs, config: PPOConfig, budget: i
             total_loss += float(F.cross_entropy(logits, b_actions[idx], reduction="sum"))
     metrics = {
         "imitation/steps": steps,
-        "imitation/episodes": len(ended),
-        "imitation/teacher_return": float(np.mean(ended)),
+        "imitation/episodes": len(kept),
+        "imitation/teacher_return": float(np.mean([e.total for e in kept])),
         "imitation/loss": total_loss / size,
         "imitation/agreement": agree / size,
     }
-    return obs, steps, metrics
+    return metrics

@@ -29,7 +29,7 @@ from esper_gym.agents.records import check_env_record, env_record, mixture_recor
 from esper_gym.agents.tamiyo.checkpoint import load_checkpoint, save_checkpoint
 from esper_gym.agents.tamiyo.config import PPOConfig
 from esper_gym.agents.tamiyo.guards import TrainingCollapse, check_guards
-from esper_gym.agents.tamiyo.imitation import imitate, make_teacher
+from esper_gym.agents.tamiyo.imitation import fit_imitation, imitate, make_teacher
 from esper_gym.agents.tamiyo.policy import TamiyoPolicy
 from esper_gym.agents.tamiyo.popart import update_return_stats
 from esper_gym.agents.tamiyo.runners import (  # noqa: F401  (make_vector_env: ppo's API)
@@ -213,7 +213,7 @@ def train(
     # In this process: the envs PPO collects from (runners=0), or those of the imitation warm
     # start only (runners > 0: the same copies and seeds as one process would have).
     envs = None
-    if n_runners == 0 or teachers:
+    if n_runners == 0:
         envs = build_vector_env(makers, copies, config.async_envs)
     space = envs.single_observation_space if envs is not None else probes[0].observation_space
     action_space = envs.single_action_space if envs is not None else probes[0].action_space
@@ -263,16 +263,21 @@ def train(
             config.gamma,
             address=ray_address,
         )
-        if envs is not None:
-            next_obs, _ = envs.reset(seed=config.seed + global_step)
     guard_history: dict[str, list[float]] = {}
 
     imitated = None
     if teachers:
-        # The teacher's env steps count in the budget, and never run past it.
-        _, global_step, metrics = imitate(
-            policy, optimizer, envs, teachers, next_obs, config, budget=config.total_steps
-        )
+        # The teacher's env steps count in the budget, and never run past it. On Ray the
+        # runners play it (the same episodes); this process fits.
+        if remote is None:
+            _, global_step, metrics = imitate(
+                policy, optimizer, envs, teachers, next_obs, config, budget=config.total_steps
+            )
+        else:
+            episodes, global_step = remote.imitate(
+                config.teacher, config, config.total_steps, config.seed, step=global_step
+            )
+            metrics = fit_imitation(policy, optimizer, episodes, global_step, config, n_envs)
         imitated = metrics["imitation/episodes"]
         if log is not None:
             log(metrics, global_step)
@@ -281,8 +286,6 @@ def train(
         if remote is None:
             # whole episodes for PPO
             next_obs = runner.reset(group_seeds(config.seed + global_step, n_envs, group))
-        else:
-            envs.close()
     if remote is not None:
         remote.reset(config.seed + global_step, global_step)
 

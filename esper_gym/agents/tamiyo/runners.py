@@ -242,6 +242,8 @@ class RunnerActor:
         torch.set_num_threads(1)  # a maker's `threads` may have set more
         policy = TamiyoPolicy(**policy_kwargs)
         self.runner = Runner(envs, policy, kind_of, env_task, gamma)
+        self.makers, self.num_envs, self.gamma = list(makers), num_envs, gamma
+        self.teaching = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -249,11 +251,30 @@ class RunnerActor:
     def reset(self, seed: int, torch_seed: int) -> None:
         torch.manual_seed(torch_seed)
         self.runner.reset(seed)
+        self.teaching = None
 
     def collect(self, weights: dict, n_steps: int, greedy: bool = False) -> dict[str, Any]:
         if self.runner.next_obs is None:  # Ray restarted this actor: its episodes are gone
             raise RunnerRestarted(f"runner in process {os.getpid()} was restarted: not reset")
         return self.runner.collect(weights, n_steps, greedy)
+
+    def teach(self, teacher: str, n_steps: int) -> list:
+        """n_steps more steps of the imitation warm start's teacher (`teacher`, one per copy,
+        each task's own) on this runner's copies, from its last reset: the episodes that
+        ended (esper_gym.agents.tamiyo.imitation.TeacherPlay)."""
+        from esper_gym.agents.tamiyo.imitation import TeacherPlay, make_teacher
+
+        if self.runner.next_obs is None:
+            raise RunnerRestarted(f"runner in process {os.getpid()} was restarted: not reset")
+        if self.teaching is None:
+            teachers = []
+            for make in self.makers:
+                probe = make()
+                teachers += [make_teacher(teacher, probe) for _ in range(self.num_envs)]
+                probe.close()
+            runner = self.runner
+            self.teaching = TeacherPlay(runner.envs, teachers, runner.next_obs, self.gamma)
+        return self.teaching.play(n_steps)
 
 
 class RemoteRunners:
@@ -341,6 +362,42 @@ class RemoteRunners:
             "timing/transfer_s": max(total - broadcast_s - rollout["collect_s"], 0.0),
         }
         return rollout, timing
+
+    def imitate(
+        self, teacher: str, config, budget: int | None, seed: int, step: int = 0, chunk: int = 8
+    ) -> tuple[list, int]:
+        """The imitation warm start's episodes, played by the runners in chunks of `chunk` steps
+        until the warm start's rule (`imitation_cut`) says where it ends: (episodes, with copy
+        indices over all runners, env steps). The same episodes as one process of all the
+        copies would play with one task (copy i of runner r is copy r * num_envs + i there).
+        An actor that dies meanwhile is restarted and the warm start played again from the
+        same seeds, after a warning (the teachers replay it exactly). The runners reset with
+        `seed` and `step` first, as `reset`."""
+        from esper_gym.agents.tamiyo.imitation import imitation_cut
+
+        ray, n_envs = self.ray, self.per_runner * len(self.actors)
+        for attempt in range(MAX_RESTARTS + 1):
+            try:
+                self.reset(seed, step)
+                episodes, played = [], 0
+                while (cut := imitation_cut(episodes, played, n_envs, config, budget)) is None:
+                    parts = ray.get([a.teach.remote(teacher, chunk) for a in self.actors])
+                    for r, part in enumerate(parts):
+                        for ep in part:
+                            ep.copy += r * self.per_runner
+                            episodes.append(ep)
+                    played += chunk
+                return episodes, cut * n_envs
+            except _actor_errors(ray):
+                if attempt == MAX_RESTARTS:
+                    raise
+                self.restarts += 1
+                LOG.warning(
+                    "a runner died in the imitation warm start (restart %d): played "
+                    "again from the same seeds",
+                    self.restarts,
+                )
+                self._retry(lambda: self.pids())
 
     def _retry(self, call: Callable, wait_s: float = 60.0):
         """`call()` until the restarted actor answers (it is unavailable while restarting)."""
