@@ -110,23 +110,26 @@ def test_ppo_trains_on_runners_and_a_killed_runner_is_restarted(kernel_dir, capl
     )
     logs = []
     killed = {}
-    real_collect = RemoteRunners.collect
+    real_start = RemoteRunners.start
 
-    def collect_and_kill(self, policy, n_steps, step=0, greedy=False):
+    def start_and_kill(self, policy, n_steps, step=0, greedy=False):
         if not killed:  # the first rollout: kill runner 1's process while it plays
             pid = self.pids()[1]
             killed["pid"] = pid
             threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
-        return real_collect(self, policy, n_steps, step, greedy)
+        return real_start(self, policy, n_steps, step, greedy)
 
-    RemoteRunners.collect = collect_and_kill
+    RemoteRunners.start = start_and_kill
     try:
         with caplog.at_level(logging.WARNING, "esper_gym.agents.tamiyo.runners"):
             ppo_train(config, make, log=lambda m, s: logs.append((s, m)))
     finally:
-        RemoteRunners.collect = real_collect
+        RemoteRunners.start = real_start
     assert [s for s, _ in logs] == [24, 48]
     assert all(m["timing/rollout_s"] > 0 and "timing/update_s" in m for _, m in logs)
+    # Each rollout was played by the policy that was updated on it (started after the update
+    # before it): the first ratio is 1 up to the rounding of other batch sizes.
+    assert all(m["losses/ratio_start"] < 1e-4 for _, m in logs)
     assert "runner 1 died mid-rollout" in caplog.text
 
 

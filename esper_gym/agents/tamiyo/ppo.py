@@ -234,11 +234,11 @@ def train(
         wait_bias=config.wait_bias,
         gated=config.gated,
     )
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5, foreach=True)
     global_step = 0
     if ckpt is not None:
         policy = ckpt.policy
-        optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5, foreach=True)
         if ckpt.optimizer_state is not None:
             optimizer.load_state_dict(ckpt.optimizer_state)
         global_step = ckpt.global_step
@@ -301,7 +301,10 @@ def train(
     end_step = global_step + num_updates * batch_size
     fresh = torch.ones(n_envs)  # observation 0 of the next rollout starts an episode
     _warn_budget(config, global_step, end_step, batch_size, n_envs, imitated, ckpt is not None)
-    for _ in range(num_updates):
+    pending = None  # on Ray: the rollout the runners are playing
+    if remote is not None and num_updates > 0:
+        pending = remote.start(policy, n_steps, step=global_step)
+    for u in range(num_updates):
         update = global_step // batch_size + 1  # checkpoint_every counts these
         if config.anneal_lr:
             frac = global_step / end_step  # 0 at the first update without a warm start
@@ -313,7 +316,7 @@ def train(
         if remote is None:
             rollout = runner.collect(None, n_steps)
         else:
-            rollout, timing = remote.collect(policy, n_steps, step=global_step)
+            rollout, timing = remote.finish(pending)
         global_step += batch_size
         obs_buf, actions, logprobs = rollout["obs"], rollout["actions"], rollout["logprobs"]
         rewards, dones, values = rollout["rewards"], rollout["dones"], rollout["values"]
@@ -418,6 +421,8 @@ def train(
 
         if remote is not None:  # where a distributed update's time goes (bench_scale.py)
             timing["timing/update_s"] = time.perf_counter() - update_start
+            if u + 1 < num_updates:  # the runners play the next rollout while this logs
+                pending = remote.start(policy, n_steps, step=global_step)
         # --- log ----------------------------------------------------------------------------
         kinds = kind_of[b_actions.numpy()].tolist()
         growth_valid = b_obs["action_mask"][:, is_germinate].any(1)

@@ -330,11 +330,30 @@ class RemoteRunners:
     def collect(
         self, policy, n_steps: int, step: int = 0, greedy: bool = False
     ) -> tuple[dict, dict]:
-        ray = self.ray
+        return self.finish(self.start(policy, n_steps, step, greedy))
+
+    def start(self, policy, n_steps: int, step: int = 0, greedy: bool = False) -> dict:
+        """Broadcast the policy's weights (a copy: the policy may change meanwhile) and start
+        every runner's rollout; `finish` waits for them. PPO starts the next rollout as soon
+        as its update is done, so that its logging and checkpoints overlap the rollout."""
         start = time.perf_counter()
-        weights = ray.put({k: v.detach().clone() for k, v in policy.state_dict().items()})
-        broadcast_s = time.perf_counter() - start
+        weights = self.ray.put({k: v.detach().clone() for k, v in policy.state_dict().items()})
         refs = [a.collect.remote(weights, n_steps, greedy) for a in self.actors]
+        return {
+            "refs": refs,
+            "weights": weights,
+            "n_steps": n_steps,
+            "step": step,
+            "greedy": greedy,
+            "start": start,
+            "broadcast_s": time.perf_counter() - start,
+        }
+
+    def finish(self, pending: dict) -> tuple[dict, dict]:
+        """The rollouts `start` began, joined, and the times of the parts (as `collect`)."""
+        ray, weights, refs = self.ray, pending["weights"], pending["refs"]
+        n_steps, step, greedy = pending["n_steps"], pending["step"], pending["greedy"]
+        start, broadcast_s = pending["start"], pending["broadcast_s"]
         parts: list[dict | None] = [None] * len(refs)
         for r, ref in enumerate(refs):
             for attempt in range(MAX_RESTARTS + 1):
