@@ -25,6 +25,7 @@ import time
 
 import gymnasium as gym
 import torch
+from report import report  # experiments/report.py: --report writes the output
 from torch.nn import functional as F
 
 import esper_gym
@@ -124,7 +125,15 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--max-epochs", type=float, default=None)
     parser.add_argument("--seeds", type=int, default=0, help="grafted seeds per episode")
+    parser.add_argument(
+        "--report", default=None, help="also write the output here (results/bench_env_overhead.txt)"
+    )
     args = parser.parse_args()
+    with report(args.report):
+        run_bench(args)
+
+
+def run_bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     env_id = next(i for i, (t, _) in esper_gym.ENV_IDS.items() if t == args.task)
     kw = {"max_epochs": args.max_epochs} if args.max_epochs else {}

@@ -9,6 +9,8 @@
    medians over updates of timing/{rollout_s (the slowest actor's own), update_s (learner: GAE
    and PPO epochs), broadcast_s (ray.put of the weights), transfer_s (waiting for the rollouts
    beyond the slowest actor's own time: scheduling, serialisation, copies)}.
+3. A K-core machine projected from those parts (`projection`): where the learner becomes the
+   bottleneck.
 
 The load average (1 min) before each run goes in the table: on a machine shared with other
 work, actors compete with it for cores, so K actors are only K times faster where K cores are
@@ -70,6 +72,41 @@ def run(args: list[str], out: pathlib.Path) -> dict:
     }
 
 
+def projection(parts: dict[int, dict], per_actor: int, rollout_steps: int) -> list[str]:
+    """A K-core machine, projected from the parts: each actor on its own core takes what one
+    actor alone took here (K=1's rollout: no time-sharing), the learner's update, broadcast and
+    transfer are what K actors' batches took here (the actors are idle during the update, so
+    it ran uncontended). Env steps/s = K * copies * steps / (rollout + update + broadcast +
+    transfer). The learner is the bottleneck once its update outlasts a rollout."""
+    rollout = parts[1]["timing/rollout_s"]
+    lines = [
+        "",
+        "#### 3. Projected on a K-core machine (one actor per core)",
+        "",
+        f"Rollout per update: {rollout:.2f} s (K=1 above, one actor alone on a core). Update, "
+        "broadcast and transfer: as measured at each K (the update runs while the actors wait).",
+        "",
+        "| K | env steps per update | projected env steps/s | update ÷ rollout |",
+        "|---|---|---|---|",
+    ]
+    for k, r in sorted(parts.items()):
+        serial = r["timing/update_s"] + r["timing/broadcast_s"] + r["timing/transfer_s"]
+        steps = k * per_actor * rollout_steps
+        share = r["timing/update_s"] / rollout
+        lines.append(f"| {k} | {steps} | {steps / (rollout + serial):.0f} | {share:.2f} |")
+    k_max = max(parts)
+    per_sample = parts[k_max]["timing/update_s"] / (k_max * per_actor * rollout_steps)
+    k_learner = rollout / (per_sample * per_actor * rollout_steps)
+    lines += [
+        "",
+        f"The update costs {1e3 * per_sample:.3f} ms per env step (K={k_max}), so it outlasts "
+        f"a rollout from K ≈ {k_learner:.0f} actors of {per_actor} copies: past that the "
+        "learner is the bottleneck, and env steps/s approach "
+        f"{1 / per_sample:.0f} (the update alone) however many actors run.",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -88,7 +125,7 @@ def main() -> None:
         "runners=2 num_envs=16": ["env.runners=2", "env.num_envs=16"],
     }
     lines = [
-        "# Scale-out on Ray: env steps/s (experiments/bench_scale.py)",
+        "**Scale-out on Ray: env steps/s (experiments/bench_scale.py)**",
         "",
         "```",
         f"python experiments/bench_scale.py {' '.join(sys.argv[1:])}".rstrip(),
@@ -97,7 +134,7 @@ def main() -> None:
         f"Machine: {os.cpu_count()} cores, shared with other work (load average per run below). "
         f"Common: `{' '.join(COMMON + budget)}`.",
         "",
-        "## 1. Side by side (alternated)",
+        "#### 1. Side by side (alternated)",
         "",
         "| arm | repeat | env steps | wall s | env steps/s (command) | env steps/s (training) "
         "| load avg (1 min) |",
@@ -122,13 +159,14 @@ def main() -> None:
             lines.append(f"- {name}: {cmd:.1f} env steps/s (command), {train:.1f} (training)")
         lines += [
             "",
-            f"## 2. Per-part times, K actors of {args.per_actor} copies each (medians over "
+            f"#### 2. Per-part times, K actors of {args.per_actor} copies each (medians over "
             "updates, seconds per update)",
             "",
             "| K | copies | env steps/s (training) | actor rollout | learner update | broadcast "
             "| transfer | load avg (1 min) |",
             "|---|---|---|---|---|---|---|---|",
         ]
+        parts: dict[int, dict] = {}
         for k in args.actors:
             n = k * args.per_actor
             steps = max(args.steps, 2 * n * args.rollout_steps)  # at least two updates
@@ -139,6 +177,7 @@ def main() -> None:
                 f"agent.ppo.rollout_steps={args.rollout_steps}",
             ]
             r = run(arm, pathlib.Path(tmp) / f"k{k}")
+            parts[k] = r
             line = (
                 f"| {k} | {n} | {r['train_sps']:.1f} | {r['timing/rollout_s']:.2f} | "
                 f"{r['timing/update_s']:.2f} | {r['timing/broadcast_s']:.4f} | "
@@ -146,6 +185,8 @@ def main() -> None:
             )
             print(line, flush=True)
             lines.append(line)
+    if 1 in parts:
+        lines += projection(parts, args.per_actor, args.rollout_steps)
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

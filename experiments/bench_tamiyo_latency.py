@@ -16,6 +16,7 @@ import time
 import gymnasium as gym
 import numpy as np
 import torch
+from report import report  # experiments/report.py: --report writes the output
 
 import esper_gym  # noqa: F401  (registers the ids)
 from esper_gym.agents.baselines import RandomAgent
@@ -57,7 +58,17 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=1000)
     parser.add_argument("--checkpoint", default=None, help="a train() checkpoint (default: fresh)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--report",
+        default=None,
+        help="also write the output here (results/bench_tamiyo_latency.txt)",
+    )
     args = parser.parse_args()
+    with report(args.report):
+        run_bench(args)
+
+
+def run_bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
     observations = collect_observations(args.env, 100)

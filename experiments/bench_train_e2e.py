@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from report import report  # experiments/report.py: --report writes the output
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OLD_ARGS = ["agent.ppo.total_steps=2048"]
 NEW_ARGS = [
@@ -54,7 +56,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--old-args", nargs="*", default=OLD_ARGS)
     parser.add_argument("--new-args", nargs="*", default=NEW_ARGS)
+    parser.add_argument(
+        "--report", default=None, help="also write the output here (results/bench_train_e2e.txt)"
+    )
     args = parser.parse_args()
+    with report(args.report):
+        run_bench(args)
+
+
+def run_bench(args: argparse.Namespace) -> None:
     rates: dict[str, list[float]] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):

@@ -22,43 +22,18 @@ contribution passes, one fused Adam over whole leaves; no lifecycle, masks, faul
 observation or reward): a lower bound on the time of any simulator of those copies, and
 `floor÷sync` the most any of them could gain over the single envs on this machine.
 
-Recorded (2 cores, one torch thread; the machine ran ~25% slower than in the runs below, both
-sides alike), with seed stacks (one leaf per parameter per (layer, graph) group), attention
-under vmap through its rewritten graph, and residual_mlp/low_rank/squeeze_excite as stacked
-programs:
+The committed run, with the command that made it: results/bench_vector.txt
 
     python experiments/bench_vector.py --ns 8 32 --steps 12 --warmup 3 --chunk 4 \
-        --policies wait grow uniform
+        --policies wait grow uniform --report results/bench_vector.txt
 
-    task          policy     N  batched/s   sync/s  speed-up  live  floor/s  floor÷sync
-    spirals       wait       8      741.9    185.2     4.01x  0.00        -           -
-    spirals       wait      32     1010.4    190.9     5.29x  0.00        -           -
-    spirals       grow       8      161.6     65.5     2.47x  1.43        -           -
-    spirals       grow      32      181.9     56.1     3.24x  1.49        -           -
-    spirals       uniform    8      230.2     73.4     3.13x  1.92    425.3       5.79x
-    spirals       uniform   32      271.0     75.8     3.58x  1.92    456.4       6.02x
-    fashion_mnist wait       8       42.3     21.7     1.95x  0.00        -           -
-    fashion_mnist wait      32       40.8     22.0     1.85x  0.00        -           -
-    fashion_mnist grow       8       11.0      9.3     1.19x  1.49        -           -
-    fashion_mnist grow      32       16.6     10.4     1.60x  1.54        -           -
-    fashion_mnist uniform    8       20.8     10.7     1.95x  1.83        -           -
-    fashion_mnist uniform   32       22.4     10.8     2.06x  1.83        -           -
+Stacks and stacked programs pay where groups are large (one blueprint in one slot across
+copies, as a trained policy plays: `uniform`), less under random growth, whose live seeds fall
+mostly in groups of 1-3.
 
-The same command one commit earlier (squeeze_excite still under vmap): spirals grow 3.16x,
-uniform 3.72x at N=32; fashion_mnist grow 1.55x. With the stacks alone (quieter machine):
-spirals grow 3.07x, uniform 3.30x; fashion_mnist grow 1.47x. Before (67a3e35) and after the
-stacks and the residual_mlp/low_rank programs, back to back at N=32 (`--ns 32 --tasks spirals
---policies grow uniform`, twice), batched/s: uniform 264 -> 364 and 235 -> 306 (2.93x -> 3.98x,
-2.72x -> 3.73x); random growth 183 -> 194 and 187 -> 170 (2.68x -> 2.79x, 2.76x -> 2.78x). With
-squeeze_excite as a program too: random growth (`--steps 16`) 153 -> 165 (2.44x -> 2.71x), a
-squeeze_excite-only library 3.81x -> 4.84x. Stacks and stacked programs pay where groups are
-large (one blueprint in one slot across copies, as a trained policy plays), less under random
-growth: in one measured step 17 of its 58 live seeds were in stacks (three groups), the rest in
-groups of 1-3.
-
-What bounds it. The floor is 5.6-6.9x the single envs in every run (425-622 env steps/s against
-73-102): the seeds' own arithmetic (residual_mlp's GELU and its backward, the batched matmuls,
-the evaluation on 1,024 samples) is what a single env also pays, and no batching removes it, so
+What bounds it. The floor is about 6x the single envs (`floor÷sync`): the seeds' own
+arithmetic (residual_mlp's GELU and its backward, the batched matmuls, the evaluation on 1,024
+samples) is what a single env also pays, and no batching removes it, so
 spirals' 8x at N=32 with live seeds is out of reach on one CPU thread. The batched env runs at
 about 0.6 of the floor: its Adam step goes row by row so that each copy's update is bit-for-bit
 its single env's (one fused call per whole leaf was ~9x cheaper in a microbenchmark, but takes
@@ -81,6 +56,7 @@ import time
 import gymnasium as gym
 import numpy as np
 import torch
+from report import report  # experiments/report.py: --report writes the output
 from torch.nn import functional as F
 
 import esper_gym
@@ -274,7 +250,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed vector steps per side")
     parser.add_argument("--warmup", type=int, default=5, help="untimed vector steps first")
     parser.add_argument("--chunk", type=int, default=5, help="steps per side per turn")
+    parser.add_argument(
+        "--report", default=None, help="also write the output here (results/bench_vector.txt)"
+    )
     args = parser.parse_args()
+    with report(args.report):
+        run_bench(args)
+
+
+def run_bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     print(
         f"{'task':<14}{'policy':<8}{'N':>4}{'batched/s':>11}{'sync/s':>9}{'speed-up':>10}"

@@ -11,6 +11,9 @@ and writes the table as CSV next to the episodes.
         --agents tamiyo0 tamiyo1 tamiyo2 --against schedule gradmax north noop \
         --metrics return test_acc params_added
 
+`--pool NAME=a,b` (repeatable) also writes pooled.csv: the agents a, b (one checkpoint per
+training seed, say) as one agent NAME, their paired differences joined (bench.paired.pooled_table).
+
 `--merge` adds the evaluation episodes of `python -m esper_gym.train` runs (their
 `results.json`: the trained agent and `eval.compare`), e.g. an SB3 agent, which
 `esper_gym.evaluate` cannot load. Its episodes pair with the evaluate run's only if they are the
@@ -30,6 +33,7 @@ from esper_gym.bench.paired import (  # noqa: F401  (the logic lives in the pack
     markdown,
     merge,
     paired_table,
+    pooled_table,
     train_episodes,
 )
 
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=pathlib.Path, default=None, help="default: <results>/paired.csv"
     )
+    parser.add_argument("--pool", nargs="*", default=[], help="NAME=agent,agent,...")
     args = parser.parse_args()
     episodes = pd.read_csv(args.results / "episodes.csv")
     for path in args.merge:
@@ -58,6 +63,19 @@ def main() -> None:
     for metric in args.metrics:
         print(markdown(table, metric), end="\n\n")
     print(f"wrote {out}")
+    if args.pool:
+        pools = {}
+        for spec in args.pool:
+            name, _, members = spec.partition("=")
+            if not name or not members:
+                raise SystemExit(f"--pool {spec!r}: expected NAME=agent,agent,...")
+            pools[name] = members.split(",")
+        pooled = pooled_table(episodes, pools, args.against, args.metrics)
+        pooled_out = out.with_name("pooled.csv")
+        pooled.to_csv(pooled_out, index=False)
+        for metric in args.metrics:
+            print(markdown(pooled, metric), end="\n\n")
+        print(f"wrote {pooled_out}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 import gymnasium as gym
 import numpy as np
 import torch
+from report import report  # experiments/report.py: --report writes the output
 
 import esper_gym
 from esper_gym.agents.baselines import make_agent
@@ -137,7 +138,15 @@ def main() -> None:
     parser.add_argument("--contexts", choices=("train", "test"), default=None)
     parser.add_argument("--n-contexts", type=int, default=4)
     parser.add_argument("--out", default=None, help="CSV of the per-context rows")
+    parser.add_argument(
+        "--report", default=None, help="also write the output here (results/tasks_report.txt)"
+    )
     args = parser.parse_args()
+    with report(args.report):
+        run_bench(args)
+
+
+def run_bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     if args.contexts:
         contexts_report(args)

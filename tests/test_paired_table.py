@@ -57,3 +57,19 @@ def test_merge_refuses_other_episodes(tmp_path):
     path = _train_results(tmp_path, schedule_shift=0.2)  # other seeds or contexts
     with pytest.raises(SystemExit, match=r"schedule on spirals seed 0.*not the same episodes"):
         paired_table.merge(_episodes(), paired_table.train_episodes(path), path)
+
+
+def test_a_pool_joins_its_members_pairs():
+    """Two checkpoints pooled: one pair per (member, seed), the mean of both members' diffs,
+    and the pool's mean score; an agent outside the pool is not counted."""
+    eps = _episodes()
+    twin = eps[eps["agent"] == "tamiyo0"].assign(agent="tamiyo1")
+    twin["return"] += 0.2  # tamiyo1 is 0.3 above the schedule, tamiyo0 0.1
+    eps = pd.concat([eps, twin], ignore_index=True)
+    table = paired_table.pooled_table(
+        eps, {"tamiyo": ["tamiyo0", "tamiyo1"]}, ["schedule"], ["return"]
+    )
+    row = table[table["task"] == "spirals"].iloc[0]
+    assert row["n"] == 10 and row["members"] == "tamiyo0,tamiyo1"
+    assert row["diff"] == pytest.approx(0.2) and row["lo"] <= 0.2 <= row["hi"]
+    assert row["return_mean"] == pytest.approx(4.0 + 0.2 + 0.02)

@@ -46,6 +46,33 @@ def paired_table(
     return pd.DataFrame(rows)
 
 
+def pooled_table(
+    episodes: pd.DataFrame, pools: dict[str, list[str]], against: list[str], metrics: list[str]
+) -> pd.DataFrame:
+    """`paired_table` with each pool's members (e.g. one checkpoint per training seed) taken as
+    one agent: their per-seed differences against `other` joined, one pair per (member, seed),
+    and the mean of each metric over the pool's episodes (`<metric>_mean`)."""
+    rows = []
+    for task, block in episodes.groupby("task", sort=False):
+        for name, members in pools.items():
+            mine = block[block["agent"].isin(members)]
+            if mine.empty:
+                continue
+            for other in against:
+                theirs = block[block["agent"] == other]
+                both = mine.merge(theirs, on="seed", suffixes=("", "_other"))
+                for metric in metrics:
+                    diff = (both[metric] - both[f"{metric}_other"]).to_numpy(float)
+                    ci = stats.paired_difference([diff])
+                    rows.append(
+                        {"task": task, "agent": name, "members": ",".join(members),
+                         "other": other, "metric": metric, "n": len(diff),
+                         f"{metric}_mean": float(mine[metric].mean()),
+                         "diff": ci.estimate, "lo": ci.lo, "hi": ci.hi}
+                    )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 EPISODE_FIELDS = ("return", "test_acc", "params_added")
 
 

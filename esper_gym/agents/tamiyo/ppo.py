@@ -193,7 +193,9 @@ def train(
         probes.append(probe)  # closed below; its spaces and task still describe the run
         records.append(env_record(probe))
         if config.teacher is not None and resume_from is None:
-            teachers += [make_teacher(config.teacher, probe) for _ in range(copies)]
+            # On Ray the runners build their own: one here refuses a bad name before they start.
+            n_teachers = copies if n_runners == 0 else 1
+            teachers += [make_teacher(config.teacher, probe) for _ in range(n_teachers)]
         probe.close()
     record = mixture_record(records)
     group = getattr(config, "group_advantages", 0)
