@@ -67,6 +67,8 @@ import sys
 import tempfile
 import time
 
+from report import report  # experiments/report.py: --report writes the output
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REPLAYS = ROOT / "results/baselines_test/replays.json"
 # Episodes of REPLAYS that this machine (AMD EPYC, AVX-512) does not reproduce natively:
@@ -242,14 +244,17 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, nargs="+", default=list(EPISODES))
     parser.add_argument("--speed", action="store_true", help="native vs portable env steps/s")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--report", default=None, help="also write the output here")
     args = parser.parse_args()
     if args.child:
         args.file, args.indices = args.child[0], [int(i) for i in args.child[1:]]
         child(args)
-    elif args.speed:
-        speed(args.file, args.episodes, args.repeats)
-    else:
-        table(args.file, args.episodes)
+        return
+    with report(args.report):
+        if args.speed:
+            speed(args.file, args.episodes, args.repeats)
+        else:
+            table(args.file, args.episodes)
 
 
 if __name__ == "__main__":

@@ -153,10 +153,13 @@ def main() -> None:
                 print(line, flush=True)
                 lines.append(line)
         lines += ["", "Medians over repeats:", ""]
+        medians = {}
         for name, rs in results.items():
             cmd = statistics.median(r["steps"] / r["seconds"] for r in rs)
-            train = statistics.median(r["train_sps"] for r in rs)
+            train = medians[name] = statistics.median(r["train_sps"] for r in rs)
             lines.append(f"- {name}: {cmd:.1f} env steps/s (command), {train:.1f} (training)")
+        one, two = medians.values()
+        lines.append(f"- training, runners=2 / runners=0: {two / one:.2f}x (ratio of the medians)")
         lines += [
             "",
             f"#### 2. Per-part times, K actors of {args.per_actor} copies each (medians over "
