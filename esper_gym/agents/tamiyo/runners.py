@@ -42,6 +42,9 @@ LOG = logging.getLogger(__name__)
 
 RAY_MISSING = 'Ray is not installed (env.runners > 0, executor=ray): pip install "esper-gym[ray]"'
 MAX_RESTARTS = 3  # per actor; then the run stops with Ray's error
+# How long a restarted actor may take to answer: a new process, its imports and its envs, which
+# on a loaded machine (more processes than cores) took over a minute.
+RESTART_WAIT_S = 600.0
 
 
 def final_obs(info: dict, i: int) -> dict[str, np.ndarray]:
@@ -418,7 +421,7 @@ class RemoteRunners:
                 )
                 self._retry(lambda: self.pids())
 
-    def _retry(self, call: Callable, wait_s: float = 60.0):
+    def _retry(self, call: Callable, wait_s: float = RESTART_WAIT_S):
         """`call()` until the restarted actor answers (it is unavailable while restarting)."""
         ray, deadline = self.ray, time.monotonic() + wait_s
         while True:
