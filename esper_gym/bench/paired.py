@@ -11,39 +11,16 @@ import pandas as pd
 
 from esper_gym.bench import stats
 
+COLUMNS = ["task", "agent", "other", "metric", "n", "diff", "lo", "hi"]
+
 
 def paired_table(
     episodes: pd.DataFrame, agents: list[str], against: list[str], metrics: list[str]
 ) -> pd.DataFrame:
-    known = set(episodes["agent"])
-    missing = [a for a in [*agents, *against] if a not in known]
-    if missing:
-        raise SystemExit(f"agents {missing} are not in the episodes; there: {sorted(known)}")
-    rows = []
-    for task, block in episodes.groupby("task", sort=False):
-        for agent in agents:
-            for other in against:
-                both = block[block["agent"] == agent].merge(
-                    block[block["agent"] == other], on="seed", suffixes=("", "_other")
-                )
-                if both.empty or agent == other:
-                    continue  # not both on this task (a merged train run's task only)
-                for metric in metrics:
-                    diff = (both[metric] - both[f"{metric}_other"]).to_numpy(float)
-                    ci = stats.paired_difference([diff])
-                    rows.append(
-                        {
-                            "task": task,
-                            "agent": agent,
-                            "other": other,
-                            "metric": metric,
-                            "n": len(diff),
-                            "diff": ci.estimate,
-                            "lo": ci.lo,
-                            "hi": ci.hi,
-                        }
-                    )
-    return pd.DataFrame(rows)
+    """Each agent's mean per-seed difference against each of `against`, per task and metric,
+    with its paired bootstrap CI: `pooled_table` with one agent per pool."""
+    table = pooled_table(episodes, {a: [a] for a in agents}, against, metrics)
+    return table[COLUMNS] if len(table) else table
 
 
 def pooled_table(
@@ -52,15 +29,20 @@ def pooled_table(
     """`paired_table` with each pool's members (e.g. one checkpoint per training seed) taken as
     one agent: their per-seed differences against `other` joined, one pair per (member, seed),
     and the mean of each metric over the pool's episodes (`<metric>_mean`)."""
+    known = set(episodes["agent"])
+    missing = [a for a in [*(m for ms in pools.values() for m in ms), *against] if a not in known]
+    if missing:
+        raise SystemExit(f"agents {missing} are not in the episodes; there: {sorted(known)}")
     rows = []
     for task, block in episodes.groupby("task", sort=False):
         for name, members in pools.items():
             mine = block[block["agent"].isin(members)]
-            if mine.empty:
-                continue
             for other in against:
-                theirs = block[block["agent"] == other]
-                both = mine.merge(theirs, on="seed", suffixes=("", "_other"))
+                both = mine.merge(
+                    block[block["agent"] == other], on="seed", suffixes=("", "_other")
+                )
+                if both.empty or other in members:
+                    continue  # not both on this task (a merged train run's task only)
                 for metric in metrics:
                     diff = (both[metric] - both[f"{metric}_other"]).to_numpy(float)
                     ci = stats.paired_difference([diff])
