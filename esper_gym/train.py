@@ -93,6 +93,7 @@ def run(cfg: DictConfig, run_dir: str | pathlib.Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     built = config.build(cfg, run_dir)
     print(f"kernel store: {built.kernel_dir} (env.kernel_dir; env.kernel_dir=run: this run's own)")
+    print(config.contexts_line(cfg))
     if cfg.threads is not None:
         import torch
 

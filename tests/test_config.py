@@ -325,3 +325,12 @@ def test_the_fashion_mnist_experiment_runs_one_thread_per_env_worker():
     at 1 thread (conf/experiment/fashion_mnist.yaml)."""
     cfg = load("+experiment=fashion_mnist")
     assert cfg.threads == 1 and cfg.env.vectorization == "async"
+
+
+def test_a_run_says_when_it_trains_on_the_fixed_configuration_of_a_contexts_benchmark():
+    fixed = config.contexts_line(load("task=spirals_budget"))
+    assert fixed.startswith("contexts: none (the fixed task). spirals_budget has 72 train")
+    assert "env.contexts=train" in fixed
+    assert config.contexts_line(load("task=spirals_budget", "env.contexts=train")) == (
+        "contexts: train"
+    )

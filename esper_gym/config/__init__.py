@@ -550,6 +550,21 @@ def env_factory(
     return functools.partial(make_env, env_id, cfg.threads, **kwargs)
 
 
+def contexts_line(cfg: DictConfig) -> str:
+    """What the run trains on, said at its start: a task whose benchmark is its held-out test
+    contexts (evaluate contexts=test) learns nothing of them from the one fixed configuration."""
+    split = cfg.env.get("contexts")
+    registered = TASKS.get(cfg.task.name)
+    space = registered.context_space if registered is not None else None
+    if split is not None or space is None:
+        return f"contexts: {split or 'none (the fixed task)'}"
+    return (
+        f"contexts: none (the fixed task). {cfg.task.name} has {len(space.contexts('train'))} "
+        "train contexts and is benchmarked on held-out test ones: env.contexts=train trains "
+        "on the former"
+    )
+
+
 def kernel_store(kernel_dir: str | None, run_dir: str | os.PathLike) -> str:
     """env.kernel_dir resolved: `run` is `<run_dir>/kernels`; null the shared default store."""
     if kernel_dir == "run":
