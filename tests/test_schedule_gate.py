@@ -1,0 +1,51 @@
+"""experiments/schedule_gate.py's ScheduleGate: the plan's action, or WAIT where it grows."""
+
+import pathlib
+import runpy
+import sys
+
+import numpy as np
+import pytest
+
+from esper_gym.actions import GERMINATE
+from esper_gym.observation import GLOBAL_FEATURES
+
+GROWN = GLOBAL_FEATURES.index("log_params_ratio")  # 0 until a kernel adds parameters
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "schedule_gate.py"
+
+
+@pytest.fixture(scope="module")
+def gate_module():
+    sys.path.insert(0, str(SCRIPT.parent))  # as `python experiments/schedule_gate.py` runs it
+    try:
+        yield runpy.run_path(str(SCRIPT), run_name="imported_by_a_test")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def valid(obs):
+    return list(np.flatnonzero(obs["action_mask"]))
+
+
+def test_a_held_back_germination_stays_due_and_a_followed_one_grows(gate_module, tmp_path):
+    env = gate_module["make_env"]("train", False, str(tmp_path / "kernels"))
+    layout = env.unwrapped.layout
+    obs, _ = env.reset(seed=0, options={"context": 0})
+    steps_to_growth = 0
+    while len(valid(obs)) == 1:  # forced: WAIT until the plan's first germination is due
+        assert valid(obs) == [env.wait]
+        obs, *_ = env.step(env.wait)
+        steps_to_growth += 1
+    assert steps_to_growth > 0  # the tuned plan grows at progress 0.25, not at once
+    proposal = env.proposal
+    assert valid(obs) == sorted([env.wait, proposal])
+    assert layout.decode(proposal).kind == GERMINATE
+    for _ in range(2):  # held back twice: proposed again each time, nothing grows
+        obs, *_ = env.step(env.wait)
+        assert env.proposal == proposal and len(valid(obs)) == 2
+        assert obs["globals"][GROWN] == 0
+    obs, *_ = env.step(proposal)  # followed: the seed exists, the plan moves on
+    assert obs["globals"][GROWN] > 0
+    assert env.proposal != proposal
+    env.close()
