@@ -50,13 +50,19 @@ class ScheduleGate(gym.Wrapper):
     """The env with its action mask cut to the tuned schedule's action, and WAIT besides where
     that action is a germination: a policy can grow as the plan says or hold the growth back
     (a held-back germination stays due, so it can also come later), nothing else. A seed once
-    grown advances as the plan says (holding an advance back only pays rent for nothing)."""
+    grown advances as the plan says (holding an advance back only pays rent for nothing).
+    `declined="drop"`: a held-back germination is dropped from the plan instead, so each of
+    the plan's germinations is one yes-or-no decision (under "defer", never growing takes a
+    refusal at every step left, which exploration almost never plays)."""
 
-    def __init__(self, env: gym.Env) -> None:
+    def __init__(self, env: gym.Env, declined: str = "defer") -> None:
         from esper_gym.actions import WAIT, Action
         from esper_gym.agents.baselines import make_agent
 
+        if declined not in ("defer", "drop"):
+            raise ValueError(f"declined={declined!r}; allowed: defer, drop")
         super().__init__(env)
+        self.declined = declined
         self.schedule = make_agent("schedule", env)
         self.layout = env.unwrapped.layout
         self.wait = self.layout.encode(Action(WAIT))
@@ -76,17 +82,19 @@ class ScheduleGate(gym.Wrapper):
         return self._gate(obs), info
 
     def step(self, action):
-        if int(action) != self.proposal:
-            self.schedule = self._before  # declined: the germination it wanted stays due
+        if int(action) != self.proposal and self.declined == "defer":
+            self.schedule = self._before  # the germination it wanted stays due
         obs, reward, terminated, truncated, info = self.env.step(action)
         return self._gate(obs), reward, terminated, truncated, info
 
 
-def make_env(split: str, show: bool, kernel_dir: str | None, gate: bool = True):
+def make_env(
+    split: str, show: bool, kernel_dir: str | None, gate: bool = True, declined: str = "defer"
+):
     from esper_gym.env import MorphogeneticEnv
 
     env = MorphogeneticEnv(task=TASK, contexts=split, show_context=show, kernel_dir=kernel_dir)
-    return ScheduleGate(env) if gate else env
+    return ScheduleGate(env, declined) if gate else env
 
 
 def ppo_config(seed: int, total_steps: int, levers: dict):
@@ -103,7 +111,7 @@ def ppo_config(seed: int, total_steps: int, levers: dict):
     return PPOConfig(**values, guards=GuardConfig(**{**vars(guards), **guard_values}))
 
 
-def train_one(seed: int, view: str, total_steps: int, levers: dict, out: str) -> str:
+def train_one(seed: int, view: str, total_steps: int, levers: dict, out: str, declined: str):
     import functools
 
     import torch
@@ -112,12 +120,13 @@ def train_one(seed: int, view: str, total_steps: int, levers: dict, out: str) ->
 
     torch.set_num_threads(1)
     path = pathlib.Path(out) / f"gate_{view}_s{seed}.pt"
-    make = functools.partial(make_env, "train", view == "ctx", str(pathlib.Path(out) / "kernels"))
+    kernels = str(pathlib.Path(out) / "kernels")
+    make = functools.partial(make_env, "train", view == "ctx", kernels, declined=declined)
     ppo.train(ppo_config(seed, total_steps, levers), make, checkpoint_path=path)
     return str(path)
 
 
-def play(agent: str, view: str, path: str | None, context: int, seed: int, greedy: bool):
+def play(agent, view, path, context: int, seed: int, greedy: bool, declined: str = "defer"):
     """One test episode: the gate policy (checkpoint `path`), or the schedule / NoOp."""
     import torch
 
@@ -126,7 +135,7 @@ def play(agent: str, view: str, path: str | None, context: int, seed: int, greed
     from esper_gym.episode import play_episode
 
     torch.set_num_threads(1)
-    env = make_env("test", view == "ctx", None, gate=path is not None)
+    env = make_env("test", view == "ctx", None, gate=path is not None, declined=declined)
     if path is not None:
         act = load_checkpoint(path, env=env).policy.actor(greedy=greedy, seed=seed)
     else:
@@ -148,6 +157,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--teacher", default="schedule", help="the imitation warm start; none: PPO from the start"
     )
+    p.add_argument(
+        "--declined", default="defer", choices=["defer", "drop"], help="ScheduleGate's rule"
+    )
     p.add_argument("--report", default=None)
     args = p.parse_args(argv)
     # The levers of results/tamiyo_budget (gamma 1, groups of 4 sharing a seed), no anchor:
@@ -167,11 +179,14 @@ def main(argv=None) -> None:
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with report(args.report):
-        print(f"levers: {levers}, total_steps {args.total_steps}")
+        print(f"levers: {levers}, total_steps {args.total_steps}, declined: {args.declined}")
         start = time.perf_counter()
         runs = [(s, v) for v in args.views for s in args.seeds]
         with concurrent.futures.ProcessPoolExecutor(args.n_jobs, mp_context=ctx) as pool:
-            jobs = {r: pool.submit(train_one, *r, args.total_steps, levers, args.out) for r in runs}
+            jobs = {
+                r: pool.submit(train_one, *r, args.total_steps, levers, args.out, args.declined)
+                for r in runs
+            }
             paths = {r: f.result() for r, f in jobs.items()}
         print(f"trained {len(runs)} runs in {time.perf_counter() - start:.0f}s")
         from esper_gym.tasks import get_task
@@ -186,7 +201,7 @@ def main(argv=None) -> None:
         ]
         with concurrent.futures.ProcessPoolExecutor(args.n_jobs, mp_context=ctx) as pool:
             futures = {
-                (a[0], c, s): pool.submit(play, *a[:3], c, s, a[3])
+                (a[0], c, s): pool.submit(play, *a[:3], c, s, a[3], args.declined)
                 for a in agents
                 for c, s in cells
             }

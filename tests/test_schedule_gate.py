@@ -49,3 +49,21 @@ def test_a_held_back_germination_stays_due_and_a_followed_one_grows(gate_module,
     assert obs["globals"][GROWN] > 0
     assert env.proposal != proposal
     env.close()
+
+
+def test_under_drop_a_held_back_germination_is_gone_for_the_episode(gate_module, tmp_path):
+    env = gate_module["make_env"]("train", False, str(tmp_path / "kernels"), declined="drop")
+    obs, _ = env.reset(seed=0, options={"context": 0})
+    declined = 0
+    for _ in range(200):  # every germination the plan proposes, held back
+        if len(valid(obs)) == 2:
+            declined += 1
+        obs, _, terminated, truncated, _ = env.step(env.wait)
+        if terminated or truncated:
+            break
+    assert terminated or truncated
+    assert declined == 2  # the tuned plan's two germinations, each asked once
+    assert obs["globals"][GROWN] == 0  # nothing grew: the episode was NoOp's
+    env.close()
+    with pytest.raises(ValueError, match="declined='later'; allowed: defer, drop"):
+        gate_module["ScheduleGate"](env.unwrapped, declined="later")
