@@ -111,7 +111,9 @@ def ppo_config(seed: int, total_steps: int, levers: dict):
     return PPOConfig(**values, guards=GuardConfig(**{**vars(guards), **guard_values}))
 
 
-def train_one(seed: int, view: str, total_steps: int, levers: dict, out: str, declined: str):
+def train_one(
+    seed: int, view: str, total_steps: int, levers: dict, out: str, declined: str, reuse: bool
+):
     import functools
 
     import torch
@@ -120,13 +122,15 @@ def train_one(seed: int, view: str, total_steps: int, levers: dict, out: str, de
 
     torch.set_num_threads(1)
     path = pathlib.Path(out) / f"gate_{view}_s{seed}.pt"
+    if reuse and path.exists():  # scored again (e.g. on train contexts), not retrained
+        return str(path)
     kernels = str(pathlib.Path(out) / "kernels")
     make = functools.partial(make_env, "train", view == "ctx", kernels, declined=declined)
     ppo.train(ppo_config(seed, total_steps, levers), make, checkpoint_path=path)
     return str(path)
 
 
-def play(agent, view, path, context: int, seed: int, greedy: bool, declined: str = "defer"):
+def play(agent, view, path, context, seed, greedy, declined="defer", split="test"):
     """One test episode: the gate policy (checkpoint `path`), or the schedule / NoOp."""
     import torch
 
@@ -135,7 +139,7 @@ def play(agent, view, path, context: int, seed: int, greedy: bool, declined: str
     from esper_gym.episode import play_episode
 
     torch.set_num_threads(1)
-    env = make_env("test", view == "ctx", None, gate=path is not None, declined=declined)
+    env = make_env(split, view == "ctx", None, gate=path is not None, declined=declined)
     if path is not None:
         act = load_checkpoint(path, env=env).policy.actor(greedy=greedy, seed=seed)
     else:
@@ -159,6 +163,15 @@ def main(argv=None) -> None:
     )
     p.add_argument(
         "--declined", default="defer", choices=["defer", "drop"], help="ScheduleGate's rule"
+    )
+    p.add_argument(
+        "--reuse", action="store_true", help="score the checkpoints in --out, train none anew"
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "train"],
+        help="contexts to score on (train: to choose a decoding without the test episodes)",
     )
     p.add_argument("--report", default=None)
     args = p.parse_args(argv)
@@ -184,14 +197,16 @@ def main(argv=None) -> None:
         runs = [(s, v) for v in args.views for s in args.seeds]
         with concurrent.futures.ProcessPoolExecutor(args.n_jobs, mp_context=ctx) as pool:
             jobs = {
-                r: pool.submit(train_one, *r, args.total_steps, levers, args.out, args.declined)
+                r: pool.submit(
+                    train_one, *r, args.total_steps, levers, args.out, args.declined, args.reuse
+                )
                 for r in runs
             }
             paths = {r: f.result() for r, f in jobs.items()}
         print(f"trained {len(runs)} runs in {time.perf_counter() - start:.0f}s")
         from esper_gym.tasks import get_task
 
-        n_ctx = len(get_task(TASK).context_space.contexts("test"))
+        n_ctx = len(get_task(TASK).context_space.contexts(args.split))
         cells = [(c, FIRST_TEST_SEED + j) for c in range(n_ctx) for j in range(args.test_seeds)]
         agents = [("schedule", "hid", None, False), ("noop", "hid", None, False)]
         agents += [
@@ -201,7 +216,7 @@ def main(argv=None) -> None:
         ]
         with concurrent.futures.ProcessPoolExecutor(args.n_jobs, mp_context=ctx) as pool:
             futures = {
-                (a[0], c, s): pool.submit(play, *a[:3], c, s, a[3], args.declined)
+                (a[0], c, s): pool.submit(play, *a[:3], c, s, a[3], args.declined, args.split)
                 for a in agents
                 for c, s in cells
             }
@@ -212,7 +227,8 @@ def main(argv=None) -> None:
             return np.array([played[(name, c, s)][0] for c, s in cells])
 
         print(
-            f"\n{len(cells)} test episodes per agent ({n_ctx} contexts x {args.test_seeds} seeds)\n"
+            f"\n{len(cells)} {args.split}-context episodes per agent ({n_ctx} contexts x "
+            f"{args.test_seeds} seeds {FIRST_TEST_SEED}..)\n"
         )
         print("| agent | mean return | germinations / episode | vs schedule | vs NoOp |")
         print("|---|---|---|---|---|")
