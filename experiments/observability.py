@@ -48,7 +48,7 @@ from esper_gym.tasks import get_task  # noqa: E402
 
 FIRST_TEST_SEED = 1_000_000  # esper_gym.evaluate's held-out seeds
 LAMBDAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
-KS = (5, 10, 20, 40, 80)
+KS = (1, 2, 5, 10, 20, 40, 80)
 
 
 def play(task: str, split: str, plan_id: int, context: int, seed: int):
@@ -98,7 +98,10 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, lam: float):
         return np.hstack([scale(z), np.ones((len(z), 1))])
 
     a = design(x)
-    w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ y)
+    penalty = lam * np.eye(a.shape[1])
+    penalty[-1, -1] = 0.0  # the intercept is not shrunk: with nothing to read, the gate's
+    # prediction falls back to the mean gain (always grow, or never), not to 0
+    w = np.linalg.solve(a.T @ a + penalty, a.T @ y)
     return lambda z: design(z) @ w
 
 
@@ -196,8 +199,11 @@ def analyse(task: str, plans: list[int], episodes: dict, reps: int) -> None:
         # Every episode is cut at the earliest step the plan germinated on (the same step in
         # every context of a task with fixed decisions): NoOp's observations up to and
         # including it are what a controller deciding there has seen.
-        noop_len = min(len(h[0]) for (_, p, _, _), (_, _, h) in episodes.items() if p == 0)
-        k = min([first + 1 for *_, first in rows if first is not None] + [noop_len])
+        noop_len = min(
+            len(h[0]) for (sp, p, _, _), (_, _, h) in episodes.items() if p == 0 and sp == "train"
+        )
+        firsts = [first + 1 for sp, *_, first in rows if first is not None and sp == "train"]
+        k = min([*firsts, noop_len])  # from the train episodes only
         data = {}
         for split in ("train", "test"):
             mine = [(c, g) for sp, c, g, _ in rows if sp == split]

@@ -53,7 +53,12 @@ class ScheduleGate(gym.Wrapper):
     grown advances as the plan says (holding an advance back only pays rent for nothing).
     `declined="drop"`: a held-back germination is dropped from the plan instead, so each of
     the plan's germinations is one yes-or-no decision (under "defer", never growing takes a
-    refusal at every step left, which exploration almost never plays)."""
+    refusal at every step left, which exploration almost never plays).
+
+    Known limit: the schedule puts a due germination before any advance, and refusing it is
+    WAIT. So under "defer", while the second germination is refused, the first seed cannot
+    advance (it stays where it is for the rest of the episode); under "drop" it loses the one
+    step of the refusal. Offering the advance as the refusal would remove both."""
 
     def __init__(self, env: gym.Env, declined: str = "defer") -> None:
         from esper_gym.actions import WAIT, Action
@@ -73,7 +78,7 @@ class ScheduleGate(gym.Wrapper):
         mask = np.zeros_like(obs["action_mask"])
         mask[self.proposal] = 1
         if self.layout.decode(self.proposal).kind == GERMINATE:
-            mask[self.wait] = 1  # a germination may be held back; its seed's advances may not
+            mask[self.wait] = 1  # a germination may be held back (see the class's known limit)
         return {**obs, "action_mask": mask}
 
     def reset(self, **kwargs):

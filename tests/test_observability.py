@@ -46,8 +46,8 @@ def test_the_gate_recovers_what_the_run_shows_and_nothing_else(obs, model, visib
     if visible:
         assert gate.mean() > 0.8 * best.mean()
     else:
-        # Nothing to read: cross-validation smooths the fit most, and the gate gains nothing.
-        assert param == {"ridge": obs["LAMBDAS"], "kNN": obs["KS"]}[model][-1]
+        # Nothing to read: cross-validation smooths the fit hard, and the gate gains nothing.
+        assert param >= {"ridge": 1000, "kNN": 20}[model]
         assert gate.mean() < 0.2 * best.mean()
 
 
