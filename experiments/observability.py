@@ -191,28 +191,25 @@ def analyse(task: str, plans: list[int], episodes: dict, reps: int) -> None:
     names = [f.name for f in space.factors]
     described = [oracle.describe(p) for p in oracle.tuned_plans(task)]
     for plan in plans:
-        rows = [
-            (split, c, ret - episodes[(split, 0, c, s)][0], first)
-            for (split, p, c, s), (ret, first, _) in episodes.items()
-            if p == plan
-        ]
+        cells = [(sp, c, s) for (sp, p, c, s) in episodes if p == plan]
         # Every episode is cut at the earliest step the plan germinated on (the same step in
         # every context of a task with fixed decisions): NoOp's observations up to and
-        # including it are what a controller deciding there has seen.
-        noop_len = min(
-            len(h[0]) for (sp, p, _, _), (_, _, h) in episodes.items() if p == 0 and sp == "train"
-        )
-        firsts = [first + 1 for sp, *_, first in rows if first is not None and sp == "train"]
-        k = min([*firsts, noop_len])  # from the train episodes only
+        # including it are what a controller deciding there has seen. From train episodes only.
+        train = [(c, s) for sp, c, s in cells if sp == "train"]
+        noop_len = min(len(episodes[("train", 0, c, s)][2][0]) for c, s in train)
+        firsts = [episodes[("train", plan, c, s)][1] for c, s in train]
+        k = min([f + 1 for f in firsts if f is not None] + [noop_len])
         data = {}
         for split in ("train", "test"):
-            mine = [(c, g) for sp, c, g, _ in rows if sp == split]
-            keys = [(split, 0, c, s) for (sp, p, c, s) in episodes if p == plan and sp == split]
-            hist = [episodes[key][2] for key in keys]
+            mine = [(c, s) for sp, c, s in cells if sp == split]
+            gain = [
+                episodes[(split, plan, c, s)][0] - episodes[(split, 0, c, s)][0] for c, s in mine
+            ]
+            hist = [episodes[(split, 0, c, s)][2] for c, s in mine]  # NoOp's, same seed
             glob = np.array([h[0][:k].ravel() for h in hist])
             data[split] = {
                 "context": np.array([c for c, _ in mine]),
-                "gain": np.array([g for _, g in mine]),
+                "gain": np.array(gain),
                 "globals": glob,
                 "+nodes": np.hstack([glob, np.array([h[1][:k].ravel() for h in hist])]),
                 "raw": np.array([space.features(space.contexts(split)[c]) for c, _ in mine]),

@@ -1,23 +1,14 @@
 """experiments/observability.py's gate: a ridge readout of the run, fitted on train contexts."""
 
-import pathlib
-import runpy
-
 import numpy as np
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "observability.py"
+from tests.scripts import load_experiment
 
 
 @pytest.fixture(scope="module")
 def obs():
-    import sys
-
-    sys.path.insert(0, str(SCRIPT.parent))  # as `python experiments/observability.py` runs it
-    try:
-        yield runpy.run_path(str(SCRIPT), run_name="imported_by_a_test")
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return load_experiment("observability")
 
 
 def contexts_data(rng, n_contexts, seeds, visible):

@@ -1,27 +1,18 @@
 """experiments/schedule_gate.py's ScheduleGate: the plan's action, or WAIT where it grows."""
 
-import pathlib
-import runpy
-import sys
-
 import numpy as np
 import pytest
 
 from esper_gym.actions import GERMINATE
 from esper_gym.observation import GLOBAL_FEATURES
+from tests.scripts import load_experiment
 
 GROWN = GLOBAL_FEATURES.index("log_params_ratio")  # 0 until a kernel adds parameters
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "schedule_gate.py"
 
 
 @pytest.fixture(scope="module")
 def gate_module():
-    sys.path.insert(0, str(SCRIPT.parent))  # as `python experiments/schedule_gate.py` runs it
-    try:
-        yield runpy.run_path(str(SCRIPT), run_name="imported_by_a_test")
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return load_experiment("schedule_gate")
 
 
 def valid(obs):
