@@ -62,17 +62,33 @@ def headroom() -> str:
     return _table(header, rows)
 
 
-def tamiyo_paired() -> str:
-    """Paired return difference of the three Tamiyo runs against the baselines, on the same 12
-    test seeds (results/tamiyo/test_contexts/paired.csv)."""
+def _paired(path: str) -> str:
+    """Paired return difference of the three Tamiyo runs against the others (a paired.csv of
+    experiments/paired_table.py)."""
     cells: dict[tuple[str, str], dict[str, str]] = {}
-    for r in _rows("results/tamiyo/test_contexts/paired.csv"):
+    for r in _rows(path):
         if r["metric"] == "return":
             cell = _ci(float(r["diff"]), float(r["lo"]), float(r["hi"]))
             cells.setdefault((r["task"], r["other"]), {})[r["agent"]] = cell
     agents = ["tamiyo0", "tamiyo1", "tamiyo2"]
     rows = [[task, other, *(c[a] for a in agents)] for (task, other), c in cells.items()]
     return _table(["task", "against", *agents], rows)
+
+
+def tamiyo_paired() -> str:
+    """The three Tamiyo runs against the baselines, on the same 12 test seeds."""
+    return _paired("results/tamiyo/test_contexts/paired.csv")
+
+
+def pace_paired() -> str:
+    """Tamiyo behind the schedule gate on spirals_pace, 24 test contexts x 8 seeds; CIs over
+    episodes (results/tamiyo_pace/test_contexts/paired.csv)."""
+    return _paired("results/tamiyo_pace/test_contexts/paired.csv")
+
+
+def pace_paired_contexts() -> str:
+    """The same differences, CIs resampling whole contexts (paired_by_context.csv)."""
+    return _paired("results/tamiyo_pace/test_contexts/paired_by_context.csv")
 
 
 def tamiyo_unpaired() -> str:
@@ -120,6 +136,11 @@ def _value_of_reacting(path: str) -> str:
 def reacting_baselines() -> str:
     """Value of reacting on the baselines run (results/baselines_test/summary.csv)."""
     return _value_of_reacting("results/baselines_test/summary.csv")
+
+
+def reacting_pace() -> str:
+    """Value of reacting on spirals_pace's 24 test contexts x 8 seeds (results/tamiyo_pace)."""
+    return _value_of_reacting("results/tamiyo_pace/test_contexts/summary.csv")
 
 
 def reacting_tamiyo() -> str:
@@ -177,9 +198,12 @@ def tuned_baselines() -> str:
 TABLES = {
     "headroom": headroom,
     "tamiyo_paired": tamiyo_paired,
+    "pace_paired": pace_paired,
+    "pace_paired_contexts": pace_paired_contexts,
     "tamiyo_unpaired": tamiyo_unpaired,
     "reacting_baselines": reacting_baselines,
     "reacting_tamiyo": reacting_tamiyo,
+    "reacting_pace": reacting_pace,
     "tuned_baselines": tuned_baselines,
 }
 

@@ -254,6 +254,16 @@ _SPIRALS_BUDGET = (
     Factor("noise", (0.05, 0.15)),
     Factor("label_noise", (0.0, 0.1)),
 )
+# spirals_pace (param_cost 0.5): the run's learning pace decides. Growth gains up to +4 where
+# the host learns slowly (low lr, narrow host, 5 arms) and loses 1-3 where it is already fast
+# (measured before registering: experiments/observability.py on its train contexts). The learning
+# rate is hidden at step 0 and shows in the first intervals' loss and accuracy; width and arms
+# are visible static facts. One budget: every context has 32 decisions.
+_SPIRALS_PACE = (
+    Factor("width", (12, 16, 24, 32)),
+    Factor("lr_scale", (0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 2.0)),
+    Factor("arms", (3, 5)),
+)
 
 # One space per family of tasks; TASKS (esper_gym.tasks) says which task has which.
 SPIRALS_CONTEXTS = ContextSpace("spirals", _SPIRALS)
@@ -261,6 +271,8 @@ FASHION_CONTEXTS = ContextSpace("fashion_mnist", _FASHION)
 CONV_CONTEXTS = ContextSpace("fashion_mnist_conv", _CONV)
 CIFAR_CONTEXTS = ContextSpace("cifar10", _CIFAR)
 SPIRALS_BUDGET_CONTEXTS = ContextSpace("spirals_budget", _SPIRALS_BUDGET, fixed_decisions=True)
+# 64 contexts: 24 test, 40 train.
+SPIRALS_PACE_CONTEXTS = ContextSpace("spirals_pace", _SPIRALS_PACE, test_share=0.375)
 
 
 def context_space(task: Task) -> ContextSpace:

@@ -24,6 +24,7 @@ from esper_gym.contexts import (
     FASHION_CONTEXTS,
     SPIRALS_BUDGET_CONTEXTS,
     SPIRALS_CONTEXTS,
+    SPIRALS_PACE_CONTEXTS,
     ContextSpace,
 )
 from esper_gym.data import DATASET_NAMES, Dataset, load_dataset
@@ -289,6 +290,17 @@ TASKS: dict[str, Task] = {
             gym_id="Esper/SpiralsBudget-v0",
             max_episode_steps=EPISODE_LIMIT,
             context_space=SPIRALS_BUDGET_CONTEXTS,
+        ),
+        # The same rent, one budget; the hidden factor is the learning rate, which the run
+        # shows as its pace: a controller that reads the run can tell when growth pays.
+        Task(
+            name="spirals_pace",
+            decision_interval=20,
+            reward_weights={"param_cost": 0.5},
+            show_rent=True,
+            gym_id="Esper/SpiralsPace-v0",
+            max_episode_steps=EPISODE_LIMIT,
+            context_space=SPIRALS_PACE_CONTEXTS,
         ),
         # The reliability benchmark: the library also offers fault-injecting blueprints.
         Task(

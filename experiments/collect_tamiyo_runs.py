@@ -2,7 +2,8 @@
 
 Each run dir is one `python -m esper_gym.train` run (seed S) holding `checkpoint.pt` and
 `train_metrics.csv`. Writes `<checkpoints>/tamiyo_seed<S>.pt` (the checkpoint after checking
-that it loads with `weights_only=True`), `<out>/learning_curves.csv` (every run's rows, with
+that it loads with `weights_only=True`; `--policy-only`: the policy without the Adam state, a
+third the size, for evaluation only), `<out>/learning_curves.csv` (every run's rows, with
 a `run` column) and `<out>/learning_curves.png`.
 
     for S in 0 1 2; do python -m esper_gym.train env.contexts=train env.vectorization=batched \\
@@ -25,6 +26,7 @@ import shutil
 import pandas as pd
 import torch
 
+from esper_gym.agents.tamiyo import load_checkpoint, save_checkpoint
 from esper_gym.bench import plots
 
 
@@ -35,6 +37,11 @@ def main() -> None:
         "--checkpoints", type=pathlib.Path, default=pathlib.Path("results/checkpoints")
     )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/tamiyo"))
+    parser.add_argument(
+        "--policy-only", action="store_true",
+        help="commit the policy without the Adam state (a third the size; it evaluates, it does "
+        "not resume)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.checkpoints.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +51,13 @@ def main() -> None:
         ckpt = run / "checkpoint.pt"
         torch.load(ckpt, weights_only=True)  # what is committed must load without pickle code
         target = args.checkpoints / f"tamiyo_seed{seed}.pt"
-        shutil.copyfile(ckpt, target)
+        if args.policy_only:
+            loaded = load_checkpoint(ckpt)  # checked, then written again without the optimizer
+            save_checkpoint(
+                target, loaded.policy, None, loaded.global_step, loaded.config, loaded.env
+            )
+        else:
+            shutil.copyfile(ckpt, target)
         curve = pd.read_csv(run / "train_metrics.csv")
         curve.insert(0, "run", f"seed{seed}")
         curves.append(curve)

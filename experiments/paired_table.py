@@ -11,6 +11,9 @@ and writes the table as CSV next to the episodes.
         --agents tamiyo0 tamiyo1 tamiyo2 --against schedule gradmax north noop \
         --metrics return test_acc params_added
 
+`--by-context`: the CIs resample whole contexts (an evaluation on contexts, `context_index`):
+what carries to other contexts of the split, not only to other seeds of the contexts played.
+
 `--pool NAME=a,b` (repeatable) also writes pooled.csv: the agents a, b (one checkpoint per
 training seed, say) as one agent NAME, their paired differences joined (bench.paired.pooled_table).
 
@@ -52,11 +55,15 @@ def main() -> None:
         "--out", type=pathlib.Path, default=None, help="default: <results>/paired.csv"
     )
     parser.add_argument("--pool", nargs="*", default=[], help="NAME=agent,agent,...")
+    parser.add_argument(
+        "--by-context", action="store_true",
+        help="CIs resample whole contexts (context_index), not episodes",
+    )  # fmt: skip
     args = parser.parse_args()
     episodes = pd.read_csv(args.results / "episodes.csv")
     for path in args.merge:
         episodes = merge(episodes, train_episodes(path), path)
-    table = paired_table(episodes, args.agents, args.against, args.metrics)
+    table = paired_table(episodes, args.agents, args.against, args.metrics, args.by_context)
     out = args.out or args.results / "paired.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
@@ -70,7 +77,7 @@ def main() -> None:
             if not name or not members:
                 raise SystemExit(f"--pool {spec!r}: expected NAME=agent,agent,...")
             pools[name] = members.split(",")
-        pooled = pooled_table(episodes, pools, args.against, args.metrics)
+        pooled = pooled_table(episodes, pools, args.against, args.metrics, args.by_context)
         pooled_out = out.with_name("pooled.csv")
         pooled.to_csv(pooled_out, index=False)
         for metric in args.metrics:

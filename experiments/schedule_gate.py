@@ -4,10 +4,11 @@ On spirals_budget, Tamiyo with the flat action space learns a germination hazard
 chance to act at every step; its greedy decoding is NoOp), not a decision
 (results/tamiyo_budget/README.md). This restricts what it can do to what the observability
 experiment (experiments/observability.py) shows is worth learning: at each step it may take the
-tuned schedule's action, or WAIT where that action is a germination (`ScheduleGate`: the action
-mask is cut to those; everywhere else the plan's action is the only one). A declined
-germination stays due, so the gate can also defer growth. The policy, PPO and the imitation warm start are Tamiyo's own
-(conf/agent/tamiyo.yaml's values, plus the levers given here); only the mask is new.
+tuned schedule's action, or, where that action is a germination, the plan's action without it
+(`esper_gym.agents.gate.ScheduleGate`, which `python -m esper_gym.train env.gate=drop` uses;
+its refusal was WAIT before 2026-12-07's last session, see results/tamiyo_budget/README.md).
+The policy, PPO and the imitation warm start are Tamiyo's own (conf/agent/tamiyo.yaml's values,
+plus the levers given here); only the mask is new.
 
 Trains `--seeds` runs on train contexts, with the context hidden (`hid`) or shown in the
 globals (`ctx`, a controller told the context: the observability gate's +0.18 ceiling), then
@@ -25,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import copy
 import multiprocessing
 import pathlib
 import sys
 import time
 
-import gymnasium as gym
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,66 +38,23 @@ sys.path.insert(0, str(ROOT))
 
 from report import report  # noqa: E402
 
-from esper_gym.actions import GERMINATE  # noqa: E402
+from esper_gym.agents.gate import ScheduleGate  # noqa: E402
 from esper_gym.bench import stats  # noqa: E402
 
-TASK = "spirals_budget"
 FIRST_TEST_SEED = 1_000_000  # esper_gym.evaluate's held-out seeds
 
 
-class ScheduleGate(gym.Wrapper):
-    """The env with its action mask cut to the tuned schedule's action, and WAIT besides where
-    that action is a germination: a policy can grow as the plan says or hold the growth back
-    (a held-back germination stays due, so it can also come later), nothing else. A seed once
-    grown advances as the plan says (holding an advance back only pays rent for nothing).
-    `declined="drop"`: a held-back germination is dropped from the plan instead, so each of
-    the plan's germinations is one yes-or-no decision (under "defer", never growing takes a
-    refusal at every step left, which exploration almost never plays).
-
-    Known limit: the schedule puts a due germination before any advance, and refusing it is
-    WAIT. So under "defer", while the second germination is refused, the first seed cannot
-    advance (it stays where it is for the rest of the episode); under "drop" it loses the one
-    step of the refusal. Offering the advance as the refusal would remove both."""
-
-    def __init__(self, env: gym.Env, declined: str = "defer") -> None:
-        from esper_gym.actions import WAIT, Action
-        from esper_gym.agents.baselines import make_agent
-
-        if declined not in ("defer", "drop"):
-            raise ValueError(f"declined={declined!r}; allowed: defer, drop")
-        super().__init__(env)
-        self.declined = declined
-        self.schedule = make_agent("schedule", env)
-        self.layout = env.unwrapped.layout
-        self.wait = self.layout.encode(Action(WAIT))
-
-    def _gate(self, obs: dict) -> dict:
-        self._before = copy.deepcopy(self.schedule)  # its state if its action is declined
-        self.proposal = int(self.schedule.act(obs))
-        mask = np.zeros_like(obs["action_mask"])
-        mask[self.proposal] = 1
-        if self.layout.decode(self.proposal).kind == GERMINATE:
-            mask[self.wait] = 1  # a germination may be held back (see the class's known limit)
-        return {**obs, "action_mask": mask}
-
-    def reset(self, **kwargs):
-        self.schedule.reset()
-        obs, info = self.env.reset(**kwargs)
-        return self._gate(obs), info
-
-    def step(self, action):
-        if int(action) != self.proposal and self.declined == "defer":
-            self.schedule = self._before  # the germination it wanted stays due
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        return self._gate(obs), reward, terminated, truncated, info
-
-
 def make_env(
-    split: str, show: bool, kernel_dir: str | None, gate: bool = True, declined: str = "defer"
+    task: str,
+    split: str,
+    show: bool,
+    kernel_dir: str | None,
+    gate: bool = True,
+    declined: str = "defer",
 ):
     from esper_gym.env import MorphogeneticEnv
 
-    env = MorphogeneticEnv(task=TASK, contexts=split, show_context=show, kernel_dir=kernel_dir)
+    env = MorphogeneticEnv(task=task, contexts=split, show_context=show, kernel_dir=kernel_dir)
     return ScheduleGate(env, declined) if gate else env
 
 
@@ -117,7 +73,14 @@ def ppo_config(seed: int, total_steps: int, levers: dict):
 
 
 def train_one(
-    seed: int, view: str, total_steps: int, levers: dict, out: str, declined: str, reuse: bool
+    task: str,
+    seed: int,
+    view: str,
+    total_steps: int,
+    levers: dict,
+    out: str,
+    declined: str,
+    reuse: bool,
 ):
     import functools
 
@@ -130,12 +93,12 @@ def train_one(
     if reuse and path.exists():  # scored again (e.g. on train contexts), not retrained
         return str(path)
     kernels = str(pathlib.Path(out) / "kernels")
-    make = functools.partial(make_env, "train", view == "ctx", kernels, declined=declined)
+    make = functools.partial(make_env, task, "train", view == "ctx", kernels, declined=declined)
     ppo.train(ppo_config(seed, total_steps, levers), make, checkpoint_path=path)
     return str(path)
 
 
-def play(agent, view, path, context, seed, greedy, declined="defer", split="test"):
+def play(task, agent, view, path, context, seed, greedy, declined="defer", split="test"):
     """One test episode: the gate policy (checkpoint `path`), or the schedule / NoOp."""
     import torch
 
@@ -144,7 +107,7 @@ def play(agent, view, path, context, seed, greedy, declined="defer", split="test
     from esper_gym.episode import play_episode
 
     torch.set_num_threads(1)
-    env = make_env(split, view == "ctx", None, gate=path is not None, declined=declined)
+    env = make_env(task, split, view == "ctx", None, gate=path is not None, declined=declined)
     if path is not None:
         act = load_checkpoint(path, env=env).policy.actor(greedy=greedy, seed=seed)
     else:
@@ -156,6 +119,7 @@ def play(agent, view, path, context, seed, greedy, declined="defer", split="test
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="spirals_budget")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--views", nargs="+", default=["hid", "ctx"], choices=["hid", "ctx"])
     p.add_argument("--total-steps", type=int, default=32768)
@@ -203,7 +167,14 @@ def main(argv=None) -> None:
         with concurrent.futures.ProcessPoolExecutor(args.n_jobs, mp_context=ctx) as pool:
             jobs = {
                 r: pool.submit(
-                    train_one, *r, args.total_steps, levers, args.out, args.declined, args.reuse
+                    train_one,
+                    args.task,
+                    *r,
+                    args.total_steps,
+                    levers,
+                    args.out,
+                    args.declined,
+                    args.reuse,
                 )
                 for r in runs
             }
@@ -211,7 +182,7 @@ def main(argv=None) -> None:
         print(f"trained {len(runs)} runs in {time.perf_counter() - start:.0f}s")
         from esper_gym.tasks import get_task
 
-        n_ctx = len(get_task(TASK).context_space.contexts(args.split))
+        n_ctx = len(get_task(args.task).context_space.contexts(args.split))
         cells = [(c, FIRST_TEST_SEED + j) for c in range(n_ctx) for j in range(args.test_seeds)]
         agents = [("schedule", "hid", None, False), ("noop", "hid", None, False)]
         agents += [
@@ -221,7 +192,9 @@ def main(argv=None) -> None:
         ]
         with concurrent.futures.ProcessPoolExecutor(args.n_jobs, mp_context=ctx) as pool:
             futures = {
-                (a[0], c, s): pool.submit(play, *a[:3], c, s, a[3], args.declined, args.split)
+                (a[0], c, s): pool.submit(
+                    play, args.task, *a[:3], c, s, a[3], args.declined, args.split
+                )
                 for a in agents
                 for c, s in cells
             }

@@ -14,6 +14,7 @@ from esper_gym.tasks import TASKS, get_task
 from tests.conftest import SMALL
 
 ID = "Esper/SpiralsBudget-v0"
+PACE = "Esper/SpiralsPace-v0"
 # Small enough for a test; the decision interval still follows the epochs.
 TINY = {"dataset_kwargs": {"n_train": 1024, "n_val": 256, "n_test": 256}, "eval_size": 256}
 
@@ -39,7 +40,7 @@ def test_train_and_test_contexts_are_disjoint_and_large_enough():
     assert hidden <= set(space.names)
 
 
-def test_the_rent_global_is_shown_only_on_spirals_budget(kernel_dir):
+def test_the_rent_global_is_shown_only_on_the_budget_tasks(kernel_dir):
     n = len(GLOBAL_FEATURES)
     env = gym.make(ID, kernel_dir=kernel_dir, contexts="train", **TINY)
     obs, _ = env.reset(seed=1)
@@ -51,12 +52,13 @@ def test_the_rent_global_is_shown_only_on_spirals_budget(kernel_dir):
     shown = gym.make(ID, kernel_dir=kernel_dir, contexts="train", show_context=True, **TINY)
     g = shown.reset(seed=1)[0]["globals"]
     assert g.shape == (n + 1 + 6,) and g[n] == pytest.approx(0.5)
-    for env_id in sorted(set(esper_gym.ENV_IDS) - {ID}):
+    for env_id in sorted(set(esper_gym.ENV_IDS) - {ID, PACE}):
         if "Spirals" in env_id:  # the others load data; their tasks are checked below
             obs, _ = gym.make(env_id, kernel_dir=kernel_dir, **SMALL).reset(seed=0)
             assert obs["globals"].shape == (n,), env_id
-    assert [t for t in TASKS.values() if t.show_rent] == [TASKS["spirals_budget"]]
-    assert [t for t in TASKS.values() if t.reward_weights] == [TASKS["spirals_budget"]]
+    budget = [TASKS["spirals_budget"], TASKS["spirals_pace"]]
+    assert [t for t in TASKS.values() if t.show_rent] == budget
+    assert [t for t in TASKS.values() if t.reward_weights] == budget
 
 
 def test_the_decision_count_is_the_same_at_every_budget():

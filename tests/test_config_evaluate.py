@@ -94,3 +94,19 @@ def test_a_folder_of_committed_files_is_never_written_into(tmp_path):
     ignored = ROOT / "outputs"  # git-ignored: nothing tracked there
     if ignored.is_dir():
         check_out_dir(ignored)
+
+
+def test_seeds_per_context_plays_every_context_the_same_number_of_times():
+    from collections import Counter
+
+    from esper_gym.bench.oracle import context_index
+    from esper_gym.tasks import TASKS
+
+    conf = built("tasks=[spirals_pace]", "contexts=test", "seeds_per_context=3", "seeds=1")
+    drawn = Counter(context_index(TASKS["spirals_pace"], "test", s) for s in conf.seeds)
+    assert len(drawn) == 24 and set(drawn.values()) == {3}  # all 24, three each
+    assert conf.seeds == sorted(conf.seeds) and conf.seeds[0] >= 1_000_000
+    with pytest.raises(ConfigError, match="seeds_per_context=3: needs contexts=test"):
+        built("tasks=[spirals_pace]", "seeds_per_context=3")
+    with pytest.raises(ConfigError, match="seeds_per_context=0"):
+        built("tasks=[spirals_pace]", "contexts=test", "seeds_per_context=0")

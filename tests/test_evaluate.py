@@ -451,3 +451,18 @@ def test_figures_and_tables_go_to_the_run_logger(tmp_path):
     (payload,) = logger.run.logged
     assert set(payload) == {"plots/pareto", "tables/summary"}
     plots.log_figures(object(), {"pareto": png})  # no run: nothing, no error
+
+
+def test_a_baseline_that_cannot_be_built_is_refused_before_any_episode():
+    """north has no tuned parameters for spirals_budget (conf/rule_params.yaml): evaluate says
+    so before it plays, not after every other agent's episodes (once 15 minutes of them)."""
+    from esper_gym.bench.jobs import check_players, with_agent_kwargs
+
+    (budget,) = resolve_tasks(["spirals_budget"], common=SMALL)
+    jobs = make_jobs(["noop", "north"], [budget], 2, contexts="test")
+    with pytest.raises(ValueError, match="agent 'north' on task 'spirals_budget': no tuned north"):
+        check_players(jobs)
+    bad = with_agent_kwargs(jobs[:2], {"noop": {"speed": 2}})
+    with pytest.raises(ValueError, match="agent 'noop' on task 'spirals_budget'"):
+        check_players(bad)
+    check_players(jobs[:2])  # noop alone: nothing to refuse

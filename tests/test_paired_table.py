@@ -73,3 +73,24 @@ def test_a_pool_joins_its_members_pairs():
     assert row["n"] == 10 and row["members"] == "tamiyo0,tamiyo1"
     assert row["diff"] == pytest.approx(0.2) and row["lo"] <= 0.2 <= row["hi"]
     assert row["return_mean"] == pytest.approx(4.0 + 0.2 + 0.02)
+
+
+def test_by_context_resamples_whole_contexts():
+    """Two contexts, one where the agent gains 1 and one where it loses 0.5, 4 seeds each with
+    tiny noise: per episode the CI is narrow; resampling contexts it spans both signs."""
+    rows = []
+    for seed in range(8):
+        context = seed % 2
+        gain = 1.0 if context == 0 else -0.5
+        for agent, delta in (("schedule", 0.0), ("tamiyo0", gain + 0.001 * seed)):
+            rows.append({"agent": agent, "task": "spirals_pace", "seed": seed,
+                         "context_index": context, "return": 3.0 + delta})  # fmt: skip
+    episodes = pd.DataFrame(rows)
+    seeds = paired_table.paired_table(episodes, ["tamiyo0"], ["schedule"], ["return"])
+    contexts = paired_table.paired_table(
+        episodes, ["tamiyo0"], ["schedule"], ["return"], by_context=True
+    )
+    assert seeds["diff"][0] == pytest.approx(contexts["diff"][0])  # the same mean
+    assert seeds["lo"][0] > -0.5 and seeds["hi"][0] < 1.0  # episodes: within the two
+    assert contexts["lo"][0] == pytest.approx(-0.5, abs=0.01)  # both contexts the losing one
+    assert contexts["hi"][0] == pytest.approx(1.0, abs=0.01)

@@ -226,7 +226,13 @@ class ScheduleAgent:
                         self.done += 1
                         self.last_layer = n
                         return a
-        for n in range(n_nodes):
+        return self.advance_or_wait(obs)
+
+    def advance_or_wait(self, obs: Mapping[str, np.ndarray]) -> int:
+        """The plan's action when no germination is due: advance the first live seed the mask
+        lets advance, else WAIT."""
+        view, mask, lay = ObsView(obs), obs["action_mask"], self.layout
+        for n in range(view.n_nodes):
             for s in range(lay.slots):
                 a = lay.encode(Action(ADVANCE, n, s))
                 if view.state(n, s) in GROWING and mask[a]:

@@ -13,13 +13,18 @@ def env_record(env: gym.Env) -> dict:
     Esper env, {} for any other env. The blueprint library is part of the action space's
     meaning: GERMINATE action b picks `blueprints[b]`, so the same index on a reordered
     library is another blueprint. `"show_context": True` when the env appends the context's
-    factors to the globals (evaluation must then show them too)."""
+    factors to the globals (evaluation must then show them too); `"gate": rule` when it is behind
+    the schedule gate (esper_gym.agents.gate)."""
     task = getattr(env.unwrapped, "task", None)
     if task is None or not hasattr(task, "blueprints"):
         return {}
     record = {"task": str(task.name), "blueprints": [str(b) for b in task.blueprints]}
     if getattr(env.unwrapped, "show_context", False):
         record["show_context"] = True
+    from esper_gym.agents.gate import gate_of
+
+    if gate_of(env) is not None:  # the agent acts behind the schedule gate (evaluation too)
+        record["gate"] = gate_of(env)
     return record
 
 

@@ -40,15 +40,23 @@ EVAL_SEED = 1_000_000  # held-out evaluation episodes are seeds EVAL_SEED + i, i
 CUSTOM_SPEC = gym.envs.registration.EnvSpec("Esper/Custom-v0", entry_point=esper_gym.ENTRY_POINT)
 
 
-def make_env(env_id: str | None = None, threads: int | None = None, **kwargs: Any) -> gym.Env:
+def make_env(
+    env_id: str | None = None, threads: int | None = None, gate: str | None = None, **kwargs: Any
+) -> gym.Env:
     """The one env constructor: gym.make of a registered id (`env_id`), or of the unregistered
     env when None (kwargs then carry the whole `task`, a Task), after setting torch's thread
-    count (async env workers are fresh processes); kwargs are MorphogeneticEnv's."""
+    count (async env workers are fresh processes); kwargs are MorphogeneticEnv's. `gate`: behind
+    the schedule gate (esper_gym.agents.gate) with that rule."""
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    return gym.make(env_id or CUSTOM_SPEC, **kwargs)
+    env = gym.make(env_id or CUSTOM_SPEC, **kwargs)
+    if gate is None:
+        return env
+    from esper_gym.agents.gate import ScheduleGate
+
+    return ScheduleGate(env, gate)
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,20 @@ class BatchedFactory:
     env_id: str | None
     threads: int | None
     kwargs: dict
+    gate: str | None = None  # behind the schedule gate (esper_gym.agents.gate)
 
     def __call__(self, **overrides: Any) -> gym.Env:
-        return make_env(self.env_id, self.threads, **{**self.kwargs, **overrides})
+        return make_env(self.env_id, self.threads, self.gate, **{**self.kwargs, **overrides})
 
     def vector(self, num_envs: int) -> gym.vector.VectorEnv:
+        envs = self._vector(num_envs)
+        if self.gate is None:
+            return envs
+        from esper_gym.agents.gate import VectorScheduleGate
+
+        return VectorScheduleGate(envs, self.gate)
+
+    def _vector(self, num_envs: int) -> gym.vector.VectorEnv:
         if self.threads is not None:
             import torch
 
@@ -232,13 +249,15 @@ def task_env(
     contexts: str | None = None,
     show_context: bool = False,
     threads: int | None = None,
+    gate: str | None = None,
 ) -> gym.Env:
     """The env of a TaskSpec, by `make_env` (the unregistered env: no TimeLimit, every task
     ends by its budget). `show_context` only adds the context's factors to the observation:
-    the episode is the same."""
+    the episode is the same. `gate`: behind the schedule gate, as the checkpoint was trained."""
     return make_env(
         None,
         threads,
+        gate,
         task=task.build(),
         reward_weights=dict(reward_weights or {}) or None,
         kernel_dir=kernel_dir,
@@ -264,6 +283,7 @@ class Job:
     plan: tuple | None = None  # the oracle: play this schedule plan (ScheduleAgent)
     context: int | None = None  # play this context of the split (reset option), not the drawn one
     show_context: bool = False  # the checkpoint was trained seeing the context's factors
+    gate: str | None = None  # the checkpoint was trained behind the schedule gate (its rule)
 
 
 def checkpoint_file(
@@ -322,21 +342,30 @@ def make_jobs(
         if a in checkpoints
     }
     shows = {}  # agent -> whether its checkpoint was trained seeing the context (env.show_context)
+    gates = {}  # agent -> the schedule gate its checkpoint was trained behind (env.gate)
     contexts = job_kwargs.get("contexts")
     for agent, path in ckpts.items():  # refused here, before any episode of any job runs
         ckpt = load_checkpoint(path)
-        shows[agent] = bool(ckpt.env.get("show_context")) if isinstance(ckpt.env, dict) else False
+        record = ckpt.env if isinstance(ckpt.env, dict) else {}
+        shows[agent], gates[agent] = bool(record.get("show_context")), record.get("gate")
         if shows[agent] and contexts is None:
             raise ValueError(
                 f"checkpoint {path} ({agent}) was trained with env.show_context (the context's "
                 "factors in its observation): evaluate it on contexts, contexts=test (or train)"
             )
         for task in tasks:
-            check_checkpoint(
-                ckpt, path, task_env(task, contexts=contexts, show_context=shows[agent])
-            )
+            env = task_env(task, contexts=contexts, show_context=shows[agent], gate=gates[agent])
+            check_checkpoint(ckpt, path, env)
     return [
-        Job(agent, task, seed, ckpts.get(agent), show_context=shows.get(agent, False), **job_kwargs)
+        Job(
+            agent,
+            task,
+            seed,
+            ckpts.get(agent),
+            show_context=shows.get(agent, False),
+            gate=gates.get(agent),
+            **job_kwargs,
+        )
         for task in tasks
         for agent in agents
         for seed in seed_list
@@ -370,6 +399,30 @@ def with_agent_kwargs(
         dataclasses.replace(j, agent_kwargs=kwargs[j.agent]) if j.agent in kwargs else j
         for j in jobs
     ]
+
+
+def check_players(jobs: Sequence[Job]) -> None:
+    """Build each baseline of `jobs` once per task, before any episode runs: a rule with no
+    tuned parameters for a task (conf/rule_params.yaml), or a bad setting, fails here and not
+    after every episode before it has been played."""
+    envs: dict[tuple, gym.Env] = {}
+    seen = set()
+    try:
+        for job in jobs:
+            key = (job.agent, job.task.label, repr(job.agent_kwargs))
+            if job.checkpoint or job.plan is not None or key in seen:
+                continue
+            seen.add(key)
+            where = (job.task.label, job.contexts)
+            if where not in envs:
+                envs[where] = task_env(job.task, contexts=job.contexts)
+            try:
+                make_player(job, envs[where])
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"agent {job.agent!r} on task {job.task.label!r}: {exc}") from exc
+    finally:
+        for env in envs.values():
+            env.close()
 
 
 def check_compatible(policy, env) -> None:
@@ -442,7 +495,13 @@ def run_job(job: Job) -> dict[str, Any]:
     pool worker."""
     numerics.apply()  # a worker of a portable run: oneDNN off (its variables came with it)
     env = task_env(
-        job.task, job.reward_weights, job.kernel_dir, job.contexts, job.show_context, job.threads
+        job.task,
+        job.reward_weights,
+        job.kernel_dir,
+        job.contexts,
+        job.show_context,
+        job.threads,
+        job.gate,
     )
     player = make_player(job, env)
     actions: list[int] = []

@@ -178,6 +178,25 @@ def context_index(task, split: str | None, seed: int) -> int:
     return context_space(task).sample(split, rng)[0]
 
 
+def balanced_seeds(task, split: str, per_context: int, first: int) -> list[int]:
+    """The episode seeds, from `first` on, that give every context of `split` exactly
+    `per_context` episodes: for each context, the first seeds that draw it (`context_index`).
+    Contexts are drawn uniformly, so about per_context x contexts x 2 seeds are looked at; the
+    search stops (ValueError) after 100 times that."""
+    from esper_gym.contexts import context_space
+
+    n = len(context_space(task).contexts(split))
+    counts, seeds = [0] * n, []
+    for seed in range(first, first + 100 * n * per_context):
+        c = context_index(task, split, seed)
+        if counts[c] < per_context:
+            counts[c] += 1
+            seeds.append(seed)
+            if len(seeds) == n * per_context:
+                return seeds
+    raise ValueError(f"no {per_context} seeds per context of {split} found from {first} on")
+
+
 def pick(returns: Mapping[int, Sequence[float]], plans: Sequence[tuple]) -> int:
     """The plan index with the highest mean selection return; among equals the one with fewer
     germinations, then the first (tune_schedule's rule)."""

@@ -15,20 +15,30 @@ COLUMNS = ["task", "agent", "other", "metric", "n", "diff", "lo", "hi"]
 
 
 def paired_table(
-    episodes: pd.DataFrame, agents: list[str], against: list[str], metrics: list[str]
+    episodes: pd.DataFrame,
+    agents: list[str],
+    against: list[str],
+    metrics: list[str],
+    by_context: bool = False,
 ) -> pd.DataFrame:
     """Each agent's mean per-seed difference against each of `against`, per task and metric,
     with its paired bootstrap CI: `pooled_table` with one agent per pool."""
-    table = pooled_table(episodes, {a: [a] for a in agents}, against, metrics)
+    table = pooled_table(episodes, {a: [a] for a in agents}, against, metrics, by_context)
     return table[COLUMNS] if len(table) else table
 
 
 def pooled_table(
-    episodes: pd.DataFrame, pools: dict[str, list[str]], against: list[str], metrics: list[str]
+    episodes: pd.DataFrame,
+    pools: dict[str, list[str]],
+    against: list[str],
+    metrics: list[str],
+    by_context: bool = False,
 ) -> pd.DataFrame:
     """`paired_table` with each pool's members (e.g. one checkpoint per training seed) taken as
     one agent: their per-seed differences against `other` joined, one pair per (member, seed),
-    and the mean of each metric over the pool's episodes (`<metric>_mean`)."""
+    and the mean of each metric over the pool's episodes (`<metric>_mean`). `by_context`: the
+    CI resamples whole contexts (`context_index`), not episodes: what carries to other contexts
+    of the split, not only to other seeds of these."""
     known = set(episodes["agent"])
     missing = [a for a in [*(m for ms in pools.values() for m in ms), *against] if a not in known]
     if missing:
@@ -45,7 +55,13 @@ def pooled_table(
                     continue  # not both on this task (a merged train run's task only)
                 for metric in metrics:
                     diff = (both[metric] - both[f"{metric}_other"]).to_numpy(float)
-                    ci = stats.paired_difference([diff])
+                    if by_context:
+                        groups = both["context_index"].to_numpy()
+                        ci = stats.cluster_bootstrap_ci(
+                            [diff[groups == c] for c in sorted(set(groups))]
+                        )
+                    else:
+                        ci = stats.paired_difference([diff])
                     rows.append(
                         {"task": task, "agent": name, "members": ",".join(members),
                          "other": other, "metric": metric, "n": len(diff),

@@ -150,6 +150,7 @@ def evaluate(conf: EvalConfig, logger=None) -> EvalResult:
     )
     jobs = jobs_lib.make_jobs(c.agents, c.tasks, c.seeds, c.checkpoints, c.first_seed, **common)
     jobs = jobs_lib.with_agent_kwargs(jobs, c.agent_kwargs)
+    jobs_lib.check_players(jobs)
     out = pathlib.Path(c.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     selection = oracle_lib.selection_jobs(oracle_cfg, c.tasks, jobs, common) if oracle_cfg else []

@@ -144,6 +144,7 @@ class EnvConf:
     vectorization: str = "auto"  # VECTORIZATIONS; auto: batched for tamiyo, sync for SB3
     contexts: str | None = None  # None: the task as configured; train: train contexts
     show_context: bool = False  # append the context's factors to the observation's globals
+    gate: str | None = None  # defer | drop: act behind the schedule gate (agents/gate.py)
     also_train_on: list[str] = field(default_factory=list)  # tamiyo: more registered tasks
     # tamiyo: rollouts on this many Ray actors of num_envs copies each; 0: in this process;
     # "auto": the CPUs Ray sees (int | str: OmegaConf types no such union, hence Any)
@@ -452,6 +453,14 @@ def validate(cfg: DictConfig) -> Task:
             f"env.contexts={env.contexts!r}; allowed: null (the configured task), train "
             "(evaluation then plays the held-out test contexts; never train on them)"
         )
+    if env.get("gate") is not None:
+        from esper_gym.agents.baselines import tuned_plan
+
+        _one_of(env.gate, "env.gate", (None, "defer", "drop"))
+        try:  # the gate cuts the mask to the tuned schedule's action
+            tuned_plan(task.name)
+        except ValueError as exc:
+            raise ConfigError(f"env.gate={env.gate}: {exc}") from None
     for name in env.also_train_on:
         if name not in TASK_ENV_IDS or name == cfg.task.name:
             allowed = sorted(set(TASK_ENV_IDS) - {cfg.task.name})
@@ -545,9 +554,10 @@ def env_factory(
         kwargs["contexts"] = cfg.env.contexts
     if cfg.env.get("show_context"):
         kwargs["show_context"] = True
+    gate = cfg.env.get("gate")
     if (mode or vectorization(cfg)) == "batched":
-        return BatchedFactory(env_id, cfg.threads, kwargs)
-    return functools.partial(make_env, env_id, cfg.threads, **kwargs)
+        return BatchedFactory(env_id, cfg.threads, kwargs, gate)
+    return functools.partial(make_env, env_id, cfg.threads, gate, **kwargs)
 
 
 def contexts_line(cfg: DictConfig) -> str:

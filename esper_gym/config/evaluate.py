@@ -110,6 +110,7 @@ class EvaluateConf:
     agents: list[str] = field(default_factory=lambda: ["heuristic", "random", "noop"])
     tasks: list[str] = field(default_factory=lambda: ["spirals", "fashion_mnist"])
     seeds: int = 5
+    seeds_per_context: int | None = None  # with contexts: this many episodes in every context
     first_seed: int = EVAL_SEED
     executor: str = "local"
     n_jobs: int = 2
@@ -176,6 +177,8 @@ def build_evaluate(cfg: DictConfig, run_dir: str | os.PathLike) -> EvalConfig:
             specs = [_with_library(s, names, add) for s in specs]
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"tasks: {exc}") from exc
+    if cfg.seeds_per_context is not None:
+        seeds = _per_context(cfg, specs, first)
     weights = config.build_reward_weights(cfg)  # the set values: each task layers them
     greedy = cfg.eval.greedy if cfg.eval.greedy is not None else cfg.greedy
     boot, plots = cfg.bootstrap, cfg.plots
@@ -206,6 +209,24 @@ def build_evaluate(cfg: DictConfig, run_dir: str | os.PathLike) -> EvalConfig:
         sweep_param=plots.sweep_param,
         config=plain,
     )
+
+
+def _per_context(cfg: DictConfig, specs, first: int) -> list[int]:
+    """seeds_per_context=K: every context of the split K times (oracle.balanced_seeds), for
+    every task (the union of their seeds, in order); `seeds` is not used."""
+    from esper_gym.bench.oracle import balanced_seeds
+
+    k = cfg.seeds_per_context
+    if k < 1 or cfg.contexts is None:
+        raise ConfigError(
+            f"seeds_per_context={k}: needs contexts=test (or train) and a count >= 1; null "
+            "plays `seeds` episodes, each drawing its context"
+        )
+    try:
+        seeds = {s for spec in specs for s in balanced_seeds(spec.build(), cfg.contexts, k, first)}
+    except ValueError as exc:
+        raise ConfigError(f"seeds_per_context={k}: {exc}") from exc
+    return sorted(seeds)
 
 
 def _with_library(spec: TaskSpec, names, add) -> TaskSpec:

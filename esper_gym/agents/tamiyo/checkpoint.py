@@ -333,10 +333,11 @@ def _plain(value, count: list[int], depth: int) -> bool:
 
 
 def check_env_entry(path, env, current: dict | None = None) -> None:
-    """A checkpoint's env record: {} or {"task", "blueprints"[, "tasks", "show_context"]}
+    """A checkpoint's env record: {} or {"task", "blueprints"[, "tasks", "show_context", "gate"]}
     whose task is a registered task (or "+"-joined mixture of them, or the task of `current`,
     this run's own record) and whose blueprints are registered blueprints: a name, never an
     import path."""
+    from esper_gym.agents.gate import GATES
     from esper_gym.kernels.blueprints import BLUEPRINTS
     from esper_gym.tasks import TASKS
 
@@ -361,6 +362,7 @@ def check_env_entry(path, env, current: dict | None = None) -> None:
             "the list of the tasks in env.task",
         ),
         "show_context": BOOL,
+        "gate": (lambda v: v in GATES, f"one of {', '.join(GATES)}"),
     }
     check_table(path, "env", env, table, required=False)
     if "task" not in env or "blueprints" not in env:

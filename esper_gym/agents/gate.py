@@ -1,0 +1,137 @@
+"""The schedule gate: an agent's action mask cut to the tuned schedule's action, so that what it
+learns is *whether* to follow the plan, not the plan.
+
+At each step the mask offers the schedule's action (`ScheduleAgent`, conf/schedule_plans.yaml)
+and, where that action is a germination, the plan's action without it (advance a live seed,
+else WAIT): the refusal. Everywhere else the plan's action is the only one. `declined`:
+- "drop": a refused germination leaves the plan, so each of the plan's germinations is one
+  yes-or-no decision; the agent can grow as planned or less, never more or earlier;
+- "defer": a refused germination stays due, so it can also come later (never growing then takes
+  a refusal at every step left, which a sampling policy almost never plays).
+
+A seed once grown advances as the plan says, refused germination or not. The gate is part of
+the agent: a checkpoint trained behind it records it (`env_record`'s "gate") and is evaluated
+behind it. `ScheduleGate` wraps one env; `VectorScheduleGate` a vector env (the batched
+simulator), one `Gate` per copy: the same rule over an extra dimension.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import gymnasium as gym
+import numpy as np
+
+from esper_gym.actions import GERMINATE
+
+GATES = ("defer", "drop")
+
+
+def check_gate(gate) -> str | None:
+    if gate is not None and gate not in GATES:
+        raise ValueError(f"gate={gate!r}; allowed: null (no gate), {', '.join(GATES)}")
+    return gate
+
+
+class Gate:
+    """One copy's gate: the schedule's state, its proposal and its last state before it."""
+
+    def __init__(self, env: gym.Env, declined: str) -> None:
+        from esper_gym.agents.baselines import make_agent
+
+        self.declined = check_gate(declined)
+        self.schedule = make_agent("schedule", env)
+        self.layout = env.unwrapped.layout
+        self.proposal = 0
+
+    def reset(self) -> None:
+        self.schedule.reset()
+
+    def cut(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The mask for `obs` (the env's own mask): the proposal, and its refusal."""
+        self._before = copy.deepcopy(self.schedule)  # its state if a germination is refused
+        self.proposal = int(self.schedule.act(obs))
+        mask = np.zeros_like(obs["action_mask"])
+        mask[self.proposal] = 1
+        if self.layout.decode(self.proposal).kind == GERMINATE:
+            mask[self.schedule.advance_or_wait(obs)] = 1
+        return mask
+
+    def chose(self, action: int) -> None:
+        """The agent played `action` on the last cut mask."""
+        if int(action) != self.proposal and self.declined == "defer":
+            self.schedule = self._before  # the germination it wanted stays due
+
+
+class ScheduleGate(gym.Wrapper):
+    """One env behind a `Gate` (module docstring)."""
+
+    def __init__(self, env: gym.Env, declined: str = "drop") -> None:
+        super().__init__(env)
+        self.gate = Gate(env, declined)
+        self.declined = declined
+
+    @property
+    def proposal(self) -> int:
+        return self.gate.proposal
+
+    def _cut(self, obs: dict) -> dict:
+        self.mask = self.gate.cut(obs)
+        return {**obs, "action_mask": self.mask}
+
+    def action_masks(self) -> np.ndarray:
+        """The cut mask (sb3-contrib's MaskablePPO reads masks here, not in the observation)."""
+        return self.mask.astype(bool)
+
+    def reset(self, **kwargs):
+        self.gate.reset()
+        obs, info = self.env.reset(**kwargs)
+        return self._cut(obs), info
+
+    def step(self, action):
+        self.gate.chose(action)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return self._cut(obs), reward, terminated, truncated, info
+
+
+class VectorScheduleGate(gym.vector.VectorWrapper):
+    """A vector env that autoresets in the same step (the batched simulator) behind one `Gate`
+    per copy; a copy whose episode ended has its gate reset for the new one."""
+
+    def __init__(self, env: gym.vector.VectorEnv, declined: str = "drop") -> None:
+        super().__init__(env)
+        copies = getattr(env.unwrapped, "envs", None)
+        if copies is None or len(copies) != env.num_envs:
+            raise TypeError(f"{env!r}: the gate needs a vector env that exposes its copies (envs)")
+        self.gates = [Gate(e, declined) for e in copies]
+        self.declined = declined
+
+    def _cut(self, obs: dict) -> dict:
+        masks = obs["action_mask"].copy()
+        for i, gate in enumerate(self.gates):
+            masks[i] = gate.cut({k: v[i] for k, v in obs.items()})
+        return {**obs, "action_mask": masks}
+
+    def reset(self, **kwargs):
+        for gate in self.gates:
+            gate.reset()
+        obs, info = self.env.reset(**kwargs)
+        return self._cut(obs), info
+
+    def step(self, actions):
+        for gate, action in zip(self.gates, np.asarray(actions)):
+            gate.chose(int(action))
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        for i in np.flatnonzero(np.logical_or(terminated, truncated)):
+            self.gates[i].reset()  # obs[i] is the next episode's first observation
+        return self._cut(obs), reward, terminated, truncated, info
+
+
+def gate_of(env) -> str | None:
+    """The `declined` rule of the gate `env` is behind (None: no gate)."""
+    while isinstance(env, (gym.Wrapper, gym.vector.VectorWrapper)):
+        if isinstance(env, (ScheduleGate, VectorScheduleGate)):
+            return env.declined
+        env = env.env
+    return None

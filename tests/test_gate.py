@@ -1,0 +1,155 @@
+"""The schedule gate (esper_gym.agents.gate): the mask cut to the tuned plan's action and its
+refusal, the same on one env and on the batched simulator, recorded in a checkpoint, played
+behind by evaluate, and checked where it comes from a config or a file."""
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from esper_gym import config
+from esper_gym.actions import ADVANCE, GERMINATE, WAIT, Action
+from esper_gym.agents.gate import ScheduleGate, VectorScheduleGate, gate_of
+from esper_gym.bench.jobs import BatchedFactory, make_jobs, resolve_tasks, run_job
+from esper_gym.bench.jobs import task_env as make_env
+from esper_gym.observation import GLOBAL_FEATURES
+from tests.conftest import SMALL
+
+GROWN = GLOBAL_FEATURES.index("log_params_ratio")  # 0 until a kernel adds parameters
+TINY = {"dataset_kwargs": {"n_train": 1024, "n_val": 256, "n_test": 256}, "eval_size": 256}
+
+
+def valid(mask) -> list[int]:
+    return [int(a) for a in np.flatnonzero(mask)]
+
+
+def budget_env(kernel_dir, gate, **kw):
+    (task,) = resolve_tasks(["spirals_budget"], common=TINY)
+    return make_env(task, kernel_dir=kernel_dir, contexts="train", gate=gate, **kw)
+
+
+def test_a_held_back_germination_stays_due_under_defer_and_a_followed_one_grows(kernel_dir):
+    env = budget_env(kernel_dir, "defer")
+    layout = env.unwrapped.layout
+    wait = layout.encode(Action(WAIT))
+    obs, _ = env.reset(seed=0, options={"context": 0})
+    while len(valid(obs["action_mask"])) == 1:  # forced: the plan waits until progress 0.25
+        assert valid(obs["action_mask"]) == [wait]
+        obs, *_ = env.step(wait)
+    proposal = env.proposal
+    assert layout.decode(proposal).kind == GERMINATE and obs["globals"][0] >= 0.25
+    assert valid(obs["action_mask"]) == sorted([wait, proposal])  # no seed yet: refusal is WAIT
+    assert valid(env.action_masks()) == sorted([wait, proposal])  # MaskablePPO's view too
+    for _ in range(2):  # held back twice: proposed again each time, nothing grows
+        obs, *_ = env.step(wait)
+        assert env.proposal == proposal and obs["globals"][GROWN] == 0
+    obs, *_ = env.step(proposal)  # followed: the seed exists, the plan moves on
+    assert obs["globals"][GROWN] > 0
+
+
+def test_refusing_the_second_germination_advances_the_first_seed(kernel_dir):
+    """The refusal is the plan's action without the germination: with a seed live, that seed's
+    advance (WAIT would hold the first seed where it is for as long as the second is refused)."""
+    env = budget_env(kernel_dir, "defer")
+    layout = env.unwrapped.layout
+    obs, _ = env.reset(seed=0, options={"context": 0})
+    while layout.decode(env.proposal).kind != GERMINATE:
+        obs, *_ = env.step(env.proposal)
+    obs, *_ = env.step(env.proposal)  # the first germination, followed
+    second = env.proposal
+    assert layout.decode(second).kind == GERMINATE  # the plan grows twice at 0.25
+    (refusal,) = set(valid(obs["action_mask"])) - {second}
+    assert layout.decode(refusal).kind == ADVANCE
+    node = layout.decode(refusal).layer
+    before = obs["nodes"][node].copy()
+    obs, *_ = env.step(refusal)
+    assert env.proposal == second  # under defer the second stays due...
+    assert not np.array_equal(obs["nodes"][node], before)  # ...and the first seed moved on
+
+
+def test_under_drop_each_germination_is_asked_once(kernel_dir):
+    env = budget_env(kernel_dir, "drop")
+    obs, _ = env.reset(seed=0, options={"context": 0})
+    asked, done = 0, False
+    while not done:
+        mask = valid(obs["action_mask"])
+        asked += len(mask) == 2
+        refusal = min(mask, key=lambda a: a == env.proposal)  # the one that is not the plan's
+        obs, _, terminated, truncated, _ = env.step(refusal)
+        done = terminated or truncated
+    assert asked == 2  # the tuned plan's two germinations
+    assert obs["globals"][GROWN] == 0  # nothing grew: the episode was NoOp's
+    with pytest.raises(ValueError, match="gate='later'; allowed: null \\(no gate\\), defer, drop"):
+        ScheduleGate(env.unwrapped, "later")
+
+
+def test_the_vector_gate_cuts_every_copy_as_one_env_does(kernel_dir):
+    """Over the batched simulator, copy i's masks are those of one gated env on the same seed
+    and actions, through an autoreset (one gate per copy, reset with its episode)."""
+    kwargs = {"kernel_dir": kernel_dir, "contexts": "train", **TINY}
+    vec = BatchedFactory("Esper/SpiralsBudget-v0", None, kwargs, "drop").vector(2)
+    assert isinstance(vec, VectorScheduleGate) and gate_of(vec) == "drop"
+    singles = [BatchedFactory("Esper/SpiralsBudget-v0", None, kwargs, "drop")() for _ in range(2)]
+    obs, _ = vec.reset(seed=[3, 4])
+    single_obs = [e.reset(seed=s)[0] for e, s in zip(singles, (3, 4))]
+    ends = 0
+    for _ in range(12):  # 8 decisions an episode at this size: one autoreset each
+        for i in range(2):
+            np.testing.assert_array_equal(obs["action_mask"][i], single_obs[i]["action_mask"])
+        # copy 0 follows the plan, copy 1 refuses every germination
+        actions = []
+        for i, gate in enumerate(vec.gates):
+            mask = valid(obs["action_mask"][i])
+            actions.append(gate.proposal if i == 0 else min(mask, key=lambda a: a == gate.proposal))
+        obs, _, term, trunc, _ = vec.step(np.array(actions))
+        for i, env in enumerate(singles):
+            single_obs[i], _, t, u, _ = env.step(actions[i])
+            if t or u:
+                single_obs[i], _ = env.reset()
+        ends += int(np.sum(term | trunc))
+    assert ends == 2
+
+
+def test_a_gated_checkpoint_is_evaluated_behind_the_gate_and_a_bad_gate_is_refused(
+    tmp_path, kernel_dir
+):
+    import torch
+
+    from esper_gym.agents.tamiyo import CheckpointError, TamiyoPolicy, env_record, save_checkpoint
+
+    common = {**SMALL, "blueprints": ("residual_mlp", "low_rank")}
+    (spirals,) = resolve_tasks(["spirals"], common=common)
+    env = make_env(spirals, kernel_dir=kernel_dir, gate="drop")
+    record = env_record(env)
+    assert record["gate"] == "drop" and "gate" not in env_record(env.unwrapped)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, TamiyoPolicy.for_space(env.observation_space), None, 0, None, record)
+    jobs = make_jobs(
+        ["tamiyo", "noop"], [spirals], 1, checkpoints={"tamiyo": str(ckpt)}, kernel_dir=kernel_dir
+    )
+    assert {j.agent: j.gate for j in jobs} == {"tamiyo": "drop", "noop": None}
+    row = run_job(next(j for j in jobs if j.agent == "tamiyo"))["row"]
+    # Behind the gate a policy grows only where the plan does: at most the plan's germinations.
+    assert row["germinations"] <= 2 and row["length"] > 0
+    # A crafted record: a gate that is not a rule is refused by name.
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(
+        bad, TamiyoPolicy.for_space(env.observation_space), None, 0, None,
+        {**record, "gate": "import os"},
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="gate"):
+        make_jobs(["tamiyo"], [spirals], 1, checkpoints={"tamiyo": str(bad)})
+
+
+def test_env_gate_is_checked_in_the_config():
+    from tests.test_config import load
+
+    with pytest.raises(config.ConfigError, match=r"env\.gate='later'; allowed: null, defer, drop"):
+        config.validate(load("agent=tamiyo", "env.gate=later"))
+    with pytest.raises(config.ConfigError, match=r"env\.gate=drop: no tuned schedule"):
+        config.validate(load("agent=tamiyo", "task=fashion_mnist_cnn", "env.gate=drop"))
+    cfg = load("agent=tamiyo", "task=spirals_pace", "env.gate=drop", "env.contexts=train")
+    config.validate(cfg)
+    assert OmegaConf.select(cfg, "env.gate") == "drop"
+    assert isinstance(config.env_factory(cfg), BatchedFactory)
+    assert config.env_factory(cfg).gate == "drop"
