@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 
 import esper_gym
 from esper_gym import config
+from esper_gym.agents.gate import ScheduleGate
 from esper_gym.bench import learners
 from esper_gym.bench.jobs import baseline_actor, play_agents
 from esper_gym.bench.report import format_results
@@ -112,14 +113,18 @@ def run(cfg: DictConfig, run_dir: str | pathlib.Path) -> dict[str, Any]:
         # Trained on train contexts: scored on the held-out test contexts, as evaluate does.
         env = built.make(contexts="test") if cfg.env.contexts == "train" else built.make()
         seeds = [cfg.eval.first_seed + i for i in range(cfg.eval.episodes)]
-        players = {}
+        # Behind env.gate only the trained agent acts through the gate; the baselines it is
+        # compared with play the same episodes as they are (ScheduleGate wraps the env last).
+        plain = env.env if isinstance(env, ScheduleGate) else env
+        players, others = {}, {}
         if seeds:  # eval.episodes=0: nothing to evaluate, and no table of NaN means
             own = config.build_agent(cfg, env=env) if actor is None else None
             players[name] = actor or baseline_actor(name, env, cfg.seed, own)
             for other in cfg.eval.compare:
-                if other not in players:  # make_agent's defaults
-                    players[other] = baseline_actor(other, env, cfg.seed)
+                if other != name:  # make_agent's defaults
+                    others[other] = baseline_actor(other, plain, cfg.seed)
         results["eval"] = play_agents(env, players, seeds, logger)
+        results["eval"].update(play_agents(plain, others, seeds, logger))
         env.close()
         mine = results["eval"].get(name, {}).get("mean", {})
         results["objective"] = mine.get("return", math.nan)

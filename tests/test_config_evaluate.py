@@ -110,3 +110,7 @@ def test_seeds_per_context_plays_every_context_the_same_number_of_times():
         built("tasks=[spirals_pace]", "seeds_per_context=3")
     with pytest.raises(ConfigError, match="seeds_per_context=0"):
         built("tasks=[spirals_pace]", "contexts=test", "seeds_per_context=0")
+    with pytest.raises(ConfigError, match="draw their contexts from different spaces"):
+        built("tasks=[spirals_pace,spirals]", "contexts=test", "seeds_per_context=2")
+    same = built("tasks=[spirals,spirals_faulty]", "contexts=test", "seeds_per_context=1")
+    assert len(same.seeds) == 96  # one space: each of its 96 test contexts once

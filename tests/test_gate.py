@@ -84,7 +84,8 @@ def test_under_drop_each_germination_is_asked_once(kernel_dir):
 
 def test_the_vector_gate_cuts_every_copy_as_one_env_does(kernel_dir):
     """Over the batched simulator, copy i's masks are those of one gated env on the same seed
-    and actions, through an autoreset (one gate per copy, reset with its episode)."""
+    and actions, through an autoreset (one gate per copy). The gate's reset at an autoreset is
+    belt and braces: ScheduleAgent also restarts its plan when progress is back to 0."""
     kwargs = {"kernel_dir": kernel_dir, "contexts": "train", **TINY}
     vec = BatchedFactory("Esper/SpiralsBudget-v0", None, kwargs, "drop").vector(2)
     assert isinstance(vec, VectorScheduleGate) and gate_of(vec) == "drop"
@@ -130,7 +131,9 @@ def test_a_gated_checkpoint_is_evaluated_behind_the_gate_and_a_bad_gate_is_refus
     assert {j.agent: j.gate for j in jobs} == {"tamiyo": "drop", "noop": None}
     row = run_job(next(j for j in jobs if j.agent == "tamiyo"))["row"]
     # Behind the gate a policy grows only where the plan does: at most the plan's germinations.
-    assert row["germinations"] <= 2 and row["length"] > 0
+    from esper_gym.agents.baselines import tuned_plan
+
+    assert row["germinations"] <= len(tuned_plan("spirals")) and row["length"] > 0
     # A crafted record: a gate that is not a rule is refused by name.
     bad = tmp_path / "bad.pt"
     save_checkpoint(
@@ -153,3 +156,20 @@ def test_env_gate_is_checked_in_the_config():
     assert OmegaConf.select(cfg, "env.gate") == "drop"
     assert isinstance(config.env_factory(cfg), BatchedFactory)
     assert config.env_factory(cfg).gate == "drop"
+
+
+def test_the_gate_survives_a_mixture_and_a_resume_must_keep_it():
+    from esper_gym.agents.records import check_env_record, mixture_record
+
+    lib = ["residual_mlp", "low_rank"]
+    gated = [{"task": t, "blueprints": lib, "gate": "drop"} for t in ("spirals_pace", "spirals")]
+    mixed = mixture_record(gated)
+    assert mixed["gate"] == "drop" and mixed["task"] == "spirals_pace+spirals"
+    plain = {"task": "spirals_pace", "blueprints": lib}
+    with pytest.raises(
+        ValueError, match="behind the schedule gate 'drop', this env is behind None"
+    ):
+        check_env_record(gated[0], plain, "ckpt.pt", same_task=True)
+    with pytest.raises(ValueError, match="gate None, this env is behind 'defer'"):
+        check_env_record(plain, {**plain, "gate": "defer"}, "ckpt.pt", same_task=True)
+    check_env_record(gated[0], dict(gated[0]), "ckpt.pt", same_task=True)  # the same: fine

@@ -65,19 +65,21 @@ def test_whether_growth_pays_turns_on_the_hidden_learning_rate():
 
 
 def test_the_committed_gate_policy_reads_the_hidden_learning_rate():
-    """Tamiyo behind the schedule gate (results/tamiyo_pace, seed 0): two contexts that differ
-    only in the learning rate, hidden at step 0 (the first observations are equal, above), with
-    the same sampling seed: it grows where the host learns slowly and not where it is fast."""
+    """Tamiyo behind the schedule gate (results/tamiyo_pace, seed 0) on two held-out test
+    contexts that differ only in the learning rate, hidden at step 0, with the same sampling
+    seed: it grows where the host learns slowly and not where it is fast."""
     import pathlib
 
     from esper_gym.agents.gate import ScheduleGate
     from esper_gym.agents.tamiyo import load_checkpoint
 
     path = pathlib.Path(__file__).parents[1] / "results/tamiyo_pace/checkpoints/tamiyo_seed0.pt"
+    test = TASKS["spirals_pace"].context_space.contexts("test")
     grown = {}
-    for lr_scale in (0.1, 2.0):
-        env = ScheduleGate(_env(width=24, lr_scale=lr_scale, arms=3), "drop")
+    for lr_scale in (0.15, 1.0):
+        index = test.index({"width": 24, "lr_scale": lr_scale, "arms": 3})  # never trained on
+        env = ScheduleGate(MorphogeneticEnv(task="spirals_pace", contexts="test"), "drop")
         act = load_checkpoint(path, env=env).policy.actor(greedy=False, seed=1)
-        metrics, _ = play_episode(env, act, 1, None)
+        metrics, _ = play_episode(env, act, 1, {"context": index})
         grown[lr_scale] = metrics["germinations"]
-    assert grown == {0.1: 2, 2.0: 0}
+    assert grown == {0.15: 2, 1.0: 0}

@@ -397,3 +397,29 @@ def test_a_new_run_in_a_reused_dir_starts_a_new_curve_and_a_resumed_one_continue
     assert [line.split(",")[0] for line in lines[1:]] == ["4"]
     CsvMetrics(path, resume=True)({"losses/policy": 3.0}, 12)  # resumed: appended
     assert [line.split(",")[0] for line in path.read_text().splitlines()[1:]] == ["4", "12"]
+
+
+def test_behind_the_gate_only_the_trained_agent_is_gated_in_the_run_evaluation(tmp_path):
+    """env.gate=drop: the run's evaluation plays the trained policy behind the gate and the
+    compared baselines as they are, on the same episodes (once, they were gated too)."""
+    import gymnasium as gym
+
+    from esper_gym.bench.jobs import baseline_actor
+    from esper_gym.episode import play_episode
+
+    run = tmp_path / "run"
+    overrides = ["agent.ppo.total_steps=16", "agent.ppo.rollout_steps=8", "env.num_envs=1"]
+    overrides += ["agent.ppo.teacher=null", "env.gate=drop", "eval.episodes=2"]
+    train(tmp_path, *overrides, "eval.compare=[heuristic]", "logger=none", f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    env = gym.make(
+        "Esper/Spirals-v0", kernel_dir=tmp_path / "kernels", max_epochs=6, decision_interval=8,
+        dataset_kwargs={"n_train": 1024, "n_val": 256, "n_test": 256}, eval_size=256,
+        blend_steps=8, embargo_steps=8,
+    )  # fmt: skip
+    for episode in results["eval"]["heuristic"]["episodes"]:
+        plain, _ = play_episode(
+            env, baseline_actor("heuristic", env, 0)(episode["seed"]), episode["seed"]
+        )
+        assert episode["germinations"] == plain["germinations"] > 0
+        assert episode["return"] == plain["return"]

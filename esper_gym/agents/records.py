@@ -46,6 +46,8 @@ def mixture_record(records: list[dict]) -> dict:
     mixed = {"task": "+".join(names), "tasks": names, "blueprints": first.get("blueprints")}
     if any(rec.get("show_context") for rec in records):
         mixed["show_context"] = True
+    if first.get("gate") is not None:  # env.gate is the run's: every task has the same
+        mixed["gate"] = first["gate"]
     return mixed
 
 
@@ -64,6 +66,12 @@ def check_env_record(saved: dict, current: dict, checkpoint, *, same_task: bool)
         raise ValueError(
             f"checkpoint {checkpoint} is for task {saved['task']!r}; this run's task is "
             f"{current['task']!r}: resume a checkpoint of the same task"
+        )
+    if saved.get("gate") != current.get("gate"):
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained behind the schedule gate "
+            f"{saved.get('gate')!r}, this env is behind {current.get('gate')!r} (None: no "
+            "gate): set env.gate as it was trained"
         )
     if list(saved["blueprints"]) != list(current["blueprints"]):
         raise ValueError(

@@ -457,10 +457,11 @@ def validate(cfg: DictConfig) -> Task:
         from esper_gym.agents.baselines import tuned_plan
 
         _one_of(env.gate, "env.gate", (None, "defer", "drop"))
-        try:  # the gate cuts the mask to the tuned schedule's action
-            tuned_plan(task.name)
-        except ValueError as exc:
-            raise ConfigError(f"env.gate={env.gate}: {exc}") from None
+        for name in (task.name, *env.also_train_on):
+            try:  # the gate cuts the mask to the tuned schedule's action
+                tuned_plan(name)
+            except ValueError as exc:
+                raise ConfigError(f"env.gate={env.gate}: {exc}") from None
     for name in env.also_train_on:
         if name not in TASK_ENV_IDS or name == cfg.task.name:
             allowed = sorted(set(TASK_ENV_IDS) - {cfg.task.name})

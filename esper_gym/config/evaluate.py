@@ -212,8 +212,9 @@ def build_evaluate(cfg: DictConfig, run_dir: str | os.PathLike) -> EvalConfig:
 
 
 def _per_context(cfg: DictConfig, specs, first: int) -> list[int]:
-    """seeds_per_context=K: every context of the split K times (oracle.balanced_seeds), for
-    every task (the union of their seeds, in order); `seeds` is not used."""
+    """seeds_per_context=K: every context of the split K times (oracle.balanced_seeds); `seeds`
+    is not used. The seeds are common to every task, so tasks whose contexts are drawn
+    differently (another space) are refused: run one evaluate per task."""
     from esper_gym.bench.oracle import balanced_seeds
 
     k = cfg.seeds_per_context
@@ -223,10 +224,16 @@ def _per_context(cfg: DictConfig, specs, first: int) -> list[int]:
             "plays `seeds` episodes, each drawing its context"
         )
     try:
-        seeds = {s for spec in specs for s in balanced_seeds(spec.build(), cfg.contexts, k, first)}
+        lists = {spec.label: balanced_seeds(spec.build(), cfg.contexts, k, first) for spec in specs}
     except ValueError as exc:
         raise ConfigError(f"seeds_per_context={k}: {exc}") from exc
-    return sorted(seeds)
+    if len({tuple(v) for v in lists.values()}) > 1:
+        raise ConfigError(
+            f"seeds_per_context={k}: tasks {', '.join(lists)} draw their contexts from different "
+            "spaces, so no one list of seeds plays each of their contexts K times; evaluate "
+            "one task at a time"
+        )
+    return next(iter(lists.values()))
 
 
 def _with_library(spec: TaskSpec, names, add) -> TaskSpec:
