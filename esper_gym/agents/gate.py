@@ -17,7 +17,6 @@ simulator), one `Gate` per copy: the same rule over an extra dimension.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import gymnasium as gym
@@ -50,7 +49,9 @@ class Gate:
 
     def cut(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The mask for `obs` (the env's own mask): the proposal, and its refusal."""
-        self._before = copy.deepcopy(self.schedule)  # its state if a germination is refused
+        # The plan's place before acting, restored if a germination is refused (every step of
+        # every copy: two ints, not a deep copy of the agent).
+        self._before = (self.schedule.done, self.schedule.last_layer)
         self.proposal = int(self.schedule.act(obs))
         mask = np.zeros_like(obs["action_mask"])
         mask[self.proposal] = 1
@@ -61,7 +62,7 @@ class Gate:
     def chose(self, action: int) -> None:
         """The agent played `action` on the last cut mask."""
         if int(action) != self.proposal and self.declined == "defer":
-            self.schedule = self._before  # the germination it wanted stays due
+            self.schedule.done, self.schedule.last_layer = self._before  # it stays due
 
 
 class ScheduleGate(gym.Wrapper):

@@ -23,8 +23,9 @@ def env_record(env: gym.Env) -> dict:
         record["show_context"] = True
     from esper_gym.agents.gate import gate_of
 
-    if gate_of(env) is not None:  # the agent acts behind the schedule gate (evaluation too)
-        record["gate"] = gate_of(env)
+    gate = gate_of(env)
+    if gate is not None:  # the agent acts behind the schedule gate (evaluation too)
+        record["gate"] = gate
     return record
 
 

@@ -455,8 +455,9 @@ def validate(cfg: DictConfig) -> Task:
         )
     if env.get("gate") is not None:
         from esper_gym.agents.baselines import tuned_plan
+        from esper_gym.agents.gate import GATES
 
-        _one_of(env.gate, "env.gate", (None, "defer", "drop"))
+        _one_of(env.gate, "env.gate", (None, *GATES))
         for name in (task.name, *env.also_train_on):
             try:  # the gate cuts the mask to the tuned schedule's action
                 tuned_plan(name)
