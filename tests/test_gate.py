@@ -78,29 +78,32 @@ def test_under_drop_each_germination_is_asked_once(kernel_dir):
         done = terminated or truncated
     assert asked == 2  # the tuned plan's two germinations
     assert obs["globals"][GROWN] == 0  # nothing grew: the episode was NoOp's
-    with pytest.raises(ValueError, match="gate='later'; allowed: null \\(no gate\\), defer, drop"):
+    with pytest.raises(
+        ValueError, match="gate='later'; allowed: null \\(no gate\\), defer, drop, plans"
+    ):
         ScheduleGate(env.unwrapped, "later")
 
 
-def test_the_vector_gate_cuts_every_copy_as_one_env_does(kernel_dir):
+@pytest.mark.parametrize("rule", ["drop", "plans"])
+def test_the_vector_gate_cuts_every_copy_as_one_env_does(kernel_dir, rule):
     """Over the batched simulator, copy i's masks are those of one gated env on the same seed
     and actions, through an autoreset (one gate per copy). The gate's reset at an autoreset is
     belt and braces: ScheduleAgent also restarts its plan when progress is back to 0."""
     kwargs = {"kernel_dir": kernel_dir, "contexts": "train", **TINY}
-    vec = BatchedFactory("Esper/SpiralsBudget-v0", None, kwargs, "drop").vector(2)
-    assert isinstance(vec, VectorScheduleGate) and gate_of(vec) == "drop"
-    singles = [BatchedFactory("Esper/SpiralsBudget-v0", None, kwargs, "drop")() for _ in range(2)]
+    vec = BatchedFactory("Esper/SpiralsBudget-v0", None, kwargs, rule).vector(2)
+    assert isinstance(vec, VectorScheduleGate) and gate_of(vec) == rule
+    singles = [BatchedFactory("Esper/SpiralsBudget-v0", None, kwargs, rule)() for _ in range(2)]
     obs, _ = vec.reset(seed=[3, 4])
     single_obs = [e.reset(seed=s)[0] for e, s in zip(singles, (3, 4))]
     ends = 0
     for _ in range(12):  # 8 decisions an episode at this size: one autoreset each
         for i in range(2):
             np.testing.assert_array_equal(obs["action_mask"][i], single_obs[i]["action_mask"])
-        # copy 0 follows the plan, copy 1 refuses every germination
+        # copy 0 follows the (first live) plan, copy 1 takes any other option offered
         actions = []
         for i, gate in enumerate(vec.gates):
             mask = valid(obs["action_mask"][i])
-            actions.append(gate.proposal if i == 0 else min(mask, key=lambda a: a == gate.proposal))
+            actions.append(gate.proposal if i == 0 else max(mask, key=lambda a: a != gate.proposal))
         obs, _, term, trunc, _ = vec.step(np.array(actions))
         for i, env in enumerate(singles):
             single_obs[i], _, t, u, _ = env.step(actions[i])
@@ -147,8 +150,12 @@ def test_a_gated_checkpoint_is_evaluated_behind_the_gate_and_a_bad_gate_is_refus
 def test_env_gate_is_checked_in_the_config():
     from tests.test_config import load
 
-    with pytest.raises(config.ConfigError, match=r"env\.gate='later'; allowed: null, defer, drop"):
+    with pytest.raises(
+        config.ConfigError, match=r"env\.gate='later'; allowed: null, defer, drop, plans"
+    ):
         config.validate(load("agent=tamiyo", "env.gate=later"))
+    with pytest.raises(config.ConfigError, match=r"task 'spirals' has no pruned plan family"):
+        config.validate(load("agent=tamiyo", "task=spirals", "env.gate=plans"))
     with pytest.raises(config.ConfigError, match=r"env\.gate=drop: no tuned schedule"):
         config.validate(load("agent=tamiyo", "task=fashion_mnist_cnn", "env.gate=drop"))
     cfg = load("agent=tamiyo", "task=spirals_pace", "env.gate=drop", "env.contexts=train")
@@ -173,3 +180,43 @@ def test_the_gate_survives_a_mixture_and_a_resume_must_keep_it():
     with pytest.raises(ValueError, match="gate None, this env is behind 'defer'"):
         check_env_record(plain, {**plain, "gate": "defer"}, "ckpt.pt", same_task=True)
     check_env_record(gated[0], dict(gated[0]), "ckpt.pt", same_task=True)  # the same: fine
+
+
+def test_behind_the_plans_gate_every_plan_of_the_family_plays_as_it_does_alone(kernel_dir):
+    """gate='plans' offers each plan of the pruned family its next action: an agent following
+    any one of them plays that plan's episode exactly (same germinations, same return) as it
+    does ungated; the options the gate offered on the way are the plans' branch points."""
+    from esper_gym.agents.baselines import make_agent
+    from esper_gym.bench.oracle import tuned_plans
+    from esper_gym.episode import play_episode
+
+    gated, plain = budget_env(kernel_dir, "plans"), budget_env(kernel_dir, None)
+    family = tuned_plans("spirals_budget")
+    assert gate_of(gated) == "plans" and len(gated.gate.family) == len(family) > 2
+    branches = set()
+    for plan in family:
+        follower = make_agent("schedule", plain, plan=list(plan))
+
+        def act(obs, info=None, follower=follower):
+            action = follower.act(obs)
+            offered = valid(obs["action_mask"])
+            assert action in offered  # the plan's action is always on offer
+            if len(offered) > 1:
+                branches.add(tuple(offered))
+            return action
+
+        row = play_episode(gated, act, seed=5)[0]
+        follower.reset()
+        alone = play_episode(plain, follower.act, seed=5)[0]
+        assert row["germinations"] == alone["germinations"] == len(plan)
+        assert row["return"] == alone["return"] and row["plan"] == alone["plan"]
+    assert len(branches) >= 2  # grow-or-wait is asked at more than one point
+
+
+def test_the_plans_gate_refuses_an_action_it_did_not_offer(kernel_dir):
+    env = budget_env(kernel_dir, "plans")
+    obs, _ = env.reset(seed=0, options={"context": 0})
+    offered = valid(obs["action_mask"])
+    outside = next(a for a in range(len(obs["action_mask"])) if a not in offered)
+    with pytest.raises(ValueError, match=rf"action {outside} is not one the gate offered"):
+        env.step(outside)

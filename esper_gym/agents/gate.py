@@ -9,6 +9,12 @@ else WAIT): the refusal. Everywhere else the plan's action is the only one. `dec
 - "defer": a refused germination stays due, so it can also come later (never growing then takes
   a refusal at every step left, which a sampling policy almost never plays).
 
+- "plans": no single plan; the mask offers the next action of every plan of the task's pruned
+  family (`plans` in conf/schedule_plans.yaml, the plans ever best on train contexts: the
+  oracle's choice set) that agrees with every action played so far. The agent picks a plan
+  branch by branch as the run shows itself (grow now or wait, one seed more or stop, which
+  blueprint), where the oracle picks one before the run from its selection episodes.
+
 A seed once grown advances as the plan says, refused germination or not. The gate is part of
 the agent: a checkpoint trained behind it records it (`env_record`'s "gate") and is evaluated
 behind it. `ScheduleGate` wraps one env; `VectorScheduleGate` a vector env (the batched
@@ -24,7 +30,7 @@ import numpy as np
 
 from esper_gym.actions import GERMINATE
 
-GATES = ("defer", "drop")
+GATES = ("defer", "drop", "plans")
 
 
 def check_gate(gate) -> str | None:
@@ -34,26 +40,49 @@ def check_gate(gate) -> str | None:
 
 
 class Gate:
-    """One copy's gate: the schedule's state, its proposal and its last state before it."""
+    """One copy's gate: the plans still in play, their proposals and the plan's last state."""
 
     def __init__(self, env: gym.Env, declined: str) -> None:
         from esper_gym.agents.baselines import make_agent
 
         self.declined = check_gate(declined)
-        self.schedule = make_agent("schedule", env)
         self.layout = env.unwrapped.layout
-        self.proposal = 0
+        if declined == "plans":
+            from esper_gym.bench.oracle import tuned_plans
+
+            task = env.unwrapped.base_task.name
+            family = tuned_plans(task)
+            if not family:
+                raise ValueError(
+                    f"gate 'plans' needs the pruned plan family of task {task!r} (`plans` in "
+                    "conf/schedule_plans.yaml); write it with `python experiments/tune_schedule.py"
+                    f" --task {task} --per-context 2`"
+                )
+            self.family = [make_agent("schedule", env, plan=list(plan)) for plan in family]
+        else:
+            self.family = [make_agent("schedule", env)]
+        self.schedule = self.family[0]
+        self.reset()
 
     def reset(self) -> None:
-        self.schedule.reset()
+        for plan in self.family:
+            plan.reset()
+        self.live = list(self.family)  # the plans that agree with every action played
+        self.proposals = [0]
+        self.proposal = 0
 
     def cut(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The mask for `obs` (the env's own mask): the proposal, and its refusal."""
+        """The mask for `obs` (the env's own mask): the proposals, and the refusal."""
+        mask = np.zeros_like(obs["action_mask"])
+        if self.declined == "plans":
+            self.proposals = [int(plan.act(obs)) for plan in self.live]
+            self.proposal = self.proposals[0]
+            mask[self.proposals] = 1
+            return mask
         # The plan's place before acting, restored if a germination is refused (every step of
         # every copy: two ints, not a deep copy of the agent).
         self._before = (self.schedule.done, self.schedule.last_layer)
         self.proposal = int(self.schedule.act(obs))
-        mask = np.zeros_like(obs["action_mask"])
         mask[self.proposal] = 1
         if self.layout.decode(self.proposal).kind == GERMINATE:
             mask[self.schedule.advance_or_wait(obs)] = 1
@@ -61,7 +90,16 @@ class Gate:
 
     def chose(self, action: int) -> None:
         """The agent played `action` on the last cut mask."""
-        if int(action) != self.proposal and self.declined == "defer":
+        action = int(action)
+        if self.declined == "plans":
+            live = [p for p, a in zip(self.live, self.proposals) if a == action]
+            if not live:
+                raise ValueError(
+                    f"action {action} is not one the gate offered; allowed: "
+                    f"{sorted(set(self.proposals))}"
+                )
+            self.live = live
+        elif action != self.proposal and self.declined == "defer":
             self.schedule.done, self.schedule.last_layer = self._before  # it stays due
 
 

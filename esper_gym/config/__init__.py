@@ -144,7 +144,7 @@ class EnvConf:
     vectorization: str = "auto"  # VECTORIZATIONS; auto: batched for tamiyo, sync for SB3
     contexts: str | None = None  # None: the task as configured; train: train contexts
     show_context: bool = False  # append the context's factors to the observation's globals
-    gate: str | None = None  # defer | drop: act behind the schedule gate (agents/gate.py)
+    gate: str | None = None  # defer | drop | plans: act behind the schedule gate (agents/gate.py)
     also_train_on: list[str] = field(default_factory=list)  # tamiyo: more registered tasks
     # tamiyo: rollouts on this many Ray actors of num_envs copies each; 0: in this process;
     # "auto": the CPUs Ray sees (int | str: OmegaConf types no such union, hence Any)
@@ -458,11 +458,19 @@ def validate(cfg: DictConfig) -> Task:
         from esper_gym.agents.gate import GATES
 
         _one_of(env.gate, "env.gate", (None, *GATES))
+        from esper_gym.bench.oracle import tuned_plans
+
         for name in (task.name, *env.also_train_on):
-            try:  # the gate cuts the mask to the tuned schedule's action
+            try:  # the gate cuts the mask to the tuned schedule's action (plans: its family's)
                 tuned_plan(name)
             except ValueError as exc:
                 raise ConfigError(f"env.gate={env.gate}: {exc}") from None
+            if env.gate == "plans" and not tuned_plans(name):
+                raise ConfigError(
+                    f"env.gate=plans: task {name!r} has no pruned plan family (`plans` in "
+                    f"conf/schedule_plans.yaml); write it with `python experiments/tune_schedule.py"
+                    f" --task {name} --per-context 2`, or use env.gate=drop"
+                )
     for name in env.also_train_on:
         if name not in TASK_ENV_IDS or name == cfg.task.name:
             allowed = sorted(set(TASK_ENV_IDS) - {cfg.task.name})
