@@ -17,6 +17,12 @@ what carries to other contexts of the split, not only to other seeds of the cont
 `--pool NAME=a,b` (repeatable) also writes pooled.csv: the agents a, b (one checkpoint per
 training seed, say) as one agent NAME, their paired differences joined (bench.paired.pooled_table).
 
+`--also DIR` (repeatable) adds the agents of another evaluate run's episodes.csv that played the
+same episodes (refused unless every agent both hold has the very same per-seed returns), e.g. the
+oracle of a main evaluation for a later one that left it out. Where the episodes hold the oracle
+and the schedule, each agent's share of the oracle's advantage over the schedule
+(bench.oracle.oracle_gap_share) is printed and written to oracle_share.csv beside the table.
+
 `--merge` adds the evaluation episodes of `python -m esper_gym.train` runs (their
 `results.json`: the trained agent and `eval.compare`), e.g. an SB3 agent, which
 `esper_gym.evaluate` cannot load. Its episodes pair with the evaluate run's only if they are the
@@ -31,10 +37,12 @@ import pathlib
 
 import pandas as pd
 
+from esper_gym.bench.oracle import ORACLE, oracle_gap_share
 from esper_gym.bench.paired import (  # noqa: F401  (the logic lives in the package)
     EPISODE_FIELDS,
     markdown,
     merge,
+    other_players,
     paired_table,
     pooled_table,
     train_episodes,
@@ -54,6 +62,10 @@ def main() -> None:
     parser.add_argument(
         "--out", type=pathlib.Path, default=None, help="default: <results>/paired.csv"
     )
+    parser.add_argument(
+        "--also", nargs="*", type=pathlib.Path, default=[],
+        help="evaluate out_dirs whose episodes.csv played the same episodes (their other agents)",
+    )  # fmt: skip
     parser.add_argument("--pool", nargs="*", default=[], help="NAME=agent,agent,...")
     parser.add_argument(
         "--by-context", action="store_true",
@@ -63,6 +75,10 @@ def main() -> None:
     episodes = pd.read_csv(args.results / "episodes.csv")
     for path in args.merge:
         episodes = merge(episodes, train_episodes(path), path)
+    for path in args.also:
+        episodes = merge(
+            episodes, other_players(episodes, pd.read_csv(path / "episodes.csv")), path
+        )
     table = paired_table(episodes, args.agents, args.against, args.metrics, args.by_context)
     out = args.out or args.results / "paired.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +86,12 @@ def main() -> None:
     for metric in args.metrics:
         print(markdown(table, metric), end="\n\n")
     print(f"wrote {out}")
+    shares = oracle_gap_share(episodes[episodes["agent"].isin([*args.agents, ORACLE, "schedule"])])
+    if len(shares):
+        shares.to_csv(out.with_name("oracle_share.csv"), index=False)
+        for row in shares.itertuples():
+            print(f"{row.task} {row.agent}: oracle share {row.oracle_gap_share:.3f}")
+        print(f"wrote {out.with_name('oracle_share.csv')}")
     if args.pool:
         pools = {}
         for spec in args.pool:

@@ -94,3 +94,25 @@ def test_by_context_resamples_whole_contexts():
     assert seeds["lo"][0] > -0.5 and seeds["hi"][0] < 1.0  # episodes: within the two
     assert contexts["lo"][0] == pytest.approx(-0.5, abs=0.01)  # both contexts the losing one
     assert contexts["hi"][0] == pytest.approx(1.0, abs=0.01)
+
+
+def test_also_adds_another_evaluations_agents_but_not_another_checkpoint_under_a_name(capsys):
+    """`--also`: the oracle of a main evaluation joins a later one on the same episodes; a
+    tamiyo0 that is another checkpoint there is left out (and said), not paired as the same."""
+    later = _episodes().assign(checkpoint=lambda d: d["agent"].map({"tamiyo0": "new.pt"}))
+    main = _episodes().assign(checkpoint=lambda d: d["agent"].map({"tamiyo0": "old.pt"}))
+    main["return"] += main["agent"].map({"tamiyo0": 0.3}).fillna(0.0)  # the old one differs
+    oracle = main[main["agent"] == "schedule"].assign(agent="oracle")
+    oracle["return"] += 0.4
+    main = pd.concat([main, oracle], ignore_index=True)
+    merged = paired_table.merge(later, paired_table.other_players(later, main), "main")
+    assert "tamiyo0" in capsys.readouterr().out
+    assert set(merged["agent"]) == {"schedule", "tamiyo0", "noop", "oracle"}
+    assert (merged[merged["agent"] == "tamiyo0"]["checkpoint"] == "new.pt").all()
+    from esper_gym.bench.oracle import oracle_gap_share
+
+    shares = oracle_gap_share(merged).set_index(["task", "agent"])["oracle_gap_share"]
+    assert shares["spirals", "tamiyo0"] == pytest.approx(0.1 / 0.4)  # +0.1 of the oracle's +0.4
+    main.loc[main["agent"] == "schedule", "return"] += 0.2  # not the same episodes: refused
+    with pytest.raises(SystemExit, match="not the same episodes"):
+        paired_table.merge(later, paired_table.other_players(later, main), "main")

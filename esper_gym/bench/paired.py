@@ -105,6 +105,17 @@ def merge(episodes: pd.DataFrame, extra: pd.DataFrame, source) -> pd.DataFrame:
     return pd.concat([episodes, new], ignore_index=True)
 
 
+def other_players(episodes: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """`extra` less the agents that are other players under a name `episodes` has (another
+    checkpoint): they neither pair nor fit under that name (said, not dropped silently)."""
+    mine = episodes.groupby("agent")["checkpoint"].first().fillna("")
+    theirs = extra.groupby("agent")["checkpoint"].first().fillna("")
+    clash = sorted(a for a in theirs.index.intersection(mine.index) if theirs[a] != mine[a])
+    if clash:
+        print(f"not merged (another checkpoint under the same name): {', '.join(clash)}")
+    return extra[~extra["agent"].isin(clash)]
+
+
 def markdown(table: pd.DataFrame, metric: str) -> str:
     """One row per (task, other), one column per agent: `diff [lo, hi]` of `metric`."""
     sub = table[table["metric"] == metric]
