@@ -23,6 +23,9 @@ oracle of a main evaluation for a later one that left it out. Where the episodes
 and the schedule, each agent's share of the oracle's advantage over the schedule
 (bench.oracle.oracle_gap_share) is printed and written to oracle_share.csv beside the table.
 
+`--per-context` also writes per_context.csv: per test context, each agent's mean paired
+difference against each other agent and both one's most frequent germination plans.
+
 `--merge` adds the evaluation episodes of `python -m esper_gym.train` runs (their
 `results.json`: the trained agent and `eval.compare`), e.g. an SB3 agent, which
 `esper_gym.evaluate` cannot load. Its episodes pair with the evaluate run's only if they are the
@@ -44,6 +47,7 @@ from esper_gym.bench.paired import (  # noqa: F401  (the logic lives in the pack
     merge,
     other_players,
     paired_table,
+    per_context,
     pooled_table,
     train_episodes,
 )
@@ -68,6 +72,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--pool", nargs="*", default=[], help="NAME=agent,agent,...")
     parser.add_argument(
+        "--per-context", action="store_true", help="also write per_context.csv beside the table"
+    )
+    parser.add_argument(
         "--by-context", action="store_true",
         help="CIs resample whole contexts (context_index), not episodes",
     )  # fmt: skip
@@ -86,6 +93,10 @@ def main() -> None:
     for metric in args.metrics:
         print(markdown(table, metric), end="\n\n")
     print(f"wrote {out}")
+    if args.per_context:
+        rows = per_context(episodes, args.agents, args.against)
+        rows.to_csv(out.with_name("per_context.csv"), index=False)
+        print(f"wrote {out.with_name('per_context.csv')}")
     shares = oracle_gap_share(episodes[episodes["agent"].isin([*args.agents, ORACLE, "schedule"])])
     if len(shares):
         shares.to_csv(out.with_name("oracle_share.csv"), index=False)

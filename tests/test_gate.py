@@ -186,8 +186,7 @@ def test_behind_the_plans_gate_every_plan_of_the_family_plays_as_it_does_alone(k
     """gate='plans' offers each plan of the pruned family its next action: an agent following
     any one of them plays that plan's episode exactly (same germinations, same return) as it
     does ungated; the options the gate offered on the way are the plans' branch points."""
-    from esper_gym.agents.baselines import make_agent
-    from esper_gym.bench.oracle import tuned_plans
+    from esper_gym.agents.baselines import make_agent, tuned_plans
     from esper_gym.episode import play_episode
 
     gated, plain = budget_env(kernel_dir, "plans"), budget_env(kernel_dir, None)
@@ -201,11 +200,13 @@ def test_behind_the_plans_gate_every_plan_of_the_family_plays_as_it_does_alone(k
             action = follower.act(obs)
             offered = valid(obs["action_mask"])
             assert action in offered  # the plan's action is always on offer
+            assert offered == sorted(set(gated.gate.proposals))  # only the live plans' actions
             if len(offered) > 1:
                 branches.add(tuple(offered))
             return action
 
         row = play_episode(gated, act, seed=5)[0]
+        assert tuple(follower.plan) in {tuple(p.plan) for p in gated.gate.live}
         follower.reset()
         alone = play_episode(plain, follower.act, seed=5)[0]
         assert row["germinations"] == alone["germinations"] == len(plan)

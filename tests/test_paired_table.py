@@ -113,6 +113,15 @@ def test_also_adds_another_evaluations_agents_but_not_another_checkpoint_under_a
 
     shares = oracle_gap_share(merged).set_index(["task", "agent"])["oracle_gap_share"]
     assert shares["spirals", "tamiyo0"] == pytest.approx(0.1 / 0.4)  # +0.1 of the oracle's +0.4
+    # Per context: the same paired mean, and each one's most frequent plan.
+    one_seed_each = merged.assign(plan="8:0:residual_mlp", context_index=merged["seed"])
+    rows = paired_table.per_context(one_seed_each, ["tamiyo0"], ["oracle"])
+    assert len(rows) == 10 and rows["diff"].round(9).eq(round(0.1 - 0.4, 9)).all()
+    assert set(rows["agent_plan"]) == {"8:0:residual_mlp"} and (rows["n"] == 1).all()
+    # An older episodes file without a checkpoint column: its tamiyo0 names no checkpoint, so
+    # it is not the new.pt one (left out); the baselines merge.
+    older = paired_table.other_players(later, main.drop(columns="checkpoint"))
+    assert set(older["agent"]) == {"schedule", "noop", "oracle"}
     main.loc[main["agent"] == "schedule", "return"] += 0.2  # not the same episodes: refused
     with pytest.raises(SystemExit, match="not the same episodes"):
         paired_table.merge(later, paired_table.other_players(later, main), "main")

@@ -167,6 +167,21 @@ def tuned_plan(task: str) -> tuple[Germination, ...]:
     return parse_plan(plans[task]["plan"])
 
 
+def tuned_plans(task: str) -> list[tuple[dict, ...]] | None:
+    """The pruned family of `task` (`plans` of its conf/schedule_plans.yaml entry, written by
+    `tune_schedule.py --per-context`: the oracle's choice set), NoOp first; None where the
+    entry has none."""
+    import yaml
+
+    from esper_gym import config_dir
+
+    entry = (yaml.safe_load((config_dir() / PLANS_FILE).read_text()) or {}).get(task) or {}
+    if not entry.get("plans"):
+        return None
+    plans = [tuple(dict(g) for g in plan) for plan in entry["plans"]]
+    return sorted(plans, key=lambda p: len(p) > 0)  # stable: NoOp first, the rest in order
+
+
 class ScheduleAgent:
     """An open-loop plan: germinate each entry's blueprint when training progress reaches its
     `at`, advance every live seed as soon as the mask allows, never cull, otherwise WAIT.

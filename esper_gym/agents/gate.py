@@ -39,28 +39,35 @@ def check_gate(gate) -> str | None:
     return gate
 
 
+def gate_plans(task: str, declined: str) -> list:
+    """The plans a gate of rule `declined` offers on `task`: the tuned schedule's (drop, defer)
+    or the pruned family (plans). ValueError, naming the command that writes them, if none."""
+    from esper_gym.agents.baselines import tuned_plan, tuned_plans
+
+    if check_gate(declined) != "plans":
+        return [tuned_plan(task)]
+    family = tuned_plans(task)
+    if not family:
+        raise ValueError(
+            f"gate 'plans': task {task!r} has no pruned plan family (`plans` in "
+            "conf/schedule_plans.yaml); write it with `python experiments/tune_schedule.py "
+            f"--task {task} --per-context 2`, or use the drop gate"
+        )
+    return [list(plan) for plan in family]
+
+
 class Gate:
-    """One copy's gate: the plans still in play, their proposals and the plan's last state."""
+    """One copy's gate: the plans still in play (`live`) and their proposals. Under drop and
+    defer the family is the one tuned plan (`schedule`) and `proposal` its action; under plans
+    `schedule` and `proposal` are the first live plan's (NoOp's while it is live)."""
 
     def __init__(self, env: gym.Env, declined: str) -> None:
         from esper_gym.agents.baselines import make_agent
 
         self.declined = check_gate(declined)
         self.layout = env.unwrapped.layout
-        if declined == "plans":
-            from esper_gym.bench.oracle import tuned_plans
-
-            task = env.unwrapped.base_task.name
-            family = tuned_plans(task)
-            if not family:
-                raise ValueError(
-                    f"gate 'plans' needs the pruned plan family of task {task!r} (`plans` in "
-                    "conf/schedule_plans.yaml); write it with `python experiments/tune_schedule.py"
-                    f" --task {task} --per-context 2`"
-                )
-            self.family = [make_agent("schedule", env, plan=list(plan)) for plan in family]
-        else:
-            self.family = [make_agent("schedule", env)]
+        plans = gate_plans(env.unwrapped.base_task.name, declined)
+        self.family = [make_agent("schedule", env, plan=plan) for plan in plans]
         self.schedule = self.family[0]
         self.reset()
 

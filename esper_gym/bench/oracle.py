@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from esper_gym.agents.baselines import tuned_plans
 from esper_gym.bench import stats
 from esper_gym.bench.jobs import Job, TaskSpec, print_progress
 
@@ -85,21 +86,6 @@ def tuned_family(task: str) -> dict[str, list]:
             f"; give oracle.family={{{', '.join(FAMILY_FIELDS)}}}"
         )
     return {k: list(plans[task]["family"][k]) for k in FAMILY_FIELDS}
-
-
-def tuned_plans(task: str) -> list[tuple[dict, ...]] | None:
-    """The pruned family of `task` (`plans` of its conf/schedule_plans.yaml entry, written by
-    `tune_schedule.py --per-context`), NoOp first; None where the entry has none."""
-    import yaml
-
-    from esper_gym import config_dir
-    from esper_gym.agents.baselines import PLANS_FILE
-
-    entry = (yaml.safe_load((config_dir() / PLANS_FILE).read_text()) or {}).get(task) or {}
-    if not entry.get("plans"):
-        return None
-    plans = [tuple(dict(g) for g in plan) for plan in entry["plans"]]
-    return sorted(plans, key=lambda p: len(p) > 0)  # stable: NoOp first, the rest in order
 
 
 @dataclass(frozen=True)

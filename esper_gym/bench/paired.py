@@ -105,11 +105,35 @@ def merge(episodes: pd.DataFrame, extra: pd.DataFrame, source) -> pd.DataFrame:
     return pd.concat([episodes, new], ignore_index=True)
 
 
+def per_context(episodes: pd.DataFrame, agents, against) -> pd.DataFrame:
+    """Per (task, context_index, agent, other): the mean paired return difference over the
+    seeds both played, and each one's most frequent germination plan ("-": none)."""
+    rows = []
+    for (task, ctx), eps in episodes.groupby(["task", "context_index"]):
+        by = {a: g.set_index("seed") for a, g in eps.groupby("agent")}
+        for agent in (a for a in agents if a in by):
+            for other in (o for o in against if o in by):
+                seeds = by[agent].index.intersection(by[other].index)
+                diff = by[agent].loc[seeds, "return"] - by[other].loc[seeds, "return"]
+                plan = {
+                    a: by[a].loc[seeds, "plan"].fillna("-").mode().iloc[0] for a in (agent, other)
+                }
+                rows.append({"task": task, "context_index": ctx, "agent": agent, "other": other,
+                             "diff": diff.mean(), "n": len(seeds), "agent_plan": plan[agent],
+                             "other_plan": plan[other]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def other_players(episodes: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
     """`extra` less the agents that are other players under a name `episodes` has (another
-    checkpoint): they neither pair nor fit under that name (said, not dropped silently)."""
-    mine = episodes.groupby("agent")["checkpoint"].first().fillna("")
-    theirs = extra.groupby("agent")["checkpoint"].first().fillna("")
+    checkpoint): they neither pair nor fit under that name (said, not dropped silently). An
+    episodes file without a checkpoint column has none (older runs)."""
+
+    def checkpoints(eps: pd.DataFrame) -> pd.Series:
+        column = eps["checkpoint"] if "checkpoint" in eps else pd.Series("", index=eps.index)
+        return column.fillna("").groupby(eps["agent"]).first()
+
+    mine, theirs = checkpoints(episodes), checkpoints(extra)
     clash = sorted(a for a in theirs.index.intersection(mine.index) if theirs[a] != mine[a])
     if clash:
         print(f"not merged (another checkpoint under the same name): {', '.join(clash)}")

@@ -454,23 +454,14 @@ def validate(cfg: DictConfig) -> Task:
             "(evaluation then plays the held-out test contexts; never train on them)"
         )
     if env.get("gate") is not None:
-        from esper_gym.agents.baselines import tuned_plan
-        from esper_gym.agents.gate import GATES
+        from esper_gym.agents.gate import GATES, gate_plans
 
         _one_of(env.gate, "env.gate", (None, *GATES))
-        from esper_gym.bench.oracle import tuned_plans
-
         for name in (task.name, *env.also_train_on):
             try:  # the gate cuts the mask to the tuned schedule's action (plans: its family's)
-                tuned_plan(name)
+                gate_plans(name, env.gate)
             except ValueError as exc:
                 raise ConfigError(f"env.gate={env.gate}: {exc}") from None
-            if env.gate == "plans" and not tuned_plans(name):
-                raise ConfigError(
-                    f"env.gate=plans: task {name!r} has no pruned plan family (`plans` in "
-                    f"conf/schedule_plans.yaml); write it with `python experiments/tune_schedule.py"
-                    f" --task {name} --per-context 2`, or use env.gate=drop"
-                )
     for name in env.also_train_on:
         if name not in TASK_ENV_IDS or name == cfg.task.name:
             allowed = sorted(set(TASK_ENV_IDS) - {cfg.task.name})
