@@ -91,6 +91,52 @@ def pace_paired_contexts() -> str:
     return _paired("results/tamiyo_pace/test_contexts/paired_by_context.csv")
 
 
+# The plan-family gate runs (results/tamiyo_pace/plans/README.md): folder, steps, agent, label.
+PLANS_RUNS = [
+    ("steps98k", "98,304", [f"tamiyo{i}" for i in range(3)], ""),
+    ("steps196k", "196,608", [f"tamiyo{i}" for i in range(3)], ""),
+    ("steps294k", "294,912", [f"tamiyo{i}" for i in range(3)], ""),
+    ("steps294k", "294,912", [f"tamiyo{i}" for i in range(3, 6)], ", ent_coef 0.03"),
+    ("steps294k/greedy", "294,912", [f"tamiyo{i}" for i in range(3)], ", greedy"),
+]
+
+
+def pace_plans() -> str:
+    """Tamiyo behind the plan-family gate on spirals_pace against the reactive rule and the
+    schedule (CIs over episodes and over contexts), with its share of the oracle's advantage
+    (results/tamiyo_pace/plans/*/paired.csv, paired_by_context.csv, oracle_share.csv)."""
+    rows = []
+    for folder, steps, agents, label in PLANS_RUNS:
+        base = f"results/tamiyo_pace/plans/{folder}"
+        cells = {}
+        for name in ("paired", "paired_by_context"):
+            for r in _rows(f"{base}/{name}.csv"):
+                if r["metric"] == "return":
+                    ci = _ci(float(r["diff"]), float(r["lo"]), float(r["hi"]))
+                    cells[name, r["agent"], r["other"]] = ci
+        share = {
+            r["agent"]: float(r["oracle_gap_share"]) for r in _rows(f"{base}/oracle_share.csv")
+        }
+        for seed, agent in enumerate(agents):
+            rows.append(
+                [
+                    f"seed {seed}, {steps} steps{label}",
+                    cells["paired", agent, "reactive"],
+                    cells["paired_by_context", agent, "reactive"],
+                    cells["paired_by_context", agent, "schedule"],
+                    f"{share[agent]:.2f}",
+                ]
+            )
+    header = [
+        "run",
+        "vs reactive (episodes)",
+        "vs reactive (contexts)",
+        "vs schedule (contexts)",
+        "oracle share",
+    ]
+    return _table(header, rows)
+
+
 def tamiyo_unpaired() -> str:
     """IQM [95% CI] of return and test accuracy per agent on the 12 test seeds
     (results/tamiyo/test_contexts/summary.csv)."""
@@ -200,6 +246,7 @@ TABLES = {
     "tamiyo_paired": tamiyo_paired,
     "pace_paired": pace_paired,
     "pace_paired_contexts": pace_paired_contexts,
+    "pace_plans": pace_plans,
     "tamiyo_unpaired": tamiyo_unpaired,
     "reacting_baselines": reacting_baselines,
     "reacting_tamiyo": reacting_tamiyo,

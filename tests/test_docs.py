@@ -373,3 +373,10 @@ def test_bash_block_as_written(block, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(shim(sys.argv[1:]))
+
+
+def test_the_plan_gate_results_table_is_the_generated_one():
+    """results/tamiyo_pace/plans/README.md carries a copy of `pace_plans` (no marker: the page
+    is also in the site, where a marker would render the table twice)."""
+    text = (ROOT / "results/tamiyo_pace/plans/README.md").read_text()
+    assert _hooks().pace_plans().strip() in text
