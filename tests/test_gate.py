@@ -221,3 +221,37 @@ def test_the_plans_gate_refuses_an_action_it_did_not_offer(kernel_dir):
     outside = next(a for a in range(len(obs["action_mask"])) if a not in offered)
     with pytest.raises(ValueError, match=rf"action {outside} is not one the gate offered"):
         env.step(outside)
+
+
+def test_a_checkpoint_pins_the_plans_of_its_gate(tmp_path, kernel_dir):
+    """The record carries a digest of the gate's plans: a checkpoint is refused behind other
+    plans for its task (conf/schedule_plans.yaml rewritten), a crafted digest is refused by name,
+    an older record without one still loads, and another task (transfer) is not compared."""
+    import torch
+
+    from esper_gym.agents.gate import plans_digest
+    from esper_gym.agents.records import check_env_record
+    from esper_gym.agents.tamiyo import (
+        CheckpointError,
+        TamiyoPolicy,
+        env_record,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    env = budget_env(kernel_dir, "plans")
+    record = env_record(env)
+    assert record["gate_plans"] == plans_digest("spirals_budget", "plans")
+    assert plans_digest("spirals_budget", "drop") != record["gate_plans"]
+    moved = {**record, "gate_plans": "0" * 64}  # trained behind another family
+    with pytest.raises(ValueError, match="trained behind other plans of gate 'plans'"):
+        check_env_record(moved, record, "ckpt.pt", same_task=False)
+    older = {k: v for k, v in record.items() if k != "gate_plans"}
+    check_env_record(older, record, "ckpt.pt", same_task=True)
+    check_env_record(moved, {**record, "task": "spirals_pace"}, "ckpt.pt", same_task=False)
+    torch.manual_seed(0)
+    bad = tmp_path / "bad.pt"
+    policy = TamiyoPolicy.for_space(env.observation_space)
+    save_checkpoint(bad, policy, None, 0, None, {**record, "gate_plans": "import os"})
+    with pytest.raises(CheckpointError, match="gate_plans"):
+        load_checkpoint(bad)

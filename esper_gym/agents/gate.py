@@ -56,6 +56,21 @@ def gate_plans(task: str, declined: str) -> list:
     return [list(plan) for plan in family]
 
 
+def plans_digest(task: str, declined: str) -> str:
+    """sha256 (hex) of the plans a gate of rule `declined` offers on `task` (`gate_plans`): a
+    checkpoint records it, so that it is never played behind another action set than the one
+    it was trained behind (conf/schedule_plans.yaml is rewritten by tune_schedule.py)."""
+    import hashlib
+    import json
+
+    from esper_gym.agents.baselines import parse_plan
+
+    plans = [
+        [[g.at, g.blueprint, g.layer] for g in parse_plan(p)] for p in gate_plans(task, declined)
+    ]
+    return hashlib.sha256(json.dumps(plans).encode()).hexdigest()
+
+
 class Gate:
     """One copy's gate: the plans still in play (`live`) and their proposals. Under drop and
     defer the family is the one tuned plan (`schedule`) and `proposal` its action; under plans

@@ -5,6 +5,8 @@ SB3 agents' (esper_gym.agents.sb3) and evaluation. Plain dicts, no torch.
 
 from __future__ import annotations
 
+import hashlib
+
 import gymnasium as gym
 
 
@@ -14,18 +16,19 @@ def env_record(env: gym.Env) -> dict:
     meaning: GERMINATE action b picks `blueprints[b]`, so the same index on a reordered
     library is another blueprint. `"show_context": True` when the env appends the context's
     factors to the globals (evaluation must then show them too); `"gate": rule` when it is behind
-    the schedule gate (esper_gym.agents.gate)."""
+    the schedule gate (esper_gym.agents.gate), with `"gate_plans"`, the digest of its plans."""
     task = getattr(env.unwrapped, "task", None)
     if task is None or not hasattr(task, "blueprints"):
         return {}
     record = {"task": str(task.name), "blueprints": [str(b) for b in task.blueprints]}
     if getattr(env.unwrapped, "show_context", False):
         record["show_context"] = True
-    from esper_gym.agents.gate import gate_of
+    from esper_gym.agents.gate import gate_of, plans_digest
 
     gate = gate_of(env)
     if gate is not None:  # the agent acts behind the schedule gate (evaluation too)
         record["gate"] = gate
+        record["gate_plans"] = plans_digest(env.unwrapped.base_task.name, gate)
     return record
 
 
@@ -49,6 +52,8 @@ def mixture_record(records: list[dict]) -> dict:
         mixed["show_context"] = True
     if first.get("gate") is not None:  # env.gate is the run's: every task has the same
         mixed["gate"] = first["gate"]
+        joined = "+".join(str(rec.get("gate_plans")) for rec in records)
+        mixed["gate_plans"] = hashlib.sha256(joined.encode()).hexdigest()
     return mixed
 
 
@@ -73,6 +78,17 @@ def check_env_record(saved: dict, current: dict, checkpoint, *, same_task: bool)
             f"checkpoint {checkpoint} was trained behind the schedule gate "
             f"{saved.get('gate')!r}, this env is behind {current.get('gate')!r} (None: no "
             "gate): set env.gate as it was trained"
+        )
+    if (
+        saved["task"] == current["task"]
+        and "gate_plans" in saved  # older gated checkpoints did not record it
+        and saved["gate_plans"] != current.get("gate_plans")
+    ):
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained behind other plans of gate {saved['gate']!r} "
+            f"(digest {saved['gate_plans'][:12]}) than conf/schedule_plans.yaml now gives task "
+            f"{current['task']!r} ({str(current.get('gate_plans'))[:12]}): restore the plans it "
+            "was trained behind"
         )
     if list(saved["blueprints"]) != list(current["blueprints"]):
         raise ValueError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import reprlib
 import stat
 import zipfile
@@ -333,7 +334,7 @@ def _plain(value, count: list[int], depth: int) -> bool:
 
 
 def check_env_entry(path, env, current: dict | None = None) -> None:
-    """A checkpoint's env record: {} or {"task", "blueprints"[, "tasks", "show_context", "gate"]}
+    """A checkpoint's env record: {} or {"task", "blueprints"[, "tasks", "show_context", "gate", "gate_plans"]}
     whose task is a registered task (or "+"-joined mixture of them, or the task of `current`,
     this run's own record) and whose blueprints are registered blueprints: a name, never an
     import path."""
@@ -363,6 +364,10 @@ def check_env_entry(path, env, current: dict | None = None) -> None:
         ),
         "show_context": BOOL,
         "gate": (lambda v: v in GATES, f"one of {', '.join(GATES)}"),
+        "gate_plans": (
+            lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+            "a sha256 hex digest (64 of 0-9a-f)",
+        ),
     }
     check_table(path, "env", env, table, required=False)
     if "task" not in env or "blueprints" not in env:
