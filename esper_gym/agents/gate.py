@@ -39,10 +39,11 @@ def check_gate(gate) -> str | None:
     return gate
 
 
-def gate_plans(task: str, declined: str) -> list:
-    """The plans a gate of rule `declined` offers on `task`: the tuned schedule's (drop, defer)
-    or the pruned family (plans). ValueError, naming the command that writes them, if none."""
-    from esper_gym.agents.baselines import tuned_plan, tuned_plans
+def gate_plans(task: str, declined: str) -> list[tuple]:
+    """The plans (tuples of Germination) a gate of rule `declined` offers on `task`: the tuned
+    schedule's (drop, defer) or the pruned family (plans). ValueError, naming the command that
+    writes them, if none."""
+    from esper_gym.agents.baselines import parse_plan, tuned_plan, tuned_plans
 
     if check_gate(declined) != "plans":
         return [tuned_plan(task)]
@@ -53,7 +54,7 @@ def gate_plans(task: str, declined: str) -> list:
             "conf/schedule_plans.yaml); write it with `python experiments/tune_schedule.py "
             f"--task {task} --per-context 2`, or use the drop gate"
         )
-    return [list(plan) for plan in family]
+    return [parse_plan(plan) for plan in family]
 
 
 def plans_digest(task: str, declined: str) -> str:
@@ -63,11 +64,7 @@ def plans_digest(task: str, declined: str) -> str:
     import hashlib
     import json
 
-    from esper_gym.agents.baselines import parse_plan
-
-    plans = [
-        [[g.at, g.blueprint, g.layer] for g in parse_plan(p)] for p in gate_plans(task, declined)
-    ]
+    plans = [[[g.at, g.blueprint, g.layer] for g in p] for p in gate_plans(task, declined)]
     return hashlib.sha256(json.dumps(plans).encode()).hexdigest()
 
 

@@ -334,8 +334,8 @@ def _plain(value, count: list[int], depth: int) -> bool:
 
 
 def check_env_entry(path, env, current: dict | None = None) -> None:
-    """A checkpoint's env record: {} or {"task", "blueprints"[, "tasks", "show_context", "gate", "gate_plans"]}
-    whose task is a registered task (or "+"-joined mixture of them, or the task of `current`,
+    """A checkpoint's env record: {} or {"task", "blueprints"[, "tasks", "show_context", "gate",
+    "gate_plans"]} whose task is a registered task (or "+"-joined mixture of them, or the task of `current`,
     this run's own record) and whose blueprints are registered blueprints: a name, never an
     import path."""
     from esper_gym.agents.gate import GATES
