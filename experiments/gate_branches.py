@@ -9,7 +9,9 @@ points the probability the policy gave to growing:
 - `first`: no seed grown yet, by progress (when does it grow, if at all);
 - `another`: a seed already grown, a germination offered again (one seed more, or stop);
 
-and how many seeds its episodes grew. Train contexts only: this is a diagnosis of the policy,
+at the first growth, the probability of each size of plan the offered germinations open
+(behind `counts` a germination names its plan's size; behind `plans` one germination can open
+plans of several sizes, "1/3"); and how many seeds its episodes grew. Train contexts only: this is a diagnosis of the policy,
 made where it was trained, not a score.
 
 ```bash
@@ -45,8 +47,9 @@ FIRST_SEED = 3_000_000
 
 def branches(
     path: str, seeds: int, contexts: int | None = None, **env_kwargs
-) -> tuple[dict, collections.Counter, str]:
-    """(p(grow) at branch points keyed by (kind, progress), seeds grown per episode, gate) on
+) -> tuple[dict, collections.Counter, str, dict]:
+    """(p(grow) at branch points keyed by (kind, progress), seeds grown per episode, gate, and
+    at first-growth branches p keyed by (progress, sizes of the plans a germination opens)) on
     the first `contexts` train contexts (None: all)."""
     ckpt = load_checkpoint(path)
     gate, task = ckpt.env.get("gate"), ckpt.env.get("task")
@@ -56,6 +59,7 @@ def branches(
     policy = load_checkpoint(path, env=env).policy.eval()  # sizes checked against this env
     layout = env.unwrapped.layout
     probs, grown = collections.defaultdict(list), collections.Counter()
+    sized = collections.defaultdict(list)
     n_contexts = len(env.unwrapped.context_space.contexts("train"))
     for context in range(min(n_contexts, contexts or n_contexts)):
         for j in range(seeds):
@@ -72,12 +76,24 @@ def branches(
                     kind = "another" if n_grown else "first"
                     progress = round(float(ObsView(obs).glob("progress")), 2)
                     probs[kind, progress].append(float(p[grow].sum()))
+                    if not n_grown:
+                        for size, p_size in plan_sizes(env.gate, grow, p).items():
+                            sized[progress, size].append(p_size)
                 action = int(torch.multinomial(torch.as_tensor(p), 1, generator=generator))
                 n_grown += layout.decode(action).kind == GERMINATE
                 obs, _, terminated, truncated, _ = env.step(action)
                 done = terminated or truncated
             grown[n_grown] += 1
-    return probs, grown, gate
+    return probs, grown, gate, sized
+
+
+def plan_sizes(gate, grow: list[int], p: np.ndarray) -> dict[str, float]:
+    """p of the germinations `grow`, keyed by the sizes of the live plans each one opens."""
+    out = collections.defaultdict(float)
+    for a in grow:
+        sizes = {len(plan.plan) for plan, b in zip(gate.live, gate.proposals) if b == a}
+        out["/".join(map(str, sorted(sizes)))] += float(p[a])
+    return out
 
 
 def main() -> None:
@@ -88,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     with report(args.report):
         for path in args.checkpoints:
-            probs, grown, gate = branches(path, args.seeds)
+            probs, grown, gate, sized = branches(path, args.seeds)
             print(f"\n{path} (gate {gate}), {sum(grown.values())} train-context episodes")
             print("| branch | progress | times offered | mean p(grow) |")
             print("|---|---|---|---|")
@@ -96,6 +112,9 @@ def main() -> None:
                 print(f"| {kind} | {progress:.2f} | {len(ps)} | {np.mean(ps):.3f} |")
             counts = ", ".join(f"{k}: {grown[k]}" for k in sorted(grown))
             print(f"seeds grown per episode: {counts}")
+            print("\n| first growth at | plan size | mean p |\n|---|---|---|")
+            for (progress, size), ps in sorted(sized.items()):
+                print(f"| {progress:.2f} | {size} | {np.mean(ps):.3f} |")
 
 
 if __name__ == "__main__":

@@ -151,11 +151,12 @@ def test_env_gate_is_checked_in_the_config():
     from tests.test_config import load
 
     with pytest.raises(
-        config.ConfigError, match=r"env\.gate='later'; allowed: null, defer, drop, plans"
+        config.ConfigError, match=r"env\.gate='later'; allowed: null, defer, drop, plans, counts"
     ):
         config.validate(load("agent=tamiyo", "env.gate=later"))
-    with pytest.raises(config.ConfigError, match=r"task 'spirals' has no pruned plan family"):
-        config.validate(load("agent=tamiyo", "task=spirals", "env.gate=plans"))
+    for family in ("plans", "counts"):
+        with pytest.raises(config.ConfigError, match=r"task 'spirals' has no pruned plan family"):
+            config.validate(load("agent=tamiyo", "task=spirals", f"env.gate={family}"))
     with pytest.raises(config.ConfigError, match=r"env\.gate=drop: no tuned schedule"):
         config.validate(load("agent=tamiyo", "task=fashion_mnist_cnn", "env.gate=drop"))
     cfg = load("agent=tamiyo", "task=spirals_pace", "env.gate=drop", "env.contexts=train")
@@ -255,3 +256,61 @@ def test_a_checkpoint_pins_the_plans_of_its_gate(tmp_path, kernel_dir):
     save_checkpoint(bad, policy, None, 0, None, {**record, "gate_plans": "import os"})
     with pytest.raises(CheckpointError, match="gate_plans"):
         load_checkpoint(bad)
+
+
+def test_count_first_grows_each_burst_from_its_last_layer():
+    from esper_gym.agents.baselines import Germination, parse_plan
+    from esper_gym.agents.gate import count_first, gate_plans, plans_digest
+
+    plan = parse_plan([{"at": 0.25, "blueprint": "low_rank", "layer": "next"}] * 2)
+    assert count_first(plan) == (Germination(0.25, "low_rank", 1), Germination(0.25, "low_rank", 0))
+    two_bursts = parse_plan(
+        [{"at": 0.0, "blueprint": "residual_mlp", "layer": "first"}]
+        + [{"at": 0.5, "blueprint": "residual_mlp", "layer": "next"}] * 2
+    )
+    assert [g.layer for g in count_first(two_bursts)] == [0, 2, 1]  # layers 0, then 1-2 reversed
+    with pytest.raises(ValueError, match="count_first: layer rule 'last'; allowed: first, next"):
+        count_first(parse_plan([{"at": 0.0, "blueprint": "residual_mlp", "layer": "last"}]))
+    # On the committed families, a burst's first germination names its plan: no two plans open
+    # with the same (at, blueprint, layer), so the count is decided with the first seed.
+    for task in ("spirals_budget", "spirals_pace"):
+        plans = gate_plans(task, "counts")
+        firsts = [p[0] for p in plans if p]
+        assert len(firsts) == len(set(firsts)) == len(plans) - 1
+        assert [len(p) for p in plans] == [len(p) for p in gate_plans(task, "plans")]
+        assert plans_digest(task, "counts") != plans_digest(task, "plans")  # pinned apart
+
+
+def test_behind_the_counts_gate_the_count_is_one_decision_and_each_plan_plays_alone(kernel_dir):
+    """gate='counts': following any plan of the reordered family plays its ungated episode
+    exactly, and once a seed is grown no choice is left (one live plan: the rest is forced),
+    where behind 'plans' the same family asks "another seed?" after the first."""
+    from esper_gym.agents.baselines import make_agent
+    from esper_gym.agents.gate import gate_plans
+    from esper_gym.episode import play_episode
+
+    gated, plain = budget_env(kernel_dir, "counts"), budget_env(kernel_dir, None)
+    layout = gated.unwrapped.layout
+    assert gate_of(gated) == "counts"
+    sizes = set()
+    for plan in gate_plans("spirals_budget", "counts"):
+        follower = make_agent("schedule", plain, plan=list(plan))
+        grown = [0]
+
+        def act(obs, info=None, follower=follower, grown=grown):
+            offered = valid(obs["action_mask"])
+            if grown[0]:
+                assert len(gated.gate.live) == 1 and len(offered) == 1  # forced from here
+            elif len(offered) > 1:
+                sizes.add(len(offered))
+            action = follower.act(obs)
+            assert action in offered
+            grown[0] += layout.decode(action).kind == GERMINATE
+            return action
+
+        row = play_episode(gated, act, seed=5)[0]
+        follower.reset()
+        alone = play_episode(plain, follower.act, seed=5)[0]
+        assert row["germinations"] == alone["germinations"] == len(plan)
+        assert row["return"] == alone["return"] and row["plan"] == alone["plan"]
+    assert max(sizes) >= 3  # WAIT, one, two or three seeds offered side by side at a branch

@@ -27,6 +27,9 @@ def test_bad_plans_are_refused_with_what_is_allowed():
         Germination(1.0, "residual_mlp")
     with pytest.raises(ValueError, match="layer rule 'widest'; allowed: first, middle, last, next"):
         Germination(0.1, "residual_mlp", "widest")
+    for bad in (-1, True):  # an index is an int >= 0, not a bool
+        with pytest.raises(ValueError, match=f"layer rule {bad!r}; allowed: .*a layer index"):
+            Germination(0.1, "residual_mlp", bad)
     env = _env()
     with pytest.raises(ValueError, match="'conv3x3' is not in the task's library; allowed: "):
         ScheduleAgent(
@@ -52,6 +55,16 @@ def test_the_plan_is_played_on_time_in_its_layers_and_seeds_advance_at_once(kern
     assert first, events
     # Never culled: an open-loop plan has no way to judge a seed.
     assert not any(e.get("to") == "CULLED" for e in events)
+
+
+def test_a_layer_index_names_the_layer_and_wraps_like_next(kernel_dir):
+    env = _env(kernel_dir=kernel_dir)
+    plan = [{"at": 0.0, "blueprint": "residual_mlp", "layer": 1}]
+    plan += [{"at": 0.0, "blueprint": "residual_mlp", "layer": 3}]  # 3 % 3 host layers: 0
+    plan += [{"at": 0.0, "blueprint": "residual_mlp", "layer": 2}]
+    metrics, _ = play_episode(env, make_agent("schedule", env, plan=plan).act, seed=3)
+    # Layers 1, 0, 2: one germination per step.
+    assert metrics["plan"] == "0:1:residual_mlp;1:0:residual_mlp;2:2:residual_mlp"
 
 
 def test_decisions_do_not_read_telemetry():

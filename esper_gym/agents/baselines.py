@@ -126,20 +126,25 @@ PLANS_FILE = "schedule_plans.yaml"  # in esper_gym.config_dir(): experiments/tun
 @dataclass(frozen=True)
 class Germination:
     """One entry of a schedule: at training progress `at` (0..1), germinate `blueprint` in the
-    layer that `layer` names: first, middle or last host layer, or `next` (the layer after the
-    previous germination's, wrapping; the first layer for the first germination)."""
+    layer that `layer` names: first, middle or last host layer, `next` (the layer after the
+    previous germination's, wrapping; the first layer for the first germination), or a layer
+    index (an int >= 0, wrapping as `next` does)."""
 
     at: float
     blueprint: str
-    layer: str = "first"
+    layer: str | int = "first"
 
     def __post_init__(self) -> None:
         if isinstance(self.at, bool) or not isinstance(self.at, int | float):
             raise ValueError(f"germination at={self.at!r} must be a progress fraction in [0, 1)")
         if not 0 <= self.at < 1:
             raise ValueError(f"germination at={self.at} must be a progress fraction in [0, 1)")
-        if self.layer not in LAYER_RULES:
-            raise ValueError(f"layer rule {self.layer!r}; allowed: {', '.join(LAYER_RULES)}")
+        index = isinstance(self.layer, int) and not isinstance(self.layer, bool)
+        if (index and self.layer < 0) or (not index and self.layer not in LAYER_RULES):
+            raise ValueError(
+                f"layer rule {self.layer!r}; allowed: {', '.join(LAYER_RULES)}, or a layer "
+                "index (an int >= 0)"
+            )
 
 
 def parse_plan(plan) -> tuple[Germination, ...]:
@@ -227,12 +232,16 @@ class ScheduleAgent:
         if self.done < len(self.plan) and progress >= self.plan[self.done].at:
             g = self.plan[self.done]
             b = self.blueprints.index(g.blueprint)
-            first = {
-                "first": 0,
-                "middle": (n_nodes - 1) // 2,
-                "last": n_nodes - 1,
-                "next": (self.last_layer + 1) % n_nodes,
-            }[g.layer]
+            first = (
+                g.layer % n_nodes
+                if isinstance(g.layer, int)
+                else {
+                    "first": 0,
+                    "middle": (n_nodes - 1) // 2,
+                    "last": n_nodes - 1,
+                    "next": (self.last_layer + 1) % n_nodes,
+                }[g.layer]
+            )
             for k in range(n_nodes):
                 n = (first + k) % n_nodes
                 for s in range(lay.slots):

@@ -14,6 +14,12 @@ else WAIT): the refusal. Everywhere else the plan's action is the only one. `dec
   oracle's choice set) that agrees with every action played so far. The agent picks a plan
   branch by branch as the run shows itself (grow now or wait, one seed more or stop, which
   blueprint), where the oracle picks one before the run from its selection episodes.
+- "counts": the same family, each plan's seeds grown at one moment (a burst) in reverse layer
+  order (`count_first`), so that a burst's first germination names its size: its layer is
+  the number of seeds minus one. How many seeds to grow is then one decision, taken with the
+  first seed, where under "plans" it is one "another seed?" branch a step per seed, the first
+  of which (behind a three-seed plan at 0 or 0.25) the agent learns to refuse before the
+  later ones pay (results/tamiyo_pace/plans).
 
 A seed once grown advances as the plan says, refused germination or not. The gate is part of
 the agent: a checkpoint trained behind it records it (`env_record`'s "gate") and is evaluated
@@ -30,7 +36,8 @@ import numpy as np
 
 from esper_gym.actions import GERMINATE
 
-GATES = ("defer", "drop", "plans")
+GATES = ("defer", "drop", "plans", "counts")
+FAMILY_GATES = ("plans", "counts")  # the rules that offer a family, not one plan
 
 
 def check_gate(gate) -> str | None:
@@ -45,16 +52,43 @@ def gate_plans(task: str, declined: str) -> list[tuple]:
     writes them, if none."""
     from esper_gym.agents.baselines import parse_plan, tuned_plan, tuned_plans
 
-    if check_gate(declined) != "plans":
+    if check_gate(declined) not in FAMILY_GATES:
         return [tuned_plan(task)]
     family = tuned_plans(task)
     if not family:
         raise ValueError(
-            f"gate 'plans': task {task!r} has no pruned plan family (`plans` in "
+            f"gate {declined!r}: task {task!r} has no pruned plan family (`plans` in "
             "conf/schedule_plans.yaml); write it with `python experiments/tune_schedule.py "
             f"--task {task} --per-context 2`, or use the drop gate"
         )
-    return [parse_plan(plan) for plan in family]
+    plans = [parse_plan(plan) for plan in family]
+    return [count_first(p) for p in plans] if declined == "counts" else plans
+
+
+def count_first(plan: tuple) -> tuple:
+    """`plan` with every burst (germinations at the same `at`) grown in reverse layer order, its
+    layers made indices: a burst of k seeds in layers i..i+k-1 grows i+k-1 first, so that the
+    first germination of a burst from the first layer says how many seeds it grows. The same
+    seeds, each burst's last seed one step earlier. ValueError for a `middle` or `last` rule
+    (their index depends on the host)."""
+    from esper_gym.agents.baselines import Germination
+
+    layers, last = [], -1
+    for g in plan:
+        if g.layer in ("middle", "last"):
+            raise ValueError(f"count_first: layer rule {g.layer!r}; allowed: first, next, an index")
+        last = {"first": 0, "next": last + 1}.get(g.layer, g.layer)
+        layers.append(last)
+    out, i = [], 0
+    while i < len(plan):
+        j = i
+        while j < len(plan) and plan[j].at == plan[i].at:
+            j += 1
+        out += [
+            Germination(plan[k].at, plan[k].blueprint, layers[k]) for k in range(j - 1, i - 1, -1)
+        ]
+        i = j
+    return tuple(out)
 
 
 def plans_digest(task: str, declined: str) -> str:
@@ -71,7 +105,7 @@ def plans_digest(task: str, declined: str) -> str:
 class Gate:
     """One copy's gate: the plans still in play (`live`) and their proposals. Under drop and
     defer the family is the one tuned plan (`schedule`) and `proposal` its action; under plans
-    `schedule` and `proposal` are the first live plan's (NoOp's while it is live)."""
+    and counts `schedule` and `proposal` are the first live plan's (NoOp's while it is live)."""
 
     def __init__(self, env: gym.Env, declined: str) -> None:
         from esper_gym.agents.baselines import make_agent
@@ -93,7 +127,7 @@ class Gate:
     def cut(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The mask for `obs` (the env's own mask): the proposals, and the refusal."""
         mask = np.zeros_like(obs["action_mask"])
-        if self.declined == "plans":
+        if self.declined in FAMILY_GATES:
             self.proposals = [int(plan.act(obs)) for plan in self.live]
             self.proposal = self.proposals[0]
             mask[self.proposals] = 1
@@ -110,7 +144,7 @@ class Gate:
     def chose(self, action: int) -> None:
         """The agent played `action` on the last cut mask."""
         action = int(action)
-        if self.declined == "plans":
+        if self.declined in FAMILY_GATES:
             live = [p for p, a in zip(self.live, self.proposals) if a == action]
             if not live:
                 raise ValueError(
