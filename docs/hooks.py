@@ -91,7 +91,8 @@ def pace_paired_contexts() -> str:
     return _paired("results/tamiyo_pace/test_contexts/paired_by_context.csv")
 
 
-# The plan-family gate runs (results/tamiyo_pace/plans/README.md): folder, steps, agent, label.
+# The family gates' runs (results/tamiyo_pace/{plans,counts}/README.md): folder, steps, agents,
+# label.
 PLANS_RUNS = [
     ("steps98k", "98,304", [f"tamiyo{i}" for i in range(3)], ""),
     ("steps196k", "196,608", [f"tamiyo{i}" for i in range(3)], ""),
@@ -99,15 +100,16 @@ PLANS_RUNS = [
     ("steps294k", "294,912", [f"tamiyo{i}" for i in range(3, 6)], ", ent_coef 0.03"),
     ("steps294k/greedy", "294,912", [f"tamiyo{i}" for i in range(3)], ", greedy"),
 ]
+COUNTS_RUNS = [
+    ("steps294k/greedy", "294,912", [f"tamiyo{i}" for i in range(3)], ", greedy"),
+    ("steps294k", "294,912", [f"tamiyo{i}" for i in range(3)], ", sampled"),
+]
 
 
-def pace_plans() -> str:
-    """Tamiyo behind the plan-family gate on spirals_pace against the reactive rule and the
-    schedule (CIs over episodes and over contexts), with its share of the oracle's advantage
-    (results/tamiyo_pace/plans/*/paired.csv, paired_by_context.csv, oracle_share.csv)."""
+def _gate_runs(gate: str, runs: list) -> str:
     rows = []
-    for folder, steps, agents, label in PLANS_RUNS:
-        base = f"results/tamiyo_pace/plans/{folder}"
+    for folder, steps, agents, label in runs:
+        base = f"results/tamiyo_pace/{gate}/{folder}"
         cells = {}
         for name in ("paired", "paired_by_context"):
             for r in _rows(f"{base}/{name}.csv"):
@@ -135,6 +137,18 @@ def pace_plans() -> str:
         "oracle share",
     ]
     return _table(header, rows)
+
+
+def pace_plans() -> str:
+    """Tamiyo behind the plan-family gate on spirals_pace against the reactive rule and the
+    schedule (CIs over episodes and over contexts), with its share of the oracle's advantage
+    (results/tamiyo_pace/plans/*/paired.csv, paired_by_context.csv, oracle_share.csv)."""
+    return _gate_runs("plans", PLANS_RUNS)
+
+
+def pace_counts() -> str:
+    """The same for Tamiyo behind the count gate (results/tamiyo_pace/counts/)."""
+    return _gate_runs("counts", COUNTS_RUNS)
 
 
 def tamiyo_unpaired() -> str:
@@ -247,6 +261,7 @@ TABLES = {
     "pace_paired": pace_paired,
     "pace_paired_contexts": pace_paired_contexts,
     "pace_plans": pace_plans,
+    "pace_counts": pace_counts,
     "tamiyo_unpaired": tamiyo_unpaired,
     "reacting_baselines": reacting_baselines,
     "reacting_tamiyo": reacting_tamiyo,

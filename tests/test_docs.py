@@ -380,3 +380,5 @@ def test_the_plan_gate_results_table_is_the_generated_one():
     is also in the site, where a marker would render the table twice)."""
     text = (ROOT / "results/tamiyo_pace/plans/README.md").read_text()
     assert _hooks().pace_plans().strip() in text
+    text = (ROOT / "results/tamiyo_pace/counts/README.md").read_text()
+    assert _hooks().pace_counts().strip() in text

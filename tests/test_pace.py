@@ -83,3 +83,25 @@ def test_the_committed_gate_policy_reads_the_hidden_learning_rate():
         metrics, _ = play_episode(env, act, 1, {"context": index})
         grown[lr_scale] = metrics["germinations"]
     assert grown == {0.15: 2, 1.0: 0}
+
+
+def test_the_committed_count_gate_policy_sizes_its_growth_by_the_hidden_learning_rate():
+    """Tamiyo behind the count gate (results/tamiyo_pace/counts, seed 1, greedy: its decoding)
+    on three held-out test contexts that differ only in the learning rate, hidden at step 0,
+    with the same seed: three seeds where the host learns slowest, two, then none."""
+    import pathlib
+
+    from esper_gym.agents.gate import ScheduleGate
+    from esper_gym.agents.tamiyo import load_checkpoint
+
+    root = pathlib.Path(__file__).parents[1]
+    path = root / "results/tamiyo_pace/counts/steps294k/checkpoints/tamiyo_seed1.pt"
+    test = TASKS["spirals_pace"].context_space.contexts("test")
+    grown = {}
+    for lr_scale in (0.15, 0.5, 0.7):
+        index = test.index({"width": 12, "lr_scale": lr_scale, "arms": 3})  # never trained on
+        env = ScheduleGate(MorphogeneticEnv(task="spirals_pace", contexts="test"), "counts")
+        act = load_checkpoint(path, env=env).policy.actor(greedy=True, seed=1)
+        metrics, _ = play_episode(env, act, 1, {"context": index})
+        grown[lr_scale] = metrics["germinations"]
+    assert grown == {0.15: 3, 0.5: 2, 0.7: 0}
