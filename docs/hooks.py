@@ -92,7 +92,7 @@ def pace_paired_contexts() -> str:
 
 
 # The family gates' runs (results/tamiyo_pace/{plans,counts}/README.md): folder, steps, agents,
-# label.
+# label[, the first agent's training seed (0 if absent)].
 PLANS_RUNS = [
     ("steps98k", "98,304", [f"tamiyo{i}" for i in range(3)], ""),
     ("steps196k", "196,608", [f"tamiyo{i}" for i in range(3)], ""),
@@ -103,12 +103,13 @@ PLANS_RUNS = [
 COUNTS_RUNS = [
     ("steps294k/greedy", "294,912", [f"tamiyo{i}" for i in range(3)], ", greedy"),
     ("steps294k", "294,912", [f"tamiyo{i}" for i in range(3)], ", sampled"),
+    ("more_seeds", "294,912", [f"tamiyo{i}" for i in range(3, 6)], ", greedy", 3),
 ]
 
 
 def _gate_runs(gate: str, runs: list) -> str:
     rows = []
-    for folder, steps, agents, label in runs:
+    for folder, steps, agents, label, *first in runs:
         base = f"results/tamiyo_pace/{gate}/{folder}"
         cells = {}
         for name in ("paired", "paired_by_context"):
@@ -119,7 +120,7 @@ def _gate_runs(gate: str, runs: list) -> str:
         share = {
             r["agent"]: float(r["oracle_gap_share"]) for r in _rows(f"{base}/oracle_share.csv")
         }
-        for seed, agent in enumerate(agents):
+        for seed, agent in enumerate(agents, start=first[0] if first else 0):
             rows.append(
                 [
                     f"seed {seed}, {steps} steps{label}",

@@ -277,7 +277,10 @@ def test_count_first_grows_each_burst_from_its_last_layer():
         plans = gate_plans(task, "counts")
         firsts = [p[0] for p in plans if p]
         assert len(firsts) == len(set(firsts)) == len(plans) - 1
-        assert [len(p) for p in plans] == [len(p) for p in gate_plans(task, "plans")]
+        for reordered, plan in zip(plans, gate_plans(task, "plans")):  # the same seeds
+            assert sorted((g.at, g.blueprint, g.layer) for g in reordered) == sorted(
+                (g.at, g.blueprint, i) for i, g in enumerate(plan)
+            )
         assert plans_digest(task, "counts") != plans_digest(task, "plans")  # pinned apart
 
 
@@ -313,4 +316,4 @@ def test_behind_the_counts_gate_the_count_is_one_decision_and_each_plan_plays_al
         alone = play_episode(plain, follower.act, seed=5)[0]
         assert row["germinations"] == alone["germinations"] == len(plan)
         assert row["return"] == alone["return"] and row["plan"] == alone["plan"]
-    assert max(sizes) >= 3  # WAIT, one, two or three seeds offered side by side at a branch
+    assert max(sizes) == 4  # WAIT, one, two or three seeds side by side at progress 0

@@ -48,8 +48,8 @@ def check_gate(gate) -> str | None:
 
 def gate_plans(task: str, declined: str) -> list[tuple]:
     """The plans (tuples of Germination) a gate of rule `declined` offers on `task`: the tuned
-    schedule's (drop, defer) or the pruned family (plans). ValueError, naming the command that
-    writes them, if none."""
+    schedule's (drop, defer), the pruned family (plans) or the family in `count_first` order
+    (counts). ValueError, naming the command that writes them, if none."""
     from esper_gym.agents.baselines import parse_plan, tuned_plan, tuned_plans
 
     if check_gate(declined) not in FAMILY_GATES:

@@ -144,7 +144,7 @@ class EnvConf:
     vectorization: str = "auto"  # VECTORIZATIONS; auto: batched for tamiyo, sync for SB3
     contexts: str | None = None  # None: the task as configured; train: train contexts
     show_context: bool = False  # append the context's factors to the observation's globals
-    gate: str | None = None  # defer | drop | plans: act behind the schedule gate (agents/gate.py)
+    gate: str | None = None  # defer | drop | plans | counts: act behind a gate (agents/gate.py)
     also_train_on: list[str] = field(default_factory=list)  # tamiyo: more registered tasks
     # tamiyo: rollouts on this many Ray actors of num_envs copies each; 0: in this process;
     # "auto": the CPUs Ray sees (int | str: OmegaConf types no such union, hence Any)
