@@ -29,6 +29,7 @@ simulator), one `Gate` per copy: the same rule over an extra dimension.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import gymnasium as gym
@@ -79,15 +80,9 @@ def count_first(plan: tuple) -> tuple:
             raise ValueError(f"count_first: layer rule {g.layer!r}; allowed: first, next, an index")
         last = {"first": 0, "next": last + 1}.get(g.layer, g.layer)
         layers.append(last)
-    out, i = [], 0
-    while i < len(plan):
-        j = i
-        while j < len(plan) and plan[j].at == plan[i].at:
-            j += 1
-        out += [
-            Germination(plan[k].at, plan[k].blueprint, layers[k]) for k in range(j - 1, i - 1, -1)
-        ]
-        i = j
+    out = []
+    for _, burst in itertools.groupby(zip(plan, layers), key=lambda gl: gl[0].at):
+        out += [Germination(g.at, g.blueprint, layer) for g, layer in reversed(list(burst))]
     return tuple(out)
 
 
